@@ -1,0 +1,112 @@
+"""A Feast offline store: Feast's DuckDB store with point-in-time joins done as ASOF joins.
+
+Feast's DuckDB store (through ibis) joins each feature view to the entity rows with an inequality
+join and then keeps the newest match per row with a window function: it materialises every
+(entity row, older feature row) pair, which for per-interaction user snapshots is quadratic in a
+user's history length (~90 s for ml-latest-small's 100k labels here). DuckDB's ASOF JOIN finds the
+newest older row directly (about 1 s). Same semantics: for every entity row, the feature row with
+the greatest ``timestamp_field <= event_timestamp`` and equal join keys, dropped if older than the
+view's ttl. Everything else (reading sources, pulling for materialization, writing) is Feast's.
+
+Selected in ``feature_store.yaml`` with ``offline_store: {type: features.offline_store.AsofDuckDBOfflineStore}``.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import List, Literal, Union
+
+import ibis
+import pandas as pd
+from ibis.expr import datatypes as dt
+from ibis.expr.types import Table
+
+from feast.feature_view import FeatureView
+from feast.infra.offline_stores import offline_utils
+from feast.infra.offline_stores.duckdb import (
+    DuckDBOfflineStore,
+    DuckDBOfflineStoreConfig,
+    _read_data_source,
+    _write_data_source,
+)
+from feast.infra.offline_stores.ibis import (
+    IbisRetrievalJob,
+    _get_entity_df_event_timestamp_range,
+    _get_entity_schema,
+    _to_utc,
+)
+from feast.infra.offline_stores.offline_store import RetrievalJob, RetrievalMetadata
+from feast.infra.registry.base_registry import BaseRegistry
+from feast.on_demand_feature_view import OnDemandFeatureView
+from feast.repo_config import RepoConfig
+
+
+class AsofDuckDBOfflineStoreConfig(DuckDBOfflineStoreConfig):
+    type: Literal["features.offline_store.AsofDuckDBOfflineStore"] = "features.offline_store.AsofDuckDBOfflineStore"
+
+
+def asof_join(entity: Table, features: Table, ts: str, event_ts: str, keys: dict[str, str],
+              columns: list[str], ttl: timedelta | None) -> Table:
+    """Left ASOF join of one view's rows onto the entity rows (newest feature row at or before ``event_ts``)."""
+    tag = "__f"
+    right = features.select(*[features[k].name(f"{k}{tag}") for k in keys], features[ts].name(f"{ts}{tag}"), *columns)
+    predicates = [entity[entity_key] == right[f"{k}{tag}"] for k, entity_key in keys.items()]
+    joined = entity.asof_join(right, on=entity[event_ts] >= right[f"{ts}{tag}"], predicates=predicates)
+    if ttl and ttl.total_seconds() > 0:
+        fresh = joined[f"{ts}{tag}"] >= joined[event_ts] - ibis.interval(seconds=int(ttl.total_seconds()))
+        joined = joined.mutate(**{c: ibis.ifelse(fresh, joined[c], ibis.null().cast(joined[c].type())) for c in columns})
+    return joined.drop(*[f"{k}{tag}" for k in keys], f"{ts}{tag}")
+
+
+class AsofDuckDBOfflineStore(DuckDBOfflineStore):
+    @staticmethod
+    def get_historical_features(
+        config: RepoConfig,
+        feature_views: List[FeatureView],
+        feature_refs: List[str],
+        entity_df: Union[pd.DataFrame, str],
+        registry: BaseRegistry,
+        project: str,
+        full_feature_names: bool = False,
+        filter_by_created_timestamp: bool = False,
+    ) -> RetrievalJob:
+        if not isinstance(entity_df, pd.DataFrame):
+            raise TypeError("AsofDuckDBOfflineStore takes the entity rows as a pandas DataFrame")
+        schema = _get_entity_schema(entity_df=entity_df)
+        event_ts = offline_utils.infer_event_timestamp_from_entity_df(entity_schema=schema)
+        ts_range = _get_entity_df_event_timestamp_range(entity_df, event_ts)
+        entity_df = _to_utc(entity_df, event_ts)
+        table = ibis.memtable(entity_df)
+        all_features: list[str] = []
+        for fv in feature_views:
+            if fv.batch_source is None:
+                raise ValueError(f"Feature view '{fv.name}' has no batch_source and cannot be queried.")
+            source = fv.batch_source
+            rows = _read_data_source(source, str(config.repo_path))
+            for old, new in source.field_mapping.items():
+                if old in rows.columns:
+                    rows = rows.rename({new: old})
+            rows = rows.mutate(**{source.timestamp_field: rows[source.timestamp_field].cast(dt.Timestamp(timezone="UTC"))})
+            prefix = fv.projection.name_to_use()
+            refs = [r.split(":")[1] for r in feature_refs if r.startswith(f"{prefix}:")]
+            base = fv.projection.name_alias or fv.name
+            if full_feature_names:
+                rows = rows.rename({f"{base}__{f}": f for f in refs})
+                refs = [f"{base}__{f}" for f in refs]
+            keys = fv.projection.join_key_map or {e.name: e.name for e in fv.entity_columns}
+            table = asof_join(table, rows, source.timestamp_field, event_ts, keys, refs, fv.ttl)
+            all_features.extend(refs)
+        odfvs = OnDemandFeatureView.get_requested_odfvs(feature_refs, project, registry)
+        for odfv in [o for o in odfvs if o.mode == "substrait"]:
+            table = odfv.transform_ibis(table, full_feature_names)
+        return IbisRetrievalJob(
+            table,
+            [o for o in odfvs if o.mode != "substrait"],
+            full_feature_names,
+            metadata=RetrievalMetadata(features=feature_refs, keys=list(set(entity_df.columns) - {event_ts}),
+                                       min_event_timestamp=ts_range[0], max_event_timestamp=ts_range[1]),
+            data_source_writer=_write_data_source,
+            staging_location=config.offline_store.staging_location,
+            staging_location_endpoint_override=config.offline_store.staging_location_endpoint_override,
+            repo_path=str(config.repo_path),
+        )

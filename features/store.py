@@ -1,0 +1,327 @@
+"""The feature store in use: write offline parquet (polars), apply the definitions, materialize to the
+online store (SQLite or Redis, same code), build point-in-time training sets, read online, push.
+
+``FeatureRepo`` wraps one Feast repository under ``<workdir>/feast`` and one embedding space (backend,
+model version, dim). Validation happens before anything is written: NaN, infinite or wrong-length
+vectors reject the whole batch, naming the ids, so what is stored is never damaged.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import yaml
+from tqdm.auto import tqdm
+
+from features.compute import CATALOG_TIME, item_stats, user_snapshots
+from features.definitions import Repository, repository
+from recsys.config import Config
+from recsys.data.types import Catalog
+
+TEMPLATE = Path(__file__).resolve().parent / "feature_store.yaml"
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def _plain_type(t):
+    import pyarrow as pa
+
+    if pa.types.is_large_list(t) or pa.types.is_list(t):
+        return pa.list_(_plain_type(t.value_type))
+    if pa.types.is_large_string(t):
+        return pa.string()
+    return t
+
+
+def write_parquet(frame: pl.DataFrame, path: Path) -> None:
+    """Parquet with plain (not "large") string and list types, and list fields named "item": Feast's
+    type map (0.67) knows ``list<item: string>`` but not the compliant ``list<element: string>``."""
+    import pyarrow as pa
+
+    table = frame.to_arrow()
+    schema = pa.schema([pa.field(f.name, _plain_type(f.type)) for f in table.schema])
+    pq.write_table(table.cast(schema), path, use_compliant_nested_type=False)
+
+
+class FeatureValidationError(ValueError):
+    """A batch was rejected before writing; ``ids`` names the offending entities."""
+
+    def __init__(self, what: str, problems: dict[str, list[str]]):
+        self.problems = problems
+        self.ids = sorted({i for ids in problems.values() for i in ids})
+        detail = "; ".join(f"{p}: {', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''} ({len(ids)})" for p, ids in problems.items())
+        super().__init__(f"{what}: batch rejected, nothing written ({detail})")
+
+
+def validate_vectors(ids: list[str], vectors: list | np.ndarray, dim: int, what: str) -> np.ndarray:
+    """(n, dim) float32 or FeatureValidationError naming ids with NaN / inf / wrong-length / missing vectors."""
+    problems: dict[str, list[str]] = {}
+    rows = []
+    for i, v in zip(ids, vectors):
+        arr = None if v is None else np.asarray(v, dtype=np.float32).ravel()
+        if arr is None:
+            problems.setdefault("missing vector", []).append(str(i))
+        elif arr.size != dim:
+            problems.setdefault(f"length != {dim}", []).append(f"{i} ({arr.size})")
+        elif np.isnan(arr).any():
+            problems.setdefault("NaN values", []).append(str(i))
+        elif np.isinf(arr).any():
+            problems.setdefault("infinite values", []).append(str(i))
+        else:
+            rows.append(arr)
+            continue
+        rows.append(np.zeros(dim, np.float32))
+    if len(ids) != len(vectors):
+        problems["ids and vectors differ in count"] = [f"{len(ids)} ids, {len(vectors)} vectors"]
+    if problems:
+        raise FeatureValidationError(what, problems)
+    return np.stack(rows) if rows else np.zeros((0, dim), np.float32)
+
+
+@dataclass
+class MaterializeReport:
+    rows: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    start: dict[str, datetime] = field(default_factory=dict)
+    end: datetime | None = None
+
+
+@dataclass
+class OnlineUsers:
+    """Online user features, aligned with the asked ids. ``found`` is False for unknown users."""
+
+    user_ids: list[str]
+    found: np.ndarray  # (n,) bool
+    history_vector: np.ndarray  # (n, dim); zeros where not found
+    recent_item_ids: list[list[str]]
+    history_count: np.ndarray
+    n_interactions: np.ndarray
+    mean_value: np.ndarray
+    first_seen: np.ndarray  # unix seconds, 0 = unknown
+
+
+@dataclass
+class OnlineItems:
+    item_ids: list[str]
+    found: np.ndarray
+    embedding: np.ndarray  # (n, dim)
+    pop_all: np.ndarray
+    pop_30d: np.ndarray
+    first_seen: np.ndarray  # unix seconds, 0 = never seen
+    modalities: np.ndarray  # (n, 4)
+
+
+class FeatureRepo:
+    """One Feast repository and one embedding space."""
+
+    def __init__(self, cfg: Config, backend: str, model_version: str, dim: int, name: str = "serve"):
+        """``name`` picks the repository: "serve" holds everything known (what the online service reads);
+        evaluation protocols get their own ("loo", "cold", ...) built from their training data only."""
+        self.cfg, self.name = cfg, name
+        self.dir = cfg.feast_dir / name
+        self.data_dir = self.dir / "data"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.dim = dim
+        self.views: Repository = repository(self.data_dir.resolve(), backend, model_version, dim, cfg.features.recent_items)
+        self._write_config()
+
+    # Set-up -----------------------------------------------------------------------------------
+    def _write_config(self) -> None:
+        conf = yaml.safe_load(TEMPLATE.read_text())
+        f = self.cfg.features
+        conf["project"] = f"{f.project}_{self.name}"
+        if f.registry:
+            conf["registry"] = f.registry
+        if f.online_store == "redis":
+            conf["online_store"] = {"type": "redis", "connection_string": f.redis_connection}
+        text = yaml.safe_dump(conf, sort_keys=False)
+        path = self.dir / "feature_store.yaml"
+        if not path.exists() or path.read_text() != text:
+            path.write_text(text)
+
+    @cached_property
+    def store(self):
+        os.environ.setdefault("FEAST_USAGE", "False")
+        from feast import FeatureStore
+
+        return FeatureStore(repo_path=str(self.dir))
+
+    def apply(self) -> None:
+        """Register entities, views and services (idempotent)."""
+        self.store.apply(self.views.objects)
+
+    def _path(self, view) -> Path:
+        return Path(view.batch_source.path)
+
+    # Offline writes (polars -> parquet) ---------------------------------------------------------
+    def write_item_embeddings(self, item_ids: list[str], vectors: np.ndarray, at: datetime | None = None) -> int:
+        """Validate, then append the vectors that are new or changed. Returns rows written.
+
+        An item's first vector in this embedding space is stamped CATALOG_TIME (content is known from the
+        start, so point-in-time joins find it for any past label); a changed vector is stamped ``at``
+        (default now); unchanged vectors are not written again, so the nightly job is incremental.
+        """
+        clean = validate_vectors(item_ids, vectors, self.dim, "item embeddings")
+        at = at or datetime.now(timezone.utc)
+        path = self._path(self.views.item_embedding)
+        old = pl.read_parquet(path) if path.exists() else None
+        stamps = [CATALOG_TIME] * len(item_ids)
+        keep = np.ones(len(item_ids), bool)
+        if old is not None and old.height:
+            latest = old.sort("event_timestamp").group_by("item_id").last()
+            prev = dict(zip(latest["item_id"].to_list(), latest["embedding"].to_list()))
+            for i, (item, vec) in enumerate(zip(item_ids, clean)):
+                if item in prev:
+                    same = np.allclose(np.asarray(prev[item], np.float32), vec, atol=1e-6)
+                    keep[i] = not same
+                    stamps[i] = at
+        frame = pl.DataFrame({
+            "item_id": [i for i, k in zip(item_ids, keep) if k],
+            "event_timestamp": pl.Series([s for s, k in zip(stamps, keep) if k], dtype=pl.Datetime("us", "UTC")),
+            "embedding": pl.Series(clean[keep], dtype=pl.Array(pl.Float32, self.dim)).cast(pl.List(pl.Float32)),
+        })
+        if frame.height:
+            write_parquet(pl.concat([old, frame]) if old is not None else frame, path)
+        return frame.height
+
+    def write_interaction_features(self, interactions: pl.DataFrame, catalog: Catalog, item_vectors: np.ndarray) -> dict[str, int]:
+        """User-history, user-stats and item-stats snapshots from ``interactions`` (replaces the files)."""
+        validate_vectors(catalog.ids, item_vectors, self.dim, "item vectors for user histories")
+        e = self.cfg.embedder
+        history, stats = user_snapshots(interactions, item_vectors, catalog.index, self.cfg.features.recent_items,
+                                        e.history_len, e.history_half_life)
+        items = item_stats(interactions, catalog)
+        write_parquet(history, self._path(self.views.user_history))
+        write_parquet(stats, self._path(self.views.user_stats))
+        write_parquet(items, self._path(self.views.item_stats))
+        return {"user_history": history.height, "user_stats": stats.height, "item_stats": items.height}
+
+    # Materialization -------------------------------------------------------------------------------
+    def materialize(self, end: datetime | None = None, incremental: bool = True, progress: bool = False) -> MaterializeReport:
+        """Write the latest row per entity in (last run, end] of every view to the online store.
+
+        Reads parquet in row groups and writes in chunks of ``features.write_chunk_rows``, so memory stays
+        bounded by a chunk; the registry records the interval as Feast's own materialize does.
+        """
+        from features.online import write_rows
+
+        t0 = time.time()
+        end = end or datetime.now(timezone.utc)
+        report = MaterializeReport(end=end)
+        registry = self.store.registry
+        project = self.store.project
+        for view in (self.views.item_embedding, self.views.user_history, self.views.item_stats, self.views.user_stats):
+            fv = self.store.get_feature_view(view.name)
+            start = (fv.most_recent_end_time if incremental and fv.most_recent_end_time else EPOCH)
+            start = start if start.tzinfo else start.replace(tzinfo=timezone.utc)
+            path = self._path(view)
+            if not path.exists():
+                continue
+            latest = (
+                pl.scan_parquet(path)
+                .filter((pl.col("event_timestamp") > start) & (pl.col("event_timestamp") <= end))
+                .sort("event_timestamp")
+                .group_by(self.store.get_entity(fv.entities[0]).join_key)
+                .last()
+                .collect()
+            )
+            report.rows[view.name] = write_rows(self.store, fv, latest, self.cfg.features.write_chunk_rows, progress)
+            report.start[view.name] = start
+            registry.apply_materialization(fv, project, start, end, commit=True)
+        report.seconds = time.time() - t0
+        return report
+
+    # Training sets ----------------------------------------------------------------------------------
+    def training_set(self, labels: pl.DataFrame) -> pl.DataFrame:
+        """Point-in-time join: features as they were strictly before each label's time.
+
+        Args:
+            labels: user_id, item_id, timestamp (the interaction to predict).
+        Returns:
+            labels plus every feature of the training service, from snapshots older than ``timestamp``.
+        """
+        entity = labels.select(
+            "user_id", "item_id", "timestamp",
+            (pl.col("timestamp") - timedelta(microseconds=1)).alias("event_timestamp"),
+        ).to_pandas()
+        job = self.store.get_historical_features(entity_df=entity, features=self.views.training, full_feature_names=False)
+        return pl.from_pandas(job.to_df())
+
+    # Online reads -----------------------------------------------------------------------------------
+    def online_users(self, user_ids: list[str]) -> OnlineUsers:
+        from features.online import read_rows
+
+        hist = read_rows(self.store, self.views.user_history.name, "user_id", user_ids,
+                         ["history_vector", "recent_item_ids", "history_count"])
+        stats = read_rows(self.store, self.views.user_stats.name, "user_id", user_ids,
+                          ["n_interactions", "mean_value", "user_first_seen"])
+        vec = np.zeros((len(user_ids), self.dim), np.float32)
+        for i, v in enumerate(hist["history_vector"]):
+            if v is not None:
+                vec[i] = v
+        return OnlineUsers(
+            user_ids, np.array([v is not None for v in hist["history_vector"]]), vec,
+            [list(r) if r is not None else [] for r in hist["recent_item_ids"]],
+            np.array([c or 0 for c in hist["history_count"]]),
+            np.array([c or 0 for c in stats["n_interactions"]]),
+            np.array([m or 0.0 for m in stats["mean_value"]], np.float32),
+            np.array([t.timestamp() if isinstance(t, datetime) else 0.0 for t in stats["user_first_seen"]]),
+        )
+
+    def online_items(self, item_ids: list[str]) -> OnlineItems:
+        from features.online import read_rows
+
+        emb = read_rows(self.store, self.views.item_embedding.name, "item_id", item_ids, ["embedding"])
+        st = read_rows(self.store, self.views.item_stats.name, "item_id", item_ids,
+                       ["pop_all", "pop_30d", "item_first_seen", "has_text", "has_image", "has_audio", "has_video"])
+        vec = np.zeros((len(item_ids), self.dim), np.float32)
+        for i, v in enumerate(emb["embedding"]):
+            if v is not None:
+                vec[i] = v
+        return OnlineItems(
+            item_ids, np.array([v is not None for v in emb["embedding"]]), vec,
+            np.array([c or 0 for c in st["pop_all"]]), np.array([c or 0 for c in st["pop_30d"]]),
+            np.array([(t.timestamp() if isinstance(t, datetime) else (t or 0)) for t in st["item_first_seen"]], np.float64),
+            np.array([[x or 0 for x in st[k]] for k in ("has_text", "has_image", "has_audio", "has_video")]).T,
+        )
+
+    # Push: a new interaction updates the user's online history without a materialization ------------------
+    def push_interaction(self, user_id: str, item_id: str, at: datetime, item_vector: np.ndarray,
+                         to_offline: bool = True) -> None:
+        """Fold one new interaction into the user's online history vector and recent ids, and push it."""
+        from feast.data_source import PushMode
+
+        from features.compute import history_weights
+
+        e = self.cfg.embedder
+        current = self.online_users([user_id])
+        recent = [item_id, *current.recent_item_ids[0]][: self.cfg.features.recent_items]
+        rows = self.online_items(recent[: e.history_len])
+        if not rows.found[0]:
+            vec = validate_vectors([item_id], [item_vector], self.dim, "pushed item vector")[0]
+            rows.embedding[0] = vec
+        w = history_weights(len(recent[: e.history_len]), e.history_half_life)[:, None]
+        h = (rows.embedding * w).sum(0)
+        h = h / max(float(np.linalg.norm(h)), 1e-12)
+        import pandas as pd
+
+        frame = pd.DataFrame({  # plain lists: Feast's push maps list<float>, not polars' large_list
+            "user_id": [user_id],
+            "event_timestamp": [pd.Timestamp(at).tz_convert("UTC") if pd.Timestamp(at).tzinfo else pd.Timestamp(at, tz="UTC")],
+            "history_vector": [[float(x) for x in h]],
+            "recent_item_ids": [recent],
+            "history_count": [int(current.history_count[0]) + 1],
+        })
+        self.store.push(self.views.user_history_push.name, frame,
+                        to=PushMode.ONLINE_AND_OFFLINE if to_offline else PushMode.ONLINE)
+
+
+__all__ = ["CATALOG_TIME", "FeatureRepo", "FeatureValidationError", "MaterializeReport", "OnlineItems", "OnlineUsers",
+           "validate_vectors"]

@@ -1,0 +1,234 @@
+"""``recsys``: one verb per stage of the flow, plus the demo that runs them all.
+
+    recsys embed      catalog -> vectors (or --query / --image: an ad-hoc query -> nearest items)
+    recsys features   vectors + interactions -> Feast (offline parquet, online SQLite/Redis)
+    recsys train      two-tower per protocol + baselines, MLflow, registered model; prints the table
+    recsys index      FAISS index of the registered model's item vectors
+    recsys serve      the HTTP service
+    recsys evaluate   re-evaluate trained models and baselines (or `recsys evaluate embedder`)
+    recsys nightly    the nightly batch: re-embed changed items, refresh Feast, rebuild the index
+    recsys demo       all of the above on ml-latest-small
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from recsys.config import Config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, rich_markup_mode=None)
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="TOML file with Config sections (see recsys/config.py).")
+WorkdirOpt = typer.Option(None, "--workdir", "-w", help="Where everything this run writes goes (default ./work).")
+PostersOpt = typer.Option(None, "--posters", help="MovieLens poster folder (<movieId>.jpg), attached as image parts.")
+DataOpt = typer.Option(None, "--data", help="Dataset folder: ml-latest-small layout, or the generic format with --source generic.")
+SourceOpt = typer.Option(None, "--source", help="movielens (default), generic or synthetic.")
+UsersOpt = typer.Option(None, "--max-users", help="Use only the first N users (a quick slice).")
+StoreOpt = typer.Option(None, "--online-store", help="sqlite (default) or redis.")
+RedisOpt = typer.Option(None, "--redis", help="Redis connection string, e.g. localhost:6390.")
+BackendOpt = typer.Option(None, "--embedder", help="local (default, offline) or gemini.")
+DimOpt = typer.Option(None, "--dim", help="Embedding dimension (Matryoshka prefix).")
+EpochsOpt = typer.Option(None, "--epochs", help="Two-tower max epochs.")
+ProtocolsOpt = typer.Option(None, "--protocols", help="Comma-separated: loo,cold,temporal.")
+
+
+def _config(config, workdir, posters=None, data=None, source=None, max_users=None, online_store=None, redis=None,
+            embedder=None, dim=None, epochs=None, protocols=None) -> Config:
+    cfg = Config.load(
+        config,
+        workdir=str(workdir) if workdir else None,
+        data={"posters": posters, "path": data, "source": source, "max_users": max_users},
+        features={"online_store": online_store, "redis_connection": redis},
+        embedder={"backend": embedder, "dim": dim},
+        train={"max_epochs": epochs},
+        eval={"protocols": protocols.split(",") if protocols else None},
+    )
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    cfg.workdir.mkdir(parents=True, exist_ok=True)
+    return cfg
+
+
+@app.command()
+def embed(
+    config: Optional[Path] = ConfigOpt, workdir: Optional[Path] = WorkdirOpt, posters: Optional[Path] = PostersOpt,
+    data: Optional[Path] = DataOpt, source: Optional[str] = SourceOpt, embedder: Optional[str] = BackendOpt,
+    dim: Optional[int] = DimOpt,
+    query: Optional[str] = typer.Option(None, "--query", "-q", help="Embed this text as a search query instead."),
+    image: Optional[Path] = typer.Option(None, "--image", help="An image file to add to (or make) the query."),
+    top: int = typer.Option(10, "--top", help="Items to show for a query."),
+):
+    """Embed the catalog (all modalities, interleaved parts), or search it with an ad-hoc query."""
+    from recsys.content import Content, Part
+    from recsys.data import load_dataset
+    from recsys.embed import make_embedder
+    from recsys.pipeline import console, embed_catalog, load_item_vectors
+
+    cfg = _config(config, workdir, posters, data, source, embedder=embedder, dim=dim)
+    if query or image:
+        parts = ([query] if query else []) + ([Part.of_file("image", image)] if image else [])
+        emb = make_embedder(cfg)
+        q = emb.embed([Content.of(*parts, item_id="query")], task="query", dim=cfg.embedder.dim)
+        iv = load_item_vectors(cfg)
+        titles = dict(zip(load_dataset(cfg).catalog.ids, load_dataset(cfg).catalog.titles))
+        scores = iv.vectors @ q[0]
+        for r in scores.argsort()[::-1][:top]:
+            console.print(f"{scores[r]:.3f}  {iv.ids[r]}  {titles.get(iv.ids[r], '')}")
+        return
+    ds = load_dataset(cfg)
+    console.print(ds.report.render())
+    iv = embed_catalog(cfg, ds)
+    console.print(f"embedded {len(iv.ids) - len(iv.failed):,} items ({len(iv.failed)} failed) with "
+                  f"{iv.backend} {iv.model_version}, dim {iv.dim} -> {cfg.workdir / 'embeddings'}")
+
+
+@app.command()
+def features(
+    config: Optional[Path] = ConfigOpt, workdir: Optional[Path] = WorkdirOpt, data: Optional[Path] = DataOpt,
+    source: Optional[str] = SourceOpt, posters: Optional[Path] = PostersOpt, online_store: Optional[str] = StoreOpt,
+    redis: Optional[str] = RedisOpt,
+):
+    """Write item and user features to Feast and materialize them to the online store."""
+    from recsys.data import load_dataset
+    from recsys.pipeline import build_features, load_item_vectors
+
+    cfg = _config(config, workdir, posters, data, source, online_store=online_store, redis=redis)
+    ds = load_dataset(cfg)
+    iv = load_item_vectors(cfg)
+    build_features(cfg, ds, iv.vectors, iv, ds.interactions.frame, name="serve", materialize=True)
+
+
+@app.command()
+def train(
+    config: Optional[Path] = ConfigOpt, workdir: Optional[Path] = WorkdirOpt, posters: Optional[Path] = PostersOpt,
+    data: Optional[Path] = DataOpt, source: Optional[str] = SourceOpt, max_users: Optional[int] = UsersOpt,
+    epochs: Optional[int] = EpochsOpt, protocols: Optional[str] = ProtocolsOpt,
+):
+    """Train the two-tower on each protocol, evaluate it beside the baselines, register the first protocol's
+    model (alias champion) in MLflow, and print one comparison table."""
+    from recsys.data import load_dataset
+    from recsys.pipeline import console, load_item_vectors, results_json, results_table, run_protocol
+
+    cfg = _config(config, workdir, posters, data, source, max_users, epochs=epochs, protocols=protocols)
+    ds = load_dataset(cfg)
+    iv = load_item_vectors(cfg)
+    if "cold" in cfg.eval.protocols:  # brand-new items are embedded without their user tags
+        from recsys.eval import make_split
+        from recsys.pipeline import embed_catalog
+
+        iv.cold = embed_catalog(cfg, ds, cold_rows=make_split("cold", ds, cfg.eval).cold_items, save=False).cold
+    runs = [run_protocol(cfg, ds, iv, p, register=(i == 0), rerank=(p == "loo")) for i, p in enumerate(cfg.eval.protocols)]
+    console.print(results_table(runs))
+    (cfg.workdir / "report").mkdir(exist_ok=True)
+    (cfg.workdir / "report" / "train.json").write_text(json.dumps(results_json(runs), indent=2, default=str))
+
+
+@app.command()
+def index(config: Optional[Path] = ConfigOpt, workdir: Optional[Path] = WorkdirOpt,
+          alias: Optional[str] = typer.Option(None, help="Model alias (default: serve.model_alias).")):
+    """Build the FAISS index of the registered model's item vectors and save it under <workdir>/index."""
+    import faiss
+    import numpy as np
+
+    from recsys.pipeline import console
+    from serving.candidates import CandidateIndex
+    from serving.service import ModelBundle
+
+    cfg = _config(config, workdir)
+    bundle = ModelBundle.from_mlflow(cfg, alias=alias)
+    idx = CandidateIndex(bundle.item_vectors, kind=cfg.serve.faiss_index, use_gpu=False)
+    out = cfg.workdir / "index"
+    out.mkdir(parents=True, exist_ok=True)
+    faiss.write_index(idx.index, str(out / "items.faiss"))
+    np.save(out / "item_ids.npy", np.array(bundle.item_ids))
+    console.print(f"{cfg.serve.faiss_index} index of {idx.n:,} x {idx.dim} from model v{bundle.version} -> {out}")
+
+
+@app.command()
+def serve(config: Optional[Path] = ConfigOpt, workdir: Optional[Path] = WorkdirOpt,
+          host: Optional[str] = typer.Option(None), port: Optional[int] = typer.Option(None)):
+    """Start the HTTP service (FastAPI): /recommend, /interactions, /health."""
+    import uvicorn
+
+    from serving.app import create_app
+
+    cfg = _config(config, workdir)
+    uvicorn.run(create_app(cfg), host=host or cfg.serve.host, port=port or cfg.serve.port)
+
+
+@app.command()
+def evaluate(
+    what: str = typer.Argument("models", help="models (two-tower checkpoints + baselines) or embedder"),
+    config: Optional[Path] = ConfigOpt, workdir: Optional[Path] = WorkdirOpt, posters: Optional[Path] = PostersOpt,
+    protocols: Optional[str] = ProtocolsOpt,
+    fsdd: Optional[Path] = typer.Option(None, help="FSDD recordings folder (embedder evaluation)."),
+):
+    """Evaluate: `models` re-runs the protocols from the saved checkpoints; `embedder` measures the embedder."""
+    cfg = _config(config, workdir, posters, protocols=protocols)
+    if what == "embedder":
+        from recsys.eval.embedder_report import run as run_embedder_eval
+
+        run_embedder_eval(cfg, fsdd=fsdd)
+        return
+    if what != "models":
+        raise typer.BadParameter("expected `models` or `embedder`")
+    from recsys.pipeline import evaluate_saved
+
+    evaluate_saved(cfg)
+
+
+@app.command()
+def nightly(config: Optional[Path] = ConfigOpt, workdir: Optional[Path] = WorkdirOpt, posters: Optional[Path] = PostersOpt,
+            data: Optional[Path] = DataOpt, source: Optional[str] = SourceOpt):
+    """The nightly batch job: embed new/changed items (cache makes unchanged ones a lookup), append only
+    changed vectors to Feast, refresh interaction features, materialize incrementally, rebuild the index."""
+    from recsys.pipeline import run_nightly
+
+    run_nightly(_config(config, workdir, posters, data, source))
+
+
+@app.command(name="train-embedder")
+def train_embedder_cmd(
+    config: Optional[Path] = ConfigOpt, workdir: Optional[Path] = WorkdirOpt, posters: Optional[Path] = PostersOpt,
+    fsdd: Optional[Path] = typer.Option(None, help="FSDD recordings folder (spoken digits)."),
+    stage1_steps: int = typer.Option(600), stage2_steps: int = typer.Option(400),
+    install: bool = typer.Option(False, help="Copy the weights into the package (the default local weights)."),
+):
+    """Train the local embedder's fusion model (3 stages) on the paired data at hand; log to MLflow."""
+    from recsys.data import load_dataset
+    from recsys.pipeline import console
+    from training.embedder import EmbedderTrainConfig, install as install_weights, train_embedder
+    from training.embedder_data import build
+
+    cfg = _config(config, workdir, posters)
+    ds = load_dataset(cfg) if cfg.data.source == "movielens" else None
+    data = build(ds, cfg.eval, fsdd, cfg.cache_dir / "embedder-synthetic")
+    folder, test = train_embedder(data, cfg.models_dir / "embedder", cfg.tracking_uri,
+                                  EmbedderTrainConfig(stage1_steps=stage1_steps, stage2_steps=stage2_steps),
+                                  cache_dir=cfg.cache_dir)
+    console.print_json(json.dumps(test))
+    if install:
+        console.print(f"installed -> {install_weights(folder)}")
+
+
+@app.command()
+def demo(
+    config: Optional[Path] = ConfigOpt, workdir: Optional[Path] = WorkdirOpt, posters: Optional[Path] = PostersOpt,
+    max_users: Optional[int] = UsersOpt, epochs: Optional[int] = EpochsOpt, protocols: Optional[str] = ProtocolsOpt,
+    online_store: Optional[str] = StoreOpt, redis: Optional[str] = RedisOpt,
+):
+    """The main job: the whole flow on ml-latest-small with the embedded defaults; prints sample
+    recommendations and two-tower vs popularity vs EASE on the LOO and COLD protocols."""
+    from recsys.pipeline import run_demo
+
+    cfg = _config(config, workdir, posters, max_users=max_users, epochs=epochs, protocols=protocols,
+                  online_store=online_store, redis=redis)
+    run_demo(cfg)
+
+
+if __name__ == "__main__":
+    app()

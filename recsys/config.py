@@ -1,0 +1,162 @@
+"""One configuration object for the whole flow.
+
+Every stage reads its settings from :class:`Config`; nothing else holds tunable constants.
+Load it from a TOML file (``recsys --config my.toml ...``) or build it in code; each section can be
+overridden field by field (``Config.load(path, train={"epochs": 5})``).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+PROJECT_DIR = PACKAGE_DIR.parent
+BUNDLED_MOVIELENS = PACKAGE_DIR / "data" / "ml-latest-small"
+SHARED_DATA = PROJECT_DIR.parent / "shared" / "data"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Which catalog and interactions to load."""
+
+    source: Literal["movielens", "generic", "synthetic"] = "movielens"
+    path: Path | None = None  # movielens: folder (default: bundled); generic: folder or items file
+    posters: Path | None = None  # movielens: folder of <movieId>.jpg
+    max_users: int | None = None  # a slice for quick runs / tests (first N users by id order)
+    max_tags_per_item: int = 10
+
+
+class EmbedderConfig(_Section):
+    """The multimodal embedder (see recsys.embed)."""
+
+    backend: Literal["local", "gemini"] = "local"
+    dim: int = 256  # Matryoshka truncation; vectors are L2-normalised after truncation
+    batch_size: int = 64
+    cache: bool = True  # content-hash cache under <workdir>/cache/embeddings
+    local_weights: Path | None = None  # default: the weights shipped in recsys/embed/weights
+    gemini_model: str = "gemini-embedding-2"
+    gemini_base_url: str | None = None  # e.g. a local stand-in server; default: the SDK's
+    gemini_batch_size: int = 100  # the API's cap per batchEmbedContents call
+    gemini_concurrency: int = 4
+    gemini_max_retries: int = 6
+    gemini_timeout_s: float = 60.0
+    history_len: int = 20  # items that make a user's history vector
+    history_half_life: float = 10.0  # in items: recency weight of the history mean
+
+
+class FeatureConfig(_Section):
+    """The Feast feature store (see features/)."""
+
+    project: str = "recsys"
+    online_store: Literal["sqlite", "redis"] = "sqlite"
+    redis_connection: str = "localhost:6379"
+    registry: str | None = None  # default: <workdir>/feast/data/registry.db
+    recent_items: int = 20  # ids kept in the user-history feature
+    write_chunk_rows: int = 5000  # rows per online write (bounds memory)
+
+
+class TrainConfig(_Section):
+    """The Lightning two-tower head (see training/)."""
+
+    out_dim: int = 64
+    hidden_dim: int = 256
+    id_embeddings: bool = False  # learned ids overfit ml-latest-small (see BENCHMARKS.md); on for larger data
+    id_dropout: float = 0.5  # share of examples whose item id / stats are hidden (cold-start training)
+    max_epochs: int = 10
+    patience: int = 3
+    batch_size: int = 512
+    lr: float = 5e-4
+    weight_decay: float = 1e-5
+    temperature: float = 0.07  # initial value; learnable when learn_temperature
+    learn_temperature: bool = True
+    logq_correction: bool = True
+    mixed_negatives: int = 1024  # extra uniformly sampled catalog items per batch
+    hard_negatives: int = 0  # per example, mined with FAISS from the previous epoch's item vectors
+    remove_accidental_hits: bool = True
+    seed: int = 0
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+    strategy: str = "auto"  # e.g. "ddp" for several GPUs / nodes
+    num_nodes: int = 1
+    num_workers: int = 0
+    registered_model: str = "recsys-two-tower"
+
+
+class ServeConfig(_Section):
+    """Online candidate generation, filters and reranking (see serving/)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    candidates: int = 200
+    k: int = 10
+    rerank: bool = True
+    faiss_index: Literal["flat", "hnsw", "ivf"] = "flat"
+    use_gpu: bool | None = None  # None: use a GPU index when faiss reports GPUs
+    model_alias: str = "champion"
+
+
+class EvalConfig(_Section):
+    """The evaluation protocols of design.md."""
+
+    protocols: list[Literal["loo", "cold", "temporal"]] = ["loo", "cold"]
+    ks: list[int] = [10, 50]
+    bootstrap: int = 1000
+    cold_fraction: float = 0.2
+    temporal_quantile: float = 0.9
+    ease_lambdas: list[float] = [20.0, 50.0, 100.0, 250.0, 500.0, 1000.0]
+    seed: int = 0
+
+
+class Config(_Section):
+    """Everything a run needs. All files a run writes go under ``workdir``."""
+
+    workdir: Path = Path("work")
+    data: DataConfig = Field(default_factory=DataConfig)
+    embedder: EmbedderConfig = Field(default_factory=EmbedderConfig)
+    features: FeatureConfig = Field(default_factory=FeatureConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    mlflow_tracking_uri: str | None = None  # default: sqlite:///<workdir>/mlflow.db
+    mlflow_experiment: str = "recsys"
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, **overrides: Any) -> "Config":
+        """Read a TOML file (optional) and apply keyword overrides, section by section."""
+        raw: dict[str, Any] = {}
+        if path is not None:
+            raw = tomllib.loads(Path(path).read_text())
+        for key, value in overrides.items():
+            if value is None:
+                continue
+            if isinstance(value, dict):
+                raw.setdefault(key, {}).update({k: v for k, v in value.items() if v is not None})
+            else:
+                raw[key] = value
+        return cls.model_validate(raw)
+
+    # Paths every stage agrees on -------------------------------------------------------------
+    @property
+    def tracking_uri(self) -> str:
+        if self.mlflow_tracking_uri:
+            return self.mlflow_tracking_uri
+        return f"sqlite:///{(self.workdir / 'mlflow.db').resolve()}"
+
+    @property
+    def feast_dir(self) -> Path:
+        return self.workdir / "feast"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.workdir / "cache"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.workdir / "models"

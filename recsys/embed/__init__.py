@@ -1,0 +1,26 @@
+"""The multimodal embedder: one interface (``Embedder.embed``), two backends (``local``, ``gemini``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from recsys.embed.base import TASK_PREFIX, EmbedResult, Embedder, EmbeddingError, ItemError, Limits, Task, apply_task
+
+__all__ = ["TASK_PREFIX", "EmbedResult", "Embedder", "EmbeddingError", "ItemError", "Limits", "Task",
+           "apply_task", "make_embedder"]
+
+
+def make_embedder(cfg, cache_dir: str | Path | None = None) -> Embedder:
+    """The backend ``cfg.embedder`` names (a Config or its embedder section)."""
+    e = getattr(cfg, "embedder", cfg)
+    if cache_dir is None and hasattr(cfg, "cache_dir") and e.cache:
+        cache_dir = cfg.cache_dir
+    if e.backend == "local":
+        from recsys.embed.local import LocalEmbedder
+
+        return LocalEmbedder(e.local_weights, cache_dir=cache_dir, batch_size=e.batch_size, default_dim=e.dim)
+    if e.backend == "gemini":
+        from recsys.embed.gemini import GeminiEmbedder
+
+        return GeminiEmbedder.from_config(e, cache_dir=cache_dir)
+    raise ValueError(f"unknown embedder backend {e.backend!r} (expected local or gemini)")

@@ -1,0 +1,141 @@
+"""The local backend's fusion model: interleaved parts in, one Matryoshka vector out.
+
+Reads top to bottom like a small transformer file:
+
+1. each part arrives as *segments* of frozen backbone features: text tokens (MiniLM, 384-d, with the
+   sentence vector first), image tokens (EfficientNet-Lite0, 1280-d: global + 2x2 grid), video frames
+   (1280-d, one per sampled frame) and log-mel spectrograms (audio, or a video's sound track);
+2. each segment is projected to ``d_model`` tokens (audio through a small conv encoder trained here,
+   since no pretrained audio encoder installs offline), plus a modality embedding and a position
+   embedding over the whole interleaved sequence;
+3. a bidirectional transformer mixes all tokens of the content;
+4. masked mean pooling, layer norm and a linear head give ``out_dim`` coordinates whose prefixes
+   (64, 128, ...) are themselves embeddings (Matryoshka).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODALITIES = ("text", "image", "audio", "frame", "video_audio")
+
+
+@dataclass
+class FusionConfig:
+    d_model: int = 256
+    n_layers: int = 2
+    n_heads: int = 4
+    dropout: float = 0.1
+    text_dim: int = 384  # MiniLM hidden size
+    image_dim: int = 1280  # EfficientNet-Lite0 channels
+    n_mels: int = 64
+    max_tokens: int = 192  # the fused sequence is cut here
+    max_text_tokens: int = 16  # per text part: the sentence vector + the first 15 token states
+    max_audio_tokens: int = 16  # per audio segment, after the conv encoder
+    out_dim: int = 768
+    matryoshka_dims: tuple[int, ...] = field(default=(64, 128, 256, 512, 768))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["matryoshka_dims"] = list(self.matryoshka_dims)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FusionConfig":
+        d = dict(d)
+        d["matryoshka_dims"] = tuple(d.get("matryoshka_dims", (64, 128, 256, 512, 768)))
+        return cls(**d)
+
+
+# A segment is (modality name, features). Shapes: text (T, 384); image (5, 1280); frame (F, 1280);
+# audio / video_audio (n_mels, T_frames).
+Segment = tuple[str, torch.Tensor]
+
+
+class AudioEncoder(nn.Module):
+    """Log-mel (n_mels, T) -> (T', d_model) tokens: three strided convolutions (8x shorter in time),
+    pooled to at most ``max_audio_tokens`` per clip."""
+
+    def __init__(self, cfg: FusionConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.convs = nn.Sequential(
+            nn.Conv1d(cfg.n_mels, 128, 5, stride=2, padding=2), nn.GELU(),
+            nn.Conv1d(128, d, 5, stride=2, padding=2), nn.GELU(),
+            nn.Conv1d(d, d, 3, stride=2, padding=1), nn.GELU(),
+        )
+        self.max_tokens = cfg.max_audio_tokens
+
+    def forward(self, mels: list[torch.Tensor]) -> list[torch.Tensor]:
+        """mels: clips of (n_mels, T_i) -> a list of (T_i', d_model), run as one padded batch."""
+        lengths = [m.shape[1] for m in mels]
+        x = torch.stack([F.pad((m - m.mean(1, keepdim=True)) / (m.std(1, keepdim=True) + 1e-5), (0, max(lengths) - m.shape[1]))
+                         for m in mels])  # per-clip CMVN, zero-padded: (N, n_mels, T_max)
+        x = self.convs(x)  # (N, d, ceil(T_max / 8))
+        out = []
+        for row, t in zip(x, lengths):
+            row = row[:, : max(1, math.ceil(t / 8))]
+            if row.shape[-1] > self.max_tokens:
+                row = F.adaptive_avg_pool1d(row[None], self.max_tokens)[0]
+            out.append(row.T)
+        return out
+
+
+class FusionEncoder(nn.Module):
+    """Interleaved multimodal segments -> one ``out_dim`` vector per content (not yet normalised)."""
+
+    def __init__(self, cfg: FusionConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.text_proj = nn.Sequential(nn.LayerNorm(cfg.text_dim), nn.Linear(cfg.text_dim, d))
+        self.image_proj = nn.Sequential(nn.LayerNorm(cfg.image_dim), nn.Linear(cfg.image_dim, d))  # images and frames
+        self.audio = AudioEncoder(cfg)
+        self.modality = nn.Embedding(len(MODALITIES), d)
+        self.position = nn.Embedding(cfg.max_tokens, d)
+        layer = nn.TransformerEncoderLayer(d, cfg.n_heads, 4 * d, cfg.dropout, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, cfg.n_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, cfg.out_dim)
+
+    def project(self, batch: list[list[Segment]]) -> list[torch.Tensor]:
+        """Every segment of every content -> (L_i, d_model) tokens; one projection call per modality."""
+        flat = [(b, name, f) for b, segs in enumerate(batch) for name, f in segs]
+        out: list[torch.Tensor | None] = [None] * len(flat)
+        for names, proj in ((("text",), self.text_proj), (("image", "frame"), self.image_proj)):
+            idx = [i for i, (_, n, _) in enumerate(flat) if n in names]
+            if not idx:
+                continue
+            feats = [flat[i][2][: self.cfg.max_text_tokens] if flat[i][1] == "text" else flat[i][2] for i in idx]
+            projected = proj(torch.cat(feats)).split([f.shape[0] for f in feats])
+            for i, x in zip(idx, projected):
+                out[i] = x
+        audio = [i for i, (_, n, _) in enumerate(flat) if n in ("audio", "video_audio")]
+        if audio:
+            for i, x in zip(audio, self.audio([flat[i][2] for i in audio])):
+                out[i] = x
+        per_content: list[list[torch.Tensor]] = [[] for _ in batch]
+        for (b, name, _), x in zip(flat, out):
+            per_content[b].append(x + self.modality.weight[MODALITIES.index(name)])
+        seqs = []
+        for parts in per_content:
+            x = torch.cat(parts)[: self.cfg.max_tokens]
+            seqs.append(x + self.position.weight[: x.shape[0]])
+        return seqs
+
+    def forward(self, batch: list[list[Segment]]) -> torch.Tensor:
+        """batch: B contents, each a list of segments -> (B, out_dim)."""
+        seqs = self.project(batch)
+        lengths = torch.tensor([s.shape[0] for s in seqs])
+        x = nn.utils.rnn.pad_sequence(seqs, batch_first=True)  # (B, L, d)
+        pad = torch.arange(x.shape[1])[None, :] >= lengths[:, None]  # True where padding
+        x = self.blocks(x, src_key_padding_mask=pad)
+        keep = (~pad).unsqueeze(-1).float()
+        pooled = (x * keep).sum(1) / keep.sum(1).clamp(min=1)
+        return self.head(self.norm(pooled))

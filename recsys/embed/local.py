@@ -1,0 +1,132 @@
+"""The ``local`` backend: offline, CPU, frozen backbones + the trained fusion model.
+
+Weights live in a folder with ``fusion.safetensors`` and ``manifest.json`` (backbones, dims, data
+used, metrics). The default folder ships inside the package (``recsys/embed/weights/local-v1``),
+so a fresh offline machine embeds with no manual step; ``recsys train-embedder`` makes new ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from recsys.content import Content, ContentError
+from recsys.embed.backbones import FEATURIZER_VERSION, Backbones, Featurizer
+from recsys.embed.base import EmbedResult, Embedder, ItemError, Limits, Task, apply_task, truncate_normalize
+from recsys.embed.cache import VectorCache, embedding_key
+from recsys.embed.fusion import FusionConfig, FusionEncoder
+
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "local-v1"
+
+
+def load_fusion(folder: str | Path) -> tuple[FusionEncoder, dict]:
+    """Read a weights folder -> (model in eval mode, manifest)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / "manifest.json").exists() or not (folder / "fusion.safetensors").exists():
+        raise FileNotFoundError(
+            f"no local embedder weights in {folder} (expected manifest.json and fusion.safetensors); "
+            "train them with `recsys train-embedder --install`"
+        )
+    manifest = json.loads((folder / "manifest.json").read_text())
+    model = FusionEncoder(FusionConfig.from_dict(manifest["config"]))
+    state = {k: v.float() for k, v in load_file(str(folder / "fusion.safetensors")).items()}
+    model.load_state_dict(state)
+    return model.eval(), manifest
+
+
+def save_fusion(model: FusionEncoder, folder: str | Path, manifest: dict) -> Path:
+    """Write weights (float16) and the manifest; the version is derived from the weights' hash."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "fusion.safetensors"))
+    digest = hashlib.sha256((folder / "fusion.safetensors").read_bytes()).hexdigest()[:10]
+    manifest = {**manifest, "config": model.cfg.to_dict(), "featurizer": FEATURIZER_VERSION,
+                "version": f"fusion-{digest}"}
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+    return folder
+
+
+class LocalEmbedder(Embedder):
+    """Offline multimodal embedder (see recsys.embed.fusion for the model)."""
+
+    name = "local"
+
+    def __init__(self, weights: str | Path | None = None, cache_dir: str | Path | None = None,
+                 batch_size: int = 64, default_dim: int = 256, device: str = "cpu",
+                 model: FusionEncoder | None = None, manifest: dict | None = None,
+                 featurizer: Featurizer | None = None):
+        if model is None:
+            model, manifest = load_fusion(weights or DEFAULT_WEIGHTS)
+        self.model = model.eval().to(device)
+        self.manifest = manifest or {"version": "untrained"}
+        self.dims = tuple(self.model.cfg.matryoshka_dims)
+        self.default_dim = default_dim
+        self.batch_size = batch_size
+        self.featurizer = featurizer or Featurizer(Backbones(device), cache_dir=cache_dir)
+        self.cache = VectorCache(Path(cache_dir) / "embeddings.sqlite") if cache_dir else None
+        self.limits = Limits()
+
+    @property
+    def model_version(self) -> str:
+        return str(self.manifest["version"])
+
+    @torch.inference_mode()
+    def encode(self, segments: list[list[tuple[str, np.ndarray]]]) -> np.ndarray:
+        """Featurized contents -> (n, out_dim) raw fusion outputs (not normalised)."""
+        batch = [[(name, torch.from_numpy(np.asarray(f, dtype=np.float32))) for name, f in segs] for segs in segments]
+        return self.model(batch).float().numpy()
+
+    def embed_many(self, contents: Sequence[Content], task: Task = "document", dim: int | None = None,
+                   progress: bool = False) -> EmbedResult:
+        dim = self.check_dim(dim)
+        n = len(contents)
+        vectors = np.zeros((n, dim), dtype=np.float32)
+        errors: list[ItemError] = []
+        todo: list[tuple[int, Content, str | None]] = []
+        for i, c in enumerate(contents):
+            try:
+                self.limits.check(c)
+                c = apply_task(c, task)
+                key = embedding_key(c, task, self.name, self.model_version, dim) if self.cache is not None else None
+                todo.append((i, c, key))
+            except ContentError as exc:
+                errors.append(ItemError(i, c.item_id, exc.problem))
+        hits = self.cache.get_many([k for _, _, k in todo if k]) if self.cache is not None else {}
+        for i, _, key in todo:
+            if key in hits:
+                vectors[i] = hits[key]
+        misses = [(i, c, k) for i, c, k in todo if k not in hits]
+        bar = tqdm(total=len(misses), desc=f"embed[{self.name}]", unit="item", disable=not progress)
+        for start in range(0, len(misses), self.batch_size):
+            chunk = misses[start : start + self.batch_size]
+            feats = self.featurizer.featurize([c for _, c, _ in chunk])
+            good = [(j, f) for j, f in enumerate(feats) if f.error is None]
+            for j, f in enumerate(feats):
+                if f.error is not None:
+                    i, c, _ = chunk[j]
+                    errors.append(ItemError(i, c.item_id, f.error.problem))
+            if good:
+                out = truncate_normalize(self.encode([f.segments for _, f in good]), dim)
+                new = {}
+                for (j, _), v in zip(good, out):
+                    i, _, key = chunk[j]
+                    vectors[i] = v
+                    if key:
+                        new[key] = v
+                if self.cache is not None and new:
+                    self.cache.put_many(new)
+            bar.update(len(chunk))
+        bar.close()
+        errors.sort(key=lambda e: e.index)
+        return EmbedResult(vectors, errors, cache_hits=len(hits))

@@ -1,0 +1,142 @@
+"""Baselines reported beside every model: popularity, ItemKNN, EASE, content kNN.
+
+Each has ``fit(history)`` (interactions it may learn from) and ``score(eval_set, users)``; the user
+side always comes from ``eval_set.history``, so refitting on train+validation before the test round
+is one call.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import torch
+from scipy import sparse
+
+from recsys.eval.evaluate import evaluate, history_matrix
+from recsys.eval.splits import EvalSet
+
+
+class _MatrixModel:
+    """Shared plumbing: the catalog index, and the user x item matrix of an eval set (cached)."""
+
+    name = "base"
+
+    def __init__(self, index: dict[str, int]):
+        self.index = index
+        self.n_items = len(index)
+        self._rows: tuple[int, sparse.csr_matrix] | None = None
+
+    def user_rows(self, eval_set: EvalSet, users: np.ndarray) -> sparse.csr_matrix:
+        if self._rows is None or self._rows[0] != id(eval_set):
+            self._rows = (id(eval_set), history_matrix(eval_set.history, eval_set.users, self.index, self.n_items))
+        return self._rows[1][users]
+
+    def item_matrix(self, history: pl.DataFrame) -> sparse.csr_matrix:
+        users = history["user_id"].unique().sort().to_list()
+        return history_matrix(history, users, self.index, self.n_items)
+
+
+class Popularity(_MatrixModel):
+    """Items ranked by how many users interacted with them."""
+
+    name = "popularity"
+
+    def fit(self, history: pl.DataFrame) -> "Popularity":
+        counts = history.group_by("item_id").agg(pl.col("user_id").n_unique().alias("n"))
+        self.counts = np.zeros(self.n_items, dtype=np.float32)
+        self.counts[[self.index[i] for i in counts["item_id"].to_list()]] = counts["n"].to_numpy()
+        return self
+
+    def score(self, eval_set: EvalSet, users: np.ndarray) -> np.ndarray:
+        return np.broadcast_to(self.counts, (users.size, self.n_items))
+
+
+class ItemKNN(_MatrixModel):
+    """Cosine item-item similarity over who interacted with what; a user's score sums over their items."""
+
+    name = "itemknn"
+
+    def __init__(self, index: dict[str, int], neighbours: int = 100):
+        super().__init__(index)
+        self.neighbours = neighbours
+
+    def fit(self, history: pl.DataFrame) -> "ItemKNN":
+        X = self.item_matrix(history)
+        norms = np.sqrt(np.asarray(X.sum(axis=0)).ravel()) + 1e-9
+        Xn = X.multiply(1 / norms).tocsc()
+        S = torch.from_numpy((Xn.T @ Xn).toarray().astype(np.float32))
+        S.fill_diagonal_(0)
+        if self.neighbours < S.shape[0]:  # keep each item's strongest neighbours
+            thresh = S.topk(self.neighbours, dim=0).values[-1:]
+            S = torch.where(S >= thresh, S, torch.zeros_like(S))
+        self.S = S
+        return self
+
+    def score(self, eval_set: EvalSet, users: np.ndarray) -> np.ndarray:
+        rows = torch.from_numpy(self.user_rows(eval_set, users).toarray())
+        return (rows @ self.S).numpy()
+
+
+class EASE(_MatrixModel):
+    """EASE (Steck 2019): closed-form item-item weights B = I - P / diag(P), P = (X'X + lambda I)^-1."""
+
+    name = "ease"
+
+    def __init__(self, index: dict[str, int], lam: float = 500.0):
+        super().__init__(index)
+        self.lam = lam
+
+    def fit(self, history: pl.DataFrame) -> "EASE":
+        X = self.item_matrix(history)
+        active = np.flatnonzero(np.asarray(X.sum(axis=0)).ravel() > 0)  # items nobody touched get no weights
+        Xa = X[:, active]
+        G = torch.from_numpy((Xa.T @ Xa).toarray().astype(np.float32))
+        G.diagonal().add_(self.lam)
+        P = torch.cholesky_inverse(torch.linalg.cholesky(G))
+        B = -P / P.diagonal()
+        B.fill_diagonal_(0)
+        self.active, self.B = active, B
+        return self
+
+    def score(self, eval_set: EvalSet, users: np.ndarray) -> np.ndarray:
+        rows = torch.from_numpy(self.user_rows(eval_set, users)[:, self.active].toarray())
+        out = np.zeros((users.size, self.n_items), dtype=np.float32)
+        out[:, self.active] = (rows @ self.B).numpy()
+        return out
+
+    @classmethod
+    def tuned(cls, index: dict[str, int], val: EvalSet, lambdas: list[float],
+              protocol: str) -> tuple["EASE", dict[float, float]]:
+        """Pick lambda by validation NDCG@10 (fit on ``val.history``); returns the best model and every score."""
+        scores: dict[float, float] = {}
+        best: EASE | None = None
+        for lam in lambdas:
+            model = cls(index, lam).fit(val.history)
+            ndcg = evaluate(model, val, index, protocol, part="val", n_boot=1).estimates["NDCG@10"].mean
+            scores[lam] = ndcg
+            if best is None or ndcg > scores[best.lam]:
+                best = model
+        assert best is not None
+        return best, scores
+
+
+class ContentKNN(_MatrixModel):
+    """Cosine between each item's vector and the mean vector of the user's history items."""
+
+    name = "content-knn"
+
+    def __init__(self, index: dict[str, int], item_vectors: np.ndarray, name: str | None = None):
+        super().__init__(index)
+        v = np.asarray(item_vectors, dtype=np.float32)
+        self.V = v / (np.linalg.norm(v, axis=1, keepdims=True) + 1e-12)
+        if name:
+            self.name = name
+
+    def fit(self, history: pl.DataFrame) -> "ContentKNN":
+        return self
+
+    def score(self, eval_set: EvalSet, users: np.ndarray) -> np.ndarray:
+        rows = self.user_rows(eval_set, users)
+        profile = rows @ self.V
+        profile /= np.linalg.norm(profile, axis=1, keepdims=True) + 1e-12
+        return profile @ self.V.T

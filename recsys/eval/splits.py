@@ -1,0 +1,154 @@
+"""The three evaluation protocols of design.md, as train / validation / test splits.
+
+- ``loo``: each user's last interaction is the test target, the one before it the validation target.
+- ``cold``: a seeded 20% of the items of the cold pool (MovieLens: the movies with posters) lose all
+  their interactions from training; each user with training history and at least one cold interaction
+  is ranked over the cold items only. Another 10% of the pool is held out the same way for validation.
+- ``temporal``: a global time cut at a quantile of timestamps; users' later new items are the targets.
+
+Every :class:`EvalSet` says who is asked, what they had seen (``history``), when they are asked
+(``at``), which items may be ranked (``candidates``) and what they went on to interact with (``targets``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import numpy as np
+import polars as pl
+
+from recsys.config import EvalConfig
+from recsys.data.types import Dataset
+
+
+@dataclass
+class EvalSet:
+    """One round of questions: for each user, rank ``candidates`` given ``history`` as of ``at``."""
+
+    users: list[str]
+    targets: list[np.ndarray]  # item indices per user
+    at: list[datetime]  # query time per user (features are taken strictly before it)
+    history: pl.DataFrame  # interactions known when asking (also excluded from the ranking)
+    candidates: np.ndarray | None = None  # item indices that may be ranked; None = whole catalog
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+
+@dataclass
+class Split:
+    """A protocol's data: models learn from ``val.history`` and tune on ``val``; for the reported
+    numbers they may refit on ``test.history`` (which adds the validation rows) and are scored on ``test``."""
+
+    name: str
+    val: EvalSet
+    test: EvalSet
+    cold_items: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # hidden from training
+
+    @property
+    def train(self) -> pl.DataFrame:
+        """What a model learns from while it is tuned (the validation round's history)."""
+        return self.val.history
+
+    def describe(self) -> str:
+        return (f"{self.name}: {self.train.height:,} training interactions, {len(self.val)} validation users, "
+                f"{len(self.test)} test users" + (f", {self.cold_items.size} cold items" if self.cold_items.size else ""))
+
+
+def _targets_by_user(frame: pl.DataFrame, index: dict[str, int]) -> tuple[list[str], list[np.ndarray], list[datetime]]:
+    grouped = (
+        frame.group_by("user_id", maintain_order=True)
+        .agg(pl.col("item_id"), pl.col("timestamp").min().alias("at"))
+        .sort("user_id")
+    )
+    users = grouped["user_id"].to_list()
+    targets = [np.unique(np.array([index[i] for i in items], dtype=np.int64)) for items in grouped["item_id"].to_list()]
+    return users, targets, grouped["at"].to_list()
+
+
+def loo_split(ds: Dataset) -> Split:
+    """Leave-one-out: last interaction = test, the one before = validation (users need 3+)."""
+    index = ds.catalog.index
+    f = ds.interactions.frame.with_columns(
+        pl.int_range(pl.len()).over("user_id").alias("pos"), pl.len().over("user_id").alias("n")
+    ).filter(pl.col("n") >= 3)
+    train = f.filter(pl.col("pos") < pl.col("n") - 2).drop("pos", "n")
+    val_rows = f.filter(pl.col("pos") == pl.col("n") - 2).drop("pos", "n")
+    test_rows = f.filter(pl.col("pos") == pl.col("n") - 1).drop("pos", "n")
+    vu, vt, va = _targets_by_user(val_rows, index)
+    tu, tt, ta = _targets_by_user(test_rows, index)
+    val = EvalSet(vu, vt, va, history=train)
+    test = EvalSet(tu, tt, ta, history=pl.concat([train, val_rows]).sort(["user_id", "timestamp", "item_id"]))
+    return Split("loo", val, test)
+
+
+def cold_pool(ds: Dataset) -> np.ndarray:
+    """Items eligible to be cold: those with an image (MovieLens: a poster), else all items."""
+    has_image = ds.catalog.modalities[:, 1]
+    if has_image.any():
+        return np.flatnonzero(has_image)
+    from recsys.data.movielens import POSTER_IDS_FILE  # the same 2,947 movies when posters are absent
+
+    if ds.name == "movielens" and POSTER_IDS_FILE.exists():
+        ids = set(POSTER_IDS_FILE.read_text().split())
+        return np.array([i for i, item_id in enumerate(ds.catalog.ids) if item_id in ids], dtype=np.int64)
+    return np.arange(len(ds.catalog))
+
+
+def cold_split(ds: Dataset, cfg: EvalConfig = EvalConfig()) -> Split:
+    """Strict item cold-start: cold items lose every interaction from training."""
+    rng = np.random.default_rng(cfg.seed)
+    pool = cold_pool(ds)
+    shuffled = rng.permutation(pool)
+    n_test = int(round(cfg.cold_fraction * pool.size))
+    n_val = int(round(cfg.cold_fraction / 2 * pool.size))
+    test_items, val_items = np.sort(shuffled[:n_test]), np.sort(shuffled[n_test : n_test + n_val])
+    ids = np.array(ds.catalog.ids)
+    f = ds.interactions.frame
+    test_ids, val_ids = ids[test_items].tolist(), ids[val_items].tolist()
+    hidden = f.filter(pl.col("item_id").is_in(test_ids + val_ids))
+    train = f.join(hidden.select("user_id", "item_id", "timestamp"), on=["user_id", "item_id", "timestamp"], how="anti")
+    train_users = train["user_id"].unique().implode()
+    index = ds.catalog.index
+
+    def eval_set(item_ids: list[str], candidates: np.ndarray) -> EvalSet:
+        rows = hidden.filter(pl.col("item_id").is_in(item_ids) & pl.col("user_id").is_in(train_users))
+        users, targets, _ = _targets_by_user(rows, index)
+        end = train["timestamp"].max()
+        last = dict(train.group_by("user_id").agg(pl.col("timestamp").max()).iter_rows())
+        # The user is asked once all their training history is in (one second after its last event).
+        at = [min(last[u], end) + timedelta(seconds=1) for u in users]
+        return EvalSet(users, targets, at, history=train, candidates=candidates)
+
+    return Split("cold", eval_set(val_ids, val_items), eval_set(test_ids, test_items),
+                 cold_items=np.sort(np.concatenate([test_items, val_items])))
+
+
+def temporal_split(ds: Dataset, cfg: EvalConfig = EvalConfig()) -> Split:
+    """Global time cut at ``cfg.temporal_quantile``; validation is the same cut inside the training part."""
+    f = ds.interactions.frame
+
+    def cut(frame: pl.DataFrame) -> tuple[pl.DataFrame, EvalSet]:
+        t = frame["timestamp"].quantile(cfg.temporal_quantile, interpolation="nearest")
+        before, after = frame.filter(pl.col("timestamp") < t), frame.filter(pl.col("timestamp") >= t)
+        seen = before.select("user_id", "item_id").unique()
+        after = after.filter(pl.col("user_id").is_in(before["user_id"].unique().implode())).join(
+            seen, on=["user_id", "item_id"], how="anti"
+        )
+        users, targets, _ = _targets_by_user(after, ds.catalog.index)
+        return before, EvalSet(users, targets, [t] * len(users), history=before)
+
+    train, test = cut(f)
+    _, val = cut(train)
+    return Split("temporal", val, test)
+
+
+def make_split(name: str, ds: Dataset, cfg: EvalConfig = EvalConfig()) -> Split:
+    if name == "loo":
+        return loo_split(ds)
+    if name == "cold":
+        return cold_split(ds, cfg)
+    if name == "temporal":
+        return temporal_split(ds, cfg)
+    raise ValueError(f"unknown protocol {name!r} (expected loo, cold or temporal)")

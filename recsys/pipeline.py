@@ -1,0 +1,352 @@
+"""The stages of the flow as functions, shared by the CLI verbs and the demo.
+
+embed -> features -> train (+ baselines, reranker) -> index -> serve; ``run_demo`` runs them all on
+one work directory and prints sample recommendations and the comparison table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from rich.console import Console
+from rich.table import Table
+
+from recsys.config import Config
+from recsys.data import Dataset, load_dataset
+from recsys.embed import Embedder, make_embedder
+from recsys.eval import METRICS, EvalResult, make_split
+from recsys.eval.evaluate import evaluate, score_topk
+
+console = Console(width=max(Console().width, 150))  # tables stay readable in logs and CI
+
+
+@dataclass
+class Timings:
+    """Wall-clock seconds per stage, printed as they finish and saved with the run's report."""
+
+    stages: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str):
+        console.rule(f"[bold]{name}")
+        t0 = time.perf_counter()
+        yield
+        self.stages[name] = round(time.perf_counter() - t0, 2)
+        console.print(f"[dim]{name}: {self.stages[name]:.1f} s[/dim]")
+
+
+# Embedding ---------------------------------------------------------------------------------------------
+@dataclass
+class ItemVectors:
+    """The catalog's vectors in one embedding space; ``cold`` has brand-new-item versions (no user parts)."""
+
+    ids: list[str]
+    vectors: np.ndarray
+    backend: str
+    model_version: str
+    dim: int
+    failed: dict[str, str] = field(default_factory=dict)
+    cold: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def with_cold(self, rows: np.ndarray) -> np.ndarray:
+        """Vectors where ``rows`` take their cold-start version."""
+        out = self.vectors.copy()
+        for r in rows:
+            if int(r) in self.cold:
+                out[r] = self.cold[int(r)]
+        return out
+
+
+def embed_catalog(cfg: Config, ds: Dataset, embedder: Embedder | None = None, cold_rows: np.ndarray | None = None,
+                  save: bool = True) -> ItemVectors:
+    """Embed every item (task "document"); failed items are reported and get the mean of the others'
+    direction (never silently dropped). Cold versions for ``cold_rows`` drop user-derived parts."""
+    embedder = embedder or make_embedder(cfg)
+    dim = cfg.embedder.dim
+    result = embedder.embed_many(ds.catalog.contents(), task="document", dim=dim, progress=True)
+    failed = {e.item_id or str(e.index): e.message for e in result.errors}
+    vectors = result.vectors
+    if failed:
+        console.print(f"[yellow]{len(failed)} item(s) failed to embed[/yellow], e.g. {list(failed.items())[:3]}")
+        fallback = vectors[result.ok].mean(0)
+        vectors[~result.ok] = fallback / max(np.linalg.norm(fallback), 1e-12)
+    out = ItemVectors(ds.catalog.ids, vectors, embedder.name, embedder.model_version, dim, failed)
+    if cold_rows is not None and len(cold_rows):
+        cold = embedder.embed_many([ds.catalog.content(int(r), cold=True) for r in cold_rows], task="document", dim=dim)
+        out.cold = {int(r): v for r, v, ok in zip(cold_rows, cold.vectors, cold.ok) if ok}
+    if save:
+        folder = cfg.workdir / "embeddings"
+        folder.mkdir(parents=True, exist_ok=True)
+        pl.DataFrame({"item_id": out.ids, "vector": pl.Series(vectors, dtype=pl.Array(pl.Float32, dim))}).write_parquet(
+            folder / "items.parquet")
+        (folder / "manifest.json").write_text(json.dumps(
+            {"backend": out.backend, "model_version": out.model_version, "dim": dim, "items": len(out.ids),
+             "failed": failed}, indent=2))
+    return out
+
+
+def load_item_vectors(cfg: Config) -> ItemVectors:
+    folder = cfg.workdir / "embeddings"
+    if not (folder / "manifest.json").exists():
+        raise FileNotFoundError(f"no embeddings under {folder}: run `recsys embed` first")
+    m = json.loads((folder / "manifest.json").read_text())
+    frame = pl.read_parquet(folder / "items.parquet")
+    return ItemVectors(frame["item_id"].to_list(), frame["vector"].to_numpy().astype(np.float32), m["backend"],
+                       m["model_version"], m["dim"], m.get("failed", {}))
+
+
+# Features ----------------------------------------------------------------------------------------------
+def build_features(cfg: Config, ds: Dataset, vectors: np.ndarray, iv: ItemVectors, interactions: pl.DataFrame,
+                   name: str, materialize: bool):
+    """A Feast repository holding ``interactions``-derived features and the item vectors."""
+    from features.store import FeatureRepo
+
+    repo = FeatureRepo(cfg, iv.backend, iv.model_version, iv.dim, name=name)
+    repo.write_item_embeddings(ds.catalog.ids, vectors)
+    counts = repo.write_interaction_features(interactions, ds.catalog, vectors)
+    repo.apply()
+    if materialize:
+        report = repo.materialize(progress=True)
+        counts["materialized"] = sum(report.rows.values())
+    console.print(f"feast[{name}]: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+    return repo
+
+
+# Training + evaluation -------------------------------------------------------------------------------
+@dataclass
+class ProtocolRun:
+    protocol: str
+    results: list[EvalResult]
+    trained: object | None = None
+    split: object | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def run_protocol(cfg: Config, ds: Dataset, iv: ItemVectors, protocol: str, register: bool = False,
+                 rerank: bool = False, baselines: tuple[str, ...] = ("popularity", "ease")) -> ProtocolRun:
+    """Train and evaluate the two-tower and the baselines on one protocol (same split, same run)."""
+    from recsys.eval.baselines import EASE, ContentKNN, ItemKNN, Popularity
+    from serving.reranker import Reranker
+    from training.train import fit_two_tower
+
+    split = make_split(protocol, ds, cfg.eval)
+    console.print(split.describe())
+    vectors = iv.with_cold(split.cold_items) if protocol == "cold" else iv.vectors
+    repo = build_features(cfg, ds, vectors, iv, split.train, name=protocol, materialize=False)
+    idx, nb = ds.catalog.index, cfg.eval.bootstrap
+    trained = fit_two_tower(cfg, ds.catalog, split, repo, vectors, register=register,
+                            alias=cfg.serve.model_alias if register else None)
+    results = [trained.evaluate(split, ds.catalog, cfg, n_boot=nb)]
+    extra: dict = {"epochs": trained.epochs, "train_s": round(trained.seconds, 1),
+                   "examples_per_s": round(trained.examples_per_s)}
+    if rerank:
+        reranker = Reranker(seed=cfg.train.seed).fit(trained.candidates(split.val, ds.catalog, cfg, cfg.serve.candidates),
+                                                     split.val.targets)
+        cands = trained.candidates(split.test, ds.catalog, cfg, cfg.serve.candidates)
+        rows, _ = reranker.rerank(cands, 50)
+        n_cand = len(ds.catalog) if split.test.candidates is None else split.test.candidates.size
+        results.append(score_topk("two-tower + rerank", rows, split.test, n_cand, protocol, n_boot=nb))
+        if register and trained.run_id:
+            log_reranker(cfg, trained.run_id, reranker)
+    for name in baselines:
+        if name == "popularity":
+            model = Popularity(idx).fit(split.test.history)
+        elif name == "ease":
+            lam = cfg.eval.ease_lambdas
+            if protocol == "cold":  # cold items have no interactions: EASE scores them all 0 whatever lambda
+                model = EASE(idx, lam[len(lam) // 2]).fit(split.test.history)
+            else:
+                best, scores = EASE.tuned(idx, split.val, lam, protocol)
+                extra["ease_lambda"] = best.lam
+                model = EASE(idx, best.lam).fit(split.test.history)
+        elif name == "itemknn":
+            model = ItemKNN(idx).fit(split.test.history)
+        elif name == "content-knn":
+            model = ContentKNN(idx, vectors, name="content-knn (embedder)")
+        else:
+            raise ValueError(f"unknown baseline {name!r}")
+        results.append(evaluate(model, split.test, idx, protocol, n_boot=nb))
+    return ProtocolRun(protocol, results, trained, split, extra)
+
+
+def log_reranker(cfg: Config, run_id: str, reranker) -> None:
+    import tempfile
+
+    import mlflow
+
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        reranker.save(Path(tmp) / "reranker.joblib")
+        with mlflow.start_run(run_id=run_id):
+            mlflow.log_artifact(str(Path(tmp) / "reranker.joblib"), artifact_path="two_tower")
+
+
+def results_table(runs: list[ProtocolRun], title: str = "Recommendation quality (test, 95% bootstrap CI)") -> Table:
+    table = Table(title=title, show_lines=False)
+    for col in ("protocol", "model", "users", *METRICS, "Coverage@10"):
+        table.add_column(col, justify="right" if col not in ("protocol", "model") else "left")
+    for run in runs:
+        for r in run.results:
+            table.add_row(run.protocol, r.model, str(r.per_user.height), *[str(r.estimates[m]) for m in METRICS],
+                          f"{r.coverage10:.3f}")
+    return table
+
+
+def results_json(runs: list[ProtocolRun]) -> list[dict]:
+    out = []
+    for run in runs:
+        for r in run.results:
+            out.append({"protocol": run.protocol, "model": r.model, "users": r.per_user.height,
+                        **{m: {"mean": e.mean, "low": e.low, "high": e.high} for m, e in r.estimates.items()},
+                        "Coverage@10": r.coverage10, **({"extra": run.extra} if r.model == "two-tower" else {})})
+    return out
+
+
+# Demo --------------------------------------------------------------------------------------------------
+def run_demo(cfg: Config, sample_users: int = 3) -> dict:
+    """The whole flow on one work directory; returns (and saves) the metrics and stage timings."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    cfg.workdir.mkdir(parents=True, exist_ok=True)
+    timings = Timings()
+    with timings.stage("load data"):
+        ds = load_dataset(cfg)
+        console.print(ds.report.render())
+    cold_rows = make_split("cold", ds, cfg.eval).cold_items if "cold" in cfg.eval.protocols else None
+    with timings.stage("embed catalog"):
+        iv = embed_catalog(cfg, ds, cold_rows=cold_rows)
+    with timings.stage("features (serving store: all interactions, materialized)"):
+        build_features(cfg, ds, iv.vectors, iv, ds.interactions.frame, name="serve", materialize=True)
+    runs = []
+    for protocol in cfg.eval.protocols:
+        with timings.stage(f"train + evaluate: {protocol}"):
+            runs.append(run_protocol(cfg, ds, iv, protocol, register=(protocol == cfg.eval.protocols[0]),
+                                     rerank=(protocol == "loo")))
+    with timings.stage("serve sample recommendations"):
+        from serving.service import Recommender
+
+        rec = Recommender.load(cfg)
+        users = ds.interactions.frame["user_id"].unique(maintain_order=True).head(sample_users).to_list()
+        titles = dict(zip(ds.catalog.ids, ds.catalog.titles))
+        for u in users:
+            resp = rec.recommend(u, k=5)
+            online = rec.repo.online_users([u])
+            console.print(f"[bold]user {u}[/bold] recently: " + "; ".join(titles[i] for i in online.recent_item_ids[0][:3]))
+            for r in resp.items:
+                console.print(f"   -> {r.title}  [dim]({r.score:.3f})[/dim]")
+            console.print(f"   [dim]{resp.timings_ms['total_ms']:.1f} ms[/dim]")
+    console.print(results_table(runs))
+    report = {"timings_s": timings.stages, "total_s": round(sum(timings.stages.values()), 1),
+              "results": results_json(runs), "data": ds.report.loaded,
+              "embedder": {"backend": iv.backend, "model_version": iv.model_version, "dim": iv.dim,
+                           "failed": len(iv.failed)}}
+    out = cfg.workdir / "report"
+    out.mkdir(exist_ok=True)
+    (out / "demo.json").write_text(json.dumps(report, indent=2, default=str))
+    t = Table(title="Stage timings")
+    t.add_column("stage")
+    t.add_column("seconds", justify="right")
+    for k, v in timings.stages.items():
+        t.add_row(k, f"{v:.1f}")
+    t.add_row("total", f"{report['total_s']:.1f}")
+    console.print(t)
+    return report
+
+
+def evaluate_saved(cfg: Config) -> list[ProtocolRun]:
+    """Re-evaluate the two-tower checkpoints of a previous `recsys train` beside the baselines."""
+    from recsys.eval.baselines import EASE, Popularity
+    from training.module import TwoTowerModule
+    from training.train import TrainedTwoTower
+
+    ds = load_dataset(cfg)
+    iv = load_item_vectors(cfg)
+    runs = []
+    for protocol in cfg.eval.protocols:
+        ckpt = cfg.models_dir / f"two-tower-{protocol}" / "best.ckpt"
+        if not ckpt.exists():
+            console.print(f"[yellow]no checkpoint for {protocol} at {ckpt}: run `recsys train` first[/yellow]")
+            continue
+        split = make_split(protocol, ds, cfg.eval)
+        vectors = iv.vectors
+        if protocol == "cold":
+            iv.cold = embed_catalog(cfg, ds, cold_rows=split.cold_items, save=False).cold
+            vectors = iv.with_cold(split.cold_items)
+        trained = TrainedTwoTower("two-tower", TwoTowerModule.from_checkpoint(ckpt), vectors)
+        idx = ds.catalog.index
+        results = [trained.evaluate(split, ds.catalog, cfg, n_boot=cfg.eval.bootstrap),
+                   evaluate(Popularity(idx).fit(split.test.history), split.test, idx, protocol, n_boot=cfg.eval.bootstrap)]
+        lam = cfg.eval.ease_lambdas
+        ease = EASE(idx, lam[len(lam) // 2]) if protocol == "cold" else EASE.tuned(idx, split.val, lam, protocol)[0]
+        results.append(evaluate(EASE(idx, ease.lam).fit(split.test.history), split.test, idx, protocol,
+                                n_boot=cfg.eval.bootstrap))
+        runs.append(ProtocolRun(protocol, results, trained, split))
+    console.print(results_table(runs))
+    return runs
+
+
+def run_nightly(cfg: Config) -> dict:
+    """Nightly batch: re-embed (unchanged items are cache lookups), append changed vectors to the serving
+    store, rebuild interaction features, materialize incrementally, refresh item-tower vectors and the
+    FAISS index for the champion model (new items become recommendable without retraining)."""
+    import faiss
+    import mlflow
+
+    from features.store import FeatureRepo
+    from serving.service import ModelBundle
+    from training.inputs import ItemStatsAsOf
+
+    timings = Timings()
+    with timings.stage("load data"):
+        ds = load_dataset(cfg)
+        console.print(ds.report.render())
+    with timings.stage("embed (incremental through the cache)"):
+        embedder = make_embedder(cfg)
+        iv = embed_catalog(cfg, ds, embedder)
+    with timings.stage("features"):
+        repo = FeatureRepo(cfg, iv.backend, iv.model_version, iv.dim, name="serve")
+        changed = repo.write_item_embeddings(ds.catalog.ids, iv.vectors)
+        repo.write_interaction_features(ds.interactions.frame, ds.catalog, iv.vectors)
+        repo.apply()
+        report = repo.materialize(progress=True)
+        console.print(f"{changed:,} new or changed item vectors; materialized {report.rows}")
+    summary = {"changed_vectors": changed, "materialized": report.rows, "failed": iv.failed}
+    with timings.stage("item vectors + FAISS index"):
+        try:
+            bundle = ModelBundle.from_mlflow(cfg)
+        except Exception as exc:  # no registered model yet: nothing to index
+            console.print(f"[yellow]no registered model to index ({exc}); run `recsys train`[/yellow]")
+            bundle = None
+        if bundle is not None and bundle.config.get("embedder_version") == iv.model_version:
+            mlflow.set_tracking_uri(cfg.tracking_uri)
+            item_tower = mlflow.pytorch.load_model(f"runs:/{bundle.run_id}/item_tower", map_location="cpu").eval()
+            asof = ItemStatsAsOf(pl.read_parquet(repo._path(repo.views.item_stats)), ds.catalog)
+            now = time.time()
+            import torch
+
+            known = np.zeros(len(ds.catalog), bool)
+            trained = dict(zip(bundle.item_ids, bundle.known))
+            known[[i for i, item in enumerate(ds.catalog.ids) if trained.get(item, False)]] = True
+            with torch.inference_mode():
+                vecs = item_tower(torch.from_numpy(iv.vectors), torch.from_numpy(asof.all_at(now)),
+                                  torch.arange(len(ds.catalog)), torch.from_numpy(known)).numpy()
+            out = cfg.workdir / "index"
+            out.mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(out / "item_vectors.npz", ids=np.array(ds.catalog.ids), titles=np.array(ds.catalog.titles),
+                                vectors=vecs, content=iv.vectors, known=known, model_version=bundle.version)
+            index = faiss.IndexFlatIP(vecs.shape[1])
+            index.add(np.ascontiguousarray(vecs, np.float32))
+            faiss.write_index(index, str(out / "items.faiss"))
+            summary["indexed"] = len(vecs)
+        elif bundle is not None:
+            console.print("[yellow]the registered model reads another embedding space; retrain before indexing[/yellow]")
+    summary["timings_s"] = timings.stages
+    (cfg.workdir / "report").mkdir(exist_ok=True)
+    (cfg.workdir / "report" / "nightly.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary

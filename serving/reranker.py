@@ -1,0 +1,99 @@
+"""The reranker: a learned ranking model over the FAISS candidates.
+
+For each (user, candidate) it reads the retrieval score and rank, the item's popularity and age, the
+cosine between the item's multimodal vector and the user's history vector, and the user's activity;
+a gradient-boosted classifier (scikit-learn) trained on the validation round's candidates predicts
+which candidate the user engages with next. Falls back to the retrieval order when untrained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FEATURES = ("retrieval_score", "retrieval_rank", "log_pop_all", "log_pop_30d", "log_age", "content_sim",
+            "user_log_n", "has_image", "has_audio", "has_video")
+
+
+@dataclass
+class Candidates:
+    """Candidates for U users, N each.
+
+    rows/scores: (U, N) catalog rows (-1 = empty slot) and retrieval scores, best first.
+    user_history: (U, D) history vectors in the embedder's space; user_stats: (U, 3) (see training.inputs).
+    item_stats: (U, N, 7) the candidates' statistics as of query time; item_content: (U, N, D) their vectors.
+    """
+
+    rows: np.ndarray
+    scores: np.ndarray
+    user_history: np.ndarray
+    user_stats: np.ndarray
+    item_stats: np.ndarray
+    item_content: np.ndarray
+
+    @classmethod
+    def gather(cls, rows, scores, user_history, user_stats, stats_table: np.ndarray, content_table: np.ndarray) -> "Candidates":
+        """Build from catalog-wide tables (n_items, 7) and (n_items, D)."""
+        r = np.where(rows >= 0, rows, 0)
+        return cls(rows, scores, user_history, user_stats, stats_table[r], content_table[r])
+
+    def subset(self, users: np.ndarray) -> "Candidates":
+        return Candidates(self.rows[users], self.scores[users], self.user_history[users], self.user_stats[users],
+                          self.item_stats[users], self.item_content[users])
+
+    def features(self) -> np.ndarray:
+        """(U * N, len(FEATURES)) float32; rows for empty slots are zeros."""
+        U, N = self.rows.shape
+        st = self.item_stats
+        sim = np.einsum("und,ud->un", self.item_content, self.user_history)
+        cols = [self.scores, np.broadcast_to(np.arange(N) / N, (U, N)), st[..., 0], st[..., 1], st[..., 2], sim,
+                np.broadcast_to(self.user_stats[:, :1], (U, N)), st[..., 4], st[..., 5], st[..., 6]]
+        x = np.stack(cols, -1).astype(np.float32)
+        x[self.rows < 0] = 0
+        x[~np.isfinite(x)] = 0
+        return x.reshape(U * N, -1)
+
+
+class Reranker:
+    def __init__(self, max_iter: int = 200, seed: int = 0):
+        from sklearn.ensemble import HistGradientBoostingClassifier
+
+        self.model = HistGradientBoostingClassifier(max_iter=max_iter, learning_rate=0.05, max_leaf_nodes=31,
+                                                    l2_regularization=1.0, random_state=seed)
+        self.fitted = False
+
+    def fit(self, cands: Candidates, targets: list[np.ndarray]) -> "Reranker":
+        """Label = the candidate is one of the user's targets (only users with a target among candidates)."""
+        y = np.stack([np.isin(cands.rows[u], t) for u, t in enumerate(targets)])
+        has = y.any(1)
+        if has.sum() < 5:
+            return self
+        self.model.fit(cands.subset(np.flatnonzero(has)).features(), y[has].ravel())
+        self.fitted = True
+        return self
+
+    def rerank(self, cands: Candidates, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(U, k) rows and scores, reordered by the model (retrieval order when unfitted)."""
+        if not self.fitted:
+            return cands.rows[:, :k], cands.scores[:, :k]
+        U, N = cands.rows.shape
+        p = self.model.predict_proba(cands.features())[:, 1].reshape(U, N)
+        p[cands.rows < 0] = -np.inf
+        order = np.argsort(-p, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(cands.rows, order, 1), np.take_along_axis(p, order, 1)
+
+    def save(self, path: str | Path) -> None:
+        import joblib
+
+        joblib.dump({"model": self.model, "fitted": self.fitted, "features": FEATURES}, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Reranker":
+        import joblib
+
+        blob = joblib.load(path)
+        r = cls.__new__(cls)
+        r.model, r.fitted = blob["model"], blob["fitted"]
+        return r

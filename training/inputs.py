@@ -1,0 +1,171 @@
+"""Tower inputs, built the same way for training (Feast point-in-time rows), evaluation (features
+computed from an eval set's history) and serving (Feast online rows), so the three never drift.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import numpy as np
+import polars as pl
+import torch
+
+from features.compute import item_stats, user_snapshots
+from recsys.data.types import Catalog
+
+DAY = 86400.0
+
+
+@dataclass
+class ItemInputs:
+    """Item-tower inputs for N items. ``rows`` are catalog rows (the id table's index)."""
+
+    content: np.ndarray  # (N, D) float32
+    stats: np.ndarray  # (N, 7) float32
+    rows: np.ndarray  # (N,) int64
+    known: np.ndarray  # (N,) bool: the item had interactions when the model was trained (its id is usable)
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (torch.from_numpy(self.content), torch.from_numpy(self.stats), torch.from_numpy(self.rows),
+                torch.from_numpy(self.known))
+
+
+@dataclass
+class UserInputs:
+    """User-tower inputs for N users."""
+
+    history: np.ndarray  # (N, D)
+    recent_rows: np.ndarray  # (N, L) int64, padding = n_items
+    recent_mask: np.ndarray  # (N, L) bool
+    stats: np.ndarray  # (N, 3)
+
+    def tensors(self, item_content: np.ndarray, known: np.ndarray) -> tuple[torch.Tensor, ...]:
+        """Gather the recent items' vectors from ``item_content`` (n_items + 1 rows, last = zeros)."""
+        rc = item_content[self.recent_rows]
+        id_mask = self.recent_mask & known[self.recent_rows]
+        return (torch.from_numpy(self.history), torch.from_numpy(rc), torch.from_numpy(self.recent_rows),
+                torch.from_numpy(self.recent_mask), torch.from_numpy(id_mask), torch.from_numpy(self.stats))
+
+
+def item_stat_matrix(pop_all, pop_30d, first_seen_s, at_s, modalities) -> np.ndarray:
+    """(N, 7): log1p counts, log1p age in days (0 if never seen), modality flags."""
+    pop_all = np.asarray(pop_all, np.float64)
+    first = np.asarray(first_seen_s, np.float64)
+    age = np.where(first > 0, np.maximum(np.asarray(at_s, np.float64) - first, 0) / DAY, 0.0)
+    cols = [np.log1p(pop_all) / 5, np.log1p(np.asarray(pop_30d, np.float64)) / 5, np.log1p(age) / 8]
+    return np.column_stack([*cols, np.asarray(modalities, np.float64)]).astype(np.float32)
+
+
+def user_stat_matrix(n, mean_value, first_seen_s, at_s) -> np.ndarray:
+    """(N, 3): log1p count, mean value / 5, log1p days since the first interaction."""
+    first = np.asarray(first_seen_s, np.float64)
+    days = np.where(first > 0, np.maximum(np.asarray(at_s, np.float64) - first, 0) / DAY, 0.0)
+    return np.column_stack([np.log1p(np.asarray(n, np.float64)) / 5, np.asarray(mean_value, np.float64) / 5,
+                            np.log1p(days) / 8]).astype(np.float32)
+
+
+def recent_matrix(recent_ids: list, index: dict[str, int], length: int, n_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """Lists of item ids (newest first) -> (N, L) rows padded with n_items, and the presence mask."""
+    rows = np.full((len(recent_ids), length), n_items, dtype=np.int64)
+    for r, ids in enumerate(recent_ids):
+        known = [index[i] for i in (ids or [])[:length] if i in index]
+        rows[r, : len(known)] = known
+    return rows, rows < n_items
+
+
+def _seconds(col) -> np.ndarray:
+    """A datetime column/list (None allowed) -> unix seconds (0 for None)."""
+    if isinstance(col, pl.Series):
+        return (col.dt.epoch("us").fill_null(0).to_numpy() / 1e6).astype(np.float64)
+    return np.array([(t.timestamp() if isinstance(t, datetime) else float(t or 0)) for t in col], np.float64)
+
+
+def _vectors(col, dim: int) -> np.ndarray:
+    out = np.zeros((len(col), dim), np.float32)
+    for i, v in enumerate(col.to_list() if isinstance(col, pl.Series) else col):
+        if v is not None:
+            out[i] = v
+    return out
+
+
+@dataclass
+class TrainingRows:
+    """A point-in-time training set as arrays: who, what, when, and both towers' inputs."""
+
+    users: UserInputs
+    items: ItemInputs
+    times: np.ndarray  # (N,) unix seconds of the labels
+    user_ids: list[str]
+
+
+def from_training_set(frame: pl.DataFrame, catalog: Catalog, dim: int, recent: int, known: np.ndarray) -> TrainingRows:
+    """Feast ``get_historical_features`` output (see FeatureRepo.training_set) -> arrays."""
+    index = catalog.index
+    at = _seconds(frame["timestamp"])
+    rows, mask = recent_matrix(frame["recent_item_ids"].to_list(), index, recent, len(catalog))
+    users = UserInputs(
+        _vectors(frame["history_vector"], dim), rows, mask,
+        user_stat_matrix(frame["n_interactions"].fill_null(0).to_numpy(), frame["mean_value"].fill_null(0).to_numpy(),
+                         _seconds(frame["user_first_seen"]), at),
+    )
+    item_rows = np.array([index[i] for i in frame["item_id"].to_list()], np.int64)
+    mods = frame.select("has_text", "has_image", "has_audio", "has_video").fill_null(0).to_numpy()
+    items = ItemInputs(
+        _vectors(frame["embedding"], dim),
+        item_stat_matrix(frame["pop_all"].fill_null(0).to_numpy(), frame["pop_30d"].fill_null(0).to_numpy(),
+                         _seconds(frame["item_first_seen"]), at, mods),
+        item_rows, known[item_rows],
+    )
+    return TrainingRows(users, items, at, frame["user_id"].to_list())
+
+
+class ItemStatsAsOf:
+    """Every item's statistics as of any time, from the item-stats snapshots (for sampled negatives
+    and for evaluation): the latest snapshot strictly before the time."""
+
+    def __init__(self, snapshots: pl.DataFrame, catalog: Catalog):
+        s = snapshots.sort(["item_id", "event_timestamp"])
+        self.n = len(catalog)
+        self.mods = catalog.modalities.astype(np.float32)
+        rows = np.array([catalog.index[i] for i in s["item_id"].to_list()], np.int64)
+        self.rows, self.ts = rows, _seconds(s["event_timestamp"])
+        self.pop_all, self.pop_30d = s["pop_all"].to_numpy(), s["pop_30d"].to_numpy()
+        self.first = _seconds(s["item_first_seen"])
+        self.starts = np.searchsorted(rows, np.arange(self.n + 1))
+
+    def at(self, items: np.ndarray, t: float) -> np.ndarray:
+        """(len(items), 7) stats of ``items`` (catalog rows) as of time ``t`` (unix seconds)."""
+        pa, p30, first = np.zeros(len(items)), np.zeros(len(items)), np.zeros(len(items))
+        for k, r in enumerate(items):
+            lo, hi = self.starts[r], self.starts[r + 1]
+            j = lo + np.searchsorted(self.ts[lo:hi], t, side="left") - 1
+            if j >= lo:
+                pa[k], p30[k], first[k] = self.pop_all[j], self.pop_30d[j], self.first[j]
+        return item_stat_matrix(pa, p30, first, t, self.mods[items])
+
+    def all_at(self, t: float) -> np.ndarray:
+        return self.at(np.arange(self.n), t)
+
+
+def eval_inputs(history: pl.DataFrame, users: list[str], catalog: Catalog, item_vectors: np.ndarray,
+                recent: int, length: int, half_life: float) -> tuple[UserInputs, ItemInputs]:
+    """Inputs as serving would see them once ``history`` is all that is known: each user's last
+    snapshot, and every item's statistics as of the end of the history."""
+    hist, stats = user_snapshots(history, item_vectors, catalog.index, recent, length, half_life)
+    last_h = hist.group_by("user_id").last()
+    last_s = stats.group_by("user_id").last()
+    order = pl.DataFrame({"user_id": users})
+    h = order.join(last_h, on="user_id", how="left")
+    s = order.join(last_s, on="user_id", how="left")
+    end = _seconds(history["timestamp"]).max() + 1
+    rows, mask = recent_matrix(h["recent_item_ids"].to_list(), catalog.index, recent, len(catalog))
+    dim = item_vectors.shape[1]
+    u = UserInputs(_vectors(h["history_vector"], dim), rows, mask,
+                   user_stat_matrix(s["n_interactions"].fill_null(0).to_numpy(), s["mean_value"].fill_null(0).to_numpy(),
+                                    _seconds(s["user_first_seen"]), end))
+    asof = ItemStatsAsOf(item_stats(history, catalog), catalog)
+    known = np.zeros(len(catalog), bool)
+    known[[catalog.index[i] for i in history["item_id"].unique().to_list()]] = True
+    items = ItemInputs(item_vectors.astype(np.float32), asof.all_at(end), np.arange(len(catalog), dtype=np.int64), known)
+    return u, items

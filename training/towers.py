@@ -1,0 +1,120 @@
+"""The two towers: small typed modules, each mapping its side's features to one normalised vector.
+
+    user features  --UserTower-->  u (B, out_dim)
+    item features  --ItemTower-->  v (B, out_dim)          score = <u, v> / temperature
+
+The item tower reads the item's multimodal vector (from the embedder, frozen), its statistics, and
+optionally a learned id embedding; ids and statistics are hidden for a share of training examples so
+the tower also scores items nobody has interacted with yet (cold start). The user tower reads the
+user's history vector (in the embedder's space), the items they engaged with most recently (their
+vectors and ids, pooled with attention over recency), and user statistics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+N_ITEM_STATS = 7  # log pop_all, log pop_30d, log age (days), has_text, has_image, has_audio, has_video
+N_USER_STATS = 3  # log n_interactions, mean value / 5, log days since first seen
+
+
+@dataclass
+class TowerConfig:
+    content_dim: int  # the embedder's dim
+    n_items: int  # rows of the id table (the catalog); row n_items is padding
+    out_dim: int = 64
+    hidden_dim: int = 256
+    id_dim: int = 64
+    use_ids: bool = True
+    recent: int = 20
+    dropout: float = 0.1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _mlp(d_in: int, hidden: int, d_out: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.LayerNorm(d_in), nn.Linear(d_in, hidden), nn.GELU(), nn.Dropout(dropout),
+                         nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, d_out))
+
+
+class ItemTower(nn.Module):
+    """(content, stats, id) -> L2-normalised item vector.
+
+    Args (forward):
+        content: (B, content_dim) the item's multimodal vector.
+        stats: (B, N_ITEM_STATS) as of the query time; zeros for a new item.
+        ids: (B,) catalog rows; ``id_mask`` (B,) bool says which ids may be used (known, not dropped).
+    Returns:
+        (B, out_dim), unit length.
+    Example:
+        >>> tower = ItemTower(TowerConfig(content_dim=256, n_items=1000), id_table)
+        >>> v = tower(content, stats, ids, id_mask)
+    """
+
+    def __init__(self, cfg: TowerConfig, id_table: nn.Embedding | None):
+        super().__init__()
+        self.cfg, self.ids = cfg, id_table
+        d_in = cfg.content_dim + N_ITEM_STATS + (cfg.id_dim if cfg.use_ids else 0)
+        self.mlp = _mlp(d_in, cfg.hidden_dim, cfg.out_dim, cfg.dropout)
+        self.skip = nn.Linear(cfg.content_dim, cfg.out_dim, bias=False)  # content alone must already rank
+
+    def forward(self, content: torch.Tensor, stats: torch.Tensor, ids: torch.Tensor, id_mask: torch.Tensor) -> torch.Tensor:
+        parts = [content, stats]
+        if self.ids is not None:
+            parts.append(self.ids(ids) * id_mask.unsqueeze(-1).float())
+        return F.normalize(self.skip(content) + self.mlp(torch.cat(parts, -1)), dim=-1)
+
+
+class UserTower(nn.Module):
+    """(history vector, recent items, stats) -> L2-normalised user vector.
+
+    Args (forward):
+        history: (B, content_dim) recency-weighted mean of the user's item vectors (zeros: no history).
+        recent_content: (B, L, content_dim) vectors of the L most recent items, newest first.
+        recent_ids: (B, L) their catalog rows; ``recent_mask`` (B, L) True where an item is present,
+            ``recent_id_mask`` (B, L) True where its id embedding may be used.
+        stats: (B, N_USER_STATS).
+    Returns:
+        (B, out_dim), unit length.
+    """
+
+    def __init__(self, cfg: TowerConfig, id_table: nn.Embedding | None):
+        super().__init__()
+        self.cfg, self.ids = cfg, id_table
+        d_item = cfg.content_dim + (cfg.id_dim if cfg.use_ids else 0)
+        self.item_proj = nn.Linear(d_item, cfg.hidden_dim)
+        self.position = nn.Parameter(torch.zeros(cfg.recent, cfg.hidden_dim))
+        self.query = nn.Parameter(torch.randn(cfg.hidden_dim) * 0.02)
+        self.mlp = _mlp(cfg.content_dim + cfg.hidden_dim + N_USER_STATS, cfg.hidden_dim, cfg.out_dim, cfg.dropout)
+        self.skip = nn.Linear(cfg.content_dim, cfg.out_dim, bias=False)
+
+    def forward(self, history: torch.Tensor, recent_content: torch.Tensor, recent_ids: torch.Tensor,
+                recent_mask: torch.Tensor, recent_id_mask: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+        parts = [recent_content]
+        if self.ids is not None:
+            parts.append(self.ids(recent_ids) * recent_id_mask.unsqueeze(-1).float())
+        keys = self.item_proj(torch.cat(parts, -1)) + self.position[: recent_content.shape[1]]  # (B, L, H)
+        attn = (keys @ self.query / keys.shape[-1] ** 0.5).masked_fill(~recent_mask, -1e9).softmax(-1)
+        pooled = (attn.unsqueeze(-1) * keys).sum(1) * recent_mask.any(1, keepdim=True).float()
+        x = torch.cat([history, pooled, stats], -1)
+        return F.normalize(self.skip(history) + self.mlp(x), dim=-1)
+
+
+class TwoTower(nn.Module):
+    """Both towers and the id table they share (one row per catalog item, plus padding)."""
+
+    def __init__(self, cfg: TowerConfig):
+        super().__init__()
+        self.cfg = cfg
+        table = nn.Embedding(cfg.n_items + 1, cfg.id_dim, padding_idx=cfg.n_items) if cfg.use_ids else None
+        if table is not None:
+            nn.init.normal_(table.weight, std=0.02)
+            table.weight.data[cfg.n_items] = 0.0  # the padding row stays zero
+        self.id_table = table
+        self.user = UserTower(cfg, table)
+        self.item = ItemTower(cfg, table)

@@ -1,0 +1,199 @@
+"""Two-tower training end to end: Feast point-in-time rows -> Lightning fit with ranking validation,
+early stopping and the best checkpoint -> MLflow (params, per-epoch metrics, both towers as logged
+models with signatures, the item vectors, a registered model with an alias).
+
+Scale-out is configuration: ``train.strategy="ddp"``, ``train.devices``, ``train.num_nodes``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import polars as pl
+import torch
+
+from features.store import FeatureRepo
+from recsys.config import Config
+from recsys.data.types import Catalog
+from recsys.eval.evaluate import EvalResult, history_matrix
+from recsys.eval.splits import EvalSet, Split
+from serving.candidates import CandidateIndex
+from serving.reranker import Candidates
+from training.datamodule import TwoTowerData, ValidationData
+from training.inputs import ItemInputs, ItemStatsAsOf, eval_inputs, from_training_set
+from training.module import RankingValidation, TwoTowerModule, validate
+from training.towers import TowerConfig
+
+
+@dataclass
+class TrainedTwoTower:
+    """A fitted two-tower and what serving/evaluation needs to use it."""
+
+    name: str
+    module: TwoTowerModule
+    content_vectors: np.ndarray  # (n_items, D) the embedder vectors it reads (zeros for the ID-only variant)
+    val_results: list[EvalResult] = field(default_factory=list)
+    epochs: int = 0
+    seconds: float = 0.0
+    examples: int = 0
+    run_id: str | None = None
+    model_version: str | None = None
+
+    @property
+    def item_content(self) -> np.ndarray:
+        return np.vstack([self.content_vectors, np.zeros((1, self.content_vectors.shape[1]), np.float32)])
+
+    @property
+    def examples_per_s(self) -> float:
+        return self.examples * self.epochs / max(self.seconds, 1e-9)
+
+    def inputs(self, es: EvalSet, catalog: Catalog, cfg: Config) -> ValidationData:
+        """Tower inputs for an eval set, built from its history as serving would see it."""
+        e = cfg.embedder
+        users, items = eval_inputs(es.history, es.users, catalog, self.content_vectors, cfg.features.recent_items,
+                                   e.history_len, e.history_half_life)
+        return ValidationData(es, users, items)
+
+    def evaluate(self, split: Split, catalog: Catalog, cfg: Config, part: str = "test", n_boot: int = 1000,
+                 keep_topk: bool = False) -> EvalResult:
+        es = split.test if part == "test" else split.val
+        return validate(self.module, self.inputs(es, catalog, cfg), self.item_content, catalog.index, split.name,
+                        part=part, n_boot=n_boot, name=self.name, kind=cfg.serve.faiss_index, keep_topk=keep_topk)
+
+    def candidates(self, es: EvalSet, catalog: Catalog, cfg: Config, n: int) -> Candidates:
+        """Top-``n`` FAISS candidates per user (seen items excluded), with what the reranker reads."""
+        data = self.inputs(es, catalog, cfg)
+        items = self.module.encode_items(data.items)
+        cand = es.candidates if es.candidates is not None else np.arange(len(items))
+        index = CandidateIndex(items[cand], kind=cfg.serve.faiss_index, rows=cand)
+        seen = history_matrix(es.history, es.users, catalog.index, len(items))
+        scores, rows = index.search(self.module.encode_users(data.users, self.item_content), n, exclude=seen)
+        return Candidates.gather(rows, scores, data.users.history, data.users.stats, data.items.stats, self.content_vectors)
+
+
+def training_rows(repo: FeatureRepo, split: Split, catalog: Catalog, dim: int, recent: int):
+    """Point-in-time training rows for ``split.train`` from Feast, the items' stats snapshots, and which
+    items have interactions in training (whose ids the model may learn)."""
+    frame = repo.training_set(split.train.select("user_id", "item_id", "timestamp"))
+    known = np.zeros(len(catalog), bool)
+    known[[catalog.index[i] for i in split.train["item_id"].unique().to_list()]] = True
+    rows = from_training_set(frame, catalog, dim, recent, known)
+    asof = ItemStatsAsOf(pl.read_parquet(repo._path(repo.views.item_stats)), catalog)
+    return rows, asof, known
+
+
+def fit_two_tower(cfg: Config, catalog: Catalog, split: Split, repo: FeatureRepo, content_vectors: np.ndarray,
+                  name: str = "two-tower", use_ids: bool | None = None, register: bool = False,
+                  alias: str | None = None, rows_cache: dict | None = None) -> TrainedTwoTower:
+    """Train on ``split.train`` (features from ``repo``, built from that same training data), validate on
+    ``split.val`` every epoch, keep the best epoch. ``content_vectors`` of zeros gives the ID-only baseline."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    t = cfg.train
+    L.seed_everything(t.seed, workers=True)
+    dim = content_vectors.shape[1]
+    key = (split.name, repo.dim)
+    if rows_cache is not None and key in rows_cache:
+        rows, asof, known = rows_cache[key]
+    else:
+        rows, asof, known = training_rows(repo, split, catalog, repo.dim, cfg.features.recent_items)
+        if rows_cache is not None:
+            rows_cache[key] = (rows, asof, known)
+    if dim != repo.dim:  # a variant that reads other vectors (ID-only: zeros): swap them into the rows
+        rows.users.history = np.zeros((len(rows.times), dim), np.float32)
+        rows = type(rows)(rows.users, ItemInputs(content_vectors[rows.items.rows], rows.items.stats, rows.items.rows,
+                                                 rows.items.known), rows.times, rows.user_ids)
+    e = cfg.embedder
+    vu, vi = eval_inputs(split.val.history, split.val.users, catalog, content_vectors, cfg.features.recent_items,
+                         e.history_len, e.history_half_life)
+    dm = TwoTowerData(rows, content_vectors, asof, known, ValidationData(split.val, vu, vi), t)
+    tower = TowerConfig(content_dim=dim, n_items=len(catalog), out_dim=t.out_dim, hidden_dim=t.hidden_dim,
+                        use_ids=t.id_embeddings if use_ids is None else use_ids, recent=cfg.features.recent_items)
+    module = TwoTowerModule(tower, t, dm.log_q(), known)
+    ckpt_dir = cfg.models_dir / f"{name}-{split.name}"
+    logger = MLFlowLogger(experiment_name=cfg.mlflow_experiment, tracking_uri=cfg.tracking_uri,
+                          run_name=f"{name}/{split.name}", log_model=False)
+    logger.log_hyperparams({"name": name, "protocol": split.name, "content_dim": dim, "embedder": e.backend,
+                            **{f"train.{k}": v for k, v in t.model_dump().items()}})
+    validation = RankingValidation(dm, catalog.index, split.name)
+    callbacks = [validation,
+                 EarlyStopping(monitor="val/NDCG10", mode="max", patience=t.patience, check_on_train_epoch_end=True),
+                 ModelCheckpoint(dirpath=ckpt_dir, monitor="val/NDCG10", mode="max", save_top_k=1,
+                                 save_on_train_epoch_end=True, filename="best")]
+    if t.hard_negatives > 0:
+        from training.module import MineHardNegatives
+
+        callbacks.append(MineHardNegatives(dm, t.hard_negatives))
+    trainer = L.Trainer(max_epochs=t.max_epochs, accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
+                        num_nodes=t.num_nodes, logger=logger, callbacks=callbacks, deterministic=True,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                        log_every_n_steps=20)
+    t0 = time.time()
+    trainer.fit(module, datamodule=dm)
+    seconds = time.time() - t0
+    best = callbacks[2].best_model_path
+    if best and Path(best).exists():
+        state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
+        module.load_state_dict(state)
+    module.eval()
+    out = TrainedTwoTower(name, module, content_vectors.astype(np.float32), validation.results,
+                          trainer.current_epoch, seconds, len(rows.times), run_id=logger.run_id)
+    if trainer.is_global_zero and register:
+        out.model_version = log_towers(out, cfg, catalog, vi, alias, repo.views.item_embedding.tags["model_version"])
+    return out
+
+
+def log_towers(trained: TrainedTwoTower, cfg: Config, catalog: Catalog, items: ItemInputs, alias: str | None,
+               embedder_version: str) -> str:
+    """Both towers as MLflow models with signatures, the item vectors as an artifact, and the user
+    tower registered as ``train.registered_model`` (the alias, e.g. champion, points at it)."""
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    m, tc = trained.module, trained.module.model.cfg
+    D, L_ = tc.content_dim, tc.recent
+    n = 2
+    user_example = (np.zeros((n, D), np.float32), np.zeros((n, L_, D), np.float32), np.full((n, L_), tc.n_items, np.int64),
+                    np.zeros((n, L_), bool), np.zeros((n, L_), bool), np.zeros((n, 3), np.float32))
+    item_example = (np.zeros((n, D), np.float32), np.zeros((n, 7), np.float32), np.zeros(n, np.int64), np.zeros(n, bool))
+    out_spec = Schema([TensorSpec(np.dtype(np.float32), (-1, tc.out_dim), "vector")])
+
+    def spec(names, example):
+        return Schema([TensorSpec(x.dtype, (-1, *x.shape[1:]), nm) for nm, x in zip(names, example)])
+
+    user_sig = ModelSignature(spec(["history", "recent_content", "recent_rows", "recent_mask", "recent_id_mask", "stats"],
+                                   user_example), out_spec)
+    item_sig = ModelSignature(spec(["content", "stats", "rows", "id_mask"], item_example), out_spec)
+    vectors = m.encode_items(items)
+    with mlflow.start_run(run_id=trained.run_id):
+        for name, tower, example, sig in (("user_tower", m.model.user, user_example, user_sig),
+                                          ("item_tower", m.model.item, item_example, item_sig)):
+            mlflow.pytorch.log_model(tower.eval(), name=name, signature=sig, serialization_format="pickle",
+                                     input_example=None, pip_requirements=["torch"])
+        with tempfile.TemporaryDirectory() as tmp:
+            np.savez_compressed(Path(tmp) / "item_vectors.npz", ids=np.array(catalog.ids), titles=np.array(catalog.titles),
+                                vectors=vectors,
+                                content=trained.content_vectors, known=m.known.numpy()[:-1],
+                                temperature=float(m.temperature.detach()))
+            (Path(tmp) / "two_tower.json").write_text(json.dumps({
+                "tower": tc.to_dict(), "embedder": cfg.embedder.backend, "embedder_version": embedder_version,
+                "dim": cfg.embedder.dim,
+                "name": trained.name, "epochs": trained.epochs}, indent=2))
+            mlflow.log_artifacts(tmp, artifact_path="two_tower")
+        mlflow.log_metric("train/examples_per_s", trained.examples_per_s)
+        model_uri = f"runs:/{trained.run_id}/user_tower"
+    version = mlflow.register_model(model_uri, cfg.train.registered_model)
+    if alias:
+        mlflow.tracking.MlflowClient().set_registered_model_alias(cfg.train.registered_model, alias, version.version)
+    return str(version.version)
