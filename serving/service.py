@@ -56,7 +56,7 @@ class ModelBundle:
     user_tower: torch.nn.Module
     item_ids: list[str]
     titles: list[str]
-    item_vectors: np.ndarray  # (n, out_dim) item-tower outputs
+    item_vectors: np.ndarray  # (n, vector_dim) item-tower outputs
     content: np.ndarray  # (n, D) embedder vectors
     known: np.ndarray  # (n,) ids the model was trained on
     config: dict

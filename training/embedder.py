@@ -59,7 +59,10 @@ def featurize_tasks(tasks: list[PairTask], featurizer: Featurizer) -> None:
         if getattr(task, "feats", None) is not None:
             continue
         task.feats = {}
-        for side, contents, t in (("a", task.a, task.a_task), ("b", task.b, task.b_task)):
+        sides = [("a", task.a, task.a_task), ("b", task.b, task.b_task)]
+        if task.a_augmented is not None:
+            sides.append(("a_aug", task.a_augmented, task.a_task))
+        for side, contents, t in sides:
             plain = featurizer.featurize(contents)
             prefixed = featurizer.featurize([apply_task(c, t) for c in contents])
             bad = [(c.item_id, f.error) for c, f in zip(contents, plain + prefixed) if f.error is not None]
@@ -89,7 +92,8 @@ class TaskBatches(IterableDataset):
         while True:
             task = self.tasks[rng.choice(len(self.tasks), p=self.p)]
             idx = rng.choice(len(task), size=min(self.batch_size, len(task)), replace=False)
-            a = [task.feats["a"][int(rng.random() < self.prefix_keep)][i] for i in idx]
+            a = [task.feats["a_aug" if "a_aug" in task.feats and rng.random() < 0.5 else "a"]
+                 [int(rng.random() < self.prefix_keep)][i] for i in idx]
             b = [task.feats["b"][int(rng.random() < self.prefix_keep)][i] for i in idx]
             batch = {"task": task.name, "a": [_torch_segments(s) for s in a], "b": [_torch_segments(s) for s in b],
                      "groups": torch.from_numpy(task.groups[idx])}
@@ -260,10 +264,12 @@ def train_embedder(data: EmbedderData, out_dir: Path, tracking_uri: str, cfg: Em
         featurize_tasks([task], featurizer)
     t_feat = time.time() - t0
 
+    module = FusionModule(fusion, cfg, cfg.stage1_steps)
+    texts = [s[0][1][0] for t in data.stage1 for s in t.feats["b"][0] if s and s[0][0] == "text"]
+    module.model.set_anchor_basis(torch.from_numpy(np.stack(texts).astype(np.float32)))  # MiniLM's principal axes
     logger = MLFlowLogger(experiment_name="embedder", tracking_uri=tracking_uri, run_name="fusion-3-stage")
     logger.log_hyperparams({**cfg.__dict__, **{f"fusion.{k}": v for k, v in fusion.to_dict().items()},
                             "sources": json.dumps(data.sources, default=str)})
-    module = FusionModule(fusion, cfg, cfg.stage1_steps)
     v1 = _fit(module, data.stage1, cfg.stage1_steps, cfg, data.val, logger, cfg.seed)
     module.model.load_state_dict(v1.best[1])
     stage1_val = v1.best[0]

@@ -3,7 +3,8 @@
 Every task is a list of (a, b) Content pairs with a group id (pairs of one group are not negatives
 of each other). Stage 1 aligns modalities on real pairs; stage 2 adds item-item co-engagement.
 
-- posters <-> "title | genres"       (MovieLens posters; the COLD protocol's test movies are held out)
+- posters <-> "title | genres"       (MovieLens posters; the COLD protocol's test movies are held out;
+                                       mirrored posters as a second view; posters <-> their genres too)
 - spoken digit <-> the digit's word  (FSDD; one speaker held out for test, one for validation)
 - synthetic video/image/audio <-> caption (volume for the modalities MovieLens lacks)
 - co-engaged items <-> each other    (stage 2; only interactions every protocol trains on)
@@ -40,6 +41,7 @@ class PairTask:
     a_task: str = "document"
     b_task: str = "query"
     hard: np.ndarray | None = None
+    a_augmented: list[Content] | None = None  # another view of each a (e.g. the mirrored poster), drawn half the time
 
     def __len__(self) -> int:
         return len(self.a)
@@ -54,6 +56,16 @@ class EmbedderData:
     val: dict[str, PairTask] = field(default_factory=dict)
     test: dict[str, PairTask] = field(default_factory=dict)
     sources: dict[str, object] = field(default_factory=dict)  # what went in (for the manifest)
+
+
+def _mirrored(path: str) -> Content:
+    import io
+
+    from PIL import Image, ImageOps
+
+    buf = io.BytesIO()
+    ImageOps.mirror(Image.open(path).convert("RGB")).save(buf, format="PNG")
+    return Content((Part("image", data=buf.getvalue(), mime_type="image/png"),))
 
 
 def poster_tasks(ds: Dataset, cfg: EvalConfig) -> tuple[PairTask, PairTask, PairTask]:
@@ -71,6 +83,15 @@ def poster_tasks(ds: Dataset, cfg: EvalConfig) -> tuple[PairTask, PairTask, Pair
         out[part][0].append(Content((Part.of_file("image", poster["path"]),), item_id=item_id))
         out[part][1].append(Content.of(item_text(title, genres), item_id=item_id))
     return tuple(PairTask(f"poster-text/{k}", a, b, np.arange(len(a))) for k, (a, b) in out.items())  # type: ignore[return-value]
+
+
+def poster_genre_task(ds: Dataset, train: PairTask) -> PairTask:
+    """Training posters <-> their genre list (what a poster can show); one group per genre set."""
+    genres = dict(zip(ds.catalog.ids, ds.catalog.items["genres"].to_list()))
+    texts = [", ".join(genres[c.item_id]) or "no genres" for c in train.a]
+    codes = {t: i for i, t in enumerate(sorted(set(texts)))}
+    return PairTask("poster-genres", list(train.a), [Content.of(f"a {t} movie") for t in texts],
+                    np.array([codes[t] for t in texts]), weight=0.5, a_augmented=train.a_augmented)
 
 
 def digit_tasks(fsdd_dir: Path, test_speaker: str = "theo", val_speaker: str = "jackson",
@@ -157,7 +178,8 @@ def build(ds: Dataset | None, cfg: EvalConfig, fsdd_dir: Path | None, synthetic_
     data = EmbedderData()
     if ds is not None and ds.catalog.modalities[:, 1].any():
         tr, va, te = poster_tasks(ds, cfg)
-        data.stage1.append(tr)
+        tr.a_augmented = [_mirrored(c.parts[0].path) for c in tr.a]
+        data.stage1 += [tr, poster_genre_task(ds, tr)]
         data.val["poster-text"], data.test["poster-text"] = va, te
         data.sources["posters"] = {"train": len(tr), "val": len(va), "test (held out)": len(te)}
     else:

@@ -33,10 +33,10 @@ def sampled_softmax_loss(
     """Softmax over [in-batch positives | uniform negatives | hard negatives] with the true item as label.
 
     Args:
-        user: (B, d) L2-normalised user vectors.
-        pos_item: (B, d) L2-normalised vectors of each row's positive item.
+        user: (B, d) user vectors (unit, possibly with a trailing constant coordinate).
+        pos_item: (B, d) vectors of each row's positive item (unit, possibly with a trailing bias).
         pos_ids: (B,) catalog indices of the positives.
-        temperature: scalar; logits are cosine / temperature.
+        temperature: scalar; logits are inner products / temperature.
         log_q: (n_items,) log expected count of each item among the sampled candidates (logQ
             correction); None disables the correction.
         neg_item: (M, d) extra negatives sampled uniformly from the catalog (mixed negatives), ids in neg_ids (M,).

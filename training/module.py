@@ -57,7 +57,7 @@ class TwoTowerModule(L.LightningModule):
 
     @torch.inference_mode()
     def encode_items(self, items: ItemInputs, batch: int = 8192) -> np.ndarray:
-        """(N, out_dim) item vectors; ids only for items the model was trained on."""
+        """(N, vector_dim) item vectors; ids only for items the model was trained on."""
         self.eval()
         c, s, r, k = items.tensors()
         k = k & self.known[r]
@@ -66,7 +66,7 @@ class TwoTowerModule(L.LightningModule):
 
     @torch.inference_mode()
     def encode_users(self, users: UserInputs, item_content: np.ndarray, batch: int = 4096) -> np.ndarray:
-        """(N, out_dim) user vectors; ``item_content`` is the (n_items + 1, D) table, last row zeros."""
+        """(N, vector_dim) user vectors; ``item_content`` is the (n_items + 1, D) table, last row zeros."""
         self.eval()
         known = self.known.numpy()
         out = []

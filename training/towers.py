@@ -3,8 +3,11 @@
     user features  --UserTower-->  u (B, out_dim)
     item features  --ItemTower-->  v (B, out_dim)          score = <u, v> / temperature
 
-The item tower reads the item's multimodal vector (from the embedder, frozen), its statistics, and
-optionally a learned id embedding; ids and statistics are hidden for a share of training examples so
+Each tower's output is a unit vector plus one more coordinate: the item tower's is a learned bias
+(how likely the item is a priori, predicted from its content and statistics: what a brand-new item
+needs most), the user tower's is 1, so the inner product is ``cos(u, v) + bias(v)`` and FAISS's
+inner-product search ranks by the full score. The item tower reads the item's multimodal vector
+(from the embedder, frozen), its statistics, and optionally a learned id embedding; ids and statistics are hidden for a share of training examples so
 the tower also scores items nobody has interacted with yet (cold start). The user tower reads the
 user's history vector (in the embedder's space), the items they engaged with most recently (their
 vectors and ids, pooled with attention over recency), and user statistics.
@@ -32,6 +35,12 @@ class TowerConfig:
     use_ids: bool = True
     recent: int = 20
     dropout: float = 0.1
+    item_bias: bool = True  # the extra coordinate: a per-item prior from content and stats
+
+    @property
+    def vector_dim(self) -> int:
+        """Width of both towers' outputs (unit vector + the bias / constant coordinate)."""
+        return self.out_dim + (1 if self.item_bias else 0)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -50,7 +59,7 @@ class ItemTower(nn.Module):
         stats: (B, N_ITEM_STATS) as of the query time; zeros for a new item.
         ids: (B,) catalog rows; ``id_mask`` (B,) bool says which ids may be used (known, not dropped).
     Returns:
-        (B, out_dim), unit length.
+        (B, vector_dim): a unit vector, then the item's bias when ``item_bias``.
     Example:
         >>> tower = ItemTower(TowerConfig(content_dim=256, n_items=1000), id_table)
         >>> v = tower(content, stats, ids, id_mask)
@@ -62,12 +71,15 @@ class ItemTower(nn.Module):
         d_in = cfg.content_dim + N_ITEM_STATS + (cfg.id_dim if cfg.use_ids else 0)
         self.mlp = _mlp(d_in, cfg.hidden_dim, cfg.out_dim, cfg.dropout)
         self.skip = nn.Linear(cfg.content_dim, cfg.out_dim, bias=False)  # content alone must already rank
+        self.bias = _mlp(d_in, cfg.hidden_dim // 2, 1, cfg.dropout) if cfg.item_bias else None
 
     def forward(self, content: torch.Tensor, stats: torch.Tensor, ids: torch.Tensor, id_mask: torch.Tensor) -> torch.Tensor:
         parts = [content, stats]
         if self.ids is not None:
             parts.append(self.ids(ids) * id_mask.unsqueeze(-1).float())
-        return F.normalize(self.skip(content) + self.mlp(torch.cat(parts, -1)), dim=-1)
+        x = torch.cat(parts, -1)
+        v = F.normalize(self.skip(content) + self.mlp(x), dim=-1)
+        return torch.cat([v, self.bias(x)], -1) if self.bias is not None else v
 
 
 class UserTower(nn.Module):
@@ -80,7 +92,7 @@ class UserTower(nn.Module):
             ``recent_id_mask`` (B, L) True where its id embedding may be used.
         stats: (B, N_USER_STATS).
     Returns:
-        (B, out_dim), unit length.
+        (B, vector_dim): a unit vector, then 1 when the item tower has a bias coordinate.
     """
 
     def __init__(self, cfg: TowerConfig, id_table: nn.Embedding | None):
@@ -102,7 +114,8 @@ class UserTower(nn.Module):
         attn = (keys @ self.query / keys.shape[-1] ** 0.5).masked_fill(~recent_mask, -1e9).softmax(-1)
         pooled = (attn.unsqueeze(-1) * keys).sum(1) * recent_mask.any(1, keepdim=True).float()
         x = torch.cat([history, pooled, stats], -1)
-        return F.normalize(self.skip(history) + self.mlp(x), dim=-1)
+        u = F.normalize(self.skip(history) + self.mlp(x), dim=-1)
+        return torch.cat([u, torch.ones_like(u[:, :1])], -1) if self.cfg.item_bias else u
 
 
 class TwoTower(nn.Module):

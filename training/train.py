@@ -167,7 +167,7 @@ def log_towers(trained: TrainedTwoTower, cfg: Config, catalog: Catalog, items: I
     user_example = (np.zeros((n, D), np.float32), np.zeros((n, L_, D), np.float32), np.full((n, L_), tc.n_items, np.int64),
                     np.zeros((n, L_), bool), np.zeros((n, L_), bool), np.zeros((n, 3), np.float32))
     item_example = (np.zeros((n, D), np.float32), np.zeros((n, 7), np.float32), np.zeros(n, np.int64), np.zeros(n, bool))
-    out_spec = Schema([TensorSpec(np.dtype(np.float32), (-1, tc.out_dim), "vector")])
+    out_spec = Schema([TensorSpec(np.dtype(np.float32), (-1, tc.vector_dim), "vector")])
 
     def spec(names, example):
         return Schema([TensorSpec(x.dtype, (-1, *x.shape[1:]), nm) for nm, x in zip(names, example)])

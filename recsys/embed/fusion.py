@@ -10,7 +10,13 @@ Reads top to bottom like a small transformer file:
    embedding over the whole interleaved sequence;
 3. a bidirectional transformer mixes all tokens of the content;
 4. masked mean pooling, layer norm and a linear head give ``out_dim`` coordinates whose prefixes
-   (64, 128, ...) are themselves embeddings (Matryoshka).
+   (64, 128, ...) are themselves embeddings (Matryoshka);
+5. plus an *anchor*: a linear map of the mean MiniLM sentence vector of the content's text parts.
+   Initialised to MiniLM's principal axes (so prefixes are the top principal components) with the
+   head initialised to zero, an untrained model is exactly MiniLM's text space; training then moves
+   images, audio and video into that space and lets every modality adjust the fused vector. A few
+   thousand paired examples cannot learn a better text space than MiniLM's from scratch; this way
+   they do not have to.
 """
 
 from __future__ import annotations
@@ -103,6 +109,22 @@ class FusionEncoder(nn.Module):
         self.blocks = nn.TransformerEncoder(layer, cfg.n_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, cfg.out_dim)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self.anchor = nn.Linear(cfg.text_dim, cfg.out_dim, bias=False)
+        with torch.no_grad():  # until set_anchor_basis: MiniLM's own axes in the first text_dim outputs
+            self.anchor.weight.zero_()
+            self.anchor.weight[: cfg.text_dim].copy_(torch.eye(cfg.text_dim))
+
+    @torch.no_grad()
+    def set_anchor_basis(self, sentence_vectors: torch.Tensor) -> None:
+        """Point the anchor's outputs along the principal axes of these (N, text_dim) MiniLM vectors,
+        most variance first, so every Matryoshka prefix of a text-only content is a PCA truncation."""
+        x = sentence_vectors.float()
+        _, _, vh = torch.linalg.svd(x - x.mean(0), full_matrices=False)  # rows: principal axes
+        self.anchor.weight.zero_()
+        k = min(vh.shape[0], self.cfg.out_dim)
+        self.anchor.weight[:k] = vh[:k]
 
     def project(self, batch: list[list[Segment]]) -> list[torch.Tensor]:
         """Every segment of every content -> (L_i, d_model) tokens; one projection call per modality."""
@@ -129,6 +151,15 @@ class FusionEncoder(nn.Module):
             seqs.append(x + self.position.weight[: x.shape[0]])
         return seqs
 
+    def text_anchor(self, batch: list[list[Segment]]) -> torch.Tensor:
+        """(B, text_dim): the mean MiniLM sentence vector (row 0 of each text segment); zeros without text."""
+        out = torch.zeros(len(batch), self.cfg.text_dim)
+        for b, segs in enumerate(batch):
+            sent = [f[0] for name, f in segs if name == "text"]
+            if sent:
+                out[b] = torch.stack(sent).mean(0)
+        return out
+
     def forward(self, batch: list[list[Segment]]) -> torch.Tensor:
         """batch: B contents, each a list of segments -> (B, out_dim)."""
         seqs = self.project(batch)
@@ -138,4 +169,4 @@ class FusionEncoder(nn.Module):
         x = self.blocks(x, src_key_padding_mask=pad)
         keep = (~pad).unsqueeze(-1).float()
         pooled = (x * keep).sum(1) / keep.sum(1).clamp(min=1)
-        return self.head(self.norm(pooled))
+        return self.anchor(self.text_anchor(batch)) + self.head(self.norm(pooled))

@@ -1,0 +1,113 @@
+"""The gemini backend through the real google-genai client, against a local server speaking the REST API."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from recsys.content import Content, Part
+from recsys.embed.gemini import GeminiEmbedder, RetryPolicy
+from tests.fake_gemini import Fault, FakeGemini
+
+
+@pytest.fixture
+def server():
+    s = FakeGemini()
+    yield s
+    s.close()
+
+
+def make(server, **kw):
+    kw.setdefault("retry", RetryPolicy(max_retries=4, base_s=0.01, cap_s=0.05))
+    return GeminiEmbedder(api_key=server.api_key, base_url=server.url, **kw)
+
+
+def png(color="red") -> bytes:
+    b = io.BytesIO()
+    Image.new("RGB", (4, 4), color).save(b, format="PNG")
+    return b.getvalue()
+
+
+def test_batches_order_prefixes_and_dims(server):
+    contents = [Content.of(f"item number {i}", item_id=str(i)) for i in range(230)]
+    contents[5] = Content.of("a red poster", Part("image", data=png(), mime_type="image/png"), item_id="5")
+    emb = make(server, concurrency=3)
+    v = emb.embed(contents, task="document", dim=256)
+    assert v.shape == (230, 256) and np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5)
+    assert sorted(r["n"] for r in server.requests) == [30, 100, 100]  # at most 100 per call
+    exp0 = server.expected([("text", b"title: none | text: item number 0")], 256)
+    exp5 = server.expected([("text", b"title: none | text: a red poster"), ("image/png", png())], 256)
+    assert np.allclose(v[0], exp0, atol=1e-5) and np.allclose(v[5], exp5, atol=1e-5)
+    q = emb.embed([Content.of("item number 0")], task="query", dim=128)
+    assert np.allclose(q[0], server.expected([("text", b"task: search result | query: item number 0")], 128), atol=1e-5)
+
+
+def test_retries_on_429_honour_retry_after_then_succeed(server):
+    server.faults = [Fault("429", retry_after=1.0), Fault("500"), Fault("503")]
+    emb = make(server)
+    t0 = time.time()
+    v = emb.embed([Content.of("hello")], dim=128)
+    assert time.time() - t0 >= 1.0  # waited at least what the server asked
+    assert emb.stats["retries"] == 3 and len(server.requests) == 4
+    assert np.allclose(v[0], server.expected([("text", b"title: none | text: hello")], 128), atol=1e-5)
+
+
+def test_timeouts_and_malformed_bodies_are_retried(server):
+    server.faults = [Fault("slow", delay_s=2.5), Fault("malformed"), Fault("short"), Fault("nan")]
+    emb = make(server, timeout_s=1.0)
+    v = emb.embed([Content.of("a"), Content.of("b")], dim=128)
+    assert v.shape == (2, 128) and emb.stats["retries"] == 4
+
+
+def test_a_bad_item_fails_alone(server):
+    contents = [Content.of(f"fine {i}", item_id=f"ok{i}") for i in range(9)]
+    contents.insert(4, Content.of("POISON pill", item_id="bad"))
+    emb = make(server)
+    result = emb.embed_many(contents, dim=128)
+    assert [e.item_id for e in result.errors] == ["bad"]
+    assert "400" in result.errors[0].message and "unsupported content" in result.errors[0].message
+    assert result.ok.sum() == 9 and emb.stats["splits"] >= 3
+
+
+def test_exhausted_retries_fail_only_that_batch(server):
+    server.faults = [Fault("429")] * 5
+    emb = make(server, batch_size=2, concurrency=1)
+    result = emb.embed_many([Content.of(f"x{i}", item_id=str(i)) for i in range(4)], dim=128)
+    assert [e.item_id for e in result.errors] == ["0", "1"]
+    assert "gave up after 5 attempts" in result.errors[0].message and "429" in result.errors[0].message
+    assert result.ok.tolist() == [False, False, True, True]
+
+
+def test_limits_are_checked_before_sending(server, tmp_path):
+    emb = make(server)
+    seven = Content(tuple(Part("image", data=png(), mime_type="image/png") for _ in range(7)), item_id="seven")
+    webp = Content((Part("image", data=b"RIFF....WEBP", mime_type="image/webp"),), item_id="webp")
+    result = emb.embed_many([seven, webp, Content.of("ok", item_id="ok")], dim=128)
+    assert {e.item_id: e.message for e in result.errors}.keys() == {"seven", "webp"}
+    assert "7 images" in result.errors[0].message and "image/webp" in result.errors[1].message
+    assert sum(r["n"] for r in server.requests) == 1  # only the good item was sent
+
+
+def test_concurrency_is_bounded(server):
+    server.faults = [Fault("slow", delay_s=0.3) for _ in range(8)]
+    emb = make(server, batch_size=1, concurrency=2)
+    emb.embed([Content.of(f"c{i}") for i in range(8)], dim=128)
+    assert server.max_in_flight <= 2
+
+
+def test_api_key_from_environment_and_cache(server, tmp_path, monkeypatch):
+    monkeypatch.delenv("GEMINI_API_KEY", raising=False)
+    monkeypatch.delenv("GOOGLE_API_KEY", raising=False)
+    with pytest.raises(ValueError, match="GEMINI_API_KEY"):
+        GeminiEmbedder(base_url=server.url)
+    monkeypatch.setenv("GEMINI_API_KEY", server.api_key)
+    emb = GeminiEmbedder(base_url=server.url, cache_dir=tmp_path)
+    a = emb.embed([Content.of("cached thing")], dim=256)
+    sent = len(server.requests)
+    again = emb.embed_many([Content.of("cached thing")], dim=256)
+    assert len(server.requests) == sent and again.cache_hits == 1
+    assert np.allclose(a, again.vectors, atol=1e-6)
