@@ -27,8 +27,10 @@ demo: env
 test: env
 	$(BIN)/python -m pytest -q tests
 
+FSDD     ?= $(if $(wildcard $(SHARED)/fsdd/recordings),$(SHARED)/fsdd/recordings,)
+
 bench: env
-	$(BIN)/python -m benchmarks.run --workdir $(WORKDIR)/bench $(if $(POSTERS),--posters $(POSTERS),)
+	$(BIN)/python -m benchmarks.run --workdir $(WORKDIR)/bench $(if $(POSTERS),--posters $(POSTERS),) $(if $(FSDD),--fsdd $(FSDD),)
 
 clean:
 	rm -rf $(WORKDIR) .pytest_cache

@@ -2,8 +2,9 @@
 
 - item statistics: one snapshot per item and day with interactions (the day's last event time), plus a
   zero row per catalog item at the catalog time, so brand-new items have stats too;
-- user history: one snapshot per user and distinct interaction time, holding the recency-weighted mean
-  of the item vectors up to and including that time, the newest item ids, and the count;
+- user history: one snapshot per user and distinct interaction time, holding the exponentially decayed
+  sum of the item vectors up to and including that time (direction and norm), the newest item ids,
+  and the count;
 - user statistics: the same snapshots' counts and mean value.
 
 Training joins ask for features strictly before each label's time, so a label never sees itself.
@@ -21,35 +22,33 @@ from recsys.data.types import Catalog
 CATALOG_TIME = datetime(1970, 1, 2, tzinfo=timezone.utc)  # "always known": the time stamped on static rows
 
 
-def history_weights(length: int, half_life: float) -> np.ndarray:
-    """(length,) weights of the newest .. oldest item in a history: 0.5 ** (age / half_life)."""
-    return 0.5 ** (np.arange(length) / half_life)
+def history_decay(half_life: float) -> float:
+    """Per-item decay of the history vector: an item ``half_life`` interactions old weighs half."""
+    return 0.5 ** (1.0 / half_life)
 
 
-def history_vectors(item_rows: np.ndarray, item_vectors: np.ndarray, length: int, half_life: float) -> np.ndarray:
-    """Running history vector after each event of one user's sequence.
+def history_sums(item_rows: np.ndarray, item_vectors: np.ndarray, half_life: float) -> np.ndarray:
+    """Running decayed sums over one user's sequence: H_k = decay * H_{k-1} + v_k (no window).
 
     Args:
         item_rows: (n,) catalog rows in time order.
         item_vectors: (n_items, d) L2-normalised item vectors.
     Returns:
-        (n, d) float32: row k is the normalised weighted mean of items k, k-1, ..., k-length+1.
+        (n, d) float32, unnormalised (row k covers items 0..k); the feature is its direction and norm.
     """
-    V = item_vectors[item_rows].astype(np.float32)
-    H = np.zeros_like(V)
-    for age, w in enumerate(history_weights(length, half_life)):
-        if age >= len(V):
-            break
-        H[age:] += w * V[: len(V) - age]
-    return H / np.maximum(np.linalg.norm(H, axis=1, keepdims=True), 1e-12)
+    from scipy.signal import lfilter
+
+    V = item_vectors[item_rows].astype(np.float64)
+    return lfilter([1.0], [1.0, -history_decay(half_life)], V, axis=0).astype(np.float32)
 
 
 def user_snapshots(interactions: pl.DataFrame, item_vectors: np.ndarray, index: dict[str, int], recent: int = 20,
-                   length: int = 20, half_life: float = 10.0) -> tuple[pl.DataFrame, pl.DataFrame]:
+                   half_life: float = 50.0) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(history, stats) snapshot frames, one row per user and distinct interaction time.
 
     Returns:
-        history: user_id, event_timestamp, history_vector (list[f32]), recent_item_ids (list[str]), history_count
+        history: user_id, event_timestamp, history_vector (list[f32], unit), history_norm (its length before
+            normalising, so a push can continue the decayed sum exactly), recent_item_ids (list[str]), history_count
         stats: user_id, event_timestamp, n_interactions, mean_value, user_first_seen
     """
     f = interactions.sort(["user_id", "timestamp"], maintain_order=True)
@@ -60,12 +59,15 @@ def user_snapshots(interactions: pl.DataFrame, item_vectors: np.ndarray, index: 
     values = f["value"].fill_null(0.0).to_numpy().astype(np.float64)
     bounds = np.flatnonzero(np.r_[True, users[1:] != users[:-1], True])
     vecs, keep = np.zeros((len(rows), item_vectors.shape[1]), np.float32), np.zeros(len(rows), bool)
+    norms = np.zeros(len(rows), np.float32)
     recent_ids: list[list[str]] = []
     counts = np.zeros(len(rows), np.int64)
     means = np.zeros(len(rows), np.float32)
     ts_np = ts.to_numpy()
     for s, e in zip(bounds[:-1], bounds[1:]):
-        vecs[s:e] = history_vectors(rows[s:e], item_vectors, length, half_life)
+        sums = history_sums(rows[s:e], item_vectors, half_life)
+        norms[s:e] = np.linalg.norm(sums, axis=1)
+        vecs[s:e] = sums / np.maximum(norms[s:e, None], 1e-12)
         counts[s:e] = np.arange(1, e - s + 1)
         means[s:e] = np.cumsum(values[s:e]) / counts[s:e]
         last_of_time = np.r_[ts_np[s + 1 : e] != ts_np[s : e - 1], True]  # one snapshot per distinct time
@@ -77,6 +79,7 @@ def user_snapshots(interactions: pl.DataFrame, item_vectors: np.ndarray, index: 
     base = pl.DataFrame({"user_id": users[keep], "event_timestamp": ts.filter(pl.Series(keep))})
     history = base.with_columns(
         pl.Series("history_vector", vecs[keep], dtype=pl.Array(pl.Float32, vecs.shape[1])).cast(pl.List(pl.Float32)),
+        pl.Series("history_norm", norms[keep]),
         pl.Series("recent_item_ids", recent_ids, dtype=pl.List(pl.Utf8)),
         pl.Series("history_count", counts[keep]),
     )

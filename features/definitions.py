@@ -100,7 +100,7 @@ def repository(data: Path, backend: str, model_version: str, dim: int, recent_it
         tags=tags,
     )
 
-    # The user's history as of each interaction: a recency-weighted mean of the items' vectors, the ids
+    # The user's history as of each interaction: an exponentially decayed sum of the items' vectors, the ids
     # of the most recent items, and the count. The push source lets a new interaction update it online.
     history_source = FileSource(name=f"user_history_source__{tag}", path=str(data / f"user_history__{tag}.parquet"),
                                 timestamp_field="event_timestamp")
@@ -111,6 +111,7 @@ def repository(data: Path, backend: str, model_version: str, dim: int, recent_it
         ttl=timedelta(days=0),
         schema=[
             Field(name="history_vector", dtype=Array(Float32), vector_length=dim),
+            Field(name="history_norm", dtype=Float32, description="length of the decayed sum before normalising"),
             Field(name="recent_item_ids", dtype=Array(String), description=f"up to {recent_items}, newest first"),
             Field(name="history_count", dtype=Int64),
         ],

@@ -27,6 +27,7 @@ from recsys.config import Config
 from recsys.data.types import Catalog
 
 TEMPLATE = Path(__file__).resolve().parent / "feature_store.yaml"
+ROW_GROUP = 10_000  # rows per parquet row group: what one streamed read holds in memory
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
@@ -47,7 +48,7 @@ def write_parquet(frame: pl.DataFrame, path: Path) -> None:
 
     table = frame.to_arrow()
     schema = pa.schema([pa.field(f.name, _plain_type(f.type)) for f in table.schema])
-    pq.write_table(table.cast(schema), path, use_compliant_nested_type=False)
+    pq.write_table(table.cast(schema), path, use_compliant_nested_type=False, row_group_size=ROW_GROUP)
 
 
 class FeatureValidationError(ValueError):
@@ -100,6 +101,7 @@ class OnlineUsers:
     user_ids: list[str]
     found: np.ndarray  # (n,) bool
     history_vector: np.ndarray  # (n, dim); zeros where not found
+    history_norm: np.ndarray  # (n,) length of the decayed sum behind history_vector
     recent_item_ids: list[list[str]]
     history_count: np.ndarray
     n_interactions: np.ndarray
@@ -196,7 +198,7 @@ class FeatureRepo:
         validate_vectors(catalog.ids, item_vectors, self.dim, "item vectors for user histories")
         e = self.cfg.embedder
         history, stats = user_snapshots(interactions, item_vectors, catalog.index, self.cfg.features.recent_items,
-                                        e.history_len, e.history_half_life)
+                                        e.history_half_life)
         items = item_stats(interactions, catalog)
         write_parquet(history, self._path(self.views.user_history))
         write_parquet(stats, self._path(self.views.user_stats))
@@ -207,10 +209,10 @@ class FeatureRepo:
     def materialize(self, end: datetime | None = None, incremental: bool = True, progress: bool = False) -> MaterializeReport:
         """Write the latest row per entity in (last run, end] of every view to the online store.
 
-        Reads parquet in row groups and writes in chunks of ``features.write_chunk_rows``, so memory stays
-        bounded by a chunk; the registry records the interval as Feast's own materialize does.
+        Streams each parquet file (see features.online.stream_rows), so memory stays bounded by a chunk
+        of ``features.write_chunk_rows``; the registry records the interval as Feast's materialize does.
         """
-        from features.online import write_rows
+        from features.online import stream_rows
 
         t0 = time.time()
         end = end or datetime.now(timezone.utc)
@@ -224,15 +226,7 @@ class FeatureRepo:
             path = self._path(view)
             if not path.exists():
                 continue
-            latest = (
-                pl.scan_parquet(path)
-                .filter((pl.col("event_timestamp") > start) & (pl.col("event_timestamp") <= end))
-                .sort("event_timestamp")
-                .group_by(self.store.get_entity(fv.entities[0]).join_key)
-                .last()
-                .collect()
-            )
-            report.rows[view.name] = write_rows(self.store, fv, latest, self.cfg.features.write_chunk_rows, progress)
+            report.rows[view.name] = stream_rows(self.store, fv, path, start, end, self.cfg.features.write_chunk_rows, progress)
             report.start[view.name] = start
             registry.apply_materialization(fv, project, start, end, commit=True)
         report.seconds = time.time() - t0
@@ -259,7 +253,7 @@ class FeatureRepo:
         from features.online import read_rows
 
         hist = read_rows(self.store, self.views.user_history.name, "user_id", user_ids,
-                         ["history_vector", "recent_item_ids", "history_count"])
+                         ["history_vector", "history_norm", "recent_item_ids", "history_count"])
         stats = read_rows(self.store, self.views.user_stats.name, "user_id", user_ids,
                           ["n_interactions", "mean_value", "user_first_seen"])
         vec = np.zeros((len(user_ids), self.dim), np.float32)
@@ -268,6 +262,7 @@ class FeatureRepo:
                 vec[i] = v
         return OnlineUsers(
             user_ids, np.array([v is not None for v in hist["history_vector"]]), vec,
+            np.array([n or 0.0 for n in hist["history_norm"]], np.float32),
             [list(r) if r is not None else [] for r in hist["recent_item_ids"]],
             np.array([c or 0 for c in hist["history_count"]]),
             np.array([c or 0 for c in stats["n_interactions"]]),
@@ -295,27 +290,26 @@ class FeatureRepo:
     # Push: a new interaction updates the user's online history without a materialization ------------------
     def push_interaction(self, user_id: str, item_id: str, at: datetime, item_vector: np.ndarray,
                          to_offline: bool = True) -> None:
-        """Fold one new interaction into the user's online history vector and recent ids, and push it."""
+        """Fold one new interaction into the user's online history (the decayed sum continues exactly) and
+        recent ids, and push it (online, and to the offline store unless ``to_offline`` is False)."""
         from feast.data_source import PushMode
 
-        from features.compute import history_weights
+        from features.compute import history_decay
 
         e = self.cfg.embedder
+        vec = validate_vectors([item_id], [item_vector], self.dim, "pushed item vector")[0]
         current = self.online_users([user_id])
         recent = [item_id, *current.recent_item_ids[0]][: self.cfg.features.recent_items]
-        rows = self.online_items(recent[: e.history_len])
-        if not rows.found[0]:
-            vec = validate_vectors([item_id], [item_vector], self.dim, "pushed item vector")[0]
-            rows.embedding[0] = vec
-        w = history_weights(len(recent[: e.history_len]), e.history_half_life)[:, None]
-        h = (rows.embedding * w).sum(0)
-        h = h / max(float(np.linalg.norm(h)), 1e-12)
+        total = history_decay(e.history_half_life) * current.history_norm[0] * current.history_vector[0] + vec
+        norm = float(np.linalg.norm(total))
+        h = total / max(norm, 1e-12)
         import pandas as pd
 
         frame = pd.DataFrame({  # plain lists: Feast's push maps list<float>, not polars' large_list
             "user_id": [user_id],
             "event_timestamp": [pd.Timestamp(at).tz_convert("UTC") if pd.Timestamp(at).tzinfo else pd.Timestamp(at, tz="UTC")],
             "history_vector": [[float(x) for x in h]],
+            "history_norm": [norm],
             "recent_item_ids": [recent],
             "history_count": [int(current.history_count[0]) + 1],
         })

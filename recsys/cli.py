@@ -107,13 +107,17 @@ def train(
     config: Optional[Path] = ConfigOpt, workdir: Optional[Path] = WorkdirOpt, posters: Optional[Path] = PostersOpt,
     data: Optional[Path] = DataOpt, source: Optional[str] = SourceOpt, max_users: Optional[int] = UsersOpt,
     epochs: Optional[int] = EpochsOpt, protocols: Optional[str] = ProtocolsOpt,
+    alias: str = typer.Option("champion", help="Alias for the registered model (champion, challenger, ...)."),
 ):
     """Train the two-tower on each protocol, evaluate it beside the baselines, register the first protocol's
-    model (alias champion) in MLflow, and print one comparison table."""
+    model in MLflow under --alias, and print one comparison table."""
     from recsys.data import load_dataset
     from recsys.pipeline import console, load_item_vectors, results_json, results_table, run_protocol
 
+    from recsys.pipeline import save_config
+
     cfg = _config(config, workdir, posters, data, source, max_users, epochs=epochs, protocols=protocols)
+    save_config(cfg)
     ds = load_dataset(cfg)
     iv = load_item_vectors(cfg)
     if "cold" in cfg.eval.protocols:  # brand-new items are embedded without their user tags
@@ -121,7 +125,8 @@ def train(
         from recsys.pipeline import embed_catalog
 
         iv.cold = embed_catalog(cfg, ds, cold_rows=make_split("cold", ds, cfg.eval).cold_items, save=False).cold
-    runs = [run_protocol(cfg, ds, iv, p, register=(i == 0), rerank=(p == "loo")) for i, p in enumerate(cfg.eval.protocols)]
+    runs = [run_protocol(cfg, ds, iv, p, register=(i == 0), rerank=(p == "loo"), alias=alias)
+            for i, p in enumerate(cfg.eval.protocols)]
     console.print(results_table(runs))
     (cfg.workdir / "report").mkdir(exist_ok=True)
     (cfg.workdir / "report" / "train.json").write_text(json.dumps(results_json(runs), indent=2, default=str))

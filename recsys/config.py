@@ -47,8 +47,7 @@ class EmbedderConfig(_Section):
     gemini_concurrency: int = 4
     gemini_max_retries: int = 6
     gemini_timeout_s: float = 60.0
-    history_len: int = 20  # items that make a user's history vector
-    history_half_life: float = 10.0  # in items: recency weight of the history mean
+    history_half_life: float = 50.0  # in items: the history vector is a decayed sum (an item this old weighs half)
 
 
 class FeatureConfig(_Section):

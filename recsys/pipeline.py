@@ -129,8 +129,15 @@ class ProtocolRun:
     extra: dict = field(default_factory=dict)
 
 
+def save_config(cfg: Config) -> None:
+    """The run's configuration next to its results (the A/B notebook reloads it)."""
+    cfg.workdir.mkdir(parents=True, exist_ok=True)
+    (cfg.workdir / "config.json").write_text(cfg.model_dump_json(indent=2))
+
+
 def run_protocol(cfg: Config, ds: Dataset, iv: ItemVectors, protocol: str, register: bool = False,
-                 rerank: bool = False, baselines: tuple[str, ...] = ("popularity", "ease")) -> ProtocolRun:
+                 rerank: bool = False, baselines: tuple[str, ...] = ("popularity", "ease"),
+                 alias: str | None = None) -> ProtocolRun:
     """Train and evaluate the two-tower and the baselines on one protocol (same split, same run)."""
     from recsys.eval.baselines import EASE, ContentKNN, ItemKNN, Popularity
     from serving.reranker import Reranker
@@ -142,7 +149,7 @@ def run_protocol(cfg: Config, ds: Dataset, iv: ItemVectors, protocol: str, regis
     repo = build_features(cfg, ds, vectors, iv, split.train, name=protocol, materialize=False)
     idx, nb = ds.catalog.index, cfg.eval.bootstrap
     trained = fit_two_tower(cfg, ds.catalog, split, repo, vectors, register=register,
-                            alias=cfg.serve.model_alias if register else None)
+                            alias=(alias or cfg.serve.model_alias) if register else None)
     results = [trained.evaluate(split, ds.catalog, cfg, n_boot=nb)]
     extra: dict = {"epochs": trained.epochs, "train_s": round(trained.seconds, 1),
                    "examples_per_s": round(trained.examples_per_s)}
@@ -213,7 +220,7 @@ def results_json(runs: list[ProtocolRun]) -> list[dict]:
 def run_demo(cfg: Config, sample_users: int = 3) -> dict:
     """The whole flow on one work directory; returns (and saves) the metrics and stage timings."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    cfg.workdir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg)
     timings = Timings()
     with timings.stage("load data"):
         ds = load_dataset(cfg)

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -72,34 +68,15 @@ def embedder(tmp_path_factory):
     return LocalEmbedder(cache_dir=tmp_path_factory.mktemp("embed-cache"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def redis_connection():
     """A real redis-server: RECSYS_TEST_REDIS_URL (host:port, started by .ci/run) or one started here."""
-    url = os.environ.get("RECSYS_TEST_REDIS_URL")
-    if url:
+    from features.local_redis import redis_server
+
+    with redis_server() as url:
+        if url is None:
+            pytest.skip("needs redis-server (apt-get install redis-server) or RECSYS_TEST_REDIS_URL")
         yield url
-        return
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("needs redis-server (apt-get install redis-server) or RECSYS_TEST_REDIS_URL")
-    port = _free_port()
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    yield f"127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(timeout=10)
 
 
 def small_config(workdir: Path, **sections) -> Config:

@@ -80,3 +80,25 @@ def test_cli_verbs_have_help():
         result = runner.invoke(cli, [verb, "--help"])
         assert result.exit_code == 0, (verb, result.output)
         assert "Usage" in result.output
+
+
+def test_ab_notebook_compares_champion_and_challenger(demo, monkeypatch):
+    """Train a challenger (other settings) through the CLI, then execute the A/B notebook on both."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    from recsys.config import PROJECT_DIR
+
+    cfg, _ = demo
+    runner = CliRunner()
+    result = runner.invoke(cli, ["train", "--workdir", str(cfg.workdir), "--max-users", "60", "--epochs", "1",
+                                 "--protocols", "loo", "--alias", "challenger"])
+    assert result.exit_code == 0, result.output
+    nb = nbformat.read(PROJECT_DIR / "notebooks" / "ab_analysis.ipynb", as_version=4)
+    monkeypatch.setenv("RECSYS_WORKDIR", str(cfg.workdir))
+    monkeypatch.setenv("RECSYS_AB_BOOT", "200")
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(PROJECT_DIR / "notebooks")}}).execute()
+    report = json.loads((cfg.workdir / "report" / "ab_analysis.json").read_text())
+    assert "champion" in report["a"] and "challenger" in report["b"]
+    assert {d["metric"] for d in report["difference"]} == {"HR@10", "Recall@10", "Recall@50", "NDCG@10"}
+    assert (cfg.workdir / "report" / "ab_analysis.png").stat().st_size > 10_000

@@ -156,3 +156,25 @@ def test_a_new_embedder_version_or_dim_gets_its_own_views(tmp_path):
     assert c.views.item_embedding.tags == {"embedder": "local", "model_version": "v1", "dim": "32"}
     with pytest.raises(FeatureValidationError):
         c.write_item_embeddings(["1"], [np.ones(16)])  # a 16-d vector never lands in the 32-d view
+
+
+def test_push_continues_the_decayed_history_exactly(repo, small):
+    """After a push, the online history equals what the offline snapshots compute with that event."""
+    from features.compute import user_snapshots
+
+    repo.materialize()
+    f = small.interactions.frame
+    user = f["user_id"][0]
+    at = f["timestamp"].max() + timedelta(days=1)
+    item = small.catalog.ids[13]
+    repo.push_interaction(user, item, at, repo.V[13], to_offline=False)
+    online = repo.online_users([user])
+    extended = pl.concat([f.filter(pl.col("user_id") == user),
+                          pl.DataFrame({"user_id": [user], "item_id": [item], "timestamp": [at], "value": [None]},
+                                       schema=f.schema)])
+    hist, _ = user_snapshots(extended, repo.V, small.catalog.index, repo.cfg.features.recent_items,
+                             repo.cfg.embedder.history_half_life)
+    last = hist.sort("event_timestamp").tail(1)
+    assert np.allclose(online.history_vector[0], np.array(last["history_vector"][0]), atol=1e-5)
+    assert online.recent_item_ids[0] == last["recent_item_ids"][0].to_list()
+    assert online.history_count[0] == last["history_count"][0]

@@ -64,9 +64,13 @@ def test_towers_shapes_and_unit_norm():
     cfg = TowerConfig(content_dim=8, n_items=10, out_dim=4, hidden_dim=16, use_ids=True, recent=3)
     m = TwoTower(cfg)
     v = m.item(torch.randn(5, 8), torch.randn(5, 7), torch.arange(5), torch.tensor([1, 0, 1, 0, 1]).bool())
-    assert v.shape == (5, 4) and torch.allclose(v.norm(dim=-1), torch.ones(5))
+    assert v.shape == (5, cfg.vector_dim) == (5, 5)  # a unit direction, then the item's bias
+    assert torch.allclose(v[:, :4].norm(dim=-1), torch.ones(5)) and torch.isfinite(v[:, 4]).all()
     rows = torch.tensor([[1, 2, 10], [10, 10, 10]])  # padding = n_items
     mask = rows < 10
     u = m.user(torch.randn(2, 8), torch.randn(2, 3, 8), rows, mask, mask, torch.randn(2, 3))
-    assert u.shape == (2, 4) and torch.isfinite(u).all()
+    assert u.shape == (2, 5) and torch.isfinite(u).all()
+    assert torch.allclose(u[:, :4].norm(dim=-1), torch.ones(2)) and (u[:, 4] == 1).all()  # score = cos + bias
+    plain = TwoTower(TowerConfig(content_dim=8, n_items=10, out_dim=4, hidden_dim=16, use_ids=False, item_bias=False))
+    assert plain.item(torch.randn(5, 8), torch.randn(5, 7), torch.arange(5), torch.ones(5).bool()).shape == (5, 4)
     assert (m.id_table.weight[10] == 0).all()

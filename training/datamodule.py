@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import lightning as L
 import numpy as np
 import torch
+from scipy import sparse
 from torch.utils.data import DataLoader, Dataset
 
 from recsys.config import TrainConfig
@@ -23,11 +24,14 @@ from training.inputs import ItemInputs, ItemStatsAsOf, TrainingRows, UserInputs
 
 @dataclass
 class ValidationData:
-    """Everything the per-epoch ranking validation needs."""
+    """Everything a ranking round needs: who is asked, their inputs, the items' inputs, and the item
+    statistics snapshots, so each user's items are scored with statistics as of when they were asked."""
 
     eval_set: EvalSet
     users: UserInputs
     items: ItemInputs
+    asof: ItemStatsAsOf | None = None
+    seen: sparse.csr_matrix | None = None  # (users, items) what each user has seen (computed once)
 
 
 class RandomBatches(Dataset):

@@ -91,7 +91,7 @@ def poster_genre_task(ds: Dataset, train: PairTask) -> PairTask:
     texts = [", ".join(genres[c.item_id]) or "no genres" for c in train.a]
     codes = {t: i for i, t in enumerate(sorted(set(texts)))}
     return PairTask("poster-genres", list(train.a), [Content.of(f"a {t} movie") for t in texts],
-                    np.array([codes[t] for t in texts]), weight=0.5, a_augmented=train.a_augmented)
+                    np.array([codes[t] for t in texts]), weight=0.3, a_augmented=train.a_augmented)
 
 
 def digit_tasks(fsdd_dir: Path, test_speaker: str = "theo", val_speaker: str = "jackson",

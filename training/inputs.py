@@ -122,26 +122,35 @@ def from_training_set(frame: pl.DataFrame, catalog: Catalog, dim: int, recent: i
 
 class ItemStatsAsOf:
     """Every item's statistics as of any time, from the item-stats snapshots (for sampled negatives
-    and for evaluation): the latest snapshot strictly before the time."""
+    and for evaluation): the latest snapshot strictly before the time. Vectorised: one sorted key per
+    snapshot (item row, time), one binary search per asked item."""
 
     def __init__(self, snapshots: pl.DataFrame, catalog: Catalog):
         s = snapshots.sort(["item_id", "event_timestamp"])
         self.n = len(catalog)
         self.mods = catalog.modalities.astype(np.float32)
         rows = np.array([catalog.index[i] for i in s["item_id"].to_list()], np.int64)
-        self.rows, self.ts = rows, _seconds(s["event_timestamp"])
-        self.pop_all, self.pop_30d = s["pop_all"].to_numpy(), s["pop_30d"].to_numpy()
-        self.first = _seconds(s["item_first_seen"])
-        self.starts = np.searchsorted(rows, np.arange(self.n + 1))
+        ts = _seconds(s["event_timestamp"])
+        order = np.lexsort((ts, rows))
+        self.rows, self.ts = rows[order], ts[order]
+        self.pop_all = s["pop_all"].to_numpy()[order]
+        self.pop_30d = s["pop_30d"].to_numpy()[order]
+        self.first = _seconds(s["item_first_seen"])[order]
+        self.t0 = float(self.ts.min()) - 1.0 if len(self.ts) else 0.0
+        self.span = float(self.ts.max() - self.t0 + 10 * DAY) if len(self.ts) else 1.0
+        self.keys = self.rows * self.span + (self.ts - self.t0)
+        self.starts = np.searchsorted(self.rows, np.arange(self.n + 1))
 
     def at(self, items: np.ndarray, t: float) -> np.ndarray:
         """(len(items), 7) stats of ``items`` (catalog rows) as of time ``t`` (unix seconds)."""
-        pa, p30, first = np.zeros(len(items)), np.zeros(len(items)), np.zeros(len(items))
-        for k, r in enumerate(items):
-            lo, hi = self.starts[r], self.starts[r + 1]
-            j = lo + np.searchsorted(self.ts[lo:hi], t, side="left") - 1
-            if j >= lo:
-                pa[k], p30[k], first[k] = self.pop_all[j], self.pop_30d[j], self.first[j]
+        items = np.asarray(items, np.int64)
+        q = items * self.span + min(max(t - self.t0, 0.0), self.span - 1)
+        j = np.searchsorted(self.keys, q, side="left") - 1
+        ok = j >= self.starts[items]
+        j = np.where(ok, j, 0)
+        pa = np.where(ok, self.pop_all[j], 0)
+        p30 = np.where(ok, self.pop_30d[j], 0)
+        first = np.where(ok, self.first[j], 0.0)
         return item_stat_matrix(pa, p30, first, t, self.mods[items])
 
     def all_at(self, t: float) -> np.ndarray:
@@ -149,23 +158,25 @@ class ItemStatsAsOf:
 
 
 def eval_inputs(history: pl.DataFrame, users: list[str], catalog: Catalog, item_vectors: np.ndarray,
-                recent: int, length: int, half_life: float) -> tuple[UserInputs, ItemInputs]:
-    """Inputs as serving would see them once ``history`` is all that is known: each user's last
-    snapshot, and every item's statistics as of the end of the history."""
-    hist, stats = user_snapshots(history, item_vectors, catalog.index, recent, length, half_life)
+                recent: int, half_life: float, at: list | None = None) -> tuple[UserInputs, ItemInputs, ItemStatsAsOf]:
+    """Inputs as serving would have seen them when each user was asked, given ``history``: each user's
+    last snapshot, every item's statistics as of the end of the history (and, for per-time evaluation,
+    the item-stats snapshots to take them as of any earlier time)."""
+    hist, stats = user_snapshots(history, item_vectors, catalog.index, recent, half_life)
     last_h = hist.group_by("user_id").last()
     last_s = stats.group_by("user_id").last()
     order = pl.DataFrame({"user_id": users})
     h = order.join(last_h, on="user_id", how="left")
     s = order.join(last_s, on="user_id", how="left")
     end = _seconds(history["timestamp"]).max() + 1
+    asked = _seconds(at) if at is not None and all(t is not None for t in at) else np.full(len(users), end)
     rows, mask = recent_matrix(h["recent_item_ids"].to_list(), catalog.index, recent, len(catalog))
     dim = item_vectors.shape[1]
     u = UserInputs(_vectors(h["history_vector"], dim), rows, mask,
                    user_stat_matrix(s["n_interactions"].fill_null(0).to_numpy(), s["mean_value"].fill_null(0).to_numpy(),
-                                    _seconds(s["user_first_seen"]), end))
+                                    _seconds(s["user_first_seen"]), asked))
     asof = ItemStatsAsOf(item_stats(history, catalog), catalog)
     known = np.zeros(len(catalog), bool)
     known[[catalog.index[i] for i in history["item_id"].unique().to_list()]] = True
     items = ItemInputs(item_vectors.astype(np.float32), asof.all_at(end), np.arange(len(catalog), dtype=np.int64), known)
-    return u, items
+    return u, items, asof

@@ -112,6 +112,7 @@ class RankingValidation(L.Callback):
         self.dm.epoch = trainer.current_epoch
 
     def on_train_epoch_end(self, trainer, module):
+        module.log("train/epochs", float(trainer.current_epoch + 1))  # survives spawn-based DDP (callback_metrics)
         if self.dm.val is None or (trainer.current_epoch + 1) % self.every:
             return
         result = validate(module, self.dm.val, self.dm.item_content, self.index, self.protocol, n_boot=1)
@@ -122,39 +123,43 @@ class RankingValidation(L.Callback):
         module.train()
 
 
+WEEK = 7 * 86400.0
+
+
+def rank_by_time(module: TwoTowerModule, val: ValidationData, item_content: np.ndarray, catalog_index: dict[str, int],
+                 n: int, kind: str = "flat"):
+    """FAISS top-``n`` per user, seen items excluded. Users are grouped by the week they were asked in;
+    each group's item vectors use item statistics as of the group's earliest time (never later than any
+    member's), as serving would have computed them then.
+
+    Yields:
+        (user indices, scores (g, n), rows (g, n), item stats table (n_items, 7)) per group.
+    """
+    es = val.eval_set
+    users = module.encode_users(val.users, item_content)
+    seen = val.seen if val.seen is not None else history_matrix(es.history, es.users, catalog_index, len(val.items.rows))
+    cand = es.candidates if es.candidates is not None else np.arange(len(val.items.rows))
+    times = np.array([t.timestamp() if t is not None else np.nan for t in es.at], np.float64) if es.at else None
+    if val.asof is None or times is None or np.isnan(times).any():
+        groups = [(np.arange(len(es)), None)]
+    else:
+        week = np.floor(times / WEEK)
+        groups = [(np.flatnonzero(week == w), float(times[week == w].min())) for w in np.unique(week)]
+    for idx, t in groups:
+        stats = val.items.stats if t is None else val.asof.all_at(t)
+        items = module.encode_items(ItemInputs(val.items.content, stats, val.items.rows, val.items.known))
+        index = CandidateIndex(items[cand], kind=kind, rows=cand)
+        scores, rows = index.search(users[idx], n, exclude=seen[idx])
+        yield idx, scores, rows, stats
+
+
 def validate(module: TwoTowerModule, val: ValidationData, item_content: np.ndarray, catalog_index: dict[str, int],
              protocol: str, part: str = "val", n_boot: int = 1000, name: str = "two-tower", kind: str = "flat",
              keep_topk: bool = False) -> EvalResult:
     """Rank with the model through FAISS and score the rankings (see recsys.eval)."""
     es = val.eval_set
-    items = module.encode_items(val.items)
-    cand = es.candidates if es.candidates is not None else np.arange(len(items))
-    index = CandidateIndex(items[cand], kind=kind, rows=cand)
-    users = module.encode_users(val.users, item_content)
-    seen = history_matrix(es.history, es.users, catalog_index, len(items))
-    _, rows = index.search(users, 50, exclude=seen)
-    return score_topk(name, rows, es, cand.size, protocol, part, n_boot=n_boot, keep_topk=keep_topk)
-
-
-class MineHardNegatives(L.Callback):
-    """Before every epoch after the first: for each training row, ``per_row`` items that the current model
-    ranks high for that user (ranks 5..top, skipping the positive: the very top are often unseen positives)."""
-
-    def __init__(self, dm: TwoTowerData, per_row: int, top: int = 50, skip: int = 5):
-        self.dm, self.per_row, self.top, self.skip = dm, per_row, top, skip
-
-    def on_train_epoch_start(self, trainer, module):
-        if trainer.current_epoch == 0:
-            return
-        dm = self.dm
-        rng = np.random.default_rng([dm.cfg.seed, trainer.current_epoch])
-        items = ItemInputs(dm.item_content[:-1], dm.asof.all_at(float(dm.rows.times.max()) + 1),
-                           np.arange(dm.n_items, dtype=np.int64), dm.known[:-1])
-        index = CandidateIndex(module.encode_items(items))
-        _, cand = index.search(module.encode_users(dm.rows.users, dm.item_content), self.top)
-        pick = rng.integers(self.skip, self.top - 1, size=(len(cand), self.per_row))
-        hard = np.take_along_axis(cand, pick, axis=1)
-        clash = hard == dm.rows.items.rows[:, None]
-        hard[clash] = np.take_along_axis(cand, pick + 1, axis=1)[clash]
-        dm.hard = np.where(hard < 0, rng.integers(0, dm.n_items, hard.shape), hard)
-        module.train()
+    topk = np.full((len(es), 50), -1, np.int64)
+    for idx, _, rows, _ in rank_by_time(module, val, item_content, catalog_index, 50, kind):
+        topk[idx] = rows
+    n_cand = es.candidates.size if es.candidates is not None else len(val.items.rows)
+    return score_topk(name, topk, es, n_cand, protocol, part, n_boot=n_boot, keep_topk=keep_topk)

@@ -28,7 +28,7 @@ from serving.candidates import CandidateIndex
 from serving.reranker import Candidates
 from training.datamodule import TwoTowerData, ValidationData
 from training.inputs import ItemInputs, ItemStatsAsOf, eval_inputs, from_training_set
-from training.module import RankingValidation, TwoTowerModule, validate
+from training.module import RankingValidation, TwoTowerModule, rank_by_time, validate
 from training.towers import TowerConfig
 
 
@@ -56,10 +56,9 @@ class TrainedTwoTower:
 
     def inputs(self, es: EvalSet, catalog: Catalog, cfg: Config) -> ValidationData:
         """Tower inputs for an eval set, built from its history as serving would see it."""
-        e = cfg.embedder
-        users, items = eval_inputs(es.history, es.users, catalog, self.content_vectors, cfg.features.recent_items,
-                                   e.history_len, e.history_half_life)
-        return ValidationData(es, users, items)
+        users, items, asof = eval_inputs(es.history, es.users, catalog, self.content_vectors, cfg.features.recent_items,
+                                         cfg.embedder.history_half_life, at=es.at)
+        return ValidationData(es, users, items, asof, history_matrix(es.history, es.users, catalog.index, len(catalog)))
 
     def evaluate(self, split: Split, catalog: Catalog, cfg: Config, part: str = "test", n_boot: int = 1000,
                  keep_topk: bool = False) -> EvalResult:
@@ -70,12 +69,14 @@ class TrainedTwoTower:
     def candidates(self, es: EvalSet, catalog: Catalog, cfg: Config, n: int) -> Candidates:
         """Top-``n`` FAISS candidates per user (seen items excluded), with what the reranker reads."""
         data = self.inputs(es, catalog, cfg)
-        items = self.module.encode_items(data.items)
-        cand = es.candidates if es.candidates is not None else np.arange(len(items))
-        index = CandidateIndex(items[cand], kind=cfg.serve.faiss_index, rows=cand)
-        seen = history_matrix(es.history, es.users, catalog.index, len(items))
-        scores, rows = index.search(self.module.encode_users(data.users, self.item_content), n, exclude=seen)
-        return Candidates.gather(rows, scores, data.users.history, data.users.stats, data.items.stats, self.content_vectors)
+        rows = np.full((len(es), n), -1, np.int64)
+        scores = np.full((len(es), n), -np.inf, np.float32)
+        stats = np.zeros((len(es), n, 7), np.float32)
+        for idx, s, r, table in rank_by_time(self.module, data, self.item_content, catalog.index, n, cfg.serve.faiss_index):
+            rows[idx], scores[idx] = r, s
+            stats[idx] = table[np.where(r >= 0, r, 0)]
+        content = self.content_vectors[np.where(rows >= 0, rows, 0)]
+        return Candidates(rows, scores, data.users.history, data.users.stats, stats, content)
 
 
 def training_rows(repo: FeatureRepo, split: Split, catalog: Catalog, dim: int, recent: int):
@@ -101,7 +102,7 @@ def fit_two_tower(cfg: Config, catalog: Catalog, split: Split, repo: FeatureRepo
     t = cfg.train
     L.seed_everything(t.seed, workers=True)
     dim = content_vectors.shape[1]
-    key = (split.name, repo.dim)
+    key = (split.name, repo.views.item_embedding.name)
     if rows_cache is not None and key in rows_cache:
         rows, asof, known = rows_cache[key]
     else:
@@ -113,9 +114,10 @@ def fit_two_tower(cfg: Config, catalog: Catalog, split: Split, repo: FeatureRepo
         rows = type(rows)(rows.users, ItemInputs(content_vectors[rows.items.rows], rows.items.stats, rows.items.rows,
                                                  rows.items.known), rows.times, rows.user_ids)
     e = cfg.embedder
-    vu, vi = eval_inputs(split.val.history, split.val.users, catalog, content_vectors, cfg.features.recent_items,
-                         e.history_len, e.history_half_life)
-    dm = TwoTowerData(rows, content_vectors, asof, known, ValidationData(split.val, vu, vi), t)
+    vu, vi, vasof = eval_inputs(split.val.history, split.val.users, catalog, content_vectors, cfg.features.recent_items,
+                                e.history_half_life, at=split.val.at)
+    seen = history_matrix(split.val.history, split.val.users, catalog.index, len(catalog))
+    dm = TwoTowerData(rows, content_vectors, asof, known, ValidationData(split.val, vu, vi, vasof, seen), t)
     tower = TowerConfig(content_dim=dim, n_items=len(catalog), out_dim=t.out_dim, hidden_dim=t.hidden_dim,
                         use_ids=t.id_embeddings if use_ids is None else use_ids, recent=cfg.features.recent_items)
     module = TwoTowerModule(tower, t, dm.log_q(), known)
@@ -145,8 +147,9 @@ def fit_two_tower(cfg: Config, catalog: Catalog, split: Split, repo: FeatureRepo
         state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
         module.load_state_dict(state)
     module.eval()
+    epochs = max(trainer.current_epoch, int(trainer.callback_metrics.get("train/epochs", 0)))
     out = TrainedTwoTower(name, module, content_vectors.astype(np.float32), validation.results,
-                          trainer.current_epoch, seconds, len(rows.times), run_id=logger.run_id)
+                          epochs, seconds, len(rows.times), run_id=logger.run_id)
     if trainer.is_global_zero and register:
         out.model_version = log_towers(out, cfg, catalog, vi, alias, repo.views.item_embedding.tags["model_version"])
     return out

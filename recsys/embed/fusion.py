@@ -13,7 +13,7 @@ Reads top to bottom like a small transformer file:
    (64, 128, ...) are themselves embeddings (Matryoshka);
 5. plus an *anchor*: a linear map of the mean MiniLM sentence vector of the content's text parts.
    Initialised to MiniLM's principal axes (so prefixes are the top principal components) with the
-   head initialised to zero, an untrained model is exactly MiniLM's text space; training then moves
+   head initialised small, an untrained model is (almost) MiniLM's text space; training then moves
    images, audio and video into that space and lets every modality adjust the fused vector. A few
    thousand paired examples cannot learn a better text space than MiniLM's from scratch; this way
    they do not have to.
@@ -37,6 +37,7 @@ class FusionConfig:
     n_layers: int = 2
     n_heads: int = 4
     dropout: float = 0.1
+    feature_dropout: float = 0.2  # on the frozen backbone features, in training (a few thousand pairs overfit fast)
     text_dim: int = 384  # MiniLM hidden size
     image_dim: int = 1280  # EfficientNet-Lite0 channels
     n_mels: int = 64
@@ -53,7 +54,7 @@ class FusionConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "FusionConfig":
-        d = dict(d)
+        d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         d["matryoshka_dims"] = tuple(d.get("matryoshka_dims", (64, 128, 256, 512, 768)))
         return cls(**d)
 
@@ -102,6 +103,7 @@ class FusionEncoder(nn.Module):
         self.text_proj = nn.Sequential(nn.LayerNorm(cfg.text_dim), nn.Linear(cfg.text_dim, d))
         self.image_proj = nn.Sequential(nn.LayerNorm(cfg.image_dim), nn.Linear(cfg.image_dim, d))  # images and frames
         self.audio = AudioEncoder(cfg)
+        self.feature_dropout = nn.Dropout(cfg.feature_dropout)
         self.modality = nn.Embedding(len(MODALITIES), d)
         self.position = nn.Embedding(cfg.max_tokens, d)
         layer = nn.TransformerEncoderLayer(d, cfg.n_heads, 4 * d, cfg.dropout, activation="gelu",
@@ -109,8 +111,8 @@ class FusionEncoder(nn.Module):
         self.blocks = nn.TransformerEncoder(layer, cfg.n_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, cfg.out_dim)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        nn.init.normal_(self.head.weight, std=0.01)  # small, not zero: a media-only content must not start at
+        nn.init.zeros_(self.head.bias)  # the zero vector, where normalising has no gradient to speak of
         self.anchor = nn.Linear(cfg.text_dim, cfg.out_dim, bias=False)
         with torch.no_grad():  # until set_anchor_basis: MiniLM's own axes in the first text_dim outputs
             self.anchor.weight.zero_()
@@ -135,7 +137,7 @@ class FusionEncoder(nn.Module):
             if not idx:
                 continue
             feats = [flat[i][2][: self.cfg.max_text_tokens] if flat[i][1] == "text" else flat[i][2] for i in idx]
-            projected = proj(torch.cat(feats)).split([f.shape[0] for f in feats])
+            projected = proj(self.feature_dropout(torch.cat(feats))).split([f.shape[0] for f in feats])
             for i, x in zip(idx, projected):
                 out[i] = x
         audio = [i for i, (_, n, _) in enumerate(flat) if n in ("audio", "video_audio")]

@@ -1,0 +1,95 @@
+"""Two-tower benchmark on ml-latest-small: every protocol with the two-tower and every baseline in the
+same run, the loss ablation, text-only vs multimodal input vectors, and training throughput."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from recsys.config import Config
+from recsys.content import Content
+from recsys.data import load_movielens
+from recsys.eval import make_split
+from recsys.eval.baselines import EASE, ContentKNN, ItemKNN, Popularity
+from recsys.eval.evaluate import evaluate, score_topk
+from recsys.pipeline import ItemVectors, build_features, console, embed_catalog, results_json, ProtocolRun, results_table
+
+ABLATION = {
+    "in-batch only": {"logq_correction": False, "mixed_negatives": 0, "hard_negatives": 0},
+    "+ logQ": {"logq_correction": True, "mixed_negatives": 0, "hard_negatives": 0},
+    "+ mixed negatives (default)": {"logq_correction": True, "mixed_negatives": 1024, "hard_negatives": 0},
+    "+ hard negatives": {"logq_correction": True, "mixed_negatives": 1024, "hard_negatives": 2},
+}
+
+
+def run(workdir: Path, posters: str | None = None, protocols=("loo", "cold", "temporal")) -> dict:
+    from serving.reranker import Reranker
+    from training.train import fit_two_tower
+
+    base = Config.load(None, workdir=str(workdir), data={"posters": posters})
+    ds = load_movielens(posters=posters)
+    cold_rows = make_split("cold", ds, base.eval).cold_items
+    iv = embed_catalog(base, ds, cold_rows=cold_rows, save=False)
+    # text-only vectors from the same embedder (the ablation's "text-only" input)
+    from recsys.embed import make_embedder
+
+    emb = make_embedder(base)
+    text_only = [Content(tuple(p for p in c.parts if p.kind == "text"), item_id=c.item_id) for c in ds.catalog.contents()]
+    tv = emb.embed(text_only, dim=base.embedder.dim)
+    tv_cold = emb.embed([Content(tuple(p for p in ds.catalog.content(int(r), cold=True).parts if p.kind == "text"))
+                         for r in cold_rows], dim=base.embedder.dim)
+    iv_text = ItemVectors(ds.catalog.ids, tv, iv.backend, iv.model_version + "-textonly", iv.dim,
+                          cold={int(r): v for r, v in zip(cold_rows, tv_cold)})
+    runs, ablation, throughput, cache = [], [], {}, {}
+    nb = base.eval.bootstrap
+    for protocol in protocols:
+        split = make_split(protocol, ds, base.eval)
+        vectors = iv.with_cold(split.cold_items) if protocol == "cold" else iv.vectors
+        repo = build_features(base, ds, vectors, iv, split.train, name=protocol, materialize=False)
+        idx = ds.catalog.index
+        results = []
+        t0 = time.time()
+        main = fit_two_tower(base, ds.catalog, split, repo, vectors, name="two-tower", rows_cache=cache)
+        throughput[protocol] = {"examples": main.examples, "epochs": main.epochs, "train_s": round(main.seconds, 1),
+                                "epoch_s": round(main.seconds / max(main.epochs, 1), 1),
+                                "examples_per_s": round(main.examples_per_s)}
+        results.append(main.evaluate(split, ds.catalog, base, n_boot=nb))
+        if protocol == "loo":
+            rr = Reranker().fit(main.candidates(split.val, ds.catalog, base, 200), split.val.targets)
+            rows, _ = rr.rerank(main.candidates(split.test, ds.catalog, base, 200), 50)
+            results.append(score_topk("two-tower + rerank", rows, split.test, len(ds.catalog), protocol, n_boot=nb))
+        idonly = Config.load(None, workdir=str(workdir), train={"id_embeddings": True, "id_dropout": 0.0})
+        results.append(fit_two_tower(idonly, ds.catalog, split, repo, np.zeros((len(ds.catalog), 8), np.float32),
+                                     name="id-only two-tower", use_ids=True, rows_cache=cache)
+                       .evaluate(split, ds.catalog, idonly, n_boot=nb))
+        results.append(evaluate(Popularity(idx).fit(split.test.history), split.test, idx, protocol, n_boot=nb))
+        results.append(evaluate(ItemKNN(idx).fit(split.test.history), split.test, idx, protocol, n_boot=nb))
+        lam = base.eval.ease_lambdas
+        best = EASE(idx, lam[len(lam) // 2]) if protocol == "cold" else EASE.tuned(idx, split.val, lam, protocol)[0]
+        results.append(evaluate(EASE(idx, best.lam).fit(split.test.history), split.test, idx, protocol, n_boot=nb))
+        results.append(evaluate(ContentKNN(idx, vectors, name="content-knn (embedder vectors)"), split.test, idx, protocol,
+                                n_boot=nb))
+        runs.append(ProtocolRun(protocol, results, extra={"ease_lambda": best.lam, **throughput[protocol]}))
+        console.print(results_table(runs[-1:]))
+        if protocol in ("loo", "cold"):
+            for name, over in ABLATION.items():
+                cfg = Config.load(None, workdir=str(workdir), train=over)
+                r = fit_two_tower(cfg, ds.catalog, split, repo, vectors, name=f"ablation {name}", rows_cache=cache)
+                ablation.append({"protocol": protocol, "variant": name,
+                                 **_summary(r.evaluate(split, ds.catalog, cfg, n_boot=nb))})
+            tvec = iv_text.with_cold(split.cold_items) if protocol == "cold" else iv_text.vectors
+            trepo = build_features(base, ds, tvec, iv_text, split.train, name=f"{protocol}-textonly", materialize=False)
+            r = fit_two_tower(base, ds.catalog, split, trepo, tvec, name="text-only input", rows_cache=cache)
+            ablation.append({"protocol": protocol, "variant": "input: text-only vectors",
+                             **_summary(r.evaluate(split, ds.catalog, base, n_boot=nb))})
+            ablation.append({"protocol": protocol, "variant": "input: multimodal vectors (default)",
+                             **_summary(results[0])})
+            console.print(ablation[-6:])
+    return {"results": results_json(runs), "ablation": ablation, "throughput": throughput,
+            "embedder": {"model_version": iv.model_version, "dim": iv.dim}, "posters": bool(posters)}
+
+
+def _summary(r) -> dict:
+    return {m: {"mean": e.mean, "low": e.low, "high": e.high} for m, e in r.estimates.items()} | {"Coverage@10": r.coverage10}
