@@ -26,11 +26,22 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
 
+def _code_version() -> str:
+    """The commit the numbers came from ("+dirty" when the working tree had changes)."""
+    import subprocess
+
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def _save(name: str, results: dict, argv: list[str]) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     blob = {"benchmark": name, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": "python -m benchmarks.run " + " ".join(shlex.quote(a) for a in argv),
-            "machine": machine.describe(), "results": results}
+            "code": _code_version(), "machine": machine.describe(), "results": results}
     (RESULTS / f"{name}.json").write_text(json.dumps(blob, indent=2, default=str))
 
 
@@ -74,7 +85,8 @@ def bench_training(args) -> dict:
     training throughput."""
     from benchmarks.training_bench import run
 
-    return run(Path(args.workdir) / "training", posters=args.posters)
+    return run(Path(args.workdir) / "training", posters=args.posters,
+               on_progress=lambda partial: _save("training", partial, args.argv))
 
 
 BENCHES = {"demo": bench_demo, "features": bench_features, "embedder": bench_embedder, "training": bench_training}
@@ -192,7 +204,7 @@ def render() -> Path:
             continue
         blob = json.loads(path.read_text())
         title, fn = RENDER[name]
-        lines += [f"## {title}", "", f"Command: `{blob['command']}`  ", f"Date: {blob['date']}  ",
+        lines += [f"## {title}", "", f"Command: `{blob['command']}`  ", f"Date: {blob['date']}  ", f"Code: {blob.get('code', 'unknown')}  ",
                   f"Machine: {machine.markdown(blob['machine'])}", ""]
         lines += fn(blob) + [""]
     out = ROOT / "BENCHMARKS.md"
@@ -211,6 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rows", type=int, default=100_000, help="vectors per materialization (features)")
     p.add_argument("--render", action="store_true", help="only rebuild BENCHMARKS.md")
     args = p.parse_args(argv)
+    args.argv = argv
     if not args.render:
         for name in args.names or list(BENCHES):
             if name not in BENCHES:

@@ -28,8 +28,9 @@ DEFAULT_VARIANT = "+ mixed negatives (default)"
 
 
 def run(workdir: Path, posters: str | None = None, protocols=("loo", "cold", "temporal"),
-        loss_ablation=("loo",), input_ablation=("loo", "cold")) -> dict:
-    """Args: loss_ablation / input_ablation: the protocols each ablation runs on (each variant is a full fit)."""
+        loss_ablation=("loo",), input_ablation=("loo", "cold"), on_progress=None) -> dict:
+    """Args: loss_ablation / input_ablation: the protocols each ablation runs on (each variant is a full fit);
+    on_progress: called with the results so far after each protocol (a long run keeps what it finished)."""
     from serving.reranker import Reranker
     from training.train import fit_two_tower
 
@@ -48,6 +49,11 @@ def run(workdir: Path, posters: str | None = None, protocols=("loo", "cold", "te
     iv_text = ItemVectors(ds.catalog.ids, tv, iv.backend, iv.model_version + "-textonly", iv.dim,
                           cold={int(r): v for r, v in zip(cold_rows, tv_cold)})
     runs, ablation, throughput, cache = [], [], {}, {}
+
+    def summary() -> dict:
+        return {"results": results_json(runs), "ablation": ablation, "throughput": throughput,
+                "embedder": {"model_version": iv.model_version, "dim": iv.dim}, "posters": bool(posters),
+                "protocols_done": [r.protocol for r in runs]}
     nb = base.eval.bootstrap
     for protocol in protocols:
         split = make_split(protocol, ds, base.eval)
@@ -96,8 +102,9 @@ def run(workdir: Path, posters: str | None = None, protocols=("loo", "cold", "te
             ablation.append({"protocol": protocol, "variant": "input: multimodal vectors (default)",
                              **_summary(results[0])})
         console.print([a for a in ablation if a["protocol"] == protocol])
-    return {"results": results_json(runs), "ablation": ablation, "throughput": throughput,
-            "embedder": {"model_version": iv.model_version, "dim": iv.dim}, "posters": bool(posters)}
+        if on_progress is not None:
+            on_progress(summary())
+    return summary()
 
 
 def _summary(r) -> dict:

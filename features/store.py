@@ -132,6 +132,7 @@ class FeatureRepo:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.dim = dim
         self.views: Repository = repository(self.data_dir.resolve(), backend, model_version, dim, cfg.features.recent_items)
+        self._registered: dict = {}  # view name -> registered FeatureView (see _view)
         self._write_config()
 
     # Set-up -----------------------------------------------------------------------------------
@@ -158,6 +159,13 @@ class FeatureRepo:
     def apply(self) -> None:
         """Register entities, views and services (idempotent)."""
         self.store.apply(self.views.objects)
+        self._registered.clear()
+
+    def _view(self, name: str):
+        """The registered FeatureView, looked up once (online reads are per request)."""
+        if name not in self._registered:
+            self._registered[name] = self.store.get_feature_view(name, allow_registry_cache=True)
+        return self._registered[name]
 
     def _path(self, view) -> Path:
         return Path(view.batch_source.path)
@@ -252,9 +260,9 @@ class FeatureRepo:
     def online_users(self, user_ids: list[str]) -> OnlineUsers:
         from features.online import read_rows
 
-        hist = read_rows(self.store, self.views.user_history.name, "user_id", user_ids,
+        hist = read_rows(self.store, self._view(self.views.user_history.name), "user_id", user_ids,
                          ["history_vector", "history_norm", "recent_item_ids", "history_count"])
-        stats = read_rows(self.store, self.views.user_stats.name, "user_id", user_ids,
+        stats = read_rows(self.store, self._view(self.views.user_stats.name), "user_id", user_ids,
                           ["n_interactions", "mean_value", "user_first_seen"])
         vec = np.zeros((len(user_ids), self.dim), np.float32)
         for i, v in enumerate(hist["history_vector"]):
@@ -273,8 +281,8 @@ class FeatureRepo:
     def online_items(self, item_ids: list[str]) -> OnlineItems:
         from features.online import read_rows
 
-        emb = read_rows(self.store, self.views.item_embedding.name, "item_id", item_ids, ["embedding"])
-        st = read_rows(self.store, self.views.item_stats.name, "item_id", item_ids,
+        emb = read_rows(self.store, self._view(self.views.item_embedding.name), "item_id", item_ids, ["embedding"])
+        st = read_rows(self.store, self._view(self.views.item_stats.name), "item_id", item_ids,
                        ["pop_all", "pop_30d", "item_first_seen", "has_text", "has_image", "has_audio", "has_video"])
         vec = np.zeros((len(item_ids), self.dim), np.float32)
         for i, v in enumerate(emb["embedding"]):

@@ -70,6 +70,7 @@ class TrainConfig(_Section):
     id_dropout: float = 0.5  # share of examples whose item id / stats are hidden (cold-start training)
     max_epochs: int = 10
     patience: int = 3
+    val_bucket_days: float = 28.0  # per-epoch validation: item stats as of each 4-week bucket (final eval: weekly)
     batch_size: int = 512
     lr: float = 5e-4
     weight_decay: float = 1e-5

@@ -104,8 +104,11 @@ class TwoTowerModule(L.LightningModule):
 class RankingValidation(L.Callback):
     """Full-ranking validation at the end of every training epoch; logs val/Recall10, val/Recall50, val/NDCG10."""
 
-    def __init__(self, dm: TwoTowerData, catalog_index: dict[str, int], protocol: str, every: int = 1):
-        self.dm, self.index, self.protocol, self.every = dm, catalog_index, protocol, every
+    def __init__(self, dm: TwoTowerData, catalog_index: dict[str, int], protocol: str, every: int = 1,
+                 bucket_s: float = 4 * 7 * 86400.0):
+        """Args: bucket_s: users asked within one bucket share the item statistics as of its earliest time;
+        coarser than the final evaluation's week (fewer item-tower passes), which is fine for model selection."""
+        self.dm, self.index, self.protocol, self.every, self.bucket_s = dm, catalog_index, protocol, every, bucket_s
         self.results: list[EvalResult] = []
 
     def on_train_epoch_start(self, trainer, module):
@@ -115,7 +118,8 @@ class RankingValidation(L.Callback):
         module.log("train/epochs", float(trainer.current_epoch + 1))  # survives spawn-based DDP (callback_metrics)
         if self.dm.val is None or (trainer.current_epoch + 1) % self.every:
             return
-        result = validate(module, self.dm.val, self.dm.item_content, self.index, self.protocol, n_boot=1)
+        result = validate(module, self.dm.val, self.dm.item_content, self.index, self.protocol, n_boot=1,
+                          bucket_s=self.bucket_s)
         self.results.append(result)
         # MLflow metric names allow no "@": val/Recall10, val/Recall50, val/NDCG10
         module.log_dict({f"val/{m.replace('@', '')}": result.estimates[m].mean for m in ("Recall@10", "Recall@50", "NDCG@10")},
@@ -127,10 +131,10 @@ WEEK = 7 * 86400.0
 
 
 def rank_by_time(module: TwoTowerModule, val: ValidationData, item_content: np.ndarray, catalog_index: dict[str, int],
-                 n: int, kind: str = "flat"):
-    """FAISS top-``n`` per user, seen items excluded. Users are grouped by the week they were asked in;
-    each group's item vectors use item statistics as of the group's earliest time (never later than any
-    member's), as serving would have computed them then.
+                 n: int, kind: str = "flat", bucket_s: float = WEEK):
+    """FAISS top-``n`` per user, seen items excluded. Users are grouped by the week (``bucket_s``) they were
+    asked in; each group's item vectors use item statistics as of the group's earliest time (never later
+    than any member's), as serving would have computed them then.
 
     Yields:
         (user indices, scores (g, n), rows (g, n), item stats table (n_items, 7)) per group.
@@ -143,7 +147,7 @@ def rank_by_time(module: TwoTowerModule, val: ValidationData, item_content: np.n
     if val.asof is None or times is None or np.isnan(times).any():
         groups = [(np.arange(len(es)), None)]
     else:
-        week = np.floor(times / WEEK)
+        week = np.floor(times / bucket_s)
         groups = [(np.flatnonzero(week == w), float(times[week == w].min())) for w in np.unique(week)]
     for idx, t in groups:
         stats = val.items.stats if t is None else val.asof.all_at(t)
@@ -155,11 +159,11 @@ def rank_by_time(module: TwoTowerModule, val: ValidationData, item_content: np.n
 
 def validate(module: TwoTowerModule, val: ValidationData, item_content: np.ndarray, catalog_index: dict[str, int],
              protocol: str, part: str = "val", n_boot: int = 1000, name: str = "two-tower", kind: str = "flat",
-             keep_topk: bool = False) -> EvalResult:
+             keep_topk: bool = False, bucket_s: float = WEEK) -> EvalResult:
     """Rank with the model through FAISS and score the rankings (see recsys.eval)."""
     es = val.eval_set
     topk = np.full((len(es), 50), -1, np.int64)
-    for idx, _, rows, _ in rank_by_time(module, val, item_content, catalog_index, 50, kind):
+    for idx, _, rows, _ in rank_by_time(module, val, item_content, catalog_index, 50, kind, bucket_s):
         topk[idx] = rows
     n_cand = es.candidates.size if es.candidates is not None else len(val.items.rows)
     return score_topk(name, topk, es, n_cand, protocol, part, n_boot=n_boot, keep_topk=keep_topk)

@@ -126,7 +126,7 @@ def fit_two_tower(cfg: Config, catalog: Catalog, split: Split, repo: FeatureRepo
                           run_name=f"{name}/{split.name}", log_model=False)
     logger.log_hyperparams({"name": name, "protocol": split.name, "content_dim": dim, "embedder": e.backend,
                             **{f"train.{k}": v for k, v in t.model_dump().items()}})
-    validation = RankingValidation(dm, catalog.index, split.name)
+    validation = RankingValidation(dm, catalog.index, split.name, bucket_s=cfg.train.val_bucket_days * 86400.0)
     callbacks = [validation,
                  EarlyStopping(monitor="val/NDCG10", mode="max", patience=t.patience, check_on_train_epoch_end=True),
                  ModelCheckpoint(dirpath=ckpt_dir, monitor="val/NDCG10", mode="max", save_top_k=1,
