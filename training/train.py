@@ -11,7 +11,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import lightning as L
@@ -110,8 +110,9 @@ def fit_two_tower(cfg: Config, catalog: Catalog, split: Split, repo: FeatureRepo
         if rows_cache is not None:
             rows_cache[key] = (rows, asof, known)
     if dim != repo.dim:  # a variant that reads other vectors (ID-only: zeros): swap them into the rows
-        rows.users.history = np.zeros((len(rows.times), dim), np.float32)
-        rows = type(rows)(rows.users, ItemInputs(content_vectors[rows.items.rows], rows.items.stats, rows.items.rows,
+        # new objects, never in-place: ``rows`` may be shared through ``rows_cache`` with later fits
+        users = replace(rows.users, history=np.zeros((len(rows.times), dim), np.float32))
+        rows = type(rows)(users, ItemInputs(content_vectors[rows.items.rows], rows.items.stats, rows.items.rows,
                                                  rows.items.known), rows.times, rows.user_ids)
     e = cfg.embedder
     vu, vi, vasof = eval_inputs(split.val.history, split.val.users, catalog, content_vectors, cfg.features.recent_items,
