@@ -247,14 +247,16 @@ class FeatureRepo:
         Args:
             labels: user_id, item_id, timestamp (the interaction to predict).
         Returns:
-            labels plus every feature of the training service, from snapshots older than ``timestamp``.
+            labels (in their order: the join itself does not keep it, and training batches depend on it)
+            plus every feature of the training service, from snapshots older than ``timestamp``.
         """
         entity = labels.select(
             "user_id", "item_id", "timestamp",
             (pl.col("timestamp") - timedelta(microseconds=1)).alias("event_timestamp"),
+            pl.int_range(pl.len(), dtype=pl.Int64).alias("label_row"),
         ).to_pandas()
         job = self.store.get_historical_features(entity_df=entity, features=self.views.training, full_feature_names=False)
-        return pl.from_pandas(job.to_df())
+        return pl.from_pandas(job.to_df()).sort("label_row").drop("label_row")
 
     # Online reads -----------------------------------------------------------------------------------
     def online_users(self, user_ids: list[str]) -> OnlineUsers:

@@ -63,3 +63,34 @@ def test_ddp_two_processes_match_one(world, synthetic):
     for s in (s1, s2):
         assert s[same].mean() > s[other].mean() + 0.1, (s[same].mean(), s[other].mean())
     assert np.corrcoef(s1.ravel(), s2.ravel())[0, 1] > 0.7
+
+
+def test_variants_sharing_cached_rows_do_not_change_them(world, synthetic):
+    """The benchmark fits several variants over one cache of Feast rows; the ID-only variant (zero content
+    vectors of another width) must not overwrite the cached rows the next variant reads."""
+    from training.train import fit_two_tower
+
+    work, split, repo, vectors = world
+    cfg = small_config(work, embedder={"dim": 64}, train={"max_epochs": 1, "accelerator": "cpu", "devices": 1})
+    cache: dict = {}
+    fit_two_tower(cfg, synthetic.catalog, split, repo, np.zeros((len(synthetic.catalog), 8), np.float32),
+                  name="id-only", use_ids=True, rows_cache=cache)
+    (rows, _, _), = cache.values()
+    assert rows.users.history.shape[1] == 64
+    fit_two_tower(cfg, synthetic.catalog, split, repo, vectors, name="content", rows_cache=cache)
+
+
+def test_hard_negatives_are_mined_with_faiss_and_train(world, synthetic):
+    """hard_negatives > 0: from the second epoch on, every example carries mined negatives that are never
+    its positive, and the fit still learns."""
+    from training.train import fit_two_tower
+
+    work, split, repo, vectors = world
+    cfg = small_config(work, embedder={"dim": 64}, train={"max_epochs": 2, "accelerator": "cpu", "devices": 1,
+                                                          "hard_negatives": 3, "patience": 5})
+    trained = fit_two_tower(cfg, synthetic.catalog, split, repo, vectors, name="hard")
+    assert trained.epochs == 2
+    dm = trained.datamodule
+    assert dm.hard is not None and dm.hard.shape == (len(dm.rows.times), 3)
+    assert not (dm.hard == dm.rows.items.rows[:, None]).any()
+    assert ((dm.hard >= 0) & (dm.hard < dm.n_items)).all()

@@ -60,6 +60,7 @@ def test_point_in_time_training_set_never_sees_the_label(repo, small):
     labels = small.interactions.frame.select("user_id", "item_id", "timestamp")
     ts = repo.training_set(labels)
     assert ts.height == labels.height
+    assert ts.select("user_id", "item_id", "timestamp").equals(labels)  # the labels' order, so training is reproducible
     # no label item ever appears in its own history
     leaks = ts.filter(pl.col("recent_item_ids").list.contains(pl.col("item_id")))
     same_item_earlier = small.interactions.frame.join(labels, on=["user_id", "item_id"]).filter(

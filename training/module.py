@@ -127,6 +127,39 @@ class RankingValidation(L.Callback):
         module.train()
 
 
+class MineHardNegatives(L.Callback):
+    """Hard negatives mined with FAISS before every epoch after the first.
+
+    Each training example gets ``per_example`` items that the current towers rank high for its user but
+    that are not its positive, drawn from ranks [skip, skip + pool): the very top ranks are left out, as
+    they hold most of the false negatives (items the user would also like). Item vectors use statistics
+    as of the middle of the training period; the batches then read ``dm.hard`` (see datamodule).
+    """
+
+    def __init__(self, dm: TwoTowerData, per_example: int, pool: int = 100, skip: int = 10):
+        self.dm, self.per_example, self.pool, self.skip = dm, per_example, pool, skip
+
+    def on_train_epoch_start(self, trainer, module):
+        if trainer.current_epoch == 0:
+            return  # nothing learned yet to mine with
+        dm, rows = self.dm, self.dm.rows
+        stats = dm.asof.all_at(float(np.median(rows.times)))
+        items = module.encode_items(ItemInputs(dm.item_content[:-1], stats, np.arange(dm.n_items), dm.known[:-1]))
+        users = module.encode_users(rows.users, dm.item_content)
+        k = min(self.skip + self.pool, dm.n_items)
+        _, cand = CandidateIndex(items, kind="flat").search(users, k)
+        cand = cand[:, min(self.skip, k - 1):]
+        rng = np.random.default_rng([dm.cfg.seed, trainer.current_epoch, 7])
+        hard = np.take_along_axis(cand, rng.integers(0, cand.shape[1], (len(cand), self.per_example)), 1)
+        positive = rows.items.rows[:, None]
+        bad = (hard == positive) | (hard < 0)
+        while bad.any():  # never the positive: redraw those uniformly
+            hard = np.where(bad, rng.integers(0, dm.n_items, hard.shape), hard)
+            bad = (hard == positive) | (hard < 0)
+        dm.hard = hard.astype(np.int64)
+        module.train()
+
+
 WEEK = 7 * 86400.0
 
 

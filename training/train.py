@@ -45,6 +45,7 @@ class TrainedTwoTower:
     examples: int = 0
     run_id: str | None = None
     model_version: str | None = None
+    datamodule: TwoTowerData | None = field(default=None, repr=False)  # the training data it was fit on
 
     @property
     def item_content(self) -> np.ndarray:
@@ -150,7 +151,7 @@ def fit_two_tower(cfg: Config, catalog: Catalog, split: Split, repo: FeatureRepo
     module.eval()
     epochs = max(trainer.current_epoch, int(trainer.callback_metrics.get("train/epochs", 0)))
     out = TrainedTwoTower(name, module, content_vectors.astype(np.float32), validation.results,
-                          epochs, seconds, len(rows.times), run_id=logger.run_id)
+                          epochs, seconds, len(rows.times), run_id=logger.run_id, datamodule=dm)
     if trainer.is_global_zero and register:
         out.model_version = log_towers(out, cfg, catalog, vi, alias, repo.views.item_embedding.tags["model_version"])
     return out
