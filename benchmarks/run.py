@@ -201,7 +201,10 @@ def render() -> Path:
              "comes from the command printed with it. Rerun one with `python -m benchmarks.run <name>`.", ""]
     for name in ORDER:
         path = RESULTS / f"{name}.json"
-        if not path.exists() or name not in RENDER:
+        if name not in RENDER:
+            continue
+        if not path.exists():
+            lines += [f"## {RENDER[name][0]}", "", f"Not recorded yet: run `python -m benchmarks.run {name}`.", ""]
             continue
         blob = json.loads(path.read_text())
         title, fn = RENDER[name]

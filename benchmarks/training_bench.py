@@ -95,7 +95,7 @@ def run(workdir: Path, posters: str | None = None, protocols=("loo", "cold", "te
                                  **_summary(r.evaluate(split, ds.catalog, cfg, n_boot=nb))})
         if protocol in input_ablation:
             tvec = iv_text.with_cold(split.cold_items) if protocol == "cold" else iv_text.vectors
-            trepo = build_features(base, ds, tvec, iv_text, split.train, name=f"{protocol}-textonly", materialize=False)
+            trepo = build_features(base, ds, tvec, iv_text, split.train, name=f"{protocol}_textonly", materialize=False)
             r = fit_two_tower(base, ds.catalog, split, trepo, tvec, name="text-only input", rows_cache=cache)
             ablation.append({"protocol": protocol, "variant": "input: text-only vectors",
                              **_summary(r.evaluate(split, ds.catalog, base, n_boot=nb))})
