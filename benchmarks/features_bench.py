@@ -1,11 +1,14 @@
 """Feature-store benchmarks: materialization speed and peak memory, online read latency, PIT build time.
 
-Each materialization runs in its own process so its peak memory (VmHWM) is its own. The three paths:
-``materialize`` (Feast's plain ``FeatureStore.materialize``), ``write_to_online_store`` (Feast's
-ingestion API, fed in chunks) and ``ours`` (FeatureRepo.materialize: latest row per entity, protos
-built directly, ``online_write_batch`` in chunks).
+Each materialization runs in its own process, after another process wrote its offline data, so its peak
+memory (VmHWM) is the materialization's own. The paths: ``materialize`` (Feast's plain
+``FeatureStore.materialize`` on Feast's stock online store type), ``write_to_online_store`` (Feast's
+ingestion API, fed in chunks), ``ours-protos`` (FeatureRepo.materialize's streaming, handing protos to
+Feast's ``online_write_batch``) and ``ours`` (the same streaming into the bulk ``write_encoded`` of
+features/online.py: what FeatureRepo.materialize does by default).
 
-    python -m benchmarks.features_bench child --path ours --store sqlite --dim 384 --rows 100000
+    python -m benchmarks.features_bench prepare --path ours --store sqlite --dim 384 --rows 100000 --workdir /tmp/fb
+    python -m benchmarks.features_bench child --path ours --store sqlite --dim 384 --rows 100000 --workdir /tmp/fb
 """
 
 from __future__ import annotations
@@ -33,65 +36,73 @@ def _peak_mb() -> float:
     return float("nan")
 
 
-def _repo(workdir: Path, store: str, redis: str | None, dim: int):
+def _repo(workdir: Path, store: str, redis: str | None, dim: int, bulk: bool = True, project: str | None = None):
     from features.store import FeatureRepo
     from recsys.config import Config
 
-    feats = {"online_store": store, "project": f"bench{os.getpid()}"}
+    feats = {"online_store": store, "project": project or f"bench{os.getpid()}", "bulk_writes": bulk}
     if redis:
         feats["redis_connection"] = redis
     cfg = Config.model_validate({"workdir": str(workdir), "features": feats})
     return FeatureRepo(cfg, "bench", "v1", dim, name="bench")
 
 
-def child(args) -> dict:
-    """Write N random vectors to the offline store, then time one materialization path."""
+T_WRITTEN = datetime(2024, 1, 1, tzinfo=timezone.utc)
+
+
+def prepare(args) -> dict:
+    """Write N random unit vectors to the offline store (its own process, so it does not count in the
+    materializing process's peak memory)."""
     import polars as pl
 
     from features.store import write_parquet
 
-    workdir = Path(tempfile.mkdtemp(prefix="featbench"))
-    try:
-        repo = _repo(workdir, args.store, args.redis, args.dim)
-        rng = np.random.default_rng(0)
-        ids = [f"i{i}" for i in range(args.rows)]
-        vecs = rng.standard_normal((args.rows, args.dim), dtype=np.float32)
-        vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
-        t_written = datetime(2024, 1, 1, tzinfo=timezone.utc)
-        frame = pl.DataFrame({"item_id": ids, "event_timestamp": pl.Series([t_written] * args.rows).cast(pl.Datetime("us", "UTC")),
-                              "embedding": pl.Series(vecs, dtype=pl.Array(pl.Float32, args.dim)).cast(pl.List(pl.Float32))})
-        write_parquet(frame, repo._path(repo.views.item_embedding))
-        del frame
-        repo.store.apply([repo.views.item, repo.views.item_embedding])
-        view = repo.views.item_embedding.name
-        end = t_written + timedelta(days=1)
-        base_mb = _peak_mb()
-        t0 = time.perf_counter()
-        if args.path == "materialize":
-            repo.store.materialize(start_date=t_written - timedelta(days=1), end_date=end, feature_views=[view])
-        elif args.path == "write_to_online_store":
-            table = pl.read_parquet(repo._path(repo.views.item_embedding))
-            for start in range(0, table.height, 5000):
-                part = table.slice(start, 5000).to_pandas()
-                part["embedding"] = part["embedding"].map(list)
-                repo.store.write_to_online_store(view, part)
-        else:  # what FeatureRepo.materialize does per view
-            from features.online import stream_rows
-
-            stream_rows(repo.store, repo.store.get_feature_view(view), repo._path(repo.views.item_embedding),
-                        t_written - timedelta(days=1), end, repo.cfg.features.write_chunk_rows)
-        seconds = time.perf_counter() - t0
-        from features.online import read_rows
-
-        check = read_rows(repo.store, view, "item_id", [ids[0], ids[-1]], ["embedding"])["embedding"]
-        assert check[0] is not None and np.allclose(check[1], vecs[-1], atol=1e-6), "materialized values differ"
-        return {"path": args.path, "store": args.store, "dim": args.dim, "rows": args.rows, "seconds": seconds,
-                "rows_per_s": args.rows / seconds, "peak_mb": _peak_mb(), "peak_before_mb": base_mb}
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    repo = _repo(Path(args.workdir), args.store, args.redis, args.dim, args.path != "materialize", args.project)
+    rng = np.random.default_rng(0)
+    vecs = rng.standard_normal((args.rows, args.dim), dtype=np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    frame = pl.DataFrame({"item_id": [f"i{i}" for i in range(args.rows)],
+                          "event_timestamp": pl.Series([T_WRITTEN] * args.rows).cast(pl.Datetime("us", "UTC")),
+                          "embedding": pl.Series(vecs, dtype=pl.Array(pl.Float32, args.dim)).cast(pl.List(pl.Float32))})
+    write_parquet(frame, repo._path(repo.views.item_embedding))
+    repo.store.apply([repo.views.item, repo.views.item_embedding])
+    return {"prepared": args.rows}
 
 
-def materialization(rows: int = 100_000, dims=(384, 768), paths=("materialize", "write_to_online_store", "ours")) -> list[dict]:
+def child(args) -> dict:
+    """Time one materialization path over the prepared offline store; peak memory is this process's VmHWM."""
+    import polars as pl
+
+    from features.online import read_rows, stream_rows
+
+    repo = _repo(Path(args.workdir), args.store, args.redis, args.dim, args.path != "materialize", args.project)
+    view = repo.views.item_embedding.name
+    end = T_WRITTEN + timedelta(days=1)
+    fv = repo.store.get_feature_view(view)
+    base_mb = _peak_mb()
+    t0 = time.perf_counter()
+    if args.path == "materialize":  # Feast's plain materialize, Feast's stock online store type
+        repo.store.materialize(start_date=T_WRITTEN - timedelta(days=1), end_date=end, feature_views=[view])
+    elif args.path == "write_to_online_store":
+        table = pl.read_parquet(repo._path(repo.views.item_embedding))
+        for start in range(0, table.height, 5000):
+            part = table.slice(start, 5000).to_pandas()
+            part["embedding"] = part["embedding"].map(list)
+            repo.store.write_to_online_store(view, part)
+    else:  # what FeatureRepo.materialize does per view; "ours-protos": Feast's online_write_batch instead of the bulk write
+        stream_rows(repo.store, fv, repo._path(repo.views.item_embedding), T_WRITTEN - timedelta(days=1), end,
+                    repo.cfg.features.write_chunk_rows, bulk=args.path == "ours")
+    seconds = time.perf_counter() - t0
+    peak = _peak_mb()
+    last = pl.read_parquet(repo._path(repo.views.item_embedding)).tail(1)
+    check = read_rows(repo.store, view, "item_id", ["i0", last["item_id"][0]], ["embedding"])["embedding"]
+    assert check[0] is not None and np.allclose(check[1], last["embedding"][0].to_numpy(), atol=1e-6), "materialized values differ"
+    return {"path": args.path, "store": args.store, "dim": args.dim, "rows": args.rows, "seconds": seconds,
+            "rows_per_s": args.rows / seconds, "peak_mb": peak, "peak_before_mb": base_mb,
+            "online_store_type": repo.store.config.online_store.type}
+
+
+def materialization(rows: int = 100_000, dims=(384, 768), paths=("materialize", "write_to_online_store", "ours-protos", "ours")) -> list[dict]:
     out = []
     with redis_server() as redis:
         for store in ("sqlite", "redis"):
@@ -99,9 +110,15 @@ def materialization(rows: int = 100_000, dims=(384, 768), paths=("materialize", 
                 continue
             for dim in dims:
                 for path in paths:
-                    cmd = [sys.executable, "-m", "benchmarks.features_bench", "child", "--path", path, "--store", store,
-                           "--dim", str(dim), "--rows", str(rows)] + (["--redis", redis] if store == "redis" else [])
-                    res = subprocess.run(cmd, capture_output=True, text=True)
+                    workdir = tempfile.mkdtemp(prefix="featbench")
+                    common = ["--path", path, "--store", store, "--dim", str(dim), "--rows", str(rows), "--workdir", workdir,
+                              "--project", f"bench{len(out)}"] + (["--redis", redis] if store == "redis" else [])
+                    res = subprocess.run([sys.executable, "-m", "benchmarks.features_bench", "prepare", *common],
+                                         capture_output=True, text=True)
+                    if res.returncode == 0:
+                        res = subprocess.run([sys.executable, "-m", "benchmarks.features_bench", "child", *common],
+                                             capture_output=True, text=True)
+                    shutil.rmtree(workdir, ignore_errors=True)
                     if res.returncode != 0:
                         out.append({"path": path, "store": store, "dim": dim, "error": res.stderr[-800:]})
                     else:
@@ -208,16 +225,20 @@ def pit_build() -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("child", help="one materialization in this process (prints JSON)")
-    c.add_argument("--path", choices=["materialize", "write_to_online_store", "ours"], required=True)
-    c.add_argument("--store", choices=["sqlite", "redis"], default="sqlite")
-    c.add_argument("--redis", default=None)
-    c.add_argument("--dim", type=int, default=384)
-    c.add_argument("--rows", type=int, default=100_000)
+    for name, text in (("prepare", "write the offline data for one materialization (prints JSON)"),
+                       ("child", "time one materialization in this process (prints JSON)")):
+        c = sub.add_parser(name, help=text)
+        c.add_argument("--path", choices=["materialize", "write_to_online_store", "ours-protos", "ours"], required=True)
+        c.add_argument("--store", choices=["sqlite", "redis"], default="sqlite")
+        c.add_argument("--redis", default=None)
+        c.add_argument("--dim", type=int, default=384)
+        c.add_argument("--rows", type=int, default=100_000)
+        c.add_argument("--workdir", required=True)
+        c.add_argument("--project", default="bench")
     sub.add_parser("all", help="every feature benchmark (prints JSON)")
     args = p.parse_args()
-    if args.cmd == "child":
-        print(json.dumps(child(args)))
+    if args.cmd in ("prepare", "child"):
+        print(json.dumps((prepare if args.cmd == "prepare" else child)(args)))
     else:
         print(json.dumps({"materialization": materialization(), "online": online_latency(), "pit": pit_build()}, indent=2))
 

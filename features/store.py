@@ -143,7 +143,9 @@ class FeatureRepo:
         if f.registry:
             conf["registry"] = f.registry
         if f.online_store == "redis":
-            conf["online_store"] = {"type": "redis", "connection_string": f.redis_connection}
+            conf["online_store"] = {"type": "features.online.BulkRedisOnlineStore", "connection_string": f.redis_connection}
+        if not f.bulk_writes:  # Feast's own store types: same tables and keys, materialized row by row
+            conf["online_store"]["type"] = f.online_store
         text = yaml.safe_dump(conf, sort_keys=False)
         path = self.dir / "feature_store.yaml"
         if not path.exists() or path.read_text() != text:

@@ -56,6 +56,7 @@ class FeatureConfig(_Section):
     project: str = "recsys"
     online_store: Literal["sqlite", "redis"] = "sqlite"
     redis_connection: str = "localhost:6379"
+    bulk_writes: bool = True  # Feast's stores plus a bulk write (features/online.py); False: Feast's stock types
     registry: str | None = None  # default: <workdir>/feast/data/registry.db
     recent_items: int = 20  # ids kept in the user-history feature
     write_chunk_rows: int = 5000  # rows per online write (bounds memory)
