@@ -47,6 +47,8 @@ class EmbedderConfig(_Section):
     gemini_concurrency: int = 4
     gemini_max_retries: int = 6
     gemini_timeout_s: float = 60.0
+    gemini_upload_above_bytes: int = 2**20  # larger media parts go through the Files API, not inline
+    gemini_file_wait_s: float = 300.0  # how long an uploaded video may stay PROCESSING
     history_half_life: float = 50.0  # in items: the history vector is a decayed sum (an item this old weighs half)
 
 

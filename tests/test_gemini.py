@@ -111,3 +111,56 @@ def test_api_key_from_environment_and_cache(server, tmp_path, monkeypatch):
     again = emb.embed_many([Content.of("cached thing")], dim=256)
     assert len(server.requests) == sent and again.cache_hits == 1
     assert np.allclose(a, again.vectors, atol=1e-6)
+
+
+def noise_png(seed: int, size: int = 96, marker: bytes = b"") -> bytes:
+    """A PNG that does not compress (tens of KB); ``marker`` rides in a text chunk (the server's poison)."""
+    from PIL import PngImagePlugin
+
+    img = Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8))
+    info = PngImagePlugin.PngInfo()
+    if marker:
+        info.add_text("note", marker.decode())
+    b = io.BytesIO()
+    img.save(b, format="PNG", pnginfo=info)
+    return b.getvalue()
+
+
+def test_large_media_go_through_the_files_api(server):
+    """Parts over ``upload_above`` are uploaded once (resumable upload through the real client) and sent by
+    URI; the vectors equal those of the same bytes sent inline; requests stay small."""
+    big = [noise_png(s) for s in range(3)]
+    contents = [Content.of(f"poster {i}", Part("image", data=b, mime_type="image/png"), item_id=str(i))
+                for i, b in enumerate(big)]
+    contents.append(Content.of("same poster again", Part("image", data=big[0], mime_type="image/png"), item_id="dup"))
+    contents.append(Content.of("small", Part("image", data=png(), mime_type="image/png"), item_id="small"))
+    server.upload_faults = [Fault("503")]  # the first upload start is retried
+    emb = make(server, upload_above=10_000)
+    v = emb.embed(contents, dim=256)
+    assert emb.stats["uploads"] == 3 and len(server.files) == 3  # the duplicate is not uploaded twice
+    assert all(f["state"] == "ACTIVE" for f in server.files.values())
+    for i in range(3):
+        exp = server.expected([("text", f"title: none | text: poster {i}".encode()), ("image/png", big[i])], 256)
+        assert np.allclose(v[i], exp, atol=1e-5)
+    assert np.allclose(v[4], server.expected([("text", b"title: none | text: small"), ("image/png", png())], 256), atol=1e-5)
+    assert max(r["bytes"] for r in server.requests) < min(len(b) for b in big)  # uploaded bytes never inlined
+
+
+def test_a_file_the_service_cannot_process_fails_only_its_item(server):
+    bad = noise_png(7, marker=b"POISON")
+    contents = [Content.of("fine", Part("image", data=noise_png(8), mime_type="image/png"), item_id="ok"),
+                Content.of("broken", Part("image", data=bad, mime_type="image/png"), item_id="bad"),
+                Content.of("text only", item_id="t")]
+    result = make(server, upload_above=10_000).embed_many(contents, dim=128)
+    assert [e.item_id for e in result.errors] == ["bad"]
+    assert "Files API could not process the image/png part" in result.errors[0].message
+    assert result.ok.tolist() == [True, False, True]
+
+
+def test_an_uploaded_video_is_waited_on_until_active(server, microlens):
+    clip = (microlens / "videos" / "1002.mp4").read_bytes()
+    emb = make(server, upload_above=10_000, file_poll_s=0.05)
+    v = emb.embed([Content.of("a clip", Part("video", data=clip, mime_type="video/mp4"), item_id="v")], dim=128)
+    (f,) = server.files.values()
+    assert f["state"] == "ACTIVE" and f["polls"] < 0  # it was PROCESSING first; the client polled files.get
+    assert np.allclose(v[0], server.expected([("text", b"title: none | text: a clip"), ("video/mp4", clip)], 128), atol=1e-5)

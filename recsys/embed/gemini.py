@@ -1,7 +1,9 @@
 """The ``gemini`` backend: Gemini Embedding 2 through the real google-genai client.
 
 One Content per item (its text, image, audio and video parts interleaved -> one vector), at most 100
-items per batchEmbedContents call (and under the inline payload cap), a bounded number of calls in
+items per batchEmbedContents call (and under the inline payload cap: a media part over
+``upload_above`` bytes goes through the Files API, uploaded once per process, waited on until ACTIVE,
+and referenced by URI), a bounded number of calls in
 flight, retries with exponential backoff and jitter on 429, 5xx, timeouts and malformed answers
 (honouring Retry-After), ``output_dimensionality`` for Matryoshka dims, task instructions as text
 prefixes, the API key from the environment. A batch the API rejects as a bad request is split until
@@ -11,6 +13,8 @@ the offending items are isolated: they fail with the API's reason; every other i
 from __future__ import annotations
 
 import email.utils
+import hashlib
+import io
 import os
 import random
 import threading
@@ -31,8 +35,9 @@ GEMINI_LIMITS = Limits(
     image_mimes=frozenset({"image/png", "image/jpeg"}),
     video_mimes=frozenset({"video/mp4", "video/mpeg"}),
     audio_mimes=frozenset({"audio/mpeg", "audio/mp3", "audio/wav", "audio/x-wav", "audio/wave"}),
-    max_item_bytes=3 * 2**20,  # inline bytes per item; base64 makes it ~4 MB on the wire (the reported cap)
+    max_item_bytes=2 * 2**30,  # the Files API's cap per file; larger parts are uploaded, not inlined
 )
+INLINE_BUDGET = 3 * 2**20  # inline bytes per request; base64 makes it ~4 MB on the wire (the reported cap)
 TASK_TYPES_001 = {"query": "RETRIEVAL_QUERY", "document": "RETRIEVAL_DOCUMENT", "similarity": "SEMANTIC_SIMILARITY",
                   "classification": "CLASSIFICATION", "clustering": "CLUSTERING"}
 RETRYABLE = {408, 429, 500, 502, 503, 504}
@@ -96,7 +101,10 @@ class GeminiEmbedder(Embedder):
 
     def __init__(self, model: str = "gemini-embedding-2", api_key: str | None = None, base_url: str | None = None,
                  batch_size: int = 100, concurrency: int = 4, retry: RetryPolicy = RetryPolicy(),
-                 timeout_s: float = 60.0, cache_dir: str | Path | None = None, default_dim: int = 768):
+                 timeout_s: float = 60.0, cache_dir: str | Path | None = None, default_dim: int = 768,
+                 upload_above: int = 2**20, file_wait_s: float = 300.0, file_poll_s: float = 2.0):
+        """Args: upload_above: media parts larger than this many bytes go through the Files API;
+        file_wait_s / file_poll_s: how long to wait for an uploaded file to become ACTIVE, and how often to ask."""
         from google import genai
         from google.genai import types
 
@@ -107,20 +115,24 @@ class GeminiEmbedder(Embedder):
             raise ValueError(f"batch_size {batch_size}: the API takes 1..100 contents per request")
         self.model, self.batch_size, self.concurrency, self.retry = model, batch_size, concurrency, retry
         self.default_dim = default_dim
+        self.upload_above, self.file_wait_s, self.file_poll_s = upload_above, file_wait_s, file_poll_s
+        self._files: dict[str, str] = {}  # sha256 of an uploaded part's bytes -> its file URI (this process)
+        self._file_locks: dict[str, threading.Lock] = {}
         self.types = types
         # The SDK's own retries are off: ours honour Retry-After and split bad batches.
         opts = types.HttpOptions(base_url=base_url, timeout=int(timeout_s * 1000),
                                  retry_options=types.HttpRetryOptions(attempts=1))
         self.client = genai.Client(api_key=api_key, http_options=opts)
         self.cache = VectorCache(Path(cache_dir) / "embeddings.sqlite") if cache_dir else None
-        self.stats = {"requests": 0, "retries": 0, "splits": 0}
+        self.stats = {"requests": 0, "retries": 0, "splits": 0, "uploads": 0}
         self._lock = threading.Lock()
 
     @classmethod
     def from_config(cls, e, cache_dir=None) -> "GeminiEmbedder":
         return cls(e.gemini_model, base_url=e.gemini_base_url, batch_size=e.gemini_batch_size,
                    concurrency=e.gemini_concurrency, retry=RetryPolicy(max_retries=e.gemini_max_retries),
-                   timeout_s=e.gemini_timeout_s, cache_dir=cache_dir if e.cache else None, default_dim=e.dim)
+                   timeout_s=e.gemini_timeout_s, cache_dir=cache_dir if e.cache else None, default_dim=e.dim,
+                   upload_above=e.gemini_upload_above_bytes, file_wait_s=e.gemini_file_wait_s)
 
     @property
     def model_version(self) -> str:
@@ -134,8 +146,56 @@ class GeminiEmbedder(Embedder):
             if p.kind == "text":
                 parts.append(t.Part(text=p.text))
             else:
-                parts.append(t.Part(inline_data=t.Blob(mime_type=p.mime_type, data=p.read_bytes())))
+                data = p.read_bytes()
+                uri = self._files.get(hashlib.sha256(data).hexdigest()) if len(data) > self.upload_above else None
+                parts.append(t.Part(file_data=t.FileData(file_uri=uri, mime_type=p.mime_type)) if uri else
+                             t.Part(inline_data=t.Blob(mime_type=p.mime_type, data=data)))
         return t.Content(parts=parts)
+
+    def _upload(self, data: bytes, mime: str) -> str:
+        """The Files API: upload one large part, wait until the service has processed it; returns its URI.
+        Once per process for the same bytes (the service keeps files 48 h, so the map is not persisted).
+        Raises BatchFailed with the reason."""
+        key = hashlib.sha256(data).hexdigest()
+        with self._lock:
+            once = self._file_locks.setdefault(key, threading.Lock())
+        with once:  # the same bytes in two items at once: one upload
+            if key not in self._files:
+                self._files[key] = self._upload_now(data, mime)
+        return self._files[key]
+
+    def _upload_now(self, data: bytes, mime: str) -> str:
+        f = self._retrying(lambda: self.client.files.upload(
+            file=io.BytesIO(data), config=self.types.UploadFileConfig(mime_type=mime)))
+        with self._lock:
+            self.stats["uploads"] += 1
+        deadline = time.monotonic() + self.file_wait_s
+        state = self.types.FileState
+        while f.state == state.PROCESSING:
+            if time.monotonic() > deadline:
+                raise BatchFailed(f"uploaded {mime} file {f.name} still PROCESSING after {self.file_wait_s:.0f} s")
+            time.sleep(self.file_poll_s)
+            f = self._retrying(lambda: self.client.files.get(name=f.name))
+        if f.state == state.FAILED or not f.uri:
+            why = getattr(f.error, "message", None) or "no URI"
+            raise BatchFailed(f"the Files API could not process the {mime} part ({len(data) / 1e6:.1f} MB): {why}")
+        return f.uri
+
+    def _prepare_uploads(self, index: int, content: Content) -> tuple[int, Content, int, str | None]:
+        """Upload an item's large parts; returns (index, content, inline bytes left, error or None)."""
+        inline = 0
+        try:
+            for p in content.parts:
+                if p.kind == "text":
+                    continue
+                data = p.read_bytes()
+                if len(data) > self.upload_above:
+                    self._upload(data, p.mime_type)
+                else:
+                    inline += len(data)
+        except BatchFailed as exc:
+            return index, content, 0, exc.reason
+        return index, content, inline, None
 
     def _call(self, contents: list[Content], task: Task, dim: int) -> np.ndarray:
         """One batchEmbedContents call with retries. Returns (n, dim) raw values."""
@@ -145,21 +205,32 @@ class GeminiEmbedder(Embedder):
         if self.model.startswith("gemini-embedding-001") and task in TASK_TYPES_001:
             cfg["task_type"] = TASK_TYPES_001[task]
         payload = [self._to_sdk(c) for c in contents]
+
+        def once() -> np.ndarray:
+            with self._lock:
+                self.stats["requests"] += 1
+            resp = self.client.models.embed_content(model=self.model, contents=payload,
+                                                    config=self.types.EmbedContentConfig(**cfg))
+            values = [e.values for e in (resp.embeddings or [])]
+            if len(values) != len(contents) or any(v is None or len(v) < dim for v in values):
+                raise ValueError(f"malformed answer: {len(values)} embeddings for {len(contents)} contents")
+            arr = np.asarray([v[:dim] for v in values], dtype=np.float32)
+            if not np.isfinite(arr).all():
+                raise ValueError("malformed answer: non-finite values")
+            return arr
+
+        return self._retrying(once)
+
+    def _retrying(self, fn):
+        """``fn()`` with retries (exponential backoff with jitter, Retry-After honoured) on 429, 5xx, timeouts
+        and malformed answers; a 4xx or exhausted retries raise BatchFailed with the reason."""
+        from google.genai import errors
+
         last = "no attempt"
         for attempt in range(self.retry.max_retries + 1):
             retry_after = None
             try:
-                with self._lock:
-                    self.stats["requests"] += 1
-                resp = self.client.models.embed_content(model=self.model, contents=payload,
-                                                        config=self.types.EmbedContentConfig(**cfg))
-                values = [e.values for e in (resp.embeddings or [])]
-                if len(values) != len(contents) or any(v is None or len(v) < dim for v in values):
-                    raise ValueError(f"malformed answer: {len(values)} embeddings for {len(contents)} contents")
-                arr = np.asarray([v[:dim] for v in values], dtype=np.float32)
-                if not np.isfinite(arr).all():
-                    raise ValueError("malformed answer: non-finite values")
-                return arr
+                return fn()
             except errors.APIError as exc:
                 code = exc.code or 0
                 last = f"HTTP {code} {exc.status or ''}: {exc.message or exc}".strip()
@@ -195,7 +266,7 @@ class GeminiEmbedder(Embedder):
     def _batches(self, items: list[tuple[int, Content, int]]) -> list[list[tuple[int, Content]]]:
         """At most ``batch_size`` items and about 3 MB of inline media per request."""
         out, cur, size = [], [], 0
-        budget = self.limits.max_item_bytes or 3 * 2**20
+        budget = INLINE_BUDGET
         for i, c, nbytes in items:
             if cur and (len(cur) >= self.batch_size or size + nbytes > budget):
                 out.append(cur)
@@ -217,21 +288,27 @@ class GeminiEmbedder(Embedder):
             try:
                 self.limits.check(c)
                 prepared = apply_task(c, task) if not self.model.startswith("gemini-embedding-001") else c
-                nbytes = sum(len(p.read_bytes()) for p in prepared.parts if p.kind != "text")
             except ContentError as exc:
                 errors.append(ItemError(i, c.item_id, exc.problem))
                 continue
             if self.cache is not None:
                 keys[i] = embedding_key(prepared, task, self.name, self.model_version, dim)
-            todo.append((i, prepared, nbytes))
+            todo.append((i, prepared))
         hits = self.cache.get_many(list(keys.values())) if self.cache is not None else {}
         for i, key in keys.items():
             if key in hits:
                 vectors[i] = hits[key]
         todo = [t for t in todo if keys.get(t[0]) not in hits]
-        batches = self._batches(todo)
         bar = tqdm(total=len(todo), desc=f"embed[{self.model}]", unit="item", disable=not progress)
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            ready = []  # large parts uploaded first (Files API); an item whose upload fails fails alone
+            for i, c, inline, err in pool.map(lambda t: self._prepare_uploads(*t), todo):
+                if err is None:
+                    ready.append((i, c, inline))
+                else:
+                    errors.append(ItemError(i, contents[i].item_id, err))
+                    bar.update(1)
+            batches = self._batches(ready)
             for ok, failed in pool.map(lambda b: self._embed_batch(b, task, dim), batches):
                 new = {}
                 for i, v in ok.items():
