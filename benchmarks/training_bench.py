@@ -27,6 +27,26 @@ ABLATION = {
 DEFAULT_VARIANT = "+ mixed negatives (default)"
 
 
+def text_only_vectors(base: Config, ds, iv: ItemVectors, cold_rows: np.ndarray) -> ItemVectors:
+    """The catalog embedded from its text parts only, by the same embedder (the ablation's "text-only" input)."""
+    from recsys.embed import make_embedder
+
+    emb = make_embedder(base)
+    text_only = [Content(tuple(p for p in c.parts if p.kind == "text"), item_id=c.item_id) for c in ds.catalog.contents()]
+    tv = emb.embed(text_only, dim=base.embedder.dim)
+    tv_cold = emb.embed([Content(tuple(p for p in ds.catalog.content(int(r), cold=True).parts if p.kind == "text"))
+                         for r in cold_rows], dim=base.embedder.dim)
+    return ItemVectors(ds.catalog.ids, tv, iv.backend, iv.model_version + "-textonly", iv.dim,
+                       cold={int(r): v for r, v in zip(cold_rows, tv_cold)})
+
+
+def concatenated(a: ItemVectors, b: ItemVectors) -> ItemVectors:
+    """[a; b] / sqrt(2): both spaces side by side, still unit length (the towers learn how to weigh them)."""
+    cat = lambda x, y: (np.concatenate([x, y], -1) / np.sqrt(2)).astype(np.float32)  # noqa: E731
+    return ItemVectors(a.ids, cat(a.vectors, b.vectors), a.backend, f"{a.model_version}+{b.model_version}", a.dim + b.dim,
+                       cold={r: cat(v, b.cold[r]) for r, v in a.cold.items() if r in b.cold})
+
+
 def run(workdir: Path, posters: str | None = None, protocols=("loo", "cold", "temporal"),
         loss_ablation=("loo",), input_ablation=("loo", "cold"), on_progress=None) -> dict:
     """Args: loss_ablation / input_ablation: the protocols each ablation runs on (each variant is a full fit);
@@ -38,16 +58,7 @@ def run(workdir: Path, posters: str | None = None, protocols=("loo", "cold", "te
     ds = load_movielens(posters=posters)
     cold_rows = make_split("cold", ds, base.eval).cold_items
     iv = embed_catalog(base, ds, cold_rows=cold_rows, save=False)
-    # text-only vectors from the same embedder (the ablation's "text-only" input)
-    from recsys.embed import make_embedder
-
-    emb = make_embedder(base)
-    text_only = [Content(tuple(p for p in c.parts if p.kind == "text"), item_id=c.item_id) for c in ds.catalog.contents()]
-    tv = emb.embed(text_only, dim=base.embedder.dim)
-    tv_cold = emb.embed([Content(tuple(p for p in ds.catalog.content(int(r), cold=True).parts if p.kind == "text"))
-                         for r in cold_rows], dim=base.embedder.dim)
-    iv_text = ItemVectors(ds.catalog.ids, tv, iv.backend, iv.model_version + "-textonly", iv.dim,
-                          cold={int(r): v for r, v in zip(cold_rows, tv_cold)})
+    iv_text = text_only_vectors(base, ds, iv, cold_rows)
     runs, ablation, throughput, cache = [], [], {}, {}
 
     def summary() -> dict:
@@ -156,3 +167,29 @@ def cold_popularity_prior(workdir: Path, posters: str | None = None, betas=(0.0,
     test = {b: scored(split.test, b, "test") for b in betas}
     return {"prior_corr_with_cold_popularity": corr, "best_beta_on_val": best,
             "val": {str(b): v for b, v in val.items()}, "test": {str(b): v for b, v in test.items()}}
+
+
+def input_variants(workdir: Path, posters: str | None = None, protocols=("cold", "loo")) -> list[dict]:
+    """The two-tower on three item inputs from the same embedder: fused multimodal vectors (the default),
+    text-only vectors, and both concatenated (so the towers can use the text neighbourhoods the fusion blurs)."""
+    from training.train import fit_two_tower
+
+    base = Config.load(None, workdir=str(workdir), data={"posters": posters})
+    ds = load_movielens(posters=posters)
+    cold_rows = make_split("cold", ds, base.eval).cold_items
+    iv = embed_catalog(base, ds, cold_rows=cold_rows, save=False)
+    iv_text = text_only_vectors(base, ds, iv, cold_rows)
+    spaces = {"multimodal (default)": iv, "text-only": iv_text, "multimodal + text-only, concatenated": concatenated(iv, iv_text)}
+    out, cache = [], {}
+    for protocol in protocols:
+        split = make_split(protocol, ds, base.eval)
+        for name, space in spaces.items():
+            vectors = space.with_cold(split.cold_items) if protocol == "cold" else space.vectors
+            tag = {"multimodal (default)": "", "text-only": "_textonly"}.get(name, "_concat")
+            repo = build_features(base, ds, vectors, space, split.train, name=protocol + tag, materialize=False)
+            r = fit_two_tower(base, ds.catalog, split, repo, vectors, name=f"input: {name}", rows_cache=cache)
+            out.append({"protocol": protocol, "variant": name, "dim": space.dim,
+                        "val": _summary(r.evaluate(split, ds.catalog, base, part="val", n_boot=base.eval.bootstrap)),
+                        "test": _summary(r.evaluate(split, ds.catalog, base, n_boot=base.eval.bootstrap))})
+            console.print(out[-1])
+    return out

@@ -81,8 +81,8 @@ class BulkSqliteOnlineStore(SqliteOnlineStore):
         conn = self._get_conn(config)
         name = compute_table_id(config.project, table, config.registry.enable_online_feature_view_versioning)
         # as Feast's registered sqlite3 adapter writes a datetime, once per distinct time
-        as_text = {t: _sqlite_time(t) for t in set(rows.event_ts)}
-        stamps = [as_text[t] for t in rows.event_ts]
+        epoch = {t: _sqlite_time(t) for t in set(rows.event_ts)}
+        stamps = [epoch[t] for t in rows.event_ts]
         created = _sqlite_time(rows.created_ts)
         sql = (f"INSERT INTO {_quote_id(name)} (entity_key, feature_name, value, value_text, event_ts, created_ts) "
                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(entity_key, feature_name) DO UPDATE SET "
