@@ -42,7 +42,9 @@ def text_only_vectors(base: Config, ds, iv: ItemVectors, cold_rows: np.ndarray) 
 
 def concatenated(a: ItemVectors, b: ItemVectors) -> ItemVectors:
     """[a; b] / sqrt(2): both spaces side by side, still unit length (the towers learn how to weigh them)."""
-    cat = lambda x, y: (np.concatenate([x, y], -1) / np.sqrt(2)).astype(np.float32)  # noqa: E731
+    def cat(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return (np.concatenate([x, y], -1) / np.sqrt(2)).astype(np.float32)
+
     return ItemVectors(a.ids, cat(a.vectors, b.vectors), a.backend, f"{a.model_version}+{b.model_version}", a.dim + b.dim,
                        cold={r: cat(v, b.cold[r]) for r, v in a.cold.items() if r in b.cold})
 

@@ -232,11 +232,6 @@ def float_list_bytes(matrix: np.ndarray) -> list[bytes]:
     return [head + row.tobytes() for row in m]
 
 
-def float_list_values(matrix: np.ndarray) -> list[Value]:
-    """(n, d) float32 -> n ``Value`` protos (for Feast's generic ``online_write_batch``)."""
-    return [Value.FromString(b) for b in float_list_bytes(matrix)]
-
-
 def latest_rows(path, key: str, start: datetime, end: datetime) -> np.ndarray:
     """Row numbers (in file order) of each entity's latest row with start < event_timestamp <= end."""
     picked = (

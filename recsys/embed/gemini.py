@@ -199,8 +199,6 @@ class GeminiEmbedder(Embedder):
 
     def _call(self, contents: list[Content], task: Task, dim: int) -> np.ndarray:
         """One batchEmbedContents call with retries. Returns (n, dim) raw values."""
-        from google.genai import errors
-
         cfg = {"output_dimensionality": dim}
         if self.model.startswith("gemini-embedding-001") and task in TASK_TYPES_001:
             cfg["task_type"] = TASK_TYPES_001[task]
