@@ -104,9 +104,18 @@ def bench_inputs(args) -> dict:
     return {"variants": input_variants(Path(args.workdir) / "training", posters=args.posters)}
 
 
+def bench_embedder_recipe(args) -> dict:
+    """Stage-1 poster runs: which image path (tokens, + style token, + image anchor)."""
+    from benchmarks.embedder_recipe import image_path_ablation
+
+    if not args.posters:
+        raise SystemExit("embedder-recipe needs --posters")
+    return image_path_ablation(Path(args.workdir) / "embedder", posters=args.posters)
+
+
 BENCHES = {"demo": bench_demo, "features": bench_features, "embedder": bench_embedder, "training": bench_training,
-           "cold-prior": bench_cold_prior, "inputs": bench_inputs}
-ORDER = ["demo", "features", "embedder", "training", "cold-prior", "inputs"]
+           "cold-prior": bench_cold_prior, "inputs": bench_inputs, "embedder-recipe": bench_embedder_recipe}
+ORDER = ["demo", "features", "embedder", "embedder-recipe", "training", "cold-prior", "inputs"]
 
 
 # Rendering --------------------------------------------------------------------------------------------
@@ -232,9 +241,24 @@ def render_inputs(blob: dict) -> list[str]:
     return lines
 
 
+def render_embedder_recipe(blob: dict) -> list[str]:
+    r = blob["results"]
+    lines = [f"Stage 1 only, poster tasks, {r['steps']} steps from the same start; {r['train_posters']} training posters, "
+             f"validation {r['val_posters']} and test {r['test_posters']} held-out movies (COLD split); chance R@10 "
+             f"{r['chance R@10']:.4f}.", "",
+             "| image path | best val step | val text->poster R@10 | test text->poster R@10 | test poster->text R@10 | test text->poster R@10, last step |",
+             "|---|---|---|---|---|---|"]
+    for name, v in r["variants"].items():
+        b, last = v["at best validation step"], v["at last step"]
+        lines.append(f"| {name} | {b['step']} | {b['val text->poster R@10']:.3f} | {b['test text->poster R@10']:.3f} | "
+                     f"{b['test poster->text R@10']:.3f} | {last['test text->poster R@10']:.3f} |")
+    return lines
+
+
 RENDER = {"demo": ("Demo: stage timings and metrics", render_demo),
           "features": ("Feature store (issue: Feast)", render_features),
           "embedder": ("Embedder", render_embedder),
+          "embedder-recipe": ("Embedder: image path (poster <-> text, stage 1)", render_embedder_recipe),
           "training": ("Two-tower vs baselines, all protocols", render_training),
           "cold-prior": ("COLD: two-tower + content-predicted popularity prior", render_cold_prior),
           "inputs": ("Two-tower item inputs: multimodal, text-only, both", render_inputs)}

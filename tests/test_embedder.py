@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import re
-
 import io
+import json
+import re
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from recsys.content import Content, ContentError, Part
@@ -27,6 +28,24 @@ def test_decoders_on_real_media(posters, fsdd, microlens):
     clip = decode_video((microlens / "videos" / "1002.mp4").read_bytes())
     assert 15 <= len(clip.frames) <= 17  # ~1 fps over 16.4 s
     assert clip.audio is not None and abs(clip.audio.size / 16000 - clip.duration_s) < 0.5
+
+
+def test_featurizer_segments_per_modality(embedder, posters, fsdd):
+    """An image gives its 5 EfficientNet tokens and its style statistics from one forward pass; the style
+    vector is the per-stage channel mean and std, so a flat grey picture has (almost) zero std parts."""
+    from recsys.embed.backbones import STYLE_DIM
+
+    grey = io.BytesIO()
+    Image.new("RGB", (200, 300), (128, 128, 128)).save(grey, format="PNG")
+    contents = [Content.of("Toy Story (1995)", Part.of_file("image", posters / "1.jpg")),
+                Content((Part("image", data=grey.getvalue(), mime_type="image/png"),)),
+                Content((Part.of_file("audio", fsdd / "0_george_0.wav"),))]
+    segs = [f.segments for f in embedder.featurizer.featurize(contents)]
+    assert [(n, x.shape) for n, x in segs[0]] == [("text", segs[0][0][1].shape), ("image", (5, 1280)), ("image_style", (1, STYLE_DIM))]
+    assert [n for n, _ in segs[2]] == ["audio"] and segs[2][0][1].shape[0] == 64
+    poster_style, grey_style = segs[0][2][1][0], segs[1][1][1][0]
+    # the first stage (16 channels): means then stds; the grey image is flat, except at its borders
+    assert np.abs(grey_style[16:32]).mean() < 0.2 * np.abs(poster_style[16:32]).mean()
 
 
 def test_corrupt_media_raise_a_clear_error():
@@ -140,3 +159,37 @@ def test_recsys_embed_cli_mixed_catalog_and_query(synthetic_dir, synthetic, tmp_
         precision.append(np.mean([by_id[i] == cluster for i in shown]))
     # chance is about 1 / n_clusters (0.17); image-only items (no text) drift up for some queries
     assert np.mean(precision) >= 0.6, precision
+
+
+def test_train_embedder_three_stages_saves_loadable_weights_and_logs_to_mlflow(synthetic_dir, synthetic, tmp_path):
+    """A few steps of the real 3-stage recipe on the synthetic media/caption pairs: weights + manifest saved,
+    the run and its held-out metrics in MLflow, image style statistics set from the training images, and
+    the weights load into the `local` backend and embed every modality."""
+    import mlflow
+
+    from recsys.config import Config
+    from recsys.embed.local import LocalEmbedder
+    from training.embedder import EmbedderTrainConfig, train_embedder
+    from training.embedder_data import build
+
+    cfg = Config.load(None, workdir=str(tmp_path))
+    data = build(None, cfg.eval, None, synthetic_dir)
+    assert data.sources["posters"] == "absent" and data.sources["fsdd"] == "absent"
+    tcfg = EmbedderTrainConfig(stage1_steps=6, stage2_steps=4, batch_size=16, val_every=3, soup_last=2)
+    folder, test = train_embedder(data, tmp_path / "weights", cfg.tracking_uri, tcfg, cache_dir=tmp_path / "cache")
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["version"].startswith("fusion-") and manifest["featurizer"] == "feat-v2"
+    assert manifest["dims"] == [64, 128, 256, 512, 768]
+    assert manifest["stages"]["1"]["steps"] == 6 and manifest["stages"]["3"]["kept"] in ("soup", "best single checkpoint")
+    assert 0 <= test["synthetic-caption/caption->media R@10"] <= 1 and test["synthetic-caption/chance R@10"] > 0
+
+    run = mlflow.MlflowClient(cfg.tracking_uri).get_run(manifest["mlflow_run_id"])
+    assert "test/synthetic-caption/caption to media R at 10" in run.data.metrics
+    assert "val/score" in run.data.metrics and run.data.params["stage1_steps"] == "6"
+
+    local = LocalEmbedder(weights=folder, cache_dir=tmp_path / "cache")
+    assert local.model_version == manifest["version"]
+    assert not torch.allclose(local.model.style_std, torch.ones_like(local.model.style_std))  # set from the images
+    result = local.embed_many(synthetic.catalog.contents()[:24], dim=64)
+    assert not result.errors and np.isfinite(result.vectors).all()

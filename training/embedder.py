@@ -218,6 +218,16 @@ class Validate(L.Callback):
             self.best = (score, state)
 
 
+def init_from_data(model: FusionEncoder, tasks: list[PairTask]) -> None:
+    """Before training: the text anchor on the principal axes of the tasks' MiniLM sentence vectors, and
+    style tokens standardised with the statistics of their training images."""
+    texts = [s[0][1][0] for t in tasks for s in t.feats["b"][0] if s and s[0][0] == "text"]
+    model.set_anchor_basis(torch.from_numpy(np.stack(texts).astype(np.float32)))
+    styles = [f[0] for t in tasks for s in t.feats["a"][0] for name, f in s if name == "image_style"]
+    if styles:
+        model.set_style_stats(torch.from_numpy(np.stack(styles).astype(np.float32)))
+
+
 def mine_hard_negatives(model: FusionEncoder, task: PairTask, top: int = 10, seed: int = 0) -> np.ndarray:
     """For each pair, a b-side from the ``top`` nearest to its a (by the current model) of another group."""
     import faiss
@@ -266,8 +276,7 @@ def train_embedder(data: EmbedderData, out_dir: Path, tracking_uri: str, cfg: Em
     t_feat = time.time() - t0
 
     module = FusionModule(fusion, cfg, cfg.stage1_steps)
-    texts = [s[0][1][0] for t in data.stage1 for s in t.feats["b"][0] if s and s[0][0] == "text"]
-    module.model.set_anchor_basis(torch.from_numpy(np.stack(texts).astype(np.float32)))  # MiniLM's principal axes
+    init_from_data(module.model, data.stage1)
     logger = MLFlowLogger(experiment_name="embedder", tracking_uri=tracking_uri, run_name="fusion-3-stage")
     logger.log_hyperparams({**cfg.__dict__, **{f"fusion.{k}": v for k, v in fusion.to_dict().items()},
                             "sources": json.dumps(data.sources, default=str)})
