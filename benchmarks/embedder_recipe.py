@@ -16,7 +16,6 @@ import copy
 from pathlib import Path
 
 
-
 def _strip_style(task) -> None:
     for side, (plain, prefixed) in task.feats.items():
         task.feats[side] = tuple([[s for s in segs if s[0] != "image_style"] for segs in feats] for feats in (plain, prefixed))
@@ -42,21 +41,20 @@ def image_path_ablation(workdir: Path, posters: str, steps: int = 400, val_every
     for task in (train, genres, val, test):
         featurize_tasks([task], featurizer)
 
-    shipped = EmbedderTrainConfig()
-    variants = {
-        "tokens only (global + 2x2 grid)": (False, FusionConfig(image_anchor_hidden=0), {}),
-        "+ style token": (True, FusionConfig(image_anchor_hidden=0), {}),
-        "+ style token + image anchor (shipped)": (True, FusionConfig(), {}),
+    variants = {  # name: (keep the style token, fusion config)
+        "tokens only (global + 2x2 grid)": (False, FusionConfig(image_anchor_hidden=0)),
+        "+ style token": (True, FusionConfig(image_anchor_hidden=0)),
+        "+ style token + image anchor (shipped)": (True, FusionConfig()),
     }
     out = {"train_posters": len(train), "val_posters": len(val), "test_posters": len(test), "steps": steps, "variants": {}}
-    for name, (style, fusion, recipe) in variants.items():
+    for name, (style, fusion) in variants.items():
         tasks = [copy.copy(t) for t in (train, genres, val, test)]
         for t in tasks:
             t.feats = dict(t.feats)
             if not style:
                 _strip_style(t)
         tr, ge, va, te = tasks
-        tcfg = EmbedderTrainConfig(**{**shipped.__dict__, "stage1_steps": steps, "val_every": val_every, "seed": seed, **recipe})
+        tcfg = EmbedderTrainConfig(stage1_steps=steps, val_every=val_every, seed=seed)
         L.seed_everything(seed, workers=True)
         module = FusionModule(fusion, tcfg, steps)
         init_from_data(module.model, [tr, ge])

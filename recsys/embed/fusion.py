@@ -200,7 +200,7 @@ class FusionEncoder(nn.Module):
 
         The image anchor is a small MLP from these straight to the output, the image counterpart of the
         text anchor: on a few thousand posters a regularised MLP on style statistics aligns posters with
-        their text better than the transformer path alone (benchmarks/results, embedder)."""
+        their text better than the transformer path alone (benchmarks/results/embedder-recipe.json)."""
         out = torch.zeros(len(batch), self.cfg.style_dim + self.cfg.image_dim)
         has = torch.zeros(len(batch), dtype=torch.bool)
         for b, segs in enumerate(batch):
