@@ -46,7 +46,9 @@ def image_path_ablation(workdir: Path, posters: str, steps: int = 400, val_every
         "+ style token": (True, FusionConfig(image_anchor_hidden=0)),
         "+ style token + image anchor (shipped)": (True, FusionConfig()),
     }
-    out = {"train_posters": len(train), "val_posters": len(val), "test_posters": len(test), "steps": steps, "variants": {}}
+    base = EmbedderTrainConfig(stage1_steps=steps, val_every=val_every, seed=seed)
+    out = {"train_posters": len(train), "val_posters": len(val), "test_posters": len(test), "steps": steps,
+           "lr": base.lr, "weight_decay": base.weight_decay, "variants": {}}
     for name, (style, fusion) in variants.items():
         tasks = [copy.copy(t) for t in (train, genres, val, test)]
         for t in tasks:
@@ -54,7 +56,7 @@ def image_path_ablation(workdir: Path, posters: str, steps: int = 400, val_every
             if not style:
                 _strip_style(t)
         tr, ge, va, te = tasks
-        tcfg = EmbedderTrainConfig(stage1_steps=steps, val_every=val_every, seed=seed)
+        tcfg = copy.copy(base)
         L.seed_everything(seed, workers=True)
         module = FusionModule(fusion, tcfg, steps)
         init_from_data(module.model, [tr, ge])

@@ -179,7 +179,8 @@ def render_embedder(blob: dict) -> list[str]:
     pt = cm["poster-text"]
     lines = [f"Embedder `{r['model_version']}`, dim {r['dim']}.", "",
              f"### Poster <-> text on {pt['held_out_movies']} held-out movies (text = \"title | genres\")", "",
-             "| metric | ours | linear InfoNCE map (frozen EfficientNet -> MiniLM) | chance |", "|---|---|---|---|"]
+             "| metric | ours | linear InfoNCE map (frozen EfficientNet -> MiniLM, early-stopped on val) | chance |",
+             "|---|---|---|---|"]
     for m in ("text->poster R@1", "text->poster R@10", "poster->text R@1", "poster->text R@10"):
         lines.append(f"| {m} | {pt['ours'][m]:.3f} | {pt['linear map baseline'][m]:.3f} | {pt['chance']['R@' + m.split('R@')[1]]:.4f} |")
     lines += ["", "### Other modalities (held out)", "", "| task | metric | value |", "|---|---|---|"]
@@ -243,7 +244,9 @@ def render_inputs(blob: dict) -> list[str]:
 
 def render_embedder_recipe(blob: dict) -> list[str]:
     r = blob["results"]
-    lines = [f"Stage 1 only, poster tasks, {r['steps']} steps from the same start; {r['train_posters']} training posters, "
+    # results recorded before the rate was logged ran at the then-default lr 1e-3, weight decay 0.1 (commit e3b944a)
+    rate = f"lr {r.get('lr', 1e-3):g}, weight decay {r.get('weight_decay', 0.1):g}"
+    lines = [f"Stage 1 only, poster tasks, {r['steps']} steps from the same start ({rate}); {r['train_posters']} training posters, "
              f"validation {r['val_posters']} and test {r['test_posters']} held-out movies (COLD split); chance R@10 "
              f"{r['chance R@10']:.4f}.", "",
              "| image path | best val step | val text->poster R@10 | test text->poster R@10 | test poster->text R@10 | test text->poster R@10, last step |",

@@ -4,9 +4,13 @@
    Matryoshka loss at every prefix, learnable temperature, task prefixes dropped at random, and a
    relational distillation term that keeps text geometry close to MiniLM's;
 2. multi-task fine-tuning with mined hard negatives, adding item-item co-engagement pairs;
-3. a model soup: the average of stage 2's last checkpoints (kept if it validates at least as well).
+3. checkpoint averaging: the soup of stage 2's last checkpoints, and weight interpolations between stage 1's
+   best and that soup (stage 2 trades some poster alignment for co-engagement; a partial step back keeps
+   most of both), against the best single checkpoints; validation picks.
 
-Backbones stay frozen; their features are computed once (and cached on disk). Runs go to MLflow.
+Backbones stay frozen; their features are computed once (and cached on disk). The fusion model trains at
+a low rate with strong weight decay (the poster path overfits 2k training posters within a few hundred
+steps otherwise); the audio encoder, which learns from scratch, has its own higher rate. Runs go to MLflow.
 """
 
 from __future__ import annotations
@@ -42,13 +46,16 @@ class EmbedderTrainConfig:
     stage1_steps: int = 600
     stage2_steps: int = 400
     batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 0.1
+    lr: float = 3e-4  # the fusion model on frozen features: slower, more regularised (the poster path overfits)
+    weight_decay: float = 0.5
+    audio_lr: float = 1e-3  # the audio encoder learns from scratch: it needs the higher rate
+    audio_weight_decay: float = 0.1
     temperature: float = 0.07
     kd_weight: float = 5.0
     prefix_keep: float = 0.5  # share of contents that carry their task prefix in training
     val_every: int = 50
     soup_last: int = 4
+    interpolate: tuple[float, ...] = (0.25, 0.5, 0.75)  # stage 3: stage1 + a * (soup - stage1)
     seed: int = 0
 
 
@@ -132,7 +139,13 @@ class FusionModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        named = list(self.model.named_parameters())
+        groups = [{"params": [p for n, p in named if not n.startswith("audio.")], "lr": self.cfg.lr,
+                   "weight_decay": self.cfg.weight_decay},
+                  {"params": [p for n, p in named if n.startswith("audio.")], "lr": self.cfg.audio_lr,
+                   "weight_decay": self.cfg.audio_weight_decay},
+                  {"params": [self.log_inv_temp], "lr": self.cfg.lr, "weight_decay": 0.0}]  # no decay on 1/T
+        opt = torch.optim.AdamW(groups)
         warm = max(1, self.total_steps // 20)
 
         def schedule(step: int) -> float:  # linear warm-up, cosine decay to 10%
@@ -261,6 +274,20 @@ def soup(states: list[dict]) -> dict:
     return {k: torch.stack([s[k].float() for s in states]).mean(0) for k in states[0]}
 
 
+def interpolate(start: dict, end: dict, alpha: float) -> dict:
+    """Weights ``start + alpha * (end - start)`` (alpha 0 = start, 1 = end), tensor by tensor."""
+    return {k: start[k].float() + alpha * (end[k].float() - start[k].float()) for k in start}
+
+
+def stage3_candidates(stage1_best: dict, stage2_best: dict, soup_state: dict, alphas) -> dict[str, dict]:
+    """Stage 3's candidates in order of preference on ties: the soup first, stage 1's best last."""
+    out = {"soup": soup_state, "stage-2 best checkpoint": stage2_best}
+    for a in sorted(alphas, reverse=True):
+        out[f"stage-1 best + {a:g} x (soup - stage-1 best)"] = interpolate(stage1_best, soup_state, a)
+    out["stage-1 best checkpoint"] = stage1_best
+    return out
+
+
 def train_embedder(data: EmbedderData, out_dir: Path, tracking_uri: str, cfg: EmbedderTrainConfig = EmbedderTrainConfig(),
                    fusion: FusionConfig = FusionConfig(), cache_dir: Path | None = None) -> tuple[Path, dict]:
     """Run the three stages; save weights + manifest under ``out_dir``; return (folder, test metrics)."""
@@ -289,17 +316,19 @@ def train_embedder(data: EmbedderData, out_dir: Path, tracking_uri: str, cfg: Em
     module2 = FusionModule(fusion, cfg, cfg.stage2_steps)
     module2.model.load_state_dict(module.model.state_dict())
     module2.log_inv_temp.data.copy_(module.log_inv_temp.data)
-    module2.cfg = EmbedderTrainConfig(**{**cfg.__dict__, "lr": cfg.lr / 3})
+    module2.cfg = EmbedderTrainConfig(**{**cfg.__dict__, "lr": cfg.lr / 3, "audio_lr": cfg.audio_lr / 3})
     v2 = _fit(module2, data.stage2, cfg.stage2_steps, module2.cfg, data.val, logger, cfg.seed + 1)
 
-    # Stage 3: soup of the last checkpoints vs the best single one, chosen on validation.
+    # Stage 3: checkpoint averaging, chosen on validation (see stage3_candidates).
     soup_state = soup([s for _, _, s in v2.history[-cfg.soup_last:]])
-    module2.model.load_state_dict(soup_state)
-    soup_val = val_score(evaluate_tasks(module2.model, data.val))
-    choice = "soup"
-    if soup_val < v2.best[0]:
-        module2.model.load_state_dict(v2.best[1])
-        choice = "best single checkpoint"
+    stage3_val: dict[str, float] = {}
+    candidates = stage3_candidates(v1.best[1], v2.best[1], soup_state, cfg.interpolate)
+    for name, state in candidates.items():
+        module2.model.load_state_dict(state)
+        stage3_val[name] = val_score(evaluate_tasks(module2.model, data.val))
+    choice = max(stage3_val, key=stage3_val.get)  # first of equals: the soup
+    module2.model.load_state_dict(candidates[choice])
+    soup_val = stage3_val["soup"]
     model = module2.model.eval()
     test = evaluate_tasks(model, data.test)
     for k, v in test.items():
@@ -312,7 +341,8 @@ def train_embedder(data: EmbedderData, out_dir: Path, tracking_uri: str, cfg: Em
         "data": data.sources,
         "stages": {"1": {"steps": cfg.stage1_steps, "val_score": stage1_val},
                    "2": {"steps": cfg.stage2_steps, "best_val_score": v2.best[0], "hard_negatives": "FAISS top-10, other group"},
-                   "3": {"soup_of_last": cfg.soup_last, "soup_val_score": soup_val, "kept": choice}},
+                   "3": {"soup_of_last": cfg.soup_last, "soup_val_score": soup_val, "val_scores": stage3_val,
+                         "kept": choice}},
         "train_config": cfg.__dict__,
         "test_metrics": test,
         "featurize_s": round(t_feat, 1),
