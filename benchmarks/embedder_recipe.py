@@ -56,11 +56,10 @@ def image_path_ablation(workdir: Path, posters: str, steps: int = 400, val_every
             if not style:
                 _strip_style(t)
         tr, ge, va, te = tasks
-        tcfg = copy.copy(base)
         L.seed_everything(seed, workers=True)
-        module = FusionModule(fusion, tcfg, steps)
+        module = FusionModule(fusion, base, steps)
         init_from_data(module.model, [tr, ge])
-        v = _fit(module, [tr, ge], steps, tcfg, {"poster-text": va}, False, seed)
+        v = _fit(module, [tr, ge], steps, base, {"poster-text": va}, False, seed)
         rows = []
         for step, score, state in v.history:
             module.model.load_state_dict(state)

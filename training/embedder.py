@@ -269,21 +269,17 @@ def _fit(module: FusionModule, tasks: list[PairTask], steps: int, cfg: EmbedderT
     return validate
 
 
-def soup(states: list[dict]) -> dict:
-    """Average of state dicts (a "model soup" of checkpoints from one run)."""
-    return {k: torch.stack([s[k].float() for s in states]).mean(0) for k in states[0]}
-
-
-def interpolate(start: dict, end: dict, alpha: float) -> dict:
-    """Weights ``start + alpha * (end - start)`` (alpha 0 = start, 1 = end), tensor by tensor."""
-    return {k: start[k].float() + alpha * (end[k].float() - start[k].float()) for k in start}
+def soup(states: list[dict], weights: list[float] | None = None) -> dict:
+    """Weighted average of state dicts (equal weights: a "model soup" of checkpoints from one run)."""
+    w = torch.tensor(weights if weights is not None else [1.0 / len(states)] * len(states))
+    return {k: torch.einsum("n,n...->...", w, torch.stack([s[k].float() for s in states])) for k in states[0]}
 
 
 def stage3_candidates(stage1_best: dict, stage2_best: dict, soup_state: dict, alphas) -> dict[str, dict]:
     """Stage 3's candidates in order of preference on ties: the soup first, stage 1's best last."""
     out = {"soup": soup_state, "stage-2 best checkpoint": stage2_best}
     for a in sorted(alphas, reverse=True):
-        out[f"stage-1 best + {a:g} x (soup - stage-1 best)"] = interpolate(stage1_best, soup_state, a)
+        out[f"stage-1 best + {a:g} x (soup - stage-1 best)"] = soup([stage1_best, soup_state], [1 - a, a])
     out["stage-1 best checkpoint"] = stage1_best
     return out
 

@@ -6,8 +6,9 @@ that turns Parts into the segments the fusion model reads.
   images, one global token per sampled frame for video; images also get a *style* vector (1568-d: the
   mean and standard deviation of each stage's feature map, from the same forward pass). The last layer
   says what is in a picture; the style statistics say how it looks (palette, contrast, texture, era),
-  which is much of what a poster tells about its movie (held-out text->poster R@10 0.126 -> 0.136 as a
-  token, 0.160 with the fusion model's image anchor: benchmarks/results/embedder-recipe.json);
+  which is much of what a poster tells about its movie (held-out text->poster R@10, poster tasks only:
+  0.114 -> 0.124 as a token -> 0.141 with the fusion model's image anchor: `python -m benchmarks.run
+  embedder-recipe`, BENCHMARKS.md);
 - audio (and a video's sound track): a 64-band log-mel spectrogram at 16 kHz; the encoder that reads
   it is trained with the fusion model.
 """
