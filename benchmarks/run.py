@@ -139,7 +139,19 @@ def render_demo(blob: dict) -> list[str]:
              "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in r["timings_s"].items()]
     lines += [f"| **total** | **{r['total_s']:.1f}** |", "", "Test metrics, mean [95% bootstrap CI over users]:", ""]
-    lines += _metrics_table(r["results"])
+    lines += _metrics_table(r["results"]) + _rerank_check(r["results"])
+    return lines
+
+
+def _rerank_check(results: list[dict]) -> list[str]:
+    """The reranker's validation check beside the test table (results recorded before the check lack it)."""
+    lines = []
+    for row in results:
+        check = row.get("extra", {}).get("rerank_val")
+        if check:
+            lines += ["", f"Reranker on {row['protocol'].upper()} validation, cross-fitted over {check['folds']} folds of "
+                      f"{check['users']} users: NDCG@10 {check['reranked_ndcg10']:.4f} vs retrieval order "
+                      f"{check['retrieval_ndcg10']:.4f}, so serving {'uses' if check['helps'] else 'does not use'} it by default."]
     return lines
 
 
@@ -183,6 +195,11 @@ def render_embedder(blob: dict) -> list[str]:
              "|---|---|---|---|"]
     for m in ("text->poster R@1", "text->poster R@10", "poster->text R@1", "poster->text R@10"):
         lines.append(f"| {m} | {pt['ours'][m]:.3f} | {pt['linear map baseline'][m]:.3f} | {pt['chance']['R@' + m.split('R@')[1]]:.4f} |")
+    if pt.get("ours by Matryoshka dim"):  # results recorded before this sweep lack it
+        lines += ["", "Ours at each Matryoshka prefix (one full-width embedding, truncated and re-normalised):", "",
+                  "| dim | text->poster R@10 | poster->text R@10 |", "|---|---|---|"]
+        for d, v in pt["ours by Matryoshka dim"].items():
+            lines.append(f"| {d} | {v['text->poster R@10']:.3f} | {v['poster->text R@10']:.3f} |")
     lines += ["", "### Other modalities (held out)", "", "| task | metric | value |", "|---|---|---|"]
     for task, vals in cm.items():
         if task == "poster-text":
@@ -207,7 +224,7 @@ def render_training(blob: dict) -> list[str]:
     r = blob["results"]
     lines = [f"Posters {'attached' if r.get('posters') else 'absent'}; embedder {r['embedder']['model_version']}, "
              f"dim {r['embedder']['dim']}. Test metrics, mean [95% bootstrap CI over users]:", ""]
-    lines += _metrics_table(r["results"])
+    lines += _metrics_table(r["results"]) + _rerank_check(r["results"])
     lines += ["", "### Ablation (same split, same seed)", "", "| protocol | variant | HR@10 | Recall@50 | NDCG@10 |",
               "|---|---|---|---|---|"]
     for a in r["ablation"]:

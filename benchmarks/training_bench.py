@@ -80,8 +80,11 @@ def run(workdir: Path, posters: str | None = None, protocols=("loo", "cold", "te
                                 "epoch_s": round(main.seconds / max(main.epochs, 1), 1),
                                 "examples_per_s": round(main.examples_per_s)}
         results.append(main.evaluate(split, ds.catalog, base, n_boot=nb))
+        checked = {}
         if protocol == "loo":
-            rr = Reranker().fit(main.candidates(split.val, ds.catalog, base, 200), split.val.targets)
+            val_cands, rr = main.candidates(split.val, ds.catalog, base, 200), Reranker()
+            checked["rerank_val"] = rr.check(val_cands, split.val.targets).to_dict()  # what serving decides by
+            rr.fit(val_cands, split.val.targets)
             rows, _ = rr.rerank(main.candidates(split.test, ds.catalog, base, 200), 50)
             results.append(score_topk("two-tower + rerank", rows, split.test, len(ds.catalog), protocol, n_boot=nb))
         idonly = Config.load(None, workdir=str(workdir), train={"id_embeddings": True, "id_dropout": 0.0})
@@ -95,7 +98,7 @@ def run(workdir: Path, posters: str | None = None, protocols=("loo", "cold", "te
         results.append(evaluate(EASE(idx, best.lam).fit(split.test.history), split.test, idx, protocol, n_boot=nb))
         results.append(evaluate(ContentKNN(idx, vectors, name="content-knn (embedder vectors)"), split.test, idx, protocol,
                                 n_boot=nb))
-        runs.append(ProtocolRun(protocol, results, extra={"ease_lambda": best.lam, **throughput[protocol]}))
+        runs.append(ProtocolRun(protocol, results, extra={"ease_lambda": best.lam, **throughput[protocol], **checked}))
         console.print(results_table(runs[-1:]))
         if protocol in loss_ablation:
             for name, over in ABLATION.items():

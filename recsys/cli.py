@@ -201,6 +201,7 @@ def train_embedder_cmd(
     config: Optional[Path] = ConfigOpt, workdir: Optional[Path] = WorkdirOpt, posters: Optional[Path] = PostersOpt,
     fsdd: Optional[Path] = typer.Option(None, help="FSDD recordings folder (spoken digits)."),
     stage1_steps: int = typer.Option(600), stage2_steps: int = typer.Option(400),
+    coengagement_share: float = typer.Option(0.5, help="Stage 2's share of batches from co-engagement pairs."),
     install: bool = typer.Option(False, help="Copy the weights into the package (the default local weights)."),
 ):
     """Train the local embedder's fusion model (3 stages) on the paired data at hand; log to MLflow."""
@@ -213,7 +214,8 @@ def train_embedder_cmd(
     ds = load_dataset(cfg) if cfg.data.source == "movielens" else None
     data = build(ds, cfg.eval, fsdd, cfg.cache_dir / "embedder-synthetic")
     folder, test = train_embedder(data, cfg.models_dir / "embedder", cfg.tracking_uri,
-                                  EmbedderTrainConfig(stage1_steps=stage1_steps, stage2_steps=stage2_steps),
+                                  EmbedderTrainConfig(stage1_steps=stage1_steps, stage2_steps=stage2_steps,
+                                                      coengagement_share=coengagement_share),
                                   cache_dir=cfg.cache_dir)
     console.print_json(json.dumps(test))
     if install:

@@ -154,8 +154,13 @@ def run_protocol(cfg: Config, ds: Dataset, iv: ItemVectors, protocol: str, regis
     extra: dict = {"epochs": trained.epochs, "train_s": round(trained.seconds, 1),
                    "examples_per_s": round(trained.examples_per_s)}
     if rerank:
-        reranker = Reranker(seed=cfg.train.seed).fit(trained.candidates(split.val, ds.catalog, cfg, cfg.serve.candidates),
-                                                     split.val.targets)
+        val_cands = trained.candidates(split.val, ds.catalog, cfg, cfg.serve.candidates)
+        reranker = Reranker(seed=cfg.train.seed)
+        check = reranker.check(val_cands, split.val.targets)  # does it beat retrieval on validation?
+        reranker.fit(val_cands, split.val.targets)
+        extra["rerank_val"] = check.to_dict()
+        console.print(f"reranker on validation (cross-fitted, {check.users} users): NDCG@10 {check.reranked_ndcg10:.4f} "
+                      f"vs retrieval {check.retrieval_ndcg10:.4f} -> {'used' if check.helps else 'not used'} in serving by default")
         cands = trained.candidates(split.test, ds.catalog, cfg, cfg.serve.candidates)
         rows, _ = reranker.rerank(cands, 50)
         n_cand = len(ds.catalog) if split.test.candidates is None else split.test.candidates.size

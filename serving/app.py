@@ -2,7 +2,8 @@
 
     GET  /health                         model version, items indexed
     GET  /recommend/{user_id}?k=10       top-k for a user (unknown users get the empty-history answer)
-    POST /recommend                      {user_id, k, exclude, modalities, rerank}
+    POST /recommend                      {user_id, k, exclude, modalities, rerank}; rerank left out: the
+                                         reranker only if it beat retrieval on validation (reply: reranked)
     POST /interactions                   {user_id, item_id, timestamp?}: updates the user's online features
 """
 
@@ -39,6 +40,7 @@ class RecommendReply(BaseModel):
     model: str
     items: list[Item]
     timings_ms: dict[str, float]
+    reranked: bool
 
 
 class InteractionRequest(BaseModel):
@@ -58,7 +60,7 @@ def create_app(cfg: Config, recommender: Recommender | None = None) -> FastAPI:
 
     def reply(r) -> RecommendReply:
         return RecommendReply(user_id=r.user_id, known_user=r.known_user, model=r.model, timings_ms=r.timings_ms,
-                              items=[Item(**vars(i)) for i in r.items])
+                              reranked=r.reranked, items=[Item(**vars(i)) for i in r.items])
 
     @app.get("/health")
     def health() -> dict:

@@ -45,6 +45,7 @@ class RecommendResponse:
     known_user: bool
     model: str
     timings_ms: dict[str, float] = field(default_factory=dict)
+    reranked: bool = False  # whether the reranker ordered these (else: the retrieval order)
 
 
 @dataclass
@@ -147,7 +148,10 @@ class Recommender:
         items = self.repo.online_items([self.bundle.item_ids[r] for r in cand[0]])
         timings["features_items_ms"] = (time.perf_counter() - t3) * 1000
         item_stats = item_stat_matrix(items.pop_all, items.pop_30d, items.first_seen, now, items.modalities)
-        use_reranker = (self.cfg.serve.rerank if rerank is None else rerank) and self.bundle.reranker is not None
+        # by default only a reranker that beat retrieval on validation; an explicit rerank=true forces it
+        reranker = self.bundle.reranker
+        wanted = (self.cfg.serve.rerank and reranker is not None and reranker.helps) if rerank is None else rerank
+        use_reranker = bool(wanted) and reranker is not None
         if use_reranker and cand.shape[1]:
             c = Candidates(cand, scores, users.history_vector, stats, item_stats[None], self.bundle.content[cand[0]][None])
             t4 = time.perf_counter()
@@ -160,7 +164,7 @@ class Recommender:
                for r, s in zip(top[0], top_scores[0]) if r >= 0]
         timings["total_ms"] = (time.perf_counter() - t0) * 1000
         return RecommendResponse(user_id, out, bool(users.found[0]), f"{self.cfg.train.registered_model}/v{self.bundle.version}",
-                                 timings)
+                                 timings, reranked=bool(use_reranker and cand.shape[1]))
 
     def record_interaction(self, user_id: str, item_id: str, at: datetime | None = None) -> None:
         """Fold a new interaction into the user's online features (Feast push), no materialization."""

@@ -27,6 +27,9 @@ def test_demo_runs_every_stage_and_reports(demo):
     models = {(r["protocol"], r["model"]) for r in report["results"]}
     assert {("loo", "two-tower"), ("loo", "popularity"), ("loo", "ease"), ("cold", "two-tower"),
             ("loo", "two-tower + rerank")} <= models
+    loo = next(r for r in report["results"] if r["protocol"] == "loo" and r["model"] == "two-tower")
+    check = loo["extra"]["rerank_val"]  # rerank-or-not is decided on validation, never on test
+    assert check["helps"] == (check["reranked_ndcg10"] > check["retrieval_ndcg10"]) and check["users"] > 0
     for r in report["results"]:
         assert 0 <= r["HR@10"]["low"] <= r["HR@10"]["mean"] <= r["HR@10"]["high"] <= 1
     saved = json.loads((cfg.workdir / "report" / "demo.json").read_text())
@@ -60,6 +63,13 @@ def test_http_service(demo):
     assert r.status_code == 200
     body = r.json()
     assert len(body["items"]) == 5 and body["known_user"]
+    helps = next(r for r in demo[1]["results"] if r["model"] == "two-tower")["extra"]["rerank_val"]["helps"]
+    assert body["reranked"] == helps  # by default, the reranker only where validation says it helps
+    forced = client.post("/recommend", json={"user_id": "1", "k": 5, "rerank": True}).json()
+    off = client.post("/recommend", json={"user_id": "1", "k": 5, "rerank": False}).json()
+    assert forced["reranked"] and "rerank_ms" in forced["timings_ms"] and not off["reranked"]
+    ids = {name: [i["item_id"] for i in reply["items"]] for name, reply in (("default", body), ("forced", forced), ("off", off))}
+    assert ids["default"] == ids["forced" if helps else "off"]
     seen = {i["item_id"] for i in body["items"]}
     r2 = client.post("/recommend", json={"user_id": "1", "k": 5, "exclude": list(seen)})
     assert not seen & {i["item_id"] for i in r2.json()["items"]}

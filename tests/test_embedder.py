@@ -110,6 +110,21 @@ def test_matryoshka_prefixes_and_cache(embedder, synthetic):
         embedder.embed(c, dim=4096)
 
 
+def test_matryoshka_sweep_reports_every_prefix_of_one_embedding(embedder, synthetic):
+    from recsys.eval.embedder_report import matryoshka_sweep
+    from training.embedder_data import PairTask
+
+    items = [c for c in synthetic.catalog.contents() if c.text() and any(p.kind == "image" for p in c.parts)][:40]
+    task = PairTask("image-caption", [Content(tuple(p for p in c.parts if p.kind == "image")) for c in items],
+                    [Content.of(c.text()) for c in items], np.arange(len(items)))
+    sweep = matryoshka_sweep(embedder, task)
+    assert list(sweep) == list(embedder.dims)
+    from recsys.eval.embedder import retrieval_recall
+    at64 = retrieval_recall(embedder.embed(task.b, task="query", dim=64), embedder.embed(task.a, task="document", dim=64))
+    assert sweep[64]["text->poster R@10"] == pytest.approx(at64[10])  # a prefix = the embedding at that dim
+    assert all(0 <= v <= 1 for d in sweep.values() for v in d.values())
+
+
 def test_a_corrupt_part_fails_its_item_not_the_batch(embedder, tmp_path):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"\xff\xd8 definitely not a jpeg")
@@ -170,6 +185,30 @@ def test_stage3_candidates_interpolate_between_stage1_and_the_soup():
     assert torch.equal(cands["stage-1 best + 0.25 x (soup - stage-1 best)"]["w"], torch.full((2, 2), 1.0))
     assert float(cands["stage-1 best + 0.75 x (soup - stage-1 best)"]["n"]) == 3.0
     assert cands["stage-2 best checkpoint"] is s2
+
+
+def test_task_mix_gives_a_named_task_its_share_and_keeps_the_others_proportions():
+    from training.embedder import TaskBatches, task_mix
+    from training.embedder_data import PairTask
+
+    def task(name, n, w):
+        return PairTask(name, [None] * n, [None] * n, np.arange(n), weight=w)
+
+    tasks = [task("poster", 400, 1.0), task("digit", 100, 1.0), task("coengagement", 10000, 2.0)]
+    p = task_mix(tasks)
+    assert p[2] > 0.8 and np.isclose(p.sum(), 1.0)  # by weight x sqrt(size), co-engagement dominates
+    p = task_mix(tasks, {"coengagement": 0.5})
+    assert np.isclose(p[2], 0.5) and np.isclose(p[0] / p[1], 2.0) and np.isclose(p.sum(), 1.0)
+    assert np.allclose(task_mix(tasks, {"coengagement": None}), task_mix(tasks))  # None: the default mix
+    assert np.allclose(task_mix(tasks[:2], {"coengagement": 0.5}), task_mix(tasks[:2]))  # absent task: ignored
+    with pytest.raises(ValueError, match="shares"):
+        task_mix(tasks, {"coengagement": 1.5})
+    # the stream draws by that mix
+    for t in tasks:
+        t.feats = {"a": ([[("text", np.zeros((1, 4)))]] * len(t),) * 2, "b": ([[("text", np.zeros((1, 4)))]] * len(t),) * 2}
+    stream = iter(TaskBatches(tasks, batch_size=4, prefix_keep=0.5, seed=0, shares={"coengagement": 0.5}))
+    drawn = [next(stream)["task"] for _ in range(400)]
+    assert 0.4 < drawn.count("coengagement") / 400 < 0.6
 
 
 def test_fusion_optimizer_gives_the_audio_encoder_its_own_rate_and_never_decays_the_temperature():

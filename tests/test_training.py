@@ -74,3 +74,45 @@ def test_towers_shapes_and_unit_norm():
     plain = TwoTower(TowerConfig(content_dim=8, n_items=10, out_dim=4, hidden_dim=16, use_ids=False, item_bias=False))
     assert plain.item(torch.randn(5, 8), torch.randn(5, 7), torch.arange(5), torch.ones(5).bool()).shape == (5, 4)
     assert (m.id_table.weight[10] == 0).all()
+
+
+def _candidates(U: int, N: int, rng: np.random.Generator, target_at: np.ndarray):
+    """U users x N candidates, retrieval order = row order; the target sits at ``target_at`` and is the only
+    candidate with has_video = 1 (a feature the reranker can learn, the retrieval order cannot)."""
+    from serving.reranker import Candidates
+
+    rows = np.stack([rng.permutation(1000)[:N] for _ in range(U)])
+    scores = np.sort(rng.normal(size=(U, N)).astype(np.float32), axis=1)[:, ::-1].copy()
+    stats = rng.normal(size=(U, N, 7)).astype(np.float32)
+    stats[..., 6] = 0.0
+    stats[np.arange(U), target_at, 6] = 1.0
+    cands = Candidates(rows, scores, rng.normal(size=(U, 8)).astype(np.float32), rng.normal(size=(U, 3)).astype(np.float32),
+                       stats, rng.normal(size=(U, N, 8)).astype(np.float32))
+    return cands, [rows[u, target_at[u]][None] for u in range(U)]
+
+
+def test_reranker_check_cross_fits_on_validation_and_says_whether_it_beats_retrieval(tmp_path):
+    from serving.reranker import Reranker
+
+    rng = np.random.default_rng(0)
+    U, N = 300, 30
+    # the target is deep in the retrieval order but marked by a feature: reranking must help
+    cands, targets = _candidates(U, N, rng, rng.integers(10, N, size=U))
+    r = Reranker(max_iter=50, seed=0)
+    check = r.check(cands, targets)
+    assert check.retrieval_ndcg10 == 0.0 and check.reranked_ndcg10 > 0.8 and check.helps and check.users == U
+    assert not r.fitted  # checking fits fold models only; the served model is fitted separately
+    r.fit(cands, targets)
+    assert r.helps
+    r.save(tmp_path / "r.joblib")
+    loaded = Reranker.load(tmp_path / "r.joblib")
+    assert loaded.validation == check and loaded.helps
+
+    # retrieval already puts every target first: a reranker cannot beat it, and says so
+    cands, targets = _candidates(U, N, rng, np.zeros(U, dtype=int))
+    stats = cands.item_stats
+    stats[..., 6] = rng.integers(0, 2, size=stats.shape[:2])  # the marker is now noise
+    r = Reranker(max_iter=50, seed=0)
+    check = r.check(cands, targets)
+    assert check.retrieval_ndcg10 == 1.0 and not check.helps
+    assert not r.fit(cands, targets).helps  # fitted, but not used by default

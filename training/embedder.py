@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
 from recsys.embed.backbones import Backbones, Featurizer
-from recsys.embed.base import apply_task
+from recsys.embed.base import apply_task, truncate_normalize
 from recsys.embed.fusion import FusionConfig, FusionEncoder
 from recsys.embed.local import DEFAULT_WEIGHTS, save_fusion
 from recsys.eval.embedder import chance, nearest_label_accuracy, retrieval_recall
@@ -56,6 +56,9 @@ class EmbedderTrainConfig:
     val_every: int = 50
     soup_last: int = 4
     interpolate: tuple[float, ...] = (0.25, 0.5, 0.75)  # stage 3: stage1 + a * (soup - stage1)
+    # Stage 2's share of batches from co-engagement pairs (None: by weight x sqrt(size), which gave it ~80%
+    # and cost the poster path more than it should; the other tasks keep their relative mix).
+    coengagement_share: float | None = 0.5
     seed: int = 0
 
 
@@ -86,13 +89,28 @@ def _is_text_only(segs) -> bool:
     return len(segs) == 1 and segs[0][0] == "text"
 
 
-class TaskBatches(IterableDataset):
-    """An endless stream of one-task batches; the task of each batch is drawn by its weight."""
+def task_mix(tasks: list[PairTask], shares: dict[str, float] | None = None) -> np.ndarray:
+    """Probability of drawing each task's batch: ``weight x sqrt(size)``, except tasks named in ``shares``,
+    which get exactly that share; the rest split what is left in their usual proportions."""
+    shares = {k: v for k, v in (shares or {}).items() if v is not None and any(t.name == k for t in tasks)}
+    if sum(shares.values()) > 1 or any(v < 0 for v in shares.values()):
+        raise ValueError(f"task shares must be >= 0 and sum to at most 1, got {shares}")
+    w = np.array([0.0 if t.name in shares else t.weight * math.sqrt(len(t)) for t in tasks])
+    free = 1.0 - sum(shares.values())
+    p = w / w.sum() * free if w.sum() > 0 else w
+    for i, t in enumerate(tasks):
+        if t.name in shares:
+            p[i] = shares[t.name]
+    return p / p.sum()
 
-    def __init__(self, tasks: list[PairTask], batch_size: int, prefix_keep: float, seed: int):
+
+class TaskBatches(IterableDataset):
+    """An endless stream of one-task batches; the task of each batch is drawn by ``task_mix``."""
+
+    def __init__(self, tasks: list[PairTask], batch_size: int, prefix_keep: float, seed: int,
+                 shares: dict[str, float] | None = None):
         self.tasks, self.batch_size, self.prefix_keep, self.seed = tasks, batch_size, prefix_keep, seed
-        w = np.array([t.weight * math.sqrt(len(t)) for t in tasks])
-        self.p = w / w.sum()
+        self.p = task_mix(tasks, shares)
 
     def __iter__(self):
         rng = np.random.default_rng(self.seed)
@@ -167,17 +185,12 @@ def encode(model: FusionEncoder, feats: list, batch: int = 256) -> np.ndarray:
     return torch.cat(out).numpy() if out else np.zeros((0, model.cfg.out_dim), np.float32)
 
 
-def _norm(x: np.ndarray, dim: int) -> np.ndarray:
-    x = x[:, :dim]
-    return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-12)
-
-
 def evaluate_tasks(model: FusionEncoder, tasks: dict[str, PairTask], dim: int = 256) -> dict[str, float]:
     """Held-out metrics: media <-> text retrieval, digit accuracy, with chance levels beside them."""
     out: dict[str, float] = {}
     for key, task in tasks.items():
-        a = _norm(encode(model, task.feats["a"][1]), dim)  # documents: media with their prefix
-        b = _norm(encode(model, task.feats["b"][1]), dim)  # queries: text with the query prefix
+        a = truncate_normalize(encode(model, task.feats["a"][1]), dim)  # documents: media with their prefix
+        b = truncate_normalize(encode(model, task.feats["b"][1]), dim)  # queries: text with the query prefix
         n = len(task)
         if key == "digit-word":  # val/test words are the bare digit names
             first = [next(i for i, c in enumerate(task.b) if c.text() == w) for w in DIGITS]
@@ -246,8 +259,8 @@ def mine_hard_negatives(model: FusionEncoder, task: PairTask, top: int = 10, see
     import faiss
 
     rng = np.random.default_rng(seed)
-    a = _norm(encode(model, task.feats["a"][1]), model.cfg.out_dim).astype(np.float32)
-    b = _norm(encode(model, task.feats["b"][1]), model.cfg.out_dim).astype(np.float32)
+    a = truncate_normalize(encode(model, task.feats["a"][1]), model.cfg.out_dim).astype(np.float32)
+    b = truncate_normalize(encode(model, task.feats["b"][1]), model.cfg.out_dim).astype(np.float32)
     index = faiss.IndexFlatIP(b.shape[1])
     index.add(b)
     _, nn_idx = index.search(a, top + 5)
@@ -259,12 +272,12 @@ def mine_hard_negatives(model: FusionEncoder, task: PairTask, top: int = 10, see
 
 
 def _fit(module: FusionModule, tasks: list[PairTask], steps: int, cfg: EmbedderTrainConfig, val: dict,
-         logger, seed: int) -> Validate:
+         logger, seed: int, shares: dict[str, float] | None = None) -> Validate:
     validate = Validate(val, cfg.val_every)
     trainer = L.Trainer(max_steps=steps, accelerator="auto", devices=1, logger=logger, callbacks=[validate],
                         enable_checkpointing=False, enable_model_summary=False, log_every_n_steps=25,
                         enable_progress_bar=True, num_sanity_val_steps=0)
-    loader = DataLoader(TaskBatches(tasks, cfg.batch_size, cfg.prefix_keep, seed), batch_size=None)
+    loader = DataLoader(TaskBatches(tasks, cfg.batch_size, cfg.prefix_keep, seed, shares), batch_size=None)
     trainer.fit(module, loader)
     return validate
 
@@ -313,7 +326,8 @@ def train_embedder(data: EmbedderData, out_dir: Path, tracking_uri: str, cfg: Em
     module2.model.load_state_dict(module.model.state_dict())
     module2.log_inv_temp.data.copy_(module.log_inv_temp.data)
     module2.cfg = EmbedderTrainConfig(**{**cfg.__dict__, "lr": cfg.lr / 3, "audio_lr": cfg.audio_lr / 3})
-    v2 = _fit(module2, data.stage2, cfg.stage2_steps, module2.cfg, data.val, logger, cfg.seed + 1)
+    v2 = _fit(module2, data.stage2, cfg.stage2_steps, module2.cfg, data.val, logger, cfg.seed + 1,
+              shares={"coengagement": cfg.coengagement_share})
 
     # Stage 3: checkpoint averaging, chosen on validation (see stage3_candidates).
     soup_state = soup([s for _, _, s in v2.history[-cfg.soup_last:]])
@@ -336,7 +350,9 @@ def train_embedder(data: EmbedderData, out_dir: Path, tracking_uri: str, cfg: Em
         "dims": list(fusion.matryoshka_dims),
         "data": data.sources,
         "stages": {"1": {"steps": cfg.stage1_steps, "val_score": stage1_val},
-                   "2": {"steps": cfg.stage2_steps, "best_val_score": v2.best[0], "hard_negatives": "FAISS top-10, other group"},
+                   "2": {"steps": cfg.stage2_steps, "best_val_score": v2.best[0], "hard_negatives": "FAISS top-10, other group",
+                         "task_mix": {t.name: round(float(p), 3) for t, p in
+                                      zip(data.stage2, task_mix(data.stage2, {"coengagement": cfg.coengagement_share}))}},
                    "3": {"soup_of_last": cfg.soup_last, "soup_val_score": soup_val, "val_scores": stage3_val,
                          "kept": choice}},
         "train_config": cfg.__dict__,

@@ -22,11 +22,23 @@ from rich.table import Table
 from recsys.config import SHARED_DATA, Config
 from recsys.content import Content, Part
 from recsys.data import load_movielens
+from recsys.embed.base import truncate_normalize
 from recsys.eval.embedder import LinearMap, chance, nearest_label_accuracy, retrieval_recall
 
 
 def _embed(embedder, contents, task, dim):
     return embedder.embed(contents, task=task, dim=dim)
+
+
+def matryoshka_sweep(embedder, test) -> dict[int, dict[str, float]]:
+    """text->poster / poster->text R@10 at every Matryoshka prefix of one full-width embedding."""
+    full_p = _embed(embedder, test.a, "document", embedder.max_dim)
+    full_t = _embed(embedder, test.b, "query", embedder.max_dim)
+    out = {}
+    for d in embedder.dims:
+        p, t = truncate_normalize(full_p, d), truncate_normalize(full_t, d)
+        out[d] = {"text->poster R@10": retrieval_recall(t, p)[10], "poster->text R@10": retrieval_recall(p, t)[10]}
+    return out
 
 
 def cross_modal(embedder, ds, cfg: Config, fsdd: Path | None, dim: int) -> dict:
@@ -53,6 +65,7 @@ def cross_modal(embedder, ds, cfg: Config, fsdd: Path | None, dim: int) -> dict:
         "linear map baseline": {"text->poster R@1": retrieval_recall(lt, lp)[1], "text->poster R@10": retrieval_recall(lt, lp)[10],
                                 "poster->text R@1": retrieval_recall(lp, lt)[1], "poster->text R@10": retrieval_recall(lp, lt)[10]},
         "chance": {"R@1": ch[1], "R@10": ch[10]},
+        "ours by Matryoshka dim": matryoshka_sweep(embedder, test),
     }
     if fsdd is not None and Path(fsdd).is_dir():
         _, _, dt = digit_tasks(Path(fsdd))
@@ -177,6 +190,8 @@ def run(cfg: Config, fsdd: Path | None = None, dim: int | None = None) -> dict:
     for m in ("text->poster R@1", "text->poster R@10", "poster->text R@1", "poster->text R@10"):
         t.add_row("poster-text (589 held-out movies)", m, f"{pt['ours'][m]:.3f}", f"{pt['linear map baseline'][m]:.3f}",
                   f"{pt['chance']['R@' + m.split('R@')[1]]:.4f}")
+    for d, vals in pt["ours by Matryoshka dim"].items():
+        t.add_row(f"poster-text, dim {d}", "text->poster R@10", f"{vals['text->poster R@10']:.3f}", "", "")
     for task, vals in report["cross_modal"].items():
         if task == "poster-text":
             continue
