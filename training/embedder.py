@@ -3,7 +3,8 @@
 1. alignment: InfoNCE on real paired data (posters/text, spoken digits/words, synthetic media/captions),
    Matryoshka loss at every prefix, learnable temperature, task prefixes dropped at random, and a
    relational distillation term that keeps text geometry close to MiniLM's;
-2. multi-task fine-tuning with mined hard negatives, adding item-item co-engagement pairs;
+2. multi-task fine-tuning with mined hard negatives, adding item-item co-engagement pairs (half the batches:
+   by size alone they took ~85% and pulled the poster path down);
 3. checkpoint averaging: the soup of stage 2's last checkpoints, and weight interpolations between stage 1's
    best and that soup (stage 2 trades some poster alignment for co-engagement; a partial step back keeps
    most of both), against the best single checkpoints; validation picks.
