@@ -150,9 +150,9 @@ class Recommender:
         item_stats = item_stat_matrix(items.pop_all, items.pop_30d, items.first_seen, now, items.modalities)
         # by default only a reranker that beat retrieval on validation; an explicit rerank=true forces it
         reranker = self.bundle.reranker
-        wanted = (self.cfg.serve.rerank and reranker is not None and reranker.helps) if rerank is None else rerank
-        use_reranker = bool(wanted) and reranker is not None
-        if use_reranker and cand.shape[1]:
+        use_reranker = (reranker is not None and reranker.fitted and cand.shape[1] > 0
+                        and (rerank if rerank is not None else self.cfg.serve.rerank and reranker.helps))
+        if use_reranker:
             c = Candidates(cand, scores, users.history_vector, stats, item_stats[None], self.bundle.content[cand[0]][None])
             t4 = time.perf_counter()
             top, top_scores = self.bundle.reranker.rerank(c, k)
@@ -164,7 +164,7 @@ class Recommender:
                for r, s in zip(top[0], top_scores[0]) if r >= 0]
         timings["total_ms"] = (time.perf_counter() - t0) * 1000
         return RecommendResponse(user_id, out, bool(users.found[0]), f"{self.cfg.train.registered_model}/v{self.bundle.version}",
-                                 timings, reranked=bool(use_reranker and cand.shape[1]))
+                                 timings, reranked=bool(use_reranker))
 
     def record_interaction(self, user_id: str, item_id: str, at: datetime | None = None) -> None:
         """Fold a new interaction into the user's online features (Feast push), no materialization."""

@@ -57,7 +57,7 @@ class EmbedderTrainConfig:
     val_every: int = 50
     soup_last: int = 4
     interpolate: tuple[float, ...] = (0.25, 0.5, 0.75)  # stage 3: stage1 + a * (soup - stage1)
-    # Stage 2's share of batches from co-engagement pairs (None: by weight x sqrt(size), which gave it ~80%
+    # Stage 2's share of batches from co-engagement pairs (None: by weight x sqrt(size), which gave it ~85%
     # and cost the poster path more than it should; the other tasks keep their relative mix).
     coengagement_share: float | None = 0.5
     seed: int = 0
@@ -327,8 +327,8 @@ def train_embedder(data: EmbedderData, out_dir: Path, tracking_uri: str, cfg: Em
     module2.model.load_state_dict(module.model.state_dict())
     module2.log_inv_temp.data.copy_(module.log_inv_temp.data)
     module2.cfg = EmbedderTrainConfig(**{**cfg.__dict__, "lr": cfg.lr / 3, "audio_lr": cfg.audio_lr / 3})
-    v2 = _fit(module2, data.stage2, cfg.stage2_steps, module2.cfg, data.val, logger, cfg.seed + 1,
-              shares={"coengagement": cfg.coengagement_share})
+    shares = {"coengagement": cfg.coengagement_share}
+    v2 = _fit(module2, data.stage2, cfg.stage2_steps, module2.cfg, data.val, logger, cfg.seed + 1, shares)
 
     # Stage 3: checkpoint averaging, chosen on validation (see stage3_candidates).
     soup_state = soup([s for _, _, s in v2.history[-cfg.soup_last:]])
@@ -353,7 +353,7 @@ def train_embedder(data: EmbedderData, out_dir: Path, tracking_uri: str, cfg: Em
         "stages": {"1": {"steps": cfg.stage1_steps, "val_score": stage1_val},
                    "2": {"steps": cfg.stage2_steps, "best_val_score": v2.best[0], "hard_negatives": "FAISS top-10, other group",
                          "task_mix": {t.name: round(float(p), 3) for t, p in
-                                      zip(data.stage2, task_mix(data.stage2, {"coengagement": cfg.coengagement_share}))}},
+                                      zip(data.stage2, task_mix(data.stage2, shares))}},
                    "3": {"soup_of_last": cfg.soup_last, "soup_val_score": soup_val, "val_scores": stage3_val,
                          "kept": choice}},
         "train_config": cfg.__dict__,
