@@ -53,13 +53,14 @@ def run(workdir: Path, posters: str | None = None, protocols=("loo", "cold", "te
         loss_ablation=("loo",), input_ablation=("loo", "cold"), on_progress=None) -> dict:
     """Args: loss_ablation / input_ablation: the protocols each ablation runs on (each variant is a full fit);
     on_progress: called with the results so far after each protocol (a long run keeps what it finished)."""
-    from serving.reranker import Reranker
+    from recsys.rerank import Reranker
     from training.train import fit_two_tower
 
     base = Config.load(None, workdir=str(workdir), data={"posters": posters})
     ds = load_movielens(posters=posters)
     cold_rows = make_split("cold", ds, base.eval).cold_items
-    iv = embed_catalog(base, ds, cold_rows=cold_rows, save=False)
+    iv, ds = embed_catalog(base, ds, cold=True, save=False)
+    cold_rows = make_split("cold", ds, base.eval).cold_items
     iv_text = text_only_vectors(base, ds, iv, cold_rows)
     runs, ablation, throughput, cache = [], [], {}, {}
 
@@ -134,13 +135,13 @@ def cold_popularity_prior(workdir: Path, posters: str | None = None, betas=(0.0,
     two-tower score with weight beta, tuned on validation; the test is reported for every beta."""
     from sklearn.linear_model import Ridge
 
-    from training.inputs import ItemInputs
+    from features.inputs import ItemInputs
     from training.train import fit_two_tower
 
     base = Config.load(None, workdir=str(workdir), data={"posters": posters})
     ds = load_movielens(posters=posters)
     split = make_split("cold", ds, base.eval)
-    iv = embed_catalog(base, ds, cold_rows=split.cold_items, save=False)
+    iv, ds = embed_catalog(base, ds, cold=True, save=False)
     vectors = iv.with_cold(split.cold_items)
     repo = build_features(base, ds, vectors, iv, split.train, name="cold", materialize=False)
     main = fit_two_tower(base, ds.catalog, split, repo, vectors, name="two-tower")
@@ -182,7 +183,8 @@ def input_variants(workdir: Path, posters: str | None = None, protocols=("cold",
     base = Config.load(None, workdir=str(workdir), data={"posters": posters})
     ds = load_movielens(posters=posters)
     cold_rows = make_split("cold", ds, base.eval).cold_items
-    iv = embed_catalog(base, ds, cold_rows=cold_rows, save=False)
+    iv, ds = embed_catalog(base, ds, cold=True, save=False)
+    cold_rows = make_split("cold", ds, base.eval).cold_items
     iv_text = text_only_vectors(base, ds, iv, cold_rows)
     spaces = {"multimodal (default)": iv, "text-only": iv_text, "multimodal + text-only, concatenated": concatenated(iv, iv_text)}
     out, cache = [], {}

@@ -111,3 +111,11 @@ def item_stats(interactions: pl.DataFrame, catalog: Catalog) -> pl.DataFrame:
     )
     snapshots = pl.concat([zero, daily.with_columns(pl.col("pop_all").cast(pl.Int64), pl.col("pop_30d").cast(pl.Int64))])
     return snapshots.join(flags, on="item_id", how="left")
+
+
+def user_seen(interactions: pl.DataFrame) -> pl.DataFrame:
+    """One row per user: every distinct item interacted with (newest first), stamped with the last time."""
+    return (interactions.sort(["user_id", "timestamp"], descending=[False, True], maintain_order=True)
+            .group_by("user_id", maintain_order=True)
+            .agg(pl.col("timestamp").max().alias("event_timestamp"), pl.col("item_id").unique(maintain_order=True)
+                 .alias("seen_item_ids")))

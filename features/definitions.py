@@ -36,13 +36,15 @@ class Repository:
     item_embedding: FeatureView
     user_history: FeatureView
     user_history_push: PushSource
+    user_seen: FeatureView
+    user_seen_push: PushSource
     training: FeatureService
     serving: FeatureService
 
     @property
     def objects(self) -> list:
         return [self.item, self.user, self.item_stats, self.user_stats, self.user_history_push,
-                self.item_embedding, self.user_history, self.training, self.serving]
+                self.item_embedding, self.user_history, self.user_seen_push, self.user_seen, self.training, self.serving]
 
 
 def repository(data: Path, backend: str, model_version: str, dim: int, recent_items: int = 20) -> Repository:
@@ -119,10 +121,23 @@ def repository(data: Path, backend: str, model_version: str, dim: int, recent_it
         tags=tags,
     )
 
+    # Every item the user has interacted with, one row per user (serving's seen filter: a user never gets back
+    # an item they already had, however long ago). Not a training input; the push source keeps it current online.
+    seen_source = FileSource(name="user_seen_source", path=str(data / "user_seen.parquet"), timestamp_field="event_timestamp")
+    seen_push = PushSource(name="user_seen_push", batch_source=seen_source)
+    user_seen = FeatureView(
+        name="user_seen",
+        entities=[user],
+        ttl=timedelta(days=0),
+        schema=[Field(name="seen_item_ids", dtype=Array(String), description="every item interacted with, newest first")],
+        source=seen_push,
+    )
+
     # What the two-tower trains on, and what serving reads: the same features, by construction.
     training = FeatureService(name=f"two_tower_training__{tag}",
                               features=[user_history, user_stats, item_embedding, item_stats], tags=tags)
-    serving = FeatureService(name=f"two_tower_serving__{tag}", features=[user_history, user_stats], tags=tags)
-    return Repository(item, user, item_stats, user_stats, item_embedding, user_history, history_push, training, serving)
+    serving = FeatureService(name=f"two_tower_serving__{tag}", features=[user_history, user_stats, user_seen], tags=tags)
+    return Repository(item, user, item_stats, user_stats, item_embedding, user_history, history_push, user_seen, seen_push,
+                      training, serving)
 
 

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import yaml
 from tqdm.auto import tqdm
 
-from features.compute import CATALOG_TIME, item_stats, user_snapshots
+from features.compute import CATALOG_TIME, item_stats, user_seen, user_snapshots
 from features.definitions import Repository, repository
 from recsys.config import Config
 from recsys.data.types import Catalog
@@ -107,6 +107,7 @@ class OnlineUsers:
     n_interactions: np.ndarray
     mean_value: np.ndarray
     first_seen: np.ndarray  # unix seconds, 0 = unknown
+    seen_item_ids: list[list[str]] = field(default_factory=list)  # every item each user had (empty: unknown)
 
 
 @dataclass
@@ -210,10 +211,13 @@ class FeatureRepo:
         history, stats = user_snapshots(interactions, item_vectors, catalog.index, self.cfg.features.recent_items,
                                         e.history_half_life)
         items = item_stats(interactions, catalog)
+        seen = user_seen(interactions)
         write_parquet(history, self._path(self.views.user_history))
         write_parquet(stats, self._path(self.views.user_stats))
         write_parquet(items, self._path(self.views.item_stats))
-        return {"user_history": history.height, "user_stats": stats.height, "item_stats": items.height}
+        write_parquet(seen, self._path(self.views.user_seen))
+        return {"user_history": history.height, "user_stats": stats.height, "item_stats": items.height,
+                "user_seen": seen.height}
 
     # Materialization -------------------------------------------------------------------------------
     def materialize(self, end: datetime | None = None, incremental: bool = True, progress: bool = False) -> MaterializeReport:
@@ -229,7 +233,8 @@ class FeatureRepo:
         report = MaterializeReport(end=end)
         registry = self.store.registry
         project = self.store.project
-        for view in (self.views.item_embedding, self.views.user_history, self.views.item_stats, self.views.user_stats):
+        for view in (self.views.item_embedding, self.views.user_history, self.views.item_stats, self.views.user_stats,
+                     self.views.user_seen):
             fv = self.store.get_feature_view(view.name)
             start = (fv.most_recent_end_time if incremental and fv.most_recent_end_time else EPOCH)
             start = start if start.tzinfo else start.replace(tzinfo=timezone.utc)
@@ -268,6 +273,7 @@ class FeatureRepo:
                          ["history_vector", "history_norm", "recent_item_ids", "history_count"])
         stats = read_rows(self.store, self._view(self.views.user_stats.name), "user_id", user_ids,
                           ["n_interactions", "mean_value", "user_first_seen"])
+        seen = read_rows(self.store, self._view(self.views.user_seen.name), "user_id", user_ids, ["seen_item_ids"])
         vec = np.zeros((len(user_ids), self.dim), np.float32)
         for i, v in enumerate(hist["history_vector"]):
             if v is not None:
@@ -280,6 +286,7 @@ class FeatureRepo:
             np.array([c or 0 for c in stats["n_interactions"]]),
             np.array([m or 0.0 for m in stats["mean_value"]], np.float32),
             np.array([t.timestamp() if isinstance(t, datetime) else 0.0 for t in stats["user_first_seen"]]),
+            [list(r) if r is not None else [] for r in seen["seen_item_ids"]],
         )
 
     def online_items(self, item_ids: list[str]) -> OnlineItems:
@@ -325,8 +332,11 @@ class FeatureRepo:
             "recent_item_ids": [recent],
             "history_count": [int(current.history_count[0]) + 1],
         })
-        self.store.push(self.views.user_history_push.name, frame,
-                        to=PushMode.ONLINE_AND_OFFLINE if to_offline else PushMode.ONLINE)
+        mode = PushMode.ONLINE_AND_OFFLINE if to_offline else PushMode.ONLINE
+        self.store.push(self.views.user_history_push.name, frame, to=mode)
+        seen = [item_id, *(i for i in current.seen_item_ids[0] if i != item_id)]
+        self.store.push(self.views.user_seen_push.name, pd.DataFrame({
+            "user_id": [user_id], "event_timestamp": frame["event_timestamp"], "seen_item_ids": [seen]}), to=mode)
 
 
 __all__ = ["CATALOG_TIME", "FeatureRepo", "FeatureValidationError", "MaterializeReport", "OnlineItems", "OnlineUsers",

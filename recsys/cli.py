@@ -66,7 +66,7 @@ def embed(
     from recsys.content import Content, Part
     from recsys.data import load_dataset
     from recsys.embed import make_embedder
-    from recsys.pipeline import console, embed_catalog, load_item_vectors
+    from recsys.pipeline import EmbeddingFailures, console, embed_catalog, load_item_vectors
 
     cfg = _config(config, workdir, posters, data, source, embedder=embedder, dim=dim)
     if query or image:
@@ -81,7 +81,11 @@ def embed(
         return
     ds = load_dataset(cfg)
     console.print(ds.report.render())
-    iv = embed_catalog(cfg, ds)
+    try:
+        iv, _ = embed_catalog(cfg, ds)
+    except EmbeddingFailures as exc:
+        console.print(f"[red]error:[/red] {exc}; nothing written")
+        raise typer.Exit(exc.exit_code)
     console.print(f"embedded {len(iv.ids) - len(iv.failed):,} items ({len(iv.failed)} failed) with "
                   f"{iv.backend} {iv.model_version}, dim {iv.dim} -> {cfg.workdir / 'embeddings'}")
 
@@ -94,11 +98,11 @@ def features(
 ):
     """Write item and user features to Feast and materialize them to the online store."""
     from recsys.data import load_dataset
-    from recsys.pipeline import build_features, load_item_vectors
+    from recsys.pipeline import aligned, build_features, load_item_vectors
 
     cfg = _config(config, workdir, posters, data, source, online_store=online_store, redis=redis)
-    ds = load_dataset(cfg)
     iv = load_item_vectors(cfg)
+    ds = aligned(load_dataset(cfg), iv)
     build_features(cfg, ds, iv.vectors, iv, ds.interactions.frame, name="serve", materialize=True)
 
 
@@ -112,19 +116,19 @@ def train(
     """Train the two-tower on each protocol, evaluate it beside the baselines, register the first protocol's
     model in MLflow under --alias, and print one comparison table."""
     from recsys.data import load_dataset
-    from recsys.pipeline import console, load_item_vectors, results_json, results_table, run_protocol
+    from recsys.pipeline import aligned, console, load_item_vectors, results_json, results_table, run_protocol
 
     from recsys.pipeline import save_config
 
     cfg = _config(config, workdir, posters, data, source, max_users, epochs=epochs, protocols=protocols)
     save_config(cfg)
-    ds = load_dataset(cfg)
     iv = load_item_vectors(cfg)
+    ds = aligned(load_dataset(cfg), iv)
     if "cold" in cfg.eval.protocols:  # brand-new items are embedded without their user tags
         from recsys.eval import make_split
         from recsys.pipeline import embed_catalog
 
-        iv.cold = embed_catalog(cfg, ds, cold_rows=make_split("cold", ds, cfg.eval).cold_items, save=False).cold
+        iv.cold = embed_catalog(cfg, ds, cold=True, save=False)[0].cold
     runs = [run_protocol(cfg, ds, iv, p, register=(i == 0), rerank=(p == "loo"), alias=alias)
             for i, p in enumerate(cfg.eval.protocols)]
     console.print(results_table(runs))
@@ -135,34 +139,48 @@ def train(
 @app.command()
 def index(config: Optional[Path] = ConfigOpt, workdir: Optional[Path] = WorkdirOpt,
           alias: Optional[str] = typer.Option(None, help="Model alias (default: serve.model_alias).")):
-    """Build the FAISS index of the registered model's item vectors and save it under <workdir>/index."""
-    import faiss
-    import numpy as np
-
+    """Build the candidate index of the registered model's item vectors (exact, or HNSW tuned to the recall
+    target above serve.exact_below items) and save it under <workdir>/index."""
+    from recsys.index import build_index
     from recsys.pipeline import console
-    from serving.candidates import CandidateIndex
     from serving.service import ModelBundle
 
     cfg = _config(config, workdir)
     bundle = ModelBundle.from_mlflow(cfg, alias=alias)
-    idx = CandidateIndex(bundle.item_vectors, kind=cfg.serve.faiss_index, use_gpu=False)
-    out = cfg.workdir / "index"
-    out.mkdir(parents=True, exist_ok=True)
-    faiss.write_index(idx.index, str(out / "items.faiss"))
-    np.save(out / "item_ids.npy", np.array(bundle.item_ids))
-    console.print(f"{cfg.serve.faiss_index} index of {idx.n:,} x {idx.dim} from model v{bundle.version} -> {out}")
+    s = cfg.serve
+    idx = build_index(bundle.item_vectors, bundle.queries if len(bundle.queries) else None, kind=s.faiss_index,
+                      exact_below=s.exact_below, target_recall=s.target_recall, use_gpu=False)
+    out = idx.save(cfg.workdir / "index")
+    console.print(f"{idx.info.kind} index of {idx.n:,} x {idx.dim} from model v{bundle.version} "
+                  f"(recall@100 {idx.info.recall_at_100}, {idx.info.params}) -> {out}")
 
 
 @app.command()
 def serve(config: Optional[Path] = ConfigOpt, workdir: Optional[Path] = WorkdirOpt,
-          host: Optional[str] = typer.Option(None), port: Optional[int] = typer.Option(None)):
-    """Start the HTTP service (FastAPI): /recommend, /interactions, /health."""
+          host: Optional[str] = typer.Option(None, help="Interface (default serve.host, 127.0.0.1)."),
+          port: Optional[int] = typer.Option(None, help="Port (default serve.port, 8000)."),
+          workers: Optional[int] = typer.Option(None, help="uvicorn worker processes (default serve.workers).")):
+    """Start the HTTP service (FastAPI): /recommend, /items/{id}/similar, /search, /interactions, /healthz,
+    /readyz, /metrics, /admin/reload. API keys: RECSYS_API_KEYS, RECSYS_ADMIN_KEYS (comma-separated)."""
+    import tempfile
+
     import uvicorn
 
-    from serving.app import create_app
+    from serving.app import check_host, create_app
 
     cfg = _config(config, workdir)
-    uvicorn.run(create_app(cfg), host=host or cfg.serve.host, port=port or cfg.serve.port)
+    host, port, workers = host or cfg.serve.host, port or cfg.serve.port, workers or cfg.serve.workers
+    try:
+        check_host(cfg, host)
+    except SystemExit as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+    if workers == 1:
+        uvicorn.run(create_app(cfg), host=host, port=port, log_level="warning")
+        return
+    os.environ["RECSYS_SERVE_CONFIG"] = cfg.model_dump_json()
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="recsys-metrics-"))
+    uvicorn.run("serving.app:app_from_env", factory=True, host=host, port=port, workers=workers, log_level="warning")
 
 
 @app.command()
@@ -188,12 +206,22 @@ def evaluate(
 
 @app.command()
 def nightly(config: Optional[Path] = ConfigOpt, workdir: Optional[Path] = WorkdirOpt, posters: Optional[Path] = PostersOpt,
-            data: Optional[Path] = DataOpt, source: Optional[str] = SourceOpt):
-    """The nightly batch job: embed new/changed items (cache makes unchanged ones a lookup), append only
-    changed vectors to Feast, refresh interaction features, materialize incrementally, rebuild the index."""
-    from recsys.pipeline import run_nightly
+            data: Optional[Path] = DataOpt, source: Optional[str] = SourceOpt,
+            engine: Optional[str] = typer.Option(None, help="local (default) or ray (Ray Data; nightly.ray_address for a cluster)."),
+            dry_run: bool = typer.Option(False, "--dry-run", help="Report what would change; write nothing."),
+            threshold: Optional[float] = typer.Option(None, help="Failure share that stops the publish (default 0.01).")):
+    """The nightly batch job: embed only new/changed items (crash-safe, in committed batches), dead-letter the
+    failures, write versioned vectors, refresh Feast incrementally, rebuild the index, publish one manifest
+    atomically. Exit codes: 0 done, 3 failures over the threshold (nothing published), 1 error."""
+    from recsys.flows.nightly import run_nightly
 
-    run_nightly(_config(config, workdir, posters, data, source))
+    cfg = _config(config, workdir, posters, data, source)
+    if engine:
+        cfg.nightly.engine = engine
+    if threshold is not None:
+        cfg.nightly.failure_threshold = threshold
+    summary = run_nightly(cfg, dry_run=dry_run)
+    raise typer.Exit(summary.exit_code)
 
 
 @app.command(name="train-embedder")

@@ -97,12 +97,35 @@ class ServeConfig(_Section):
 
     host: str = "127.0.0.1"
     port: int = 8000
-    candidates: int = 200
+    workers: int = 1  # uvicorn worker processes (each loads the model; see README for how many)
+    candidates: int = 200  # FAISS candidates the reranker reads (max(candidates, k) are fetched)
     k: int = 10
+    max_k: int = 500
     rerank: bool = True
-    faiss_index: Literal["flat", "hnsw", "ivf"] = "flat"
+    faiss_index: Literal["auto", "flat", "hnsw", "ivf"] = "auto"  # auto: exact up to exact_below items, else HNSW
+    exact_below: int = 50_000
+    target_recall: float = 0.95  # recall@100 vs exact search that an approximate index is tuned to
     use_gpu: bool | None = None  # None: use a GPU index when faiss reports GPUs
     model_alias: str = "champion"
+    # Keys: also from the environment, RECSYS_API_KEYS / RECSYS_ADMIN_KEYS (comma-separated). Without any
+    # key the service refuses to start on a non-loopback host.
+    api_keys: list[str] = []
+    admin_keys: list[str] = []
+    max_body_bytes: int = 1 << 20  # JSON bodies
+    max_upload_bytes: int = 20 << 20  # one /search upload (the whole multipart body may hold a few)
+    max_uploads: int = 4
+    reload_poll_s: float = 1.0  # how often each worker looks for a reload request
+
+
+class NightlyConfig(_Section):
+    """The nightly batch (recsys/flows/nightly.py) and the failure rule `recsys embed` shares."""
+
+    failure_threshold: float = 0.01  # share of items to embed that may fail before the run refuses to publish
+    batch_items: int = 256  # items per committed embedding batch (a kill loses at most one batch)
+    engine: Literal["local", "ray"] = "local"
+    ray_address: str | None = None  # None: a local Ray; "ray://head:10001" or "auto" for a cluster
+    ray_actors: int = 2  # embedder actors (each holds one embedder)
+    keep_runs: int = 7  # versioned run folders kept (the published one is never removed)
 
 
 class EvalConfig(_Section):
@@ -126,6 +149,7 @@ class Config(_Section):
     features: FeatureConfig = Field(default_factory=FeatureConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    nightly: NightlyConfig = Field(default_factory=NightlyConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     mlflow_tracking_uri: str | None = None  # default: sqlite:///<workdir>/mlflow.db
     mlflow_experiment: str = "recsys"

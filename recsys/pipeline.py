@@ -64,23 +64,48 @@ class ItemVectors:
         return out
 
 
-def embed_catalog(cfg: Config, ds: Dataset, embedder: Embedder | None = None, cold_rows: np.ndarray | None = None,
-                  save: bool = True) -> ItemVectors:
-    """Embed every item (task "document"); failed items are reported and get the mean of the others'
-    direction (never silently dropped). Cold versions for ``cold_rows`` drop user-derived parts."""
+class EmbeddingFailures(RuntimeError):
+    """More items failed to embed than ``nightly.failure_threshold`` allows; nothing was written."""
+
+    exit_code = 3
+
+    def __init__(self, failed: dict[str, str], total: int, threshold: float):
+        self.failed, self.total, self.threshold = failed, total, threshold
+        shown = "; ".join(f"{i}: {m}" for i, m in list(failed.items())[:5])
+        super().__init__(f"{len(failed)} of {total} items failed to embed ({len(failed) / max(total, 1):.1%}, "
+                         f"over the {threshold:.1%} threshold): {shown}")
+
+
+def check_failures(failed: dict[str, str], total: int, threshold: float) -> None:
+    """Raise EmbeddingFailures when the share of failed items passes ``threshold``."""
+    if failed and len(failed) / max(total, 1) > threshold:
+        raise EmbeddingFailures(failed, total, threshold)
+
+
+def embed_catalog(cfg: Config, ds: Dataset, embedder: Embedder | None = None, cold: bool = False,
+                  save: bool = True) -> tuple[ItemVectors, Dataset]:
+    """Embed every item (task "document"). Failed items are reported by id; past
+    ``nightly.failure_threshold`` nothing is saved and EmbeddingFailures is raised; under it they are
+    dropped from the returned dataset (with their interactions): no item ever gets a stand-in vector.
+    With ``cold``, the COLD split's items (of the returned dataset) also get versions without user-derived parts.
+
+    Returns:
+        (vectors aligned with the returned dataset's catalog, that dataset)."""
     embedder = embedder or make_embedder(cfg)
     dim = cfg.embedder.dim
     result = embedder.embed_many(ds.catalog.contents(), task="document", dim=dim, progress=True)
     failed = {e.item_id or str(e.index): e.message for e in result.errors}
-    vectors = result.vectors
+    check_failures(failed, len(ds.catalog), cfg.nightly.failure_threshold)
+    ok = result.ok
     if failed:
-        console.print(f"[yellow]{len(failed)} item(s) failed to embed[/yellow], e.g. {list(failed.items())[:3]}")
-        fallback = vectors[result.ok].mean(0)
-        vectors[~result.ok] = fallback / max(np.linalg.norm(fallback), 1e-12)
+        console.print(f"[yellow]{len(failed)} item(s) failed to embed and are left out[/yellow], e.g. {list(failed.items())[:3]}")
+        ds = ds.without_items(set(failed), "items that failed to embed (left out with their interactions)")
+    vectors = result.vectors[ok]
     out = ItemVectors(ds.catalog.ids, vectors, embedder.name, embedder.model_version, dim, failed)
+    cold_rows = make_split("cold", ds, cfg.eval).cold_items if cold else None
     if cold_rows is not None and len(cold_rows):
-        cold = embedder.embed_many([ds.catalog.content(int(r), cold=True) for r in cold_rows], task="document", dim=dim)
-        out.cold = {int(r): v for r, v, ok in zip(cold_rows, cold.vectors, cold.ok) if ok}
+        res = embedder.embed_many([ds.catalog.content(int(r), cold=True) for r in cold_rows], task="document", dim=dim)
+        out.cold = {int(r): v for r, v, good in zip(cold_rows, res.vectors, res.ok) if good}
     if save:
         folder = cfg.workdir / "embeddings"
         folder.mkdir(parents=True, exist_ok=True)
@@ -89,7 +114,16 @@ def embed_catalog(cfg: Config, ds: Dataset, embedder: Embedder | None = None, co
         (folder / "manifest.json").write_text(json.dumps(
             {"backend": out.backend, "model_version": out.model_version, "dim": dim, "items": len(out.ids),
              "failed": failed}, indent=2))
-    return out
+    return out, ds
+
+
+def aligned(ds: Dataset, iv: ItemVectors) -> Dataset:
+    """``ds`` without the items that have no saved vector (they failed to embed), so rows line up."""
+    missing = set(ds.catalog.ids) - set(iv.ids)
+    ds = ds.without_items(missing, "items without a vector (failed to embed)")
+    if ds.catalog.ids != iv.ids:
+        raise ValueError("the saved vectors belong to another catalog: run `recsys embed` again")
+    return ds
 
 
 def load_item_vectors(cfg: Config) -> ItemVectors:
@@ -140,7 +174,7 @@ def run_protocol(cfg: Config, ds: Dataset, iv: ItemVectors, protocol: str, regis
                  alias: str | None = None) -> ProtocolRun:
     """Train and evaluate the two-tower and the baselines on one protocol (same split, same run)."""
     from recsys.eval.baselines import EASE, ContentKNN, ItemKNN, Popularity
-    from serving.reranker import Reranker
+    from recsys.rerank import Reranker
     from training.train import fit_two_tower
 
     split = make_split(protocol, ds, cfg.eval)
@@ -230,9 +264,8 @@ def run_demo(cfg: Config, sample_users: int = 3) -> dict:
     with timings.stage("load data"):
         ds = load_dataset(cfg)
         console.print(ds.report.render())
-    cold_rows = make_split("cold", ds, cfg.eval).cold_items if "cold" in cfg.eval.protocols else None
     with timings.stage("embed catalog"):
-        iv = embed_catalog(cfg, ds, cold_rows=cold_rows)
+        iv, ds = embed_catalog(cfg, ds, cold="cold" in cfg.eval.protocols)
     with timings.stage("features (serving store: all interactions, materialized)"):
         build_features(cfg, ds, iv.vectors, iv, ds.interactions.frame, name="serve", materialize=True)
     runs = []
@@ -248,7 +281,7 @@ def run_demo(cfg: Config, sample_users: int = 3) -> dict:
         titles = dict(zip(ds.catalog.ids, ds.catalog.titles))
         for u in users:
             resp = rec.recommend(u, k=5)
-            online = rec.repo.online_users([u])
+            online = rec.current().repo.online_users([u])
             console.print(f"[bold]user {u}[/bold] recently: " + "; ".join(titles[i] for i in online.recent_item_ids[0][:3]))
             for r in resp.items:
                 console.print(f"   -> {r.title}  [dim]({r.score:.3f})[/dim]")
@@ -277,8 +310,8 @@ def evaluate_saved(cfg: Config) -> list[ProtocolRun]:
     from training.module import TwoTowerModule
     from training.train import TrainedTwoTower
 
-    ds = load_dataset(cfg)
     iv = load_item_vectors(cfg)
+    ds = aligned(load_dataset(cfg), iv)
     runs = []
     for protocol in cfg.eval.protocols:
         ckpt = cfg.models_dir / f"two-tower-{protocol}" / "best.ckpt"
@@ -288,7 +321,7 @@ def evaluate_saved(cfg: Config) -> list[ProtocolRun]:
         split = make_split(protocol, ds, cfg.eval)
         vectors = iv.vectors
         if protocol == "cold":
-            iv.cold = embed_catalog(cfg, ds, cold_rows=split.cold_items, save=False).cold
+            iv.cold = embed_catalog(cfg, ds, cold=True, save=False)[0].cold
             vectors = iv.with_cold(split.cold_items)
         trained = TrainedTwoTower("two-tower", TwoTowerModule.from_checkpoint(ckpt), vectors)
         idx = ds.catalog.index
@@ -301,64 +334,3 @@ def evaluate_saved(cfg: Config) -> list[ProtocolRun]:
         runs.append(ProtocolRun(protocol, results, trained, split))
     console.print(results_table(runs))
     return runs
-
-
-def run_nightly(cfg: Config) -> dict:
-    """Nightly batch: re-embed (unchanged items are cache lookups), append changed vectors to the serving
-    store, rebuild interaction features, materialize incrementally, refresh item-tower vectors and the
-    FAISS index for the champion model (new items become recommendable without retraining)."""
-    import faiss
-    import mlflow
-
-    from features.store import FeatureRepo
-    from serving.service import ModelBundle
-    from training.inputs import ItemStatsAsOf
-
-    timings = Timings()
-    with timings.stage("load data"):
-        ds = load_dataset(cfg)
-        console.print(ds.report.render())
-    with timings.stage("embed (incremental through the cache)"):
-        embedder = make_embedder(cfg)
-        iv = embed_catalog(cfg, ds, embedder)
-    with timings.stage("features"):
-        repo = FeatureRepo(cfg, iv.backend, iv.model_version, iv.dim, name="serve")
-        changed = repo.write_item_embeddings(ds.catalog.ids, iv.vectors)
-        repo.write_interaction_features(ds.interactions.frame, ds.catalog, iv.vectors)
-        repo.apply()
-        report = repo.materialize(progress=True)
-        console.print(f"{changed:,} new or changed item vectors; materialized {report.rows}")
-    summary = {"changed_vectors": changed, "materialized": report.rows, "failed": iv.failed}
-    with timings.stage("item vectors + FAISS index"):
-        try:
-            bundle = ModelBundle.from_mlflow(cfg)
-        except Exception as exc:  # no registered model yet: nothing to index
-            console.print(f"[yellow]no registered model to index ({exc}); run `recsys train`[/yellow]")
-            bundle = None
-        if bundle is not None and bundle.config.get("embedder_version") == iv.model_version:
-            mlflow.set_tracking_uri(cfg.tracking_uri)
-            item_tower = mlflow.pytorch.load_model(f"runs:/{bundle.run_id}/item_tower", map_location="cpu").eval()
-            asof = ItemStatsAsOf(pl.read_parquet(repo._path(repo.views.item_stats)), ds.catalog)
-            now = time.time()
-            import torch
-
-            known = np.zeros(len(ds.catalog), bool)
-            trained = dict(zip(bundle.item_ids, bundle.known))
-            known[[i for i, item in enumerate(ds.catalog.ids) if trained.get(item, False)]] = True
-            with torch.inference_mode():
-                vecs = item_tower(torch.from_numpy(iv.vectors), torch.from_numpy(asof.all_at(now)),
-                                  torch.arange(len(ds.catalog)), torch.from_numpy(known)).numpy()
-            out = cfg.workdir / "index"
-            out.mkdir(parents=True, exist_ok=True)
-            np.savez_compressed(out / "item_vectors.npz", ids=np.array(ds.catalog.ids), titles=np.array(ds.catalog.titles),
-                                vectors=vecs, content=iv.vectors, known=known, model_version=bundle.version)
-            index = faiss.IndexFlatIP(vecs.shape[1])
-            index.add(np.ascontiguousarray(vecs, np.float32))
-            faiss.write_index(index, str(out / "items.faiss"))
-            summary["indexed"] = len(vecs)
-        elif bundle is not None:
-            console.print("[yellow]the registered model reads another embedding space; retrain before indexing[/yellow]")
-    summary["timings_s"] = timings.stages
-    (cfg.workdir / "report").mkdir(exist_ok=True)
-    (cfg.workdir / "report" / "nightly.json").write_text(json.dumps(summary, indent=2, default=str))
-    return summary

@@ -1,30 +1,50 @@
 """The HTTP service (FastAPI). Bad requests get a 4xx with a reason; nothing a client sends yields a 500.
 
-    GET  /health                         model version, items indexed
-    GET  /recommend/{user_id}?k=10       top-k for a user (unknown users get the empty-history answer)
-    POST /recommend                      {user_id, k, exclude, modalities, rerank}; rerank left out: the
-                                         reranker only if it beat retrieval on validation (reply: reranked)
-    POST /interactions                   {user_id, item_id, timestamp?}: updates the user's online features
+    GET  /recommend/{user_id}?k=10          top-k for a user (unknown users: popularity, flagged)
+    POST /recommend                         {user_id, k, exclude, modalities, rerank, recent_item_ids}
+    GET  /items/{item_id}/similar?k=&space= item-to-item, in the two-tower space or the embedder's (content)
+    POST /search                            multipart: text and/or image / audio / video files -> items
+    POST /interactions                      {user_id, item_id, timestamp?}: updates the user's online features
+    GET  /healthz  /readyz  /metrics        process up; model + index + feature store answering; Prometheus
+    POST /admin/reload   GET /admin/status  load the version an alias points to now (or a given one), swap
+
+Authentication: an API key in ``X-API-Key`` or ``Authorization: Bearer`` on everything but /healthz,
+/readyz and /metrics; an admin key for /admin/*. Keys come from ``serve.api_keys`` / ``serve.admin_keys``
+or RECSYS_API_KEYS / RECSYS_ADMIN_KEYS (comma-separated) and are compared in constant time.
 """
 
 from __future__ import annotations
 
+import hmac
+import json
+import os
+import threading
+import time
+from contextlib import asynccontextmanager
 from datetime import datetime
+from pathlib import Path
 from typing import Literal
 
-from fastapi import FastAPI, HTTPException, Query
+from fastapi import Depends, FastAPI, File, Form, HTTPException, Path as PathParam, Query, Request, UploadFile
+from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
 
 from recsys.config import Config
-from serving.service import Recommender, UnknownItemError
+from serving.metrics import Metrics
+from serving.service import NotReadyError, Recommender, UnknownItemError
+
+ID = dict(min_length=1, max_length=256)
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 class RecommendRequest(BaseModel):
-    user_id: str = Field(min_length=1, max_length=256)
+    user_id: str = Field(**ID)
     k: int = Field(10, ge=1, le=500)
     exclude: list[str] = Field(default_factory=list, max_length=10_000)
     modalities: list[Literal["text", "image", "audio", "video"]] = Field(default_factory=list)
     rerank: bool | None = None
+    recent_item_ids: list[str] = Field(default_factory=list, max_length=200,
+                                       description="newest first; used when the store does not know the user yet")
 
 
 class Item(BaseModel):
@@ -37,52 +57,268 @@ class Item(BaseModel):
 class RecommendReply(BaseModel):
     user_id: str
     known_user: bool
+    fallback: str | None = Field(None, description="popularity (unknown user) or request_history")
     model: str
     items: list[Item]
     timings_ms: dict[str, float]
     reranked: bool
 
 
+class ItemsReply(BaseModel):
+    model: str
+    space: str
+    items: list[Item]
+    timings_ms: dict[str, float]
+
+
 class InteractionRequest(BaseModel):
-    user_id: str = Field(min_length=1, max_length=256)
-    item_id: str = Field(min_length=1, max_length=256)
+    user_id: str = Field(**ID)
+    item_id: str = Field(**ID)
     timestamp: datetime | None = None
 
 
-def create_app(cfg: Config, recommender: Recommender | None = None) -> FastAPI:
-    app = FastAPI(title="recsys", version="0.1.0", description=__doc__)
-    state: dict[str, Recommender] = {}
+class ReloadRequest(BaseModel):
+    alias: str | None = Field(None, max_length=64)
+    version: str | None = Field(None, max_length=32, pattern=r"^\d+$")
 
-    def rec() -> Recommender:
-        if "r" not in state:
-            state["r"] = recommender or Recommender.load(cfg)
-        return state["r"]
+
+# Keys ----------------------------------------------------------------------------------------------------
+def configured_keys(cfg: Config) -> tuple[list[str], list[str]]:
+    """(api keys, admin keys) from the configuration and the environment."""
+    env = lambda name: [k.strip() for k in os.environ.get(name, "").split(",") if k.strip()]  # noqa: E731
+    return [*cfg.serve.api_keys, *env("RECSYS_API_KEYS")], [*cfg.serve.admin_keys, *env("RECSYS_ADMIN_KEYS")]
+
+
+def check_host(cfg: Config, host: str) -> None:
+    """Refuse to serve a non-loopback host without an API key."""
+    api, _ = configured_keys(cfg)
+    if host not in LOOPBACK and not api:
+        raise SystemExit(f"refusing to listen on {host} without an API key: set RECSYS_API_KEYS "
+                         "(or serve.api_keys) or listen on 127.0.0.1")
+
+
+def _presented(request: Request) -> str | None:
+    key = request.headers.get("x-api-key")
+    auth = request.headers.get("authorization", "")
+    if not key and auth.lower().startswith("bearer "):
+        key = auth[7:].strip()
+    return key
+
+
+def _matches(key: str | None, keys: list[str]) -> bool:
+    ok = False
+    for k in keys:  # every key compared, in constant time each
+        ok |= key is not None and hmac.compare_digest(key.encode(), k.encode())
+    return ok
+
+
+# The reload request file: how /admin/reload reaches every worker process ------------------------------------
+def reload_request_path(cfg: Config) -> Path:
+    return cfg.workdir / "serve" / "reload.json"
+
+
+def request_reload(cfg: Config, alias: str | None, version: str | None) -> dict:
+    from recsys.index import atomic_write_text
+
+    req = {"generation": time.time_ns(), "alias": alias, "version": version}
+    path = reload_request_path(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(req))
+    return req
+
+
+class Loader:
+    """Loads the model at start-up (in the background: /readyz is false until it is in) and applies reload
+    requests as they appear, in this worker, off the request path."""
+
+    def __init__(self, cfg: Config, rec: Recommender, metrics: Metrics):
+        self.cfg, self.rec, self.metrics = cfg, rec, metrics
+        self.generation = self._read().get("generation", 0)  # requests made before this worker started are done
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="recsys-loader", daemon=True)
+
+    def _read(self) -> dict:
+        try:
+            return json.loads(reload_request_path(self.cfg).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def _load(self, alias=None, version=None) -> None:
+        try:
+            first = self.rec.snapshot is None
+            snap = self.rec.reload(alias=alias, version=version)
+            self.rec.reload_error = None
+            self.metrics.loaded(snap, reload=not first)
+        except Exception as exc:  # keep serving the previous snapshot; the reason shows in /admin/status
+            self.rec.reload_error = f"{type(exc).__name__}: {exc}"
+
+    def _run(self) -> None:
+        if self.rec.snapshot is None:
+            self._load()
+        else:
+            self.metrics.loaded(self.rec.snapshot, reload=False)
+        while not self.stop.wait(self.cfg.serve.reload_poll_s):
+            req = self._read()
+            if req.get("generation", 0) > self.generation:
+                self.generation = req["generation"]
+                self._load(req.get("alias"), req.get("version"))
+
+
+# The app ----------------------------------------------------------------------------------------------------
+def create_app(cfg: Config, recommender: Recommender | None = None) -> FastAPI:
+    rec = recommender or Recommender(cfg)
+    metrics = Metrics()
+    loader = Loader(cfg, rec, metrics)
+    api_keys, admin_keys = configured_keys(cfg)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loader.thread.start()
+        yield
+        loader.stop.set()
+
+    app = FastAPI(title="recsys", version="0.2.0", description=__doc__, lifespan=lifespan)
+    app.state.recommender, app.state.loader = rec, loader
+    app.add_middleware(metrics.middleware, limits={"/search": cfg.serve.max_uploads * cfg.serve.max_upload_bytes + (64 << 10)},
+                       default_limit=cfg.serve.max_body_bytes)
+
+    def require_key(request: Request) -> None:
+        if api_keys and not (_matches(_presented(request), api_keys) or _matches(_presented(request), admin_keys)):
+            raise HTTPException(401, "missing or wrong API key (X-API-Key or Authorization: Bearer)",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    def require_admin(request: Request) -> None:
+        if (api_keys or admin_keys) and not _matches(_presented(request), admin_keys):
+            raise HTTPException(403 if _presented(request) else 401, "this needs the admin key")
+
+    @app.exception_handler(NotReadyError)
+    async def not_ready(_: Request, exc: NotReadyError):
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "1"})
+
+    @app.exception_handler(UnknownItemError)
+    async def unknown_item(_: Request, exc: UnknownItemError):
+        return JSONResponse({"detail": f"unknown item_id {exc.args[0]!r}"}, status_code=404)
 
     def reply(r) -> RecommendReply:
-        return RecommendReply(user_id=r.user_id, known_user=r.known_user, model=r.model, timings_ms=r.timings_ms,
-                              reranked=r.reranked, items=[Item(**vars(i)) for i in r.items])
+        metrics.stages(r.timings_ms)
+        return RecommendReply(user_id=r.user_id, known_user=r.known_user, fallback=r.fallback, model=r.model,
+                              timings_ms=r.timings_ms, reranked=r.reranked, items=[Item(**vars(i)) for i in r.items])
 
-    @app.get("/health")
-    def health() -> dict:
-        r = rec()
-        return {"status": "ok", "model": f"{cfg.train.registered_model}/v{r.bundle.version}", "items": r.n_items,
-                "faiss": r.faiss.kind, "gpu": r.faiss.on_gpu, "online_store": cfg.features.online_store}
+    def check_k(k: int) -> None:
+        n = rec.current().n_items
+        if k > n:
+            raise HTTPException(422, f"k={k} is more than the {n} items in the catalog")
 
-    @app.get("/recommend/{user_id}", response_model=RecommendReply)
-    def recommend_get(user_id: str, k: int = Query(10, ge=1, le=500)) -> RecommendReply:
-        return reply(rec().recommend(user_id, k=k))
+    @app.get("/healthz")
+    def healthz() -> dict:
+        info = rec.index_info()
+        snap = rec.snapshot
+        return {"status": "ok", "model": f"{cfg.train.registered_model}/{snap.model}" if snap else None,
+                "source": snap.bundle.source if snap else None, "items": snap.n_items if snap else 0,
+                "index": info.to_dict() if info else None, "gpu": bool(info and info.on_gpu),
+                "online_store": cfg.features.online_store, "reloads": rec.reloads}
 
-    @app.post("/recommend", response_model=RecommendReply)
+    @app.get("/readyz")
+    def readyz():
+        ok, why = rec.ready()
+        return JSONResponse({"ready": ok, "reason": why}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    def prometheus() -> PlainTextResponse:
+        body, content_type = metrics.render()
+        return PlainTextResponse(body, media_type=content_type)
+
+    @app.get("/recommend/{user_id}", response_model=RecommendReply, dependencies=[Depends(require_key)])
+    def recommend_get(user_id: str = PathParam(**ID), k: int = Query(10, ge=1, le=500)) -> RecommendReply:
+        check_k(k)
+        return reply(rec.recommend(user_id, k=k))
+
+    @app.post("/recommend", response_model=RecommendReply, dependencies=[Depends(require_key)])
     def recommend_post(req: RecommendRequest) -> RecommendReply:
-        return reply(rec().recommend(req.user_id, k=req.k, exclude=req.exclude, modalities=req.modalities or None,
-                                     rerank=req.rerank))
+        check_k(req.k)
+        return reply(rec.recommend(req.user_id, k=req.k, exclude=req.exclude, modalities=req.modalities or None,
+                                   rerank=req.rerank, recent_item_ids=req.recent_item_ids or None))
 
-    @app.post("/interactions", status_code=202)
+    @app.get("/items/{item_id}/similar", response_model=ItemsReply, dependencies=[Depends(require_key)])
+    def similar(item_id: str = PathParam(**ID), k: int = Query(10, ge=1, le=500),
+                space: Literal["two-tower", "content"] = "two-tower") -> ItemsReply:
+        check_k(k)
+        t0 = time.perf_counter()
+        items, snap = rec.similar(item_id, k, space)
+        return ItemsReply(model=snap.model, space=space, items=[Item(**vars(i)) for i in items],
+                          timings_ms={"total_ms": (time.perf_counter() - t0) * 1000})
+
+    @app.post("/search", response_model=ItemsReply, dependencies=[Depends(require_key)])
+    async def search(text: str | None = Form(None, max_length=20_000), k: int = Form(10, ge=1, le=500),
+                     files: list[UploadFile] = File(default_factory=list)) -> ItemsReply:
+        from starlette.concurrency import run_in_threadpool
+
+        check_k(k)
+        content = await query_content(text, files, cfg)
+        t0 = time.perf_counter()
+        items, snap = await run_in_threadpool(rec.search, content, k)
+        return ItemsReply(model=snap.model, space="content", items=[Item(**vars(i)) for i in items],
+                          timings_ms={"total_ms": (time.perf_counter() - t0) * 1000})
+
+    @app.post("/interactions", status_code=202, dependencies=[Depends(require_key)])
     def interactions(req: InteractionRequest) -> dict:
-        try:
-            rec().record_interaction(req.user_id, req.item_id, req.timestamp)
-        except UnknownItemError:
-            raise HTTPException(404, f"unknown item_id {req.item_id!r}")
+        rec.record_interaction(req.user_id, req.item_id, req.timestamp)
         return {"status": "accepted", "user_id": req.user_id, "item_id": req.item_id}
 
+    @app.post("/admin/reload", status_code=202, dependencies=[Depends(require_admin)])
+    def admin_reload(req: ReloadRequest | None = None) -> dict:
+        req = req or ReloadRequest()
+        r = request_reload(cfg, req.alias, req.version)
+        return {"status": "reloading", **r}
+
+    @app.get("/admin/status", dependencies=[Depends(require_admin)])
+    def admin_status() -> dict:
+        snap = rec.snapshot
+        return {"model": snap.model if snap else None, "source": snap.bundle.source if snap else None,
+                "reloads": rec.reloads, "generation": loader.generation, "error": rec.reload_error,
+                "loaded_at": snap.loaded_at if snap else None}
+
     return app
+
+
+KIND_OF_MIME = {"image": ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp"),
+                "audio": ("audio/wav", "audio/x-wav", "audio/wave", "audio/mpeg", "audio/mp3", "audio/flac", "audio/ogg"),
+                "video": ("video/mp4", "video/mpeg", "video/webm", "video/quicktime")}
+
+
+async def query_content(text: str | None, files: list[UploadFile], cfg: Config):
+    """The query as one Content: text first, then each upload, checked for type, size and decodability."""
+    from recsys.content import Content, ContentError, Part
+    from recsys.media import decode_image, probe_duration
+
+    files = [f for f in files if f.filename or f.size]
+    if not (text and text.strip()) and not files:
+        raise HTTPException(422, "a search needs text, an uploaded file, or both")
+    if len(files) > cfg.serve.max_uploads:
+        raise HTTPException(413, f"{len(files)} files: at most {cfg.serve.max_uploads} per query")
+    parts = [Part.of_text(text.strip())] if text and text.strip() else []
+    for f in files:
+        mime = (f.content_type or "").split(";")[0].strip().lower()
+        kind = next((k for k, mimes in KIND_OF_MIME.items() if mime in mimes), None)
+        if kind is None:
+            raise HTTPException(415, f"{f.filename!r}: unsupported media type {mime or 'none'!r} "
+                                     f"(use one of {sorted(m for ms in KIND_OF_MIME.values() for m in ms)})")
+        data = await f.read(cfg.serve.max_upload_bytes + 1)
+        if len(data) > cfg.serve.max_upload_bytes:
+            raise HTTPException(413, f"{f.filename!r} is over the {cfg.serve.max_upload_bytes >> 20} MiB upload limit")
+        if not data:
+            raise HTTPException(422, f"{f.filename!r} is empty")
+        try:
+            if kind == "image":
+                decode_image(data)
+            else:
+                probe_duration(data, kind)
+        except (ContentError, OSError, ValueError) as exc:
+            raise HTTPException(422, f"{f.filename!r} does not decode as {kind}: {getattr(exc, 'problem', exc)}")
+        parts.append(Part(kind, data=data, mime_type=mime))
+    return Content.of(*parts, item_id="query")
+
+
+def app_from_env() -> FastAPI:
+    """The app for ``uvicorn --factory`` with several workers: the configuration comes from RECSYS_SERVE_CONFIG."""
+    return create_app(Config.model_validate_json(os.environ["RECSYS_SERVE_CONFIG"]))

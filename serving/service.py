@@ -1,14 +1,18 @@
-"""The online path: request(user) -> Feast online -> user tower -> FAISS top-N -> filters -> reranker -> top-k.
+"""The online path: request(user) -> Feast online (the user's features only) -> user tower -> FAISS top-N
+(seen items excluded inside FAISS) -> reranker -> top-k.
 
-:class:`Recommender` loads a registered two-tower by alias from MLflow (the user tower, the item
-vectors it was logged with, the reranker) and reads features from the "serve" Feast repository.
-The HTTP app (serving/app.py), the demo and the notebooks all call it.
+Everything that changes only daily is loaded once per model version into a :class:`Snapshot` (the user
+tower, item vectors, the index, item statistics and modalities, the popularity order) and swapped
+atomically on reload: a request takes the current snapshot when it starts and finishes on it, whatever
+a reload does meanwhile. The item vectors and index come from the nightly job's published manifest when
+it was built for this model version (``recsys.manifest``), else from the registered run's artifacts.
+Nothing here imports ``training/``: the user tower is a ``torch.export`` program.
 """
 
 from __future__ import annotations
 
-import json
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -17,16 +21,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from features.compute import history_sums
+from features.inputs import item_stat_matrix, recent_matrix, user_stat_matrix
 from features.store import FeatureRepo
 from recsys.config import Config
-from serving.candidates import CandidateIndex
-from serving.reranker import Candidates, Reranker
-from training.inputs import item_stat_matrix, recent_matrix, user_stat_matrix
+from recsys.index import CandidateIndex, IndexInfo, build_index
+from recsys.manifest import read_published
+from recsys.rerank import Candidates, Reranker
 
 MODALITY_NAMES = ("text", "image", "audio", "video")
 
 
 class UnknownItemError(KeyError):
+    pass
+
+
+class NotReadyError(RuntimeError):
     pass
 
 
@@ -46,6 +56,7 @@ class RecommendResponse:
     model: str
     timings_ms: dict[str, float] = field(default_factory=dict)
     reranked: bool = False  # whether the reranker ordered these (else: the retrieval order)
+    fallback: str | None = None  # "popularity" (unknown user) or "request_history" (the request's recent items)
 
 
 @dataclass
@@ -54,7 +65,7 @@ class ModelBundle:
 
     version: str
     run_id: str
-    user_tower: torch.nn.Module
+    user_tower: torch.nn.Module  # a torch.export program's module
     item_ids: list[str]
     titles: list[str]
     item_vectors: np.ndarray  # (n, vector_dim) item-tower outputs
@@ -62,6 +73,9 @@ class ModelBundle:
     known: np.ndarray  # (n,) ids the model was trained on
     config: dict
     reranker: Reranker | None
+    queries: np.ndarray  # (Q, vector_dim) user-tower outputs on validation users: what the index tunes on
+    source: str = "registry"  # or "published:<nightly run id>"
+    index_dir: Path | None = None  # a prebuilt index for these vectors (published by the nightly job)
 
     @classmethod
     def from_mlflow(cls, cfg: Config, alias: str | None = None, version: str | None = None) -> "ModelBundle":
@@ -73,102 +87,245 @@ class ModelBundle:
         name = cfg.train.registered_model
         mv = client.get_model_version(name, version) if version else \
             client.get_model_version_by_alias(name, alias or cfg.serve.model_alias)
-        tower = mlflow.pytorch.load_model(f"models:/{name}/{mv.version}", map_location="cpu").eval()
         folder = Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="two_tower"))
+        if not (folder / "user_tower.pt2").exists():
+            raise FileNotFoundError(f"model {name} v{mv.version} has no exported user tower (retrain it)")
+        tower = torch.export.load(str(folder / "user_tower.pt2")).module()
         arrays = np.load(folder / "item_vectors.npz", allow_pickle=False)
         reranker = Reranker.load(folder / "reranker.joblib") if (folder / "reranker.joblib").exists() else None
+        import json
+
+        queries = arrays["queries"] if "queries" in arrays.files else np.zeros((0, arrays["vectors"].shape[1]), np.float32)
         bundle = cls(str(mv.version), mv.run_id, tower, arrays["ids"].tolist(), arrays["titles"].tolist(),
                      arrays["vectors"], arrays["content"], arrays["known"],
-                     json.loads((folder / "two_tower.json").read_text()), reranker)
-        refreshed = cfg.workdir / "index" / "item_vectors.npz"  # written by `recsys nightly` for this version
-        if refreshed.exists():
-            fresh = np.load(refreshed, allow_pickle=False)
-            if str(fresh["model_version"]) == bundle.version:
-                bundle.item_ids, bundle.titles = fresh["ids"].tolist(), fresh["titles"].tolist()
-                bundle.item_vectors, bundle.content, bundle.known = fresh["vectors"], fresh["content"], fresh["known"]
+                     json.loads((folder / "two_tower.json").read_text()), reranker, queries)
+        bundle.use_published(cfg)
         return bundle
+
+    def use_published(self, cfg: Config) -> None:
+        """Take the item vectors and index the nightly job published for this model version, if any."""
+        m = read_published(cfg.workdir)
+        if m is None or not m.index or not m.model or str(m.model.get("version")) != self.version:
+            return
+        folder = cfg.workdir / m.index["path"]
+        fresh = np.load(folder / "item_vectors.npz", allow_pickle=False)
+        self.item_ids, self.titles = fresh["ids"].tolist(), fresh["titles"].tolist()
+        self.item_vectors, self.content, self.known = fresh["vectors"], fresh["content"], fresh["known"]
+        self.source, self.index_dir = f"published:{m.run_id}", folder
+
+
+@dataclass
+class Snapshot:
+    """One model version and everything derived from it, immutable once built."""
+
+    bundle: ModelBundle
+    repo: FeatureRepo
+    index: CandidateIndex  # two-tower space
+    content_index: CandidateIndex  # embedder space (similar items by content, /search)
+    item_stats: np.ndarray  # (n, 7) as of load time
+    modalities: np.ndarray  # (n, 4) bool
+    popular: np.ndarray  # catalog rows, most popular (last 30 days, then all time) first
+    index_of: dict[str, int]
+    content_table: np.ndarray  # (n + 1, D), last row zeros (padding)
+    known: np.ndarray  # (n + 1,)
+    loaded_at: float
+    recent: int
+
+    @property
+    def n_items(self) -> int:
+        return len(self.bundle.item_ids)
+
+    @property
+    def model(self) -> str:
+        return f"v{self.bundle.version}"
+
+    @classmethod
+    def build(cls, cfg: Config, bundle: ModelBundle, repo: FeatureRepo | None = None,
+              item_stats: np.ndarray | None = None, modalities: np.ndarray | None = None) -> "Snapshot":
+        """Load item statistics once (one bulk online read), build or load both indexes."""
+        e = bundle.config
+        repo = repo or FeatureRepo(cfg, e["embedder"], e["embedder_version"], int(e["dim"]), name="serve")
+        now = time.time()
+        if item_stats is None:
+            items = repo.online_items(bundle.item_ids)
+            modalities = items.modalities.astype(bool)
+            item_stats = item_stat_matrix(items.pop_all, items.pop_30d, items.first_seen, now, modalities)
+        s = cfg.serve
+        if bundle.index_dir is not None and (bundle.index_dir / "items.faiss").exists():
+            index = CandidateIndex.load(bundle.index_dir, use_gpu=s.use_gpu)
+        else:
+            index = build_index(bundle.item_vectors, bundle.queries if len(bundle.queries) else None,
+                                kind=s.faiss_index, exact_below=s.exact_below, target_recall=s.target_recall,
+                                use_gpu=s.use_gpu)
+        content_index = build_index(bundle.content, None, kind=s.faiss_index, exact_below=s.exact_below,
+                                    target_recall=s.target_recall, use_gpu=s.use_gpu)
+        popular = np.lexsort((-item_stats[:, 0], -item_stats[:, 1]))
+        _warm_up(bundle)
+        content_table = np.vstack([bundle.content, np.zeros((1, bundle.content.shape[1]), np.float32)]).astype(np.float32)
+        return cls(bundle, repo, index, content_index, item_stats.astype(np.float32), np.asarray(modalities, bool),
+                   popular, {i: r for r, i in enumerate(bundle.item_ids)}, content_table, np.append(bundle.known, False),
+                   now, int(bundle.config["tower"]["recent"]))
+
+
+def _warm_up(bundle: ModelBundle) -> None:
+    """One forward pass before the snapshot goes live: the first request should not pay for lazy set-up."""
+    L, D = int(bundle.config["tower"]["recent"]), bundle.content.shape[1]
+    with torch.inference_mode():
+        bundle.user_tower(torch.zeros(1, D), torch.zeros(1, L, D), torch.zeros(1, L, dtype=torch.int64),
+                          torch.zeros(1, L, dtype=torch.bool), torch.zeros(1, L, dtype=torch.bool), torch.zeros(1, 3))
 
 
 class Recommender:
-    """Online recommendations for one model version and one feature repository."""
+    """Online recommendations; ``snapshot`` is swapped atomically by :meth:`reload`."""
 
-    def __init__(self, cfg: Config, bundle: ModelBundle, repo: FeatureRepo):
-        self.cfg, self.bundle, self.repo = cfg, bundle, repo
-        self.index_of = {i: r for r, i in enumerate(bundle.item_ids)}
-        self.n_items = len(bundle.item_ids)
-        self.faiss = CandidateIndex(bundle.item_vectors, kind=cfg.serve.faiss_index, use_gpu=cfg.serve.use_gpu)
-        self.content_table = np.vstack([bundle.content, np.zeros((1, bundle.content.shape[1]), np.float32)])
-        self.known = np.append(bundle.known, False)
-        self.recent = int(bundle.config["tower"]["recent"])
+    def __init__(self, cfg: Config, snapshot: Snapshot | None = None):
+        self.cfg = cfg
+        self.snapshot = snapshot
+        self.reloads = 0
+        self.reload_error: str | None = None
+        self._reload_lock = threading.Lock()
+        self._embedder = None
+        self._embed_lock = threading.Lock()
 
     @classmethod
-    def load(cls, cfg: Config, alias: str | None = None) -> "Recommender":
-        bundle = ModelBundle.from_mlflow(cfg, alias=alias)
-        e = bundle.config
-        repo = FeatureRepo(cfg, e["embedder"], e["embedder_version"], int(e["dim"]), name="serve")
-        return cls(cfg, bundle, repo)
+    def load(cls, cfg: Config, alias: str | None = None, version: str | None = None) -> "Recommender":
+        return cls(cfg, Snapshot.build(cfg, ModelBundle.from_mlflow(cfg, alias=alias, version=version)))
 
+    def current(self) -> Snapshot:
+        snap = self.snapshot
+        if snap is None:
+            raise NotReadyError("the model is still loading")
+        return snap
+
+    def reload(self, alias: str | None = None, version: str | None = None) -> Snapshot:
+        """Build the snapshot for the version the alias points to now (or ``version``), then swap it in.
+        One reload at a time; requests keep using the old snapshot until the assignment."""
+        with self._reload_lock:
+            snap = Snapshot.build(self.cfg, ModelBundle.from_mlflow(self.cfg, alias=alias, version=version))
+            self.reloads += self.snapshot is not None  # the start-up load is not a reload
+            self.snapshot = snap  # one reference assignment: requests in flight keep the snapshot they took
+            return snap
+
+    # Recommendations ---------------------------------------------------------------------------------
     @torch.inference_mode()
     def recommend(self, user_id: str, k: int | None = None, exclude: list[str] | None = None,
-                  modalities: list[str] | None = None, rerank: bool | None = None) -> RecommendResponse:
-        """Top-k items for ``user_id``; an unknown user gets the model's answer for an empty history.
+                  modalities: list[str] | None = None, rerank: bool | None = None,
+                  recent_item_ids: list[str] | None = None) -> RecommendResponse:
+        """Top-k items for ``user_id``, never one they interacted with.
 
         Args:
-            exclude: item ids never to return (the user's recent items are always excluded).
+            exclude: item ids never to return (everything the user has seen is always excluded).
             modalities: keep only items that have all of these parts (e.g. ["video"]).
+            recent_item_ids: the user's latest items, newest first, for a user the store does not know yet.
+        Returns:
+            the reply; ``fallback`` says when the answer is popularity (unknown user, no recent items) or
+            built from the request's recent items.
         """
+        snap = self.current()
         k = k or self.cfg.serve.k
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
-        users = self.repo.online_users([user_id])
+        users = snap.repo.online_users([user_id])
         timings["features_user_ms"] = (time.perf_counter() - t0) * 1000
-        recent_ids = users.recent_item_ids[0]
-        rows, mask = recent_matrix([recent_ids], self.index_of, self.recent, self.n_items)
-        now = datetime.now(timezone.utc).timestamp()
-        stats = user_stat_matrix(users.n_interactions, users.mean_value, users.first_seen, now)
-        t1 = time.perf_counter()
-        vec = self.bundle.user_tower(
-            torch.from_numpy(users.history_vector), torch.from_numpy(self.content_table[rows]), torch.from_numpy(rows),
-            torch.from_numpy(mask), torch.from_numpy(mask & self.known[rows]), torch.from_numpy(stats),
-        ).numpy()
-        timings["user_tower_ms"] = (time.perf_counter() - t1) * 1000
-        skip = {self.index_of[i] for i in [*recent_ids, *(exclude or [])] if i in self.index_of}
-        t2 = time.perf_counter()
-        scores, cand = self.faiss.search(vec, self.cfg.serve.candidates, exclude=[skip])
-        timings["faiss_ms"] = (time.perf_counter() - t2) * 1000
-        keep = cand[0] >= 0
+        known_user = bool(users.found[0])
+        recent_ids = users.recent_item_ids[0] if known_user else [i for i in (recent_item_ids or []) if i in snap.index_of]
+        skip = {snap.index_of[i] for i in [*users.seen_item_ids[0], *recent_ids, *(recent_item_ids or []), *(exclude or [])]
+                if i in snap.index_of}
         if modalities:
             want = [MODALITY_NAMES.index(m) for m in modalities]
-            items = self.repo.online_items([self.bundle.item_ids[r] for r in cand[0][keep]])
-            ok = items.modalities[:, want].all(1)
-            idx = np.flatnonzero(keep)
-            keep[idx[~ok]] = False
+            skip |= set(np.flatnonzero(~snap.modalities[:, want].all(1)).tolist())
+        model = f"{self.cfg.train.registered_model}/{snap.model}"
+        if not known_user and not recent_ids:
+            rows = [int(r) for r in snap.popular if int(r) not in skip][:k]
+            timings["total_ms"] = (time.perf_counter() - t0) * 1000
+            out = [Recommendation(snap.bundle.item_ids[r], snap.bundle.titles[r], float(snap.item_stats[r, 1]),
+                                  float(snap.item_stats[r, 1])) for r in rows]
+            return RecommendResponse(user_id, out, False, model, timings, False, fallback="popularity")
+        if known_user:
+            history, stats = users.history_vector, user_stat_matrix(users.n_interactions, users.mean_value,
+                                                                    users.first_seen, time.time())
+        else:  # the request's recent items stand in for the features the store does not have yet
+            chron = np.array([snap.index_of[i] for i in recent_ids[::-1]], np.int64)
+            h = history_sums(chron, snap.content_table, self.cfg.embedder.history_half_life)[-1]
+            history = (h / max(float(np.linalg.norm(h)), 1e-12))[None].astype(np.float32)
+            stats = user_stat_matrix([len(recent_ids)], [0.0], [0.0], time.time())
+        rows, mask = recent_matrix([recent_ids], snap.index_of, snap.recent, snap.n_items)
+        t1 = time.perf_counter()
+        vec = snap.bundle.user_tower(
+            torch.from_numpy(np.ascontiguousarray(history, np.float32)), torch.from_numpy(snap.content_table[rows]),
+            torch.from_numpy(rows), torch.from_numpy(mask), torch.from_numpy(mask & snap.known[rows]),
+            torch.from_numpy(stats)).numpy()
+        timings["user_tower_ms"] = (time.perf_counter() - t1) * 1000
+        reranker = snap.bundle.reranker
+        use_reranker = bool(reranker is not None and reranker.fitted
+                            and (rerank if rerank is not None else self.cfg.serve.rerank and reranker.helps))
+        fetch = max(self.cfg.serve.candidates, k) if use_reranker else k
+        t2 = time.perf_counter()
+        scores, cand = snap.index.search(vec, fetch, exclude=[skip])
+        timings["faiss_ms"] = (time.perf_counter() - t2) * 1000
+        keep = cand[0] >= 0
         cand, scores = cand[:, keep], scores[:, keep]
-        t3 = time.perf_counter()
-        items = self.repo.online_items([self.bundle.item_ids[r] for r in cand[0]])
-        timings["features_items_ms"] = (time.perf_counter() - t3) * 1000
-        item_stats = item_stat_matrix(items.pop_all, items.pop_30d, items.first_seen, now, items.modalities)
-        # by default only a reranker that beat retrieval on validation; an explicit rerank=true forces it
-        reranker = self.bundle.reranker
-        use_reranker = (reranker is not None and reranker.fitted and cand.shape[1] > 0
-                        and (rerank if rerank is not None else self.cfg.serve.rerank and reranker.helps))
-        if use_reranker:
-            c = Candidates(cand, scores, users.history_vector, stats, item_stats[None], self.bundle.content[cand[0]][None])
-            t4 = time.perf_counter()
-            top, top_scores = self.bundle.reranker.rerank(c, k)
-            timings["rerank_ms"] = (time.perf_counter() - t4) * 1000
+        if use_reranker and cand.shape[1]:
+            c = Candidates(cand, scores, history, stats, snap.item_stats[cand[0]][None], snap.bundle.content[cand[0]][None])
+            t3 = time.perf_counter()
+            top, top_scores = reranker.rerank(c, k)
+            timings["rerank_ms"] = (time.perf_counter() - t3) * 1000
         else:
+            use_reranker = False
             top, top_scores = cand[:, :k], scores[:, :k]
         retrieval = dict(zip(cand[0].tolist(), scores[0].tolist()))
-        out = [Recommendation(self.bundle.item_ids[r], self.bundle.titles[r], float(s), float(retrieval.get(int(r), s)))
+        out = [Recommendation(snap.bundle.item_ids[r], snap.bundle.titles[r], float(s), float(retrieval.get(int(r), s)))
                for r, s in zip(top[0], top_scores[0]) if r >= 0]
         timings["total_ms"] = (time.perf_counter() - t0) * 1000
-        return RecommendResponse(user_id, out, bool(users.found[0]), f"{self.cfg.train.registered_model}/v{self.bundle.version}",
-                                 timings, reranked=bool(use_reranker))
+        return RecommendResponse(user_id, out, known_user, model, timings, reranked=use_reranker,
+                                 fallback=None if known_user else "request_history")
+
+    def similar(self, item_id: str, k: int, space: str = "two-tower") -> tuple[list[Recommendation], Snapshot]:
+        """Items nearest to ``item_id`` in the two-tower space (item-tower vectors) or the embedder's."""
+        snap = self.current()
+        if item_id not in snap.index_of:
+            raise UnknownItemError(item_id)
+        r = snap.index_of[item_id]
+        index, vectors = (snap.content_index, snap.bundle.content) if space == "content" else (snap.index, snap.bundle.item_vectors)
+        q = vectors[r:r + 1].astype(np.float32)
+        if space != "content":  # the last coordinate is the item's bias; the query side is the unit part + 1
+            q = q.copy()
+            q[0, -1] = 1.0 if snap.bundle.config["tower"].get("item_bias", True) else q[0, -1]
+        scores, rows = index.search(q, k, exclude=[{r}])
+        return [Recommendation(snap.bundle.item_ids[j], snap.bundle.titles[j], float(s), float(s))
+                for s, j in zip(scores[0], rows[0]) if j >= 0], snap
+
+    def search(self, content, k: int) -> tuple[list[Recommendation], Snapshot]:
+        """A multimodal query (a Content), embedded with the query task, over the catalog's content vectors."""
+        from recsys.embed import make_embedder
+
+        snap = self.current()
+        with self._embed_lock:
+            if self._embedder is None:
+                self._embedder = make_embedder(self.cfg)
+            q = self._embedder.embed([content], task="query", dim=snap.bundle.content.shape[1])
+        scores, rows = snap.content_index.search(q, k)
+        return [Recommendation(snap.bundle.item_ids[j], snap.bundle.titles[j], float(s), float(s))
+                for s, j in zip(scores[0], rows[0]) if j >= 0], snap
 
     def record_interaction(self, user_id: str, item_id: str, at: datetime | None = None) -> None:
         """Fold a new interaction into the user's online features (Feast push), no materialization."""
-        if item_id not in self.index_of:
+        snap = self.current()
+        if item_id not in snap.index_of:
             raise UnknownItemError(item_id)
         at = at or datetime.now(timezone.utc)
-        self.repo.push_interaction(user_id, item_id, at, self.bundle.content[self.index_of[item_id]])
+        snap.repo.push_interaction(user_id, item_id, at, snap.bundle.content[snap.index_of[item_id]])
+
+    def ready(self) -> tuple[bool, str]:
+        """Model, index and feature store loaded and answering (one online read)."""
+        snap = self.snapshot
+        if snap is None:
+            return False, self.reload_error or "the model is still loading"
+        try:
+            snap.repo.online_users(["__readiness_probe__"])
+        except Exception as exc:  # the store is down: not ready (the reason is the reply)
+            return False, f"feature store not answering: {type(exc).__name__}: {exc}"
+        return True, "ready"
+
+    def index_info(self) -> IndexInfo | None:
+        return self.snapshot.index.info if self.snapshot is not None else None

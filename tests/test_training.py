@@ -79,7 +79,7 @@ def test_towers_shapes_and_unit_norm():
 def _candidates(U: int, N: int, rng: np.random.Generator, target_at: np.ndarray):
     """U users x N candidates, retrieval order = row order; the target sits at ``target_at`` and is the only
     candidate with has_video = 1 (a feature the reranker can learn, the retrieval order cannot)."""
-    from serving.reranker import Candidates
+    from recsys.rerank import Candidates
 
     rows = np.stack([rng.permutation(1000)[:N] for _ in range(U)])
     scores = np.sort(rng.normal(size=(U, N)).astype(np.float32), axis=1)[:, ::-1].copy()
@@ -92,7 +92,7 @@ def _candidates(U: int, N: int, rng: np.random.Generator, target_at: np.ndarray)
 
 
 def test_reranker_check_cross_fits_on_validation_and_says_whether_it_beats_retrieval(tmp_path):
-    from serving.reranker import Reranker
+    from recsys.rerank import Reranker
 
     rng = np.random.default_rng(0)
     U, N = 300, 30

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from recsys.config import TrainConfig
 from recsys.eval.splits import EvalSet
-from training.inputs import ItemInputs, ItemStatsAsOf, TrainingRows, UserInputs
+from features.inputs import ItemInputs, ItemStatsAsOf, TrainingRows, UserInputs
 
 
 @dataclass

@@ -16,9 +16,9 @@ from torch import nn
 
 from recsys.config import TrainConfig
 from recsys.eval.evaluate import EvalResult, history_matrix, score_topk
-from serving.candidates import CandidateIndex
+from recsys.index import CandidateIndex
 from training.datamodule import TwoTowerData, ValidationData
-from training.inputs import ItemInputs, UserInputs
+from features.inputs import ItemInputs, UserInputs
 from training.losses import sampled_softmax_loss
 from training.towers import TowerConfig, TwoTower
 

@@ -24,10 +24,10 @@ from recsys.config import Config
 from recsys.data.types import Catalog
 from recsys.eval.evaluate import EvalResult, history_matrix
 from recsys.eval.splits import EvalSet, Split
-from serving.candidates import CandidateIndex
-from serving.reranker import Candidates
+from recsys.index import CandidateIndex
+from recsys.rerank import Candidates
 from training.datamodule import TwoTowerData, ValidationData
-from training.inputs import ItemInputs, ItemStatsAsOf, eval_inputs, from_training_set
+from features.inputs import ItemInputs, ItemStatsAsOf, eval_inputs, from_training_set
 from training.module import RankingValidation, TwoTowerModule, rank_by_time, validate
 from training.towers import TowerConfig
 
@@ -153,14 +153,27 @@ def fit_two_tower(cfg: Config, catalog: Catalog, split: Split, repo: FeatureRepo
     out = TrainedTwoTower(name, module, content_vectors.astype(np.float32), validation.results,
                           epochs, seconds, len(rows.times), run_id=logger.run_id, datamodule=dm)
     if trainer.is_global_zero and register:
-        out.model_version = log_towers(out, cfg, catalog, vi, alias, repo.views.item_embedding.tags["model_version"])
+        queries = module.encode_users(vu, out.item_content)  # real user-tower outputs: the index tunes on them
+        out.model_version = log_towers(out, cfg, catalog, vi, alias, repo.views.item_embedding.tags["model_version"],
+                                       queries)
     return out
 
 
+def export_user_tower(tower: torch.nn.Module, example: tuple, path: Path) -> Path:
+    """The user tower as a ``torch.export`` program (batch dimension dynamic): serving loads it with
+    ``torch.export.load`` and needs no class from ``training/``."""
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    args = tuple(torch.from_numpy(np.ascontiguousarray(x)) for x in example)
+    program = torch.export.export(tower.eval(), args, dynamic_shapes=tuple({0: batch} for _ in args))
+    torch.export.save(program, str(path))
+    return path
+
+
 def log_towers(trained: TrainedTwoTower, cfg: Config, catalog: Catalog, items: ItemInputs, alias: str | None,
-               embedder_version: str) -> str:
-    """Both towers as MLflow models with signatures, the item vectors as an artifact, and the user
-    tower registered as ``train.registered_model`` (the alias, e.g. champion, points at it)."""
+               embedder_version: str, queries: np.ndarray | None = None) -> str:
+    """Both towers as MLflow models with signatures, the item vectors and the exported user tower as
+    artifacts (with a sample of user-tower outputs, on which serving tunes an approximate index), and the
+    user tower registered as ``train.registered_model`` (the alias, e.g. champion, points at it)."""
     import mlflow
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
@@ -190,7 +203,9 @@ def log_towers(trained: TrainedTwoTower, cfg: Config, catalog: Catalog, items: I
             np.savez_compressed(Path(tmp) / "item_vectors.npz", ids=np.array(catalog.ids), titles=np.array(catalog.titles),
                                 vectors=vectors,
                                 content=trained.content_vectors, known=m.known.numpy()[:-1],
-                                temperature=float(m.temperature.detach()))
+                                temperature=float(m.temperature.detach()),
+                                queries=np.zeros((0, tc.vector_dim), np.float32) if queries is None else queries[:1000])
+            export_user_tower(m.model.user, user_example, Path(tmp) / "user_tower.pt2")
             (Path(tmp) / "two_tower.json").write_text(json.dumps({
                 "tower": tc.to_dict(), "embedder": cfg.embedder.backend, "embedder_version": embedder_version,
                 "dim": cfg.embedder.dim,

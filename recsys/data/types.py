@@ -159,3 +159,14 @@ class Dataset:
         users = self.interactions.frame["user_id"].unique(maintain_order=True).head(max_users)
         frame = self.interactions.frame.filter(pl.col("user_id").is_in(users.implode()))
         return Dataset(self.name, self.catalog, Interactions(frame), self.report)
+
+    def without_items(self, item_ids: list[str] | set[str], problem: str) -> "Dataset":
+        """The dataset minus ``item_ids`` and their interactions, recorded in the report under ``problem``
+        (e.g. items that failed to embed: they get no vector at all, never a stand-in)."""
+        drop = set(item_ids)
+        if not drop:
+            return self
+        items = self.catalog.items.filter(~pl.col("item_id").is_in(list(drop)))
+        frame = self.interactions.frame.filter(~pl.col("item_id").is_in(list(drop)))
+        self.report.add(problem, sorted(drop)[:5], count=len(drop))
+        return Dataset(self.name, Catalog(items), Interactions(frame), self.report)

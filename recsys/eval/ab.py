@@ -49,7 +49,7 @@ def replay(cfg: Config, ds: Dataset, alias: str | None = None, version: str | No
 
     from serving.service import ModelBundle
     from training.datamodule import ValidationData
-    from training.inputs import eval_inputs
+    from features.inputs import eval_inputs
     from training.module import rank_by_time
 
     bundle = ModelBundle.from_mlflow(cfg, alias=alias, version=version)

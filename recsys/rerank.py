@@ -26,7 +26,7 @@ class Candidates:
     """Candidates for U users, N each.
 
     rows/scores: (U, N) catalog rows (-1 = empty slot) and retrieval scores, best first.
-    user_history: (U, D) history vectors in the embedder's space; user_stats: (U, 3) (see training.inputs).
+    user_history: (U, D) history vectors in the embedder's space; user_stats: (U, 3) (see features.inputs).
     item_stats: (U, N, 7) the candidates' statistics as of query time; item_content: (U, N, D) their vectors.
     """
 

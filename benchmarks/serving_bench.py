@@ -1,0 +1,295 @@
+"""Online retrieval at scale: per-stage latency inside the service at 10k / 100k / 1M items, exact vs tuned
+approximate index (recall@100, build time, memory), the FAISS stage against a bare FAISS search of the same
+index, a load test from a separate process against a real uvicorn server, and a reload under load.
+
+The user tower and the Feast read are real (a model trained by a quick demo run on ml-latest-small). For
+the larger catalogs the 9,742 real items are kept and synthetic items are added around them (each a real
+item-tower vector plus noise, so the catalog stays clustered the way the model's vectors are).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+SIZES = (10_000, 100_000, 1_000_000)
+
+
+def demo_workdir(root: Path) -> Path:
+    """A trained, registered model and a materialized store (a quick demo run, reused if present)."""
+    from recsys.config import Config
+    from recsys.pipeline import run_demo
+
+    wd = root / "serving-demo"
+    if not (wd / "report" / "demo.json").exists():
+        cfg = Config.load(None, workdir=str(wd), eval={"protocols": ["loo"], "bootstrap": 100},
+                          train={"max_epochs": 3})
+        run_demo(cfg, sample_users=1)
+    return wd
+
+
+def synthetic_snapshot(cfg, n: int, seed: int = 0):
+    """The real model's snapshot grown to ``n`` items (real items first, then noisy copies)."""
+    from recsys.index import build_index
+    from serving.service import ModelBundle, Snapshot
+
+    bundle = ModelBundle.from_mlflow(cfg)
+    real = len(bundle.item_ids)
+    rng = np.random.default_rng(seed)
+    extra = max(0, n - real)
+    base = rng.integers(0, real, extra)
+    unit = bundle.item_vectors[base, :-1] + 0.35 * rng.normal(size=(extra, bundle.item_vectors.shape[1] - 1)).astype(np.float32) \
+        / np.sqrt(bundle.item_vectors.shape[1])
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    vecs = np.vstack([bundle.item_vectors[: min(n, real)],
+                      np.hstack([unit, bundle.item_vectors[base, -1:]]).astype(np.float32)])
+    content = np.vstack([bundle.content[: min(n, real)], bundle.content[base]]).astype(np.float32)
+    bundle.item_ids = bundle.item_ids[: min(n, real)] + [f"x{i}" for i in range(extra)]
+    bundle.titles = bundle.titles[: min(n, real)] + [f"synthetic {i}" for i in range(extra)]
+    bundle.item_vectors, bundle.content = vecs, content
+    bundle.known = np.concatenate([bundle.known[: min(n, real)], np.zeros(extra, bool)])
+    t0 = time.perf_counter()
+    index = build_index(vecs, bundle.queries, kind="auto")
+    build_s = time.perf_counter() - t0
+    repo_snap = Snapshot.build(cfg, ModelBundle.from_mlflow(cfg))  # the real store and statistics
+    stats = np.vstack([repo_snap.item_stats[: min(n, real)], repo_snap.item_stats[base]])
+    mods = np.vstack([repo_snap.modalities[: min(n, real)], repo_snap.modalities[base]])
+    popular = np.lexsort((-stats[:, 0], -stats[:, 1]))
+    table = np.vstack([content, np.zeros((1, content.shape[1]), np.float32)])
+    snap = Snapshot(bundle, repo_snap.repo, index, index, stats, mods, popular,
+                    {i: r for r, i in enumerate(bundle.item_ids)}, table, np.append(bundle.known, False), time.time(),
+                    int(bundle.config["tower"]["recent"]))
+    return snap, build_s
+
+
+def _pct(x: list[float]) -> dict:
+    a = np.asarray(x)
+    return {"p50": round(float(np.percentile(a, 50)), 3), "p99": round(float(np.percentile(a, 99)), 3)}
+
+
+def index_memory_mb(index) -> float:
+    import faiss
+
+    return round(faiss.serialize_index(index.index).nbytes / 2**20, 1)
+
+
+def latency(cfg, n: int, requests: int = 2000) -> dict:
+    """Per-stage p50/p99 of single in-process requests; the FAISS stage vs a bare FAISS search."""
+    import faiss
+
+    from recsys.index import CandidateIndex
+    from serving.service import Recommender
+
+    faiss.omp_set_num_threads(1)
+    import torch
+
+    torch.set_num_threads(1)
+    snap, build_s = synthetic_snapshot(cfg, n)
+    rec = Recommender(cfg, snap)
+    users = [str(u) for u in range(1, 611)]
+    rng = np.random.default_rng(1)
+    asked = rng.choice(users, requests)
+    stages: dict[str, list[float]] = {}
+    for u in asked[:50]:
+        rec.recommend(u, k=10, rerank=False)  # warm-up
+    for u in asked:
+        r = rec.recommend(u, k=10, rerank=False)
+        for k, v in r.timings_ms.items():
+            stages.setdefault(k, []).append(v)
+    # the bare FAISS search of the same index, same parameters, same queries and exclusions
+    seen = [{snap.index_of[i] for i in snap.repo.online_users([u]).seen_item_ids[0] if i in snap.index_of} for u in asked[:300]]
+    q = snap.bundle.queries[rng.integers(0, len(snap.bundle.queries), 300)]
+    bare, ours = [], []
+    for qi, s in zip(q, seen):
+        excl = snap.index._search_params(snap.index._positions(s))
+        t0 = time.perf_counter()
+        snap.index.index.search(qi[None], 10, params=excl)
+        bare.append((time.perf_counter() - t0) * 1000)
+        t0 = time.perf_counter()
+        snap.index.search(qi[None], 10, exclude=[s])
+        ours.append((time.perf_counter() - t0) * 1000)
+    exact = CandidateIndex(snap.bundle.item_vectors, "flat") if snap.index.kind != "flat" else snap.index
+    exact_ms = []
+    for qi in q[:200]:
+        t0 = time.perf_counter()
+        exact.index.search(qi[None], 100)
+        exact_ms.append((time.perf_counter() - t0) * 1000)
+    out = {"items": n, "index": snap.index.info.to_dict(), "build_s": round(build_s, 1),
+           "index_mb": index_memory_mb(snap.index), "stages_ms": {k: _pct(v) for k, v in stages.items()},
+           "faiss_stage_ms": _pct(ours), "bare_faiss_ms": _pct(bare),
+           "faiss_vs_bare_p50": round(float(np.median(ours) / max(np.median(bare), 1e-9)), 2),
+           "exact_search_ms": _pct(exact_ms), "requests": requests}
+    print(json.dumps(out))
+    return out
+
+
+# Load: a real uvicorn server in one process, an async client in another ----------------------------------------
+def serve_snapshot(workdir: str, n: int, port: int, workers: int) -> None:
+    """(subprocess) uvicorn serving the real app over the ``n``-item snapshot."""
+    import uvicorn
+
+    from recsys.config import Config
+    from serving.app import create_app
+    from serving.service import Recommender
+
+    cfg = Config.model_validate_json((Path(workdir) / "config.json").read_text())
+    snap, _ = synthetic_snapshot(cfg, n)
+    uvicorn.run(create_app(cfg, Recommender(cfg, snap)), host="127.0.0.1", port=port, log_level="error")
+
+
+async def _load(base: str, rate: float, seconds: float, concurrency: int = 64, path_fn=None, key: str | None = None) -> dict:
+    """Open-loop load at ``rate`` requests/s for ``seconds``: latency, errors, achieved rate."""
+    import httpx
+
+    lat, errors, sem = [], [0], asyncio.Semaphore(concurrency)
+    headers = {"X-API-Key": key} if key else {}
+    rng = np.random.default_rng(2)
+    async with httpx.AsyncClient(base_url=base, timeout=10, headers=headers,
+                                 limits=httpx.Limits(max_connections=concurrency)) as client:
+        async def one(u: str):
+            async with sem:
+                t0 = time.perf_counter()
+                try:
+                    r = await client.get(f"/recommend/{u}?k=10")
+                    if r.status_code != 200:
+                        errors[0] += 1
+                except httpx.HTTPError:
+                    errors[0] += 1
+                lat.append((time.perf_counter() - t0) * 1000)
+
+        tasks, start = [], time.perf_counter()
+        i = 0
+        while (now := time.perf_counter() - start) < seconds:
+            due = int(now * rate)
+            while i < due:
+                tasks.append(asyncio.create_task(one(str(rng.integers(1, 611)))))
+                i += 1
+            await asyncio.sleep(0.002)
+        await asyncio.gather(*tasks)
+        took = time.perf_counter() - start
+    return {"rate": rate, "sent": i, "achieved_rps": round(len(lat) / took, 1), "errors": errors[0], **_pct(lat)}
+
+
+def load_client(base: str, rates: list[float], seconds: float, key: str | None = None) -> list[dict]:
+    out = []
+    for rate in rates:
+        r = asyncio.run(_load(base, rate, seconds, key=key))
+        print(json.dumps(r), flush=True)
+        out.append(r)
+    return out
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmRSS"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return 0.0
+    return 0.0
+
+
+def _wait_ready(base: str, timeout: float = 900) -> None:
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(base)
+
+
+def _client(base: str, rates, seconds, key=None) -> list[dict]:
+    """Run the load client in a separate process (the service's cores are shared with it)."""
+    code = (f"from benchmarks.serving_bench import load_client; import json; "
+            f"print('RESULT', json.dumps(load_client({base!r}, {list(rates)!r}, {seconds}, {key!r})))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    line = next(x for x in r.stdout.splitlines() if x.startswith("RESULT"))
+    return json.loads(line[len("RESULT "):])
+
+
+def load(workdir: Path, n: int = 100_000, port: int = 8765, rates=(100, 200, 300, 400, 500), step_s: float = 20,
+         hold_s: float = 180) -> dict:
+    base = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-c", f"from benchmarks.serving_bench import serve_snapshot; "
+                               f"serve_snapshot({str(workdir)!r}, {n}, {port}, 1)"])
+    try:
+        _wait_ready(base)
+        rss_before = _rss_mb(server.pid)
+        steps = _client(base, rates, step_s)
+        ok = [s for s in steps if s["errors"] == 0 and s["p99"] < 50 and s["achieved_rps"] >= 0.95 * s["rate"]]
+        best = max((s["rate"] for s in ok), default=rates[0])
+        hold = _client(base, [best], hold_s)[0]
+        rss_after = _rss_mb(server.pid)
+    finally:
+        server.terminate()
+        server.wait(30)
+    return {"items": n, "workers": 1, "steps": steps, "held_rate": best, "hold": hold, "hold_s": hold_s,
+            "rss_mb_before": rss_before, "rss_mb_after": rss_after}
+
+
+def reload_under_load(workdir: Path, port: int = 8766, rate: float = 150, seconds: float = 40) -> dict:
+    """`recsys serve` on the demo model (9,742 items); /admin/reload in the middle of a steady load."""
+    import threading
+
+    import httpx
+
+    base = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "RECSYS_API_KEYS": "bench", "RECSYS_ADMIN_KEYS": "bench-admin"}
+    server = subprocess.Popen([sys.executable, "-m", "recsys.cli", "serve", "--workdir", str(workdir), "--port", str(port)],
+                              env=env)
+    try:
+        _wait_ready(base)
+        result: dict = {}
+
+        def trigger():
+            time.sleep(seconds / 3)
+            t0 = time.time()
+            httpx.post(f"{base}/admin/reload", headers={"X-API-Key": "bench-admin"}, json={}, timeout=10)
+            while httpx.get(f"{base}/admin/status", headers={"X-API-Key": "bench-admin"}).json()["reloads"] < 1:
+                time.sleep(0.1)
+            result["swap_s"] = round(time.time() - t0, 2)
+
+        t = threading.Thread(target=trigger)
+        t.start()
+        run = _client(base, [rate], seconds, key="bench")[0]
+        t.join()
+    finally:
+        server.terminate()
+        server.wait(30)
+    return {"items": 9742, "rate": rate, "seconds": seconds, **run, **result}
+
+
+def run(args) -> dict:
+    from recsys.config import Config
+
+    wd = demo_workdir(Path(args.workdir))
+    cfg = Config.model_validate_json((wd / "config.json").read_text())
+    sizes = [int(s) for s in (args.sizes.split(",") if getattr(args, "sizes", None) else SIZES)]
+    out = {"latency": [latency(cfg, n) for n in sizes]}
+    out["load"] = load(wd, hold_s=float(getattr(args, "hold_s", 180)))
+    out["reload"] = reload_under_load(wd)
+    out["peak_rss_mb_benchmark"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--workdir", default="work/bench")
+    p.add_argument("--sizes", default=None)
+    p.add_argument("--hold-s", dest="hold_s", default=180)
+    print(json.dumps(run(p.parse_args()), indent=2))

@@ -1,0 +1,413 @@
+"""The nightly batch: a job a scheduler can trust.
+
+    snapshot catalog -> diff by content hash (new / changed / unchanged / removed) -> embed only those
+    (committed in batches to the embedding cache: a killed run resumes without redoing finished batches)
+    -> dead letters + failure threshold -> new versioned vectors (parquet) -> Feast (append changed
+    vectors, user features, incremental materialize) -> item-tower vectors + index (recsys.index, the code
+    serving uses) -> PUBLISH: one manifest, written to a temporary file and renamed into place.
+
+Everything a run writes goes to ``<workdir>/nightly/runs/<run id>/`` first; the published manifest
+(``recsys.manifest``) is the only thing serving reads, so a crash anywhere before the rename leaves the
+previous state intact and served. A run whose content would be identical publishes nothing.
+
+Exit codes (``recsys nightly``; documented in the README for schedulers):
+    0  done (published, or nothing changed)
+    3  more items failed than ``nightly.failure_threshold`` allows: nothing published, dead letters written
+    1  any other error (a traceback in the log)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from rich.table import Table
+from tqdm.auto import tqdm
+
+from recsys.config import Config
+from recsys.content import Content
+from recsys.data import Dataset, load_dataset
+from recsys.embed import make_embedder
+from recsys.embed.cache import embedding_key
+from recsys.manifest import Manifest, publish, read_published, sha256_file
+from recsys.pipeline import Timings, console
+
+EXIT_OK, EXIT_ERROR, EXIT_FAILURES = 0, 1, 3
+
+
+def checkpoint(name: str) -> None:
+    """A named point between stages. ``RECSYS_NIGHTLY_KILL_AT=name`` SIGKILLs the process there (the
+    crash tests use it to kill the job at an exact stage; nothing else reads it)."""
+    if os.environ.get("RECSYS_NIGHTLY_KILL_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class NightlySummary:
+    run_id: str
+    counts: dict = field(default_factory=dict)  # new, changed, unchanged, removed, failed, embedded, cache_hits, retries
+    users_refreshed: int = 0
+    materialized: dict = field(default_factory=dict)
+    timings_s: dict = field(default_factory=dict)
+    published: str | None = None  # the manifest path, when this run published
+    exit_code: int = EXIT_OK
+    message: str = ""
+    dry_run: bool = False
+
+    def table(self) -> Table:
+        t = Table(title=f"nightly {self.run_id}{' (dry run)' if self.dry_run else ''}")
+        t.add_column("what")
+        t.add_column("value", justify="right")
+        for k, v in self.counts.items():
+            t.add_row(f"items {k}", f"{v:,}")
+        t.add_row("users refreshed", f"{self.users_refreshed:,}")
+        for k, v in self.materialized.items():
+            t.add_row(f"materialized {k}", f"{v:,}")
+        for k, v in self.timings_s.items():
+            t.add_row(f"time: {k}", f"{v:.1f} s")
+        t.add_row("published", self.published or f"nothing ({self.message or 'no change'})")
+        t.add_row("exit code", str(self.exit_code))
+        return t
+
+
+# Stage 1-2: snapshot and diff --------------------------------------------------------------------------------
+def content_hashes(cfg: Config, contents: list[Content], backend: str, model_version: str) -> list[str]:
+    """One key per item: the content digest within this embedding space (backend, version, dim)."""
+    return [embedding_key(c, "document", backend, model_version, cfg.embedder.dim)
+            for c in tqdm(contents, desc="snapshot: hash content", unit="item", leave=False)]
+
+
+@dataclass
+class Diff:
+    new: list[int]  # catalog rows
+    changed: list[int]
+    unchanged: list[int]
+    removed: list[str]  # item ids
+
+    @property
+    def todo(self) -> list[int]:
+        return sorted(self.new + self.changed)
+
+
+def diff(ids: list[str], hashes: list[str], previous: pl.DataFrame | None) -> Diff:
+    prev = {} if previous is None else dict(zip(previous["item_id"].to_list(), previous["content_hash"].to_list()))
+    new, changed, unchanged = [], [], []
+    for r, (i, h) in enumerate(zip(ids, hashes)):
+        (new if i not in prev else unchanged if prev[i] == h else changed).append(r)
+    current = set(ids)
+    return Diff(new, changed, unchanged, [i for i in prev if i not in current])
+
+
+# Stage 3: embed ----------------------------------------------------------------------------------------------
+@dataclass
+class Embedded:
+    vectors: dict[int, np.ndarray]  # catalog row -> vector
+    failed: dict[int, str]  # catalog row -> reason
+    cache_hits: int = 0
+    retries: int = 0
+
+
+def embed_local(cfg: Config, contents: list[Content], rows: list[int]) -> Embedded:
+    """Embed ``rows`` in batches of ``nightly.batch_items``; each batch is committed to the cache as it
+    finishes, so a rerun after a kill finds finished batches as cache hits."""
+    embedder = make_embedder(cfg)
+    out = Embedded({}, {})
+    step = cfg.nightly.batch_items
+    bar = tqdm(total=len(rows), desc=f"embed[{embedder.name}]", unit="item")
+    for b, start in enumerate(range(0, len(rows), step)):
+        chunk = rows[start:start + step]
+        res = embedder.embed_many([contents[r] for r in chunk], task="document", dim=cfg.embedder.dim)
+        bad = {e.index: e.message for e in res.errors}
+        for j, r in enumerate(chunk):
+            if j in bad:
+                out.failed[r] = bad[j]
+            else:
+                out.vectors[r] = res.vectors[j]
+        out.cache_hits += res.cache_hits
+        bar.update(len(chunk))
+        bar.set_postfix(cached=out.cache_hits, failed=len(out.failed))
+        checkpoint(f"embed:{b + 1}")
+    bar.close()
+    out.retries = int(getattr(embedder, "stats", {}).get("retries", 0))
+    return out
+
+
+class _RayEmbedActor:
+    """One embedder per Ray actor; ``__call__`` embeds one batch of rows (item_id, row, parts as JSON)."""
+
+    def __init__(self, cfg_json: str, share: int):
+        cfg = Config.model_validate_json(cfg_json)
+        # the request budget is global: each of the N actors gets 1/N of the configured concurrency
+        cfg.embedder.gemini_concurrency = max(1, cfg.embedder.gemini_concurrency // share)
+        self.cfg, self.embedder = cfg, make_embedder(cfg)
+
+    def __call__(self, batch: dict) -> dict:
+        from recsys.content import Part
+
+        contents = []
+        for item_id, parts in zip(batch["item_id"], batch["parts"]):
+            ps = [Part.of_text(p["text"], source=p["source"] or "content") if p["kind"] == "text"
+                  else Part(p["kind"], path=p["path"], source=p["source"] or "content") for p in json.loads(parts)]
+            contents.append(Content(tuple(ps), item_id=str(item_id)))
+        res = self.embedder.embed_many(contents, task="document", dim=self.cfg.embedder.dim)
+        bad = {e.index: e.message for e in res.errors}
+        return {"row": batch["row"], "vector": [v.tolist() if j not in bad else None for j, v in enumerate(res.vectors)],
+                "error": [bad.get(j, "") for j in range(len(contents))], "cache_hits": [res.cache_hits] * len(contents)}
+
+
+def embed_ray(cfg: Config, ds: Dataset, rows: list[int], work: Path) -> Embedded:
+    """The embedding stage on Ray Data: the rows to embed are written as parquet, read by Ray, embedded by
+    ``map_batches`` over an actor pool holding the embedder, written back as parquet and read here.
+    Locally (``nightly.ray_address`` None) Ray starts in this process; on a cluster, media paths must be
+    readable from every node (a shared filesystem or object store mount)."""
+    import ray
+
+    n = cfg.nightly.ray_actors
+    src, dst = work / "ray-in", work / "ray-out"
+    src.mkdir(parents=True, exist_ok=True)
+    items = ds.catalog.items
+    parts = [json.dumps(items["parts"][r].to_list()) for r in rows]
+    pl.DataFrame({"row": rows, "item_id": [ds.catalog.ids[r] for r in rows], "parts": parts},
+                 schema={"row": pl.Int64, "item_id": pl.Utf8, "parts": pl.Utf8}).write_parquet(src / "todo.parquet")
+    if not ray.is_initialized():
+        ray.init(address=cfg.nightly.ray_address, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False, **({} if cfg.nightly.ray_address else {"num_cpus": max(2, n)}))
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = True
+    (ray.data.read_parquet(str(src))
+     .map_batches(_RayEmbedActor, fn_constructor_args=(cfg.model_dump_json(), n), batch_size=cfg.nightly.batch_items,
+                  concurrency=n, batch_format="numpy")
+     .write_parquet(str(dst)))
+    frame = pl.read_parquet(dst / "*.parquet")
+    out = Embedded({}, {}, cache_hits=int(frame["cache_hits"].sum()) if frame.height else 0)
+    for r, v, err in zip(frame["row"].to_list(), frame["vector"].to_list(), frame["error"].to_list()):
+        if err:
+            out.failed[int(r)] = err
+        else:
+            out.vectors[int(r)] = np.asarray(v, np.float32)
+    return out
+
+
+# Dead letters ------------------------------------------------------------------------------------------------
+def dead_letter_path(cfg: Config) -> Path:
+    return cfg.workdir / "nightly" / "dead_letters.jsonl"
+
+
+def read_dead_letters(cfg: Config) -> dict[str, dict]:
+    path = dead_letter_path(cfg)
+    if not path.exists():
+        return {}
+    return {d["item_id"]: d for d in (json.loads(line) for line in path.read_text().splitlines() if line.strip())}
+
+
+def write_dead_letters(cfg: Config, failed: dict[str, str], run_id: str, stage: str = "embed") -> Path:
+    """One line per failed item: id, stage, reason, attempts so far (items that now succeed drop out)."""
+    old = read_dead_letters(cfg)
+    path = dead_letter_path(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"item_id": i, "stage": stage, "reason": why, "attempts": old.get(i, {}).get("attempts", 0) + 1,
+                         "run_id": run_id, "at": datetime.now(timezone.utc).isoformat()}) for i, why in failed.items()]
+    from recsys.index import atomic_write_text
+
+    atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""))
+    return path
+
+
+# The job -----------------------------------------------------------------------------------------------------
+def run_nightly(cfg: Config, engine: str | None = None, dry_run: bool = False) -> NightlySummary:
+    """Run every stage; returns the summary (``exit_code`` says what a scheduler should see)."""
+    import mlflow
+
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    engine = engine or cfg.nightly.engine
+    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    summary = NightlySummary(run_id, dry_run=dry_run)
+    timings = Timings()
+    work = cfg.workdir / "nightly" / "runs" / run_id
+    previous = read_published(cfg.workdir)
+    with timings.stage("snapshot + diff"):
+        ds = load_dataset(cfg)
+        console.print(ds.report.render())
+        embedder_info = make_embedder(cfg) if engine == "local" else None
+        backend, version = _space(cfg, embedder_info)
+        contents = ds.catalog.contents()
+        hashes = content_hashes(cfg, contents, backend, version)
+        prev_vectors = None
+        if previous is not None and previous.embedder == {"backend": backend, "model_version": version, "dim": cfg.embedder.dim}:
+            prev_vectors = pl.read_parquet(cfg.workdir / previous.vectors["path"])
+        d = diff(ds.catalog.ids, hashes, prev_vectors)
+    summary.counts = {"new": len(d.new), "changed": len(d.changed), "unchanged": len(d.unchanged), "removed": len(d.removed)}
+    if dry_run:
+        summary.timings_s, summary.message = timings.stages, "dry run"
+        console.print(summary.table())
+        return summary
+    checkpoint("snapshot")
+    with timings.stage(f"embed ({engine} engine): {len(d.todo):,} new or changed"):
+        emb = embed_ray(cfg, ds, d.todo, work) if engine == "ray" and d.todo else embed_local(cfg, contents, d.todo)
+    failed = {ds.catalog.ids[r]: why for r, why in emb.failed.items()}
+    summary.counts.update(failed=len(failed), embedded=len(emb.vectors), cache_hits=emb.cache_hits, retries=emb.retries)
+    write_dead_letters(cfg, failed, run_id)
+    rate = len(failed) / max(1, len(d.todo))
+    if failed and rate > cfg.nightly.failure_threshold:
+        summary.exit_code = EXIT_FAILURES
+        summary.message = (f"{len(failed)} of {len(d.todo)} items failed ({rate:.1%} > {cfg.nightly.failure_threshold:.1%}); "
+                           f"see {dead_letter_path(cfg)}")
+        summary.timings_s = timings.stages
+        _log_mlflow(cfg, summary)
+        console.print(summary.table())
+        return summary
+    checkpoint("embedded")
+    with timings.stage("versioned vectors"):
+        vectors, keep_rows = _merge(cfg, ds, d, emb, prev_vectors, hashes)
+        work.mkdir(parents=True, exist_ok=True)
+        vec_path = work / "vectors.parquet"
+        pl.DataFrame({"item_id": [ds.catalog.ids[r] for r in keep_rows], "content_hash": [hashes[r] for r in keep_rows],
+                      "vector": pl.Series(vectors, dtype=pl.Array(pl.Float32, cfg.embedder.dim))}).write_parquet(vec_path)
+        served = ds.without_items(set(ds.catalog.ids) - {ds.catalog.ids[r] for r in keep_rows},
+                                  "items without a vector yet (failed; retried next run)")
+    checkpoint("vectors")
+    with timings.stage("features (Feast, incremental)"):
+        from features.store import FeatureRepo
+
+        repo = FeatureRepo(cfg, backend, version, cfg.embedder.dim, name="serve")
+        changed_rows = repo.write_item_embeddings(served.catalog.ids, vectors)
+        counts = repo.write_interaction_features(served.interactions.frame, served.catalog, vectors)
+        repo.apply()
+        report = repo.materialize(progress=True)
+        summary.users_refreshed = counts.get("user_seen", 0)
+        summary.materialized = {"item vectors written": changed_rows, **{k.split("__")[0]: v for k, v in report.rows.items()}}
+    checkpoint("features")
+    with timings.stage("item-tower vectors + index"):
+        model, index = _index(cfg, served, vectors, version, work)
+    checkpoint("indexed")
+    manifest = Manifest(
+        run_id=run_id, created_at=datetime.now(timezone.utc).isoformat(),
+        embedder={"backend": backend, "model_version": version, "dim": cfg.embedder.dim},
+        vectors={"path": str(vec_path.relative_to(cfg.workdir)), "items": len(keep_rows), "sha256": _vectors_digest(vectors, served)},
+        feast={"repo": "serve", "item_view": repo.views.item_embedding.name, "materialized": report.rows},
+        model=model, index=index, counts=dict(summary.counts), previous=previous.run_id if previous else None)
+    if previous is not None and previous.content_key() == manifest.content_key():
+        summary.message = f"nothing changed since {previous.run_id}"
+    else:
+        with timings.stage("publish"):
+            summary.published = str(publish(manifest, cfg.workdir))
+    summary.timings_s = timings.stages
+    _cleanup(cfg, keep={run_id, previous.run_id if previous else "", (read_published(cfg.workdir) or manifest).run_id})
+    _log_mlflow(cfg, summary)
+    console.print(summary.table())
+    return summary
+
+
+def _space(cfg: Config, embedder) -> tuple[str, str]:
+    """(backend, model version) of the configured embedder, without loading it twice."""
+    emb = embedder or make_embedder(cfg)
+    return emb.name, emb.model_version
+
+
+def _merge(cfg: Config, ds: Dataset, d: Diff, emb: Embedded, prev: pl.DataFrame | None, hashes: list[str]):
+    """The run's vectors, one per catalog item that has one: newly embedded, or carried over from the previous
+    version (unchanged items, and changed items whose re-embedding failed: their last good vector stays until a
+    retry succeeds). New items that failed have none and are left out."""
+    prev_vec = {} if prev is None else dict(zip(prev["item_id"].to_list(), prev["vector"].to_numpy()))
+    rows, vecs = [], []
+    for r, item in enumerate(ds.catalog.ids):
+        v = emb.vectors.get(r)
+        if v is None:
+            v = prev_vec.get(item)
+        if v is None:
+            continue
+        rows.append(r)
+        vecs.append(np.asarray(v, np.float32))
+    arr = np.stack(vecs) if vecs else np.zeros((0, cfg.embedder.dim), np.float32)
+    if not np.isfinite(arr).all():  # never publish a NaN: a bug upstream, not an item failure
+        raise FloatingPointError("non-finite values in the merged item vectors")
+    return arr, rows
+
+
+def _vectors_digest(vectors: np.ndarray, ds: Dataset) -> str:
+    import hashlib
+
+    h = hashlib.sha256("\0".join(ds.catalog.ids).encode())
+    h.update(np.ascontiguousarray(vectors, np.float32).tobytes())
+    return h.hexdigest()
+
+
+def _index(cfg: Config, ds: Dataset, vectors: np.ndarray, embedder_version: str, work: Path):
+    """Item-tower vectors of the champion model for today's catalog, and its index (recsys.index, the same
+    build serving does). None when no model is registered or it reads another embedding space."""
+    import mlflow
+    import torch
+
+    from features.inputs import ItemStatsAsOf
+    from recsys.index import build_index
+    from serving.service import ModelBundle
+
+    try:
+        bundle = ModelBundle.from_mlflow(cfg)
+    except Exception as exc:  # no registered model yet: publish vectors and features only
+        console.print(f"[yellow]no registered model to index ({type(exc).__name__}); run `recsys train`[/yellow]")
+        return None, None
+    if bundle.config.get("embedder_version") != embedder_version or int(bundle.config.get("dim", 0)) != cfg.embedder.dim:
+        console.print("[yellow]the registered model reads another embedding space: retrain before indexing[/yellow]")
+        return None, None
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    item_tower = mlflow.pytorch.load_model(f"runs:/{bundle.run_id}/item_tower", map_location="cpu").eval()
+    from features.store import FeatureRepo
+
+    repo = FeatureRepo(cfg, bundle.config["embedder"], embedder_version, cfg.embedder.dim, name="serve")
+    asof = ItemStatsAsOf(pl.read_parquet(repo._path(repo.views.item_stats)), ds.catalog)
+    trained = dict(zip(bundle.item_ids, bundle.known))
+    known = np.array([bool(trained.get(i, False)) for i in ds.catalog.ids])
+    # the id table has one row per item of the catalog the model was trained on: ids only for those
+    trained_row = {i: r for r, i in enumerate(bundle.item_ids)}
+    rows = np.array([trained_row[i] if k else 0 for i, k in zip(ds.catalog.ids, known)], np.int64)
+    with torch.inference_mode():
+        vecs = item_tower(torch.from_numpy(vectors), torch.from_numpy(asof.all_at(time.time())), torch.from_numpy(rows),
+                          torch.from_numpy(known)).numpy()
+    s = cfg.serve
+    index = build_index(vecs, bundle.queries if len(bundle.queries) else None, kind=s.faiss_index,
+                        exact_below=s.exact_below, target_recall=s.target_recall, use_gpu=False)
+    folder = work / "index"
+    index.save(folder)
+    np.savez_compressed(folder / "item_vectors.npz", ids=np.array(ds.catalog.ids), titles=np.array(ds.catalog.titles),
+                        vectors=vecs, content=vectors, known=known, model_version=bundle.version)
+    info = index.info.to_dict()
+    return ({"name": cfg.train.registered_model, "version": bundle.version, "alias": cfg.serve.model_alias},
+            {"path": str(folder.relative_to(cfg.workdir)), "kind": info["kind"], "recall_at_100": info["recall_at_100"],
+             "params": info["params"], "items": len(vecs), "sha256": sha256_file(folder / "items.faiss"),
+             "vectors_sha256": _vectors_digest(vecs, ds)})
+
+
+def _cleanup(cfg: Config, keep: set[str]) -> None:
+    """Keep the newest ``nightly.keep_runs`` run folders and every folder named in ``keep``."""
+    import shutil
+
+    root = cfg.workdir / "nightly" / "runs"
+    if not root.exists():
+        return
+    runs = sorted(p for p in root.iterdir() if p.is_dir())
+    for p in runs[: max(0, len(runs) - cfg.nightly.keep_runs)]:
+        if p.name not in keep:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _log_mlflow(cfg: Config, summary: NightlySummary) -> None:
+    import mlflow
+
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    mlflow.set_experiment("nightly")
+    with mlflow.start_run(run_name=f"nightly/{summary.run_id}"):
+        mlflow.log_params({"run_id": summary.run_id, "backend": cfg.embedder.backend, "dim": cfg.embedder.dim,
+                           "engine": cfg.nightly.engine, "failure_threshold": cfg.nightly.failure_threshold})
+        mlflow.log_metrics({**{f"items_{k}": v for k, v in summary.counts.items()},
+                            "users_refreshed": summary.users_refreshed, "exit_code": summary.exit_code,
+                            **{f"seconds_{k.split(':')[0].split(' ')[0]}": v for k, v in summary.timings_s.items()}})
+        mlflow.log_dict(asdict(summary), "summary.json")

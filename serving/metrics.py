@@ -1,0 +1,116 @@
+"""Prometheus metrics (prometheus-client) and the ASGI middleware that feeds them and bounds body sizes.
+
+Request counts and latency histograms per endpoint (the route template, not the raw path) and status,
+per-stage latency of /recommend, the model version, index size and reload count. With several uvicorn
+workers set PROMETHEUS_MULTIPROC_DIR (``recsys serve --workers N`` does): /metrics then aggregates
+every worker's files through prometheus-client's multiprocess collector.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+BUCKETS = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class Metrics:
+    def __init__(self):
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        self.registry = None if self.multiprocess else CollectorRegistry()
+        r = {} if self.multiprocess else {"registry": self.registry}
+        self.requests = Counter("recsys_requests_total", "HTTP requests", ["endpoint", "method", "status"], **r)
+        self.latency = Histogram("recsys_request_latency_seconds", "HTTP request latency", ["endpoint", "status"],
+                                 buckets=BUCKETS, **r)
+        self.stage = Histogram("recsys_stage_latency_seconds", "Latency of one stage of /recommend", ["stage"],
+                               buckets=BUCKETS, **r)
+        gauge = {"multiprocess_mode": "liveall"} if self.multiprocess else {}
+        self.model = Gauge("recsys_model_info", "The model version being served (value 1)", ["version", "source", "index"],
+                           **gauge, **r)
+        self.index_items = Gauge("recsys_index_items", "Items in the candidate index", **gauge, **r)
+        self.reloads = Counter("recsys_reloads_total", "Model reloads applied", **r)
+        self.middleware = _middleware(self)
+
+    def loaded(self, snap, reload: bool) -> None:
+        labels = (snap.model, snap.bundle.source, snap.index.info.kind)
+        if getattr(self, "_labels", None) not in (None, labels):
+            self.model.remove(*self._labels)
+        self._labels = labels
+        self.model.labels(*labels).set(1)
+        self.index_items.set(snap.n_items)
+        if reload:
+            self.reloads.inc()
+
+    def stages(self, timings_ms: dict[str, float]) -> None:
+        for name, ms in timings_ms.items():
+            if name != "total_ms":
+                self.stage.labels(name.removesuffix("_ms")).observe(ms / 1000)
+
+    def render(self) -> tuple[bytes, str]:
+        if self.multiprocess:
+            from prometheus_client import multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def _middleware(metrics: Metrics):
+    class MetricsAndLimits:
+        """Pure ASGI: rejects bodies over the route's limit with 413 (by Content-Length, and while streaming
+        for chunked bodies), then records the request's count and latency under its route template."""
+
+        def __init__(self, app, limits: dict[str, int], default_limit: int):
+            self.app, self.limits, self.default = app, limits, default_limit
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] != "http":
+                return await self.app(scope, receive, send)
+            t0 = time.perf_counter()
+            limit = self.limits.get(scope["path"], self.default)
+            status = {"code": 500, "started": False}
+            length = dict(scope.get("headers") or []).get(b"content-length")
+
+            async def send_wrapper(message):
+                if message["type"] == "http.response.start":
+                    status["code"], status["started"] = message["status"], True
+                await send(message)
+
+            async def too_large():
+                body = b'{"detail":"request body over the %d-byte limit"}' % limit
+                await send_wrapper({"type": "http.response.start", "status": 413,
+                                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+
+            seen = {"n": 0}
+
+            async def receive_limited():
+                message = await receive()
+                if message["type"] == "http.request":
+                    seen["n"] += len(message.get("body", b""))
+                    if seen["n"] > limit:
+                        raise _TooLarge()
+                return message
+
+            try:
+                if length is not None and length.isdigit() and int(length) > limit:
+                    await too_large()
+                else:
+                    await self.app(scope, receive_limited, send_wrapper)
+            except _TooLarge:
+                if not status["started"]:
+                    await too_large()
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            code = str(status["code"])
+            metrics.requests.labels(endpoint, scope.get("method", ""), code).inc()
+            metrics.latency.labels(endpoint, code).observe(time.perf_counter() - t0)
+
+    return MetricsAndLimits
+
+
+class _TooLarge(Exception):
+    pass

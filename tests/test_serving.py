@@ -1,0 +1,261 @@
+"""The online service as a client meets it: a real `recsys serve` process (uvicorn) on a loopback port,
+after the demo flow trained and registered a model on a synthetic multimodal catalog (known clusters)
+with one heavy user of 520 distinct interactions."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import polars as pl
+import pytest
+
+from tests.conftest import small_config
+
+KEY, ADMIN = "test-key-123", "admin-key-456"
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from recsys.data.synthetic import SyntheticSpec, generate
+    from recsys.pipeline import run_demo
+
+    root = tmp_path_factory.mktemp("serving")
+    data = generate(root / "data", SyntheticSpec(n_items=600, n_users=60, mean_interactions=20, seed=5,
+                                                share_audio=0.05, share_video=0.03))
+    frame = pl.read_csv(data / "interactions.csv", schema_overrides={"user_id": pl.Utf8, "item_id": pl.Utf8})
+    heavy = pl.DataFrame({"user_id": ["heavy"] * 520, "item_id": [f"s{i:05d}" for i in range(520)],
+                          "timestamp": [1_704_067_200 + 60 * i for i in range(520)], "value": [1.0] * 520})
+    pl.concat([frame, heavy.cast(frame.schema)]).write_csv(data / "interactions.csv")
+    cfg = small_config(root / "work", data={"source": "synthetic", "path": str(data)}, eval={"protocols": ["loo"]})
+    run_demo(cfg, sample_users=1)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def server(trained):
+    cfg = trained
+    port = free_port()
+    env = {**os.environ, "RECSYS_API_KEYS": KEY, "RECSYS_ADMIN_KEYS": ADMIN}
+    proc = subprocess.Popen([sys.executable, "-m", "recsys.cli", "serve", "--workdir", str(cfg.workdir), "--port", str(port)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    ready_seen = []
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            r = httpx.get(f"{base}/readyz", timeout=2)
+            ready_seen.append(r.status_code)
+            if r.status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.2)
+            continue
+        time.sleep(0.2)
+    else:
+        proc.kill()
+        raise RuntimeError(proc.stdout.read().decode()[-3000:])
+    client = httpx.Client(base_url=base, headers={"X-API-Key": KEY}, timeout=30)
+    yield cfg, client, ready_seen
+    client.close()
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_readyz_false_until_loaded_then_healthz_shows_the_index(server):
+    cfg, client, ready_seen = server
+    assert ready_seen[-1] == 200
+    h = client.get("/healthz").json()
+    assert h["status"] == "ok" and h["index"]["kind"] == "flat" and h["index"]["recall_at_100"] == 1.0
+    assert h["gpu"] is False and h["items"] == 600
+
+
+def test_readyz_is_503_before_the_model_loads(trained):
+    """An app whose model cannot load yet (empty registry) answers /readyz 503 with the reason."""
+    from fastapi.testclient import TestClient
+
+    from serving.app import create_app
+
+    empty = trained.model_copy(update={"workdir": trained.workdir / "empty"})
+    with TestClient(create_app(empty)) as client:
+        time.sleep(0.5)
+        r = client.get("/readyz")
+        assert r.status_code == 503 and not r.json()["ready"] and r.json()["reason"]
+        assert client.get("/healthz").status_code == 200
+
+
+def test_auth(server):
+    cfg, client, _ = server
+    base = str(client.base_url)
+    assert httpx.get(f"{base}/recommend/u0001").status_code == 401
+    assert httpx.get(f"{base}/recommend/u0001", headers={"X-API-Key": "wrong"}).status_code == 401
+    assert httpx.get(f"{base}/recommend/u0001", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    assert httpx.get(f"{base}/metrics").status_code == 200 and httpx.get(f"{base}/healthz").status_code == 200
+    assert client.post("/admin/reload").status_code == 403  # the API key is not the admin key
+    assert httpx.get(f"{base}/admin/status", headers={"X-API-Key": ADMIN}).status_code == 200
+
+
+def test_refuses_a_public_host_without_a_key(trained):
+    env = {k: v for k, v in os.environ.items() if k not in ("RECSYS_API_KEYS", "RECSYS_ADMIN_KEYS")}
+    r = subprocess.run([sys.executable, "-m", "recsys.cli", "serve", "--workdir", str(trained.workdir), "--host", "0.0.0.0",
+                        "--port", str(free_port())], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "without an API key" in r.stderr
+
+
+def test_heavy_user_never_gets_a_seen_item_and_k_up_to_the_limit(server):
+    cfg, client, _ = server
+    r = client.get("/recommend/heavy?k=80").json()
+    seen = {f"s{i:05d}" for i in range(520)}
+    assert len(r["items"]) == 80 and r["known_user"]
+    assert not seen & {i["item_id"] for i in r["items"]}
+    big = client.post("/recommend", json={"user_id": "u0001", "k": 300, "rerank": False}).json()
+    assert len(big["items"]) == 300 and len({i["item_id"] for i in big["items"]}) == 300
+
+
+def test_unknown_users_popularity_or_request_history(server):
+    cfg, client, _ = server
+    pop = client.get("/recommend/never-seen-user?k=5").json()
+    assert pop["fallback"] == "popularity" and not pop["known_user"] and len(pop["items"]) == 5
+    recent = ["s00001", "s00002"]
+    r = client.post("/recommend", json={"user_id": "brand-new", "k": 5, "recent_item_ids": recent}).json()
+    assert r["fallback"] == "request_history" and len(r["items"]) == 5
+    assert not set(recent) & {i["item_id"] for i in r["items"]}
+
+
+def test_bad_input_is_4xx_with_a_reason(server):
+    cfg, client, _ = server
+    cases = [
+        client.get("/recommend/u0001?k=0"), client.get("/recommend/u0001?k=501"), client.get("/recommend/" + "x" * 300),
+        client.post("/recommend", content=b"{not json", headers={"content-type": "application/json"}),
+        client.post("/recommend", json={"user_id": "u0001", "k": "ten"}),
+        client.post("/recommend", json={"user_id": "u0001", "modalities": ["smell"]}),
+        client.post("/recommend", content=b'{"user_id": "' + b"a" * (2 << 20) + b'"}', headers={"content-type": "application/json"}),
+        client.get("/items/no-such-item/similar"),
+        client.post("/interactions", json={"user_id": "u0001", "item_id": "no-such-item"}),
+        client.post("/recommend", json={"user_id": "u0001", "k": 500}),  # more than the 600-item catalog? no: 500 < 600
+    ]
+    codes = [r.status_code for r in cases]
+    assert codes[:9] == [422, 422, 422, 422, 422, 422, 413, 404, 404], codes
+    assert codes[9] == 200
+    for r in cases[:9]:
+        assert r.json()["detail"]
+    assert client.get("/items/s00001/similar?k=700").status_code == 422  # more than the catalog holds
+
+
+def test_similar_items_in_both_spaces(server):
+    cfg, client, _ = server
+    for space in ("two-tower", "content"):
+        r = client.get(f"/items/s00001/similar?k=10&space={space}").json()
+        assert len(r["items"]) == 10 and "s00001" not in {i["item_id"] for i in r["items"]}
+    assert client.get("/items/s00001/similar?space=nope").status_code == 422
+
+
+def _cluster(cfg, item_ids):
+    from recsys.data import load_dataset
+
+    items = load_dataset(cfg).catalog.items
+    c = dict(zip(items["item_id"].to_list(), items["cluster"].to_list()))
+    return [c[i] for i in item_ids]
+
+
+def test_search_by_text_and_by_image(server):
+    from recsys.data.synthetic import THEMES, SyntheticSpec, make_image
+
+    cfg, client, _ = server
+    r = client.post("/search", data={"text": "ocean wave surf beach tide", "k": "10"})
+    assert r.status_code == 200, r.text
+    assert np.mean(np.array(_cluster(cfg, [i["item_id"] for i in r.json()["items"]])) == 0) >= 0.6
+    buf = io.BytesIO()
+    make_image(2, SyntheticSpec(), np.random.default_rng(1)).save(buf, format="PNG")
+    r = client.post("/search", data={"k": "10"}, files={"files": ("q.png", buf.getvalue(), "image/png")})
+    assert r.status_code == 200, r.text
+    assert np.mean(np.array(_cluster(cfg, [i["item_id"] for i in r.json()["items"]])) == 2) >= 0.6
+    bad = [client.post("/search", files={"files": ("q.png", b"not an image", "image/png")}),
+           client.post("/search", files={"files": ("q.txt", b"hello", "application/pdf")}),
+           client.post("/search", data={"k": "10"}),
+           client.post("/search", files={"files": ("big.png", b"\0" * (21 << 20), "image/png")})]
+    assert [b.status_code for b in bad] == [422, 415, 422, 413], [b.text[:200] for b in bad]
+
+
+def test_metrics_parse_with_prometheus_client(server):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    cfg, client, _ = server
+    client.get("/recommend/u0002")
+    text = httpx.get(f"{client.base_url}/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert {"recsys_requests", "recsys_request_latency_seconds", "recsys_stage_latency_seconds", "recsys_model_info",
+            "recsys_index_items", "recsys_reloads"} <= set(families)
+    samples = [s for s in families["recsys_requests"].samples if s.labels.get("endpoint") == "/recommend/{user_id}"]
+    assert any(s.labels["status"] == "200" and s.value >= 1 for s in samples)
+    assert any(s.labels["status"] == "401" for s in families["recsys_requests"].samples)
+    stages = {s.labels.get("stage") for s in families["recsys_stage_latency_seconds"].samples}
+    assert {"features_user", "user_tower", "faiss"} <= stages
+
+
+def test_interaction_then_excluded(server):
+    cfg, client, _ = server
+    first = client.get("/recommend/u0003?k=3").json()["items"][0]["item_id"]
+    assert client.post("/interactions", json={"user_id": "u0003", "item_id": first}).status_code == 202
+    after = client.get("/recommend/u0003?k=50").json()
+    assert first not in {i["item_id"] for i in after["items"]}
+
+
+def test_reload_under_load_has_no_failures(server):
+    cfg, client, _ = server
+    admin = {"X-API-Key": ADMIN}
+    before = client.get("/admin/status", headers=admin).json()
+    errors, done, stop = [], [0], threading.Event()
+
+    def hammer():
+        with httpx.Client(base_url=str(client.base_url), headers={"X-API-Key": KEY}, timeout=30) as c:
+            while not stop.is_set():
+                r = c.get("/recommend/u0004?k=10")
+                if r.status_code != 200:
+                    errors.append(r.status_code)
+                done[0] += 1
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    assert client.post("/admin/reload", headers=admin, json={"version": "1"}).status_code == 202
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        s = client.get("/admin/status", headers=admin).json()
+        if s["reloads"] > before["reloads"]:
+            break
+        time.sleep(0.2)
+    time.sleep(0.5)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert s["reloads"] == before["reloads"] + 1 and s["error"] is None
+    assert done[0] > 20 and errors == []
+    assert client.post("/admin/reload", headers=admin, json={"version": "x1"}).status_code == 422
+
+
+def test_gpu_index_when_a_gpu_is_seen():
+    from recsys.index import build_index, gpu_count
+
+    if gpu_count() == 0:
+        pytest.skip("faiss sees no GPU here (faiss-cpu)")
+    x = np.random.default_rng(0).normal(size=(1000, 16)).astype(np.float32)
+    index = build_index(x, kind="auto")
+    assert index.on_gpu and index.info.kind == "flat"
+    _, rows = index.search(x[:2], 5, exclude=[{0}, set()])
+    assert 0 not in rows[0]
