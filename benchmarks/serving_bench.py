@@ -26,7 +26,7 @@ SIZES = (10_000, 100_000, 1_000_000)
 def demo_workdir(root: Path) -> Path:
     """A trained, registered model and a materialized store (a quick demo run, reused if present)."""
     from recsys.config import Config
-    from recsys.pipeline import run_demo
+    from recsys.flows.demo import run_demo
 
     wd = root / "serving-demo"
     if not (wd / "report" / "demo.json").exists():

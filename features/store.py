@@ -204,24 +204,39 @@ class FeatureRepo:
             write_parquet(pl.concat([old, frame]) if old is not None else frame, path)
         return frame.height
 
-    def write_interaction_features(self, interactions: pl.DataFrame, catalog: Catalog, item_vectors: np.ndarray) -> dict[str, int]:
-        """User-history, user-stats and item-stats snapshots from ``interactions`` (replaces the files)."""
+    def write_interaction_features(self, interactions: pl.DataFrame, catalog: Catalog, item_vectors: np.ndarray,
+                                   users: set[str] | None = None) -> dict[str, int]:
+        """User-history, user-stats, user-seen and item-stats snapshots from ``interactions``.
+
+        ``users`` None rebuilds every user's files; a set rebuilds only those users' snapshots (from their
+        whole history, as the decayed sums need it) and keeps every other user's rows as they are: the nightly
+        job passes the users with new interactions or with items whose vectors changed."""
         validate_vectors(catalog.ids, item_vectors, self.dim, "item vectors for user histories")
         e = self.cfg.embedder
-        history, stats = user_snapshots(interactions, item_vectors, catalog.index, self.cfg.features.recent_items,
+        mine = interactions if users is None else interactions.filter(pl.col("user_id").is_in(list(users)))
+        history, stats = user_snapshots(mine, item_vectors, catalog.index, self.cfg.features.recent_items,
                                         e.history_half_life)
+        seen = user_seen(mine)
         items = item_stats(interactions, catalog)
-        seen = user_seen(interactions)
-        write_parquet(history, self._path(self.views.user_history))
-        write_parquet(stats, self._path(self.views.user_stats))
+        out = {}
+        for frame, view in ((history, self.views.user_history), (stats, self.views.user_stats), (seen, self.views.user_seen)):
+            path = self._path(view)
+            if users is not None and path.exists():
+                others = pl.read_parquet(path).filter(~pl.col("user_id").is_in(list(users)))
+                frame = pl.concat([others, frame], how="vertical_relaxed")
+            write_parquet(frame, path)
+            out[view.name.split("__")[0]] = frame.height
         write_parquet(items, self._path(self.views.item_stats))
-        write_parquet(seen, self._path(self.views.user_seen))
-        return {"user_history": history.height, "user_stats": stats.height, "item_stats": items.height,
-                "user_seen": seen.height}
+        out["item_stats"] = items.height
+        out["users_refreshed"] = mine["user_id"].n_unique()
+        return out
 
     # Materialization -------------------------------------------------------------------------------
-    def materialize(self, end: datetime | None = None, incremental: bool = True, progress: bool = False) -> MaterializeReport:
-        """Write the latest row per entity in (last run, end] of every view to the online store.
+    def materialize(self, end: datetime | None = None, incremental: bool = True, progress: bool = False,
+                    full: tuple[str, ...] = ()) -> MaterializeReport:
+        """Write the latest row per entity in (last run, end] of every view to the online store; views named
+        in ``full`` take (epoch, end] (snapshots rebuilt with past timestamps, e.g. a user's history after
+        their items' vectors changed, are then written too).
 
         Streams each parquet file (see features.online.stream_rows), so memory stays bounded by a chunk
         of ``features.write_chunk_rows``; the registry records the interval as Feast's materialize does.
@@ -236,7 +251,7 @@ class FeatureRepo:
         for view in (self.views.item_embedding, self.views.user_history, self.views.item_stats, self.views.user_stats,
                      self.views.user_seen):
             fv = self.store.get_feature_view(view.name)
-            start = (fv.most_recent_end_time if incremental and fv.most_recent_end_time else EPOCH)
+            start = (fv.most_recent_end_time if incremental and fv.most_recent_end_time and view.name not in full else EPOCH)
             start = start if start.tzinfo else start.replace(tzinfo=timezone.utc)
             path = self._path(view)
             if not path.exists():

@@ -48,7 +48,9 @@ def _config(config, workdir, posters=None, data=None, source=None, max_users=Non
         train={"max_epochs": epochs},
         eval={"protocols": protocols.split(",") if protocols else None},
     )
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from recsys.quiet import silence
+
+    silence()
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     return cfg
 
@@ -125,7 +127,6 @@ def train(
     iv = load_item_vectors(cfg)
     ds = aligned(load_dataset(cfg), iv)
     if "cold" in cfg.eval.protocols:  # brand-new items are embedded without their user tags
-        from recsys.eval import make_split
         from recsys.pipeline import embed_catalog
 
         iv.cold = embed_catalog(cfg, ds, cold=True, save=False)[0].cold
@@ -258,7 +259,7 @@ def demo(
 ):
     """The main job: the whole flow on ml-latest-small with the embedded defaults; prints sample
     recommendations and two-tower vs popularity vs EASE on the LOO and COLD protocols."""
-    from recsys.pipeline import run_demo
+    from recsys.flows.demo import run_demo
 
     cfg = _config(config, workdir, posters, max_users=max_users, epochs=epochs, protocols=protocols,
                   online_store=online_store, redis=redis)

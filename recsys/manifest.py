@@ -38,6 +38,7 @@ class Manifest:
     index: dict | None = None  # path (folder with items.faiss, index.json, item_vectors.npz), kind, recall, sha256
     counts: dict = field(default_factory=dict)  # new / changed / unchanged / removed / failed / users_refreshed
     previous: str | None = None  # the run id this one replaced
+    interactions_until: str | None = None  # ISO time of the newest interaction folded in (the next run's watermark)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -46,7 +47,7 @@ class Manifest:
         """Everything that says *what* is served (no run id, times or paths): equal keys = same state."""
         idx = self.index or {}
         return {"embedder": self.embedder, "vectors": self.vectors.get("sha256"), "model": self.model,
-                "index_vectors": idx.get("vectors_sha256")}
+                "index_vectors": idx.get("vectors_sha256"), "interactions_until": self.interactions_until}
 
 
 def published_path(workdir: str | Path) -> Path:

@@ -1,13 +1,12 @@
-"""The stages of the flow as functions, shared by the CLI verbs and the demo.
+"""The stages of the flow as functions, shared by the CLI verbs and the flows (recsys.flows).
 
-embed -> features -> train (+ baselines, reranker) -> index -> serve; ``run_demo`` runs them all on
-one work directory and prints sample recommendations and the comparison table.
+embed -> features -> train (+ baselines, reranker) -> index -> serve; ``recsys.flows.demo`` runs them all on
+one work directory, ``recsys.flows.nightly`` is the nightly batch.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -253,55 +252,6 @@ def results_json(runs: list[ProtocolRun]) -> list[dict]:
                         **{m: {"mean": e.mean, "low": e.low, "high": e.high} for m, e in r.estimates.items()},
                         "Coverage@10": r.coverage10, **({"extra": run.extra} if r.model == "two-tower" else {})})
     return out
-
-
-# Demo --------------------------------------------------------------------------------------------------
-def run_demo(cfg: Config, sample_users: int = 3) -> dict:
-    """The whole flow on one work directory; returns (and saves) the metrics and stage timings."""
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    save_config(cfg)
-    timings = Timings()
-    with timings.stage("load data"):
-        ds = load_dataset(cfg)
-        console.print(ds.report.render())
-    with timings.stage("embed catalog"):
-        iv, ds = embed_catalog(cfg, ds, cold="cold" in cfg.eval.protocols)
-    with timings.stage("features (serving store: all interactions, materialized)"):
-        build_features(cfg, ds, iv.vectors, iv, ds.interactions.frame, name="serve", materialize=True)
-    runs = []
-    for protocol in cfg.eval.protocols:
-        with timings.stage(f"train + evaluate: {protocol}"):
-            runs.append(run_protocol(cfg, ds, iv, protocol, register=(protocol == cfg.eval.protocols[0]),
-                                     rerank=(protocol == "loo")))
-    with timings.stage("serve sample recommendations"):
-        from serving.service import Recommender
-
-        rec = Recommender.load(cfg)
-        users = ds.interactions.frame["user_id"].unique(maintain_order=True).head(sample_users).to_list()
-        titles = dict(zip(ds.catalog.ids, ds.catalog.titles))
-        for u in users:
-            resp = rec.recommend(u, k=5)
-            online = rec.current().repo.online_users([u])
-            console.print(f"[bold]user {u}[/bold] recently: " + "; ".join(titles[i] for i in online.recent_item_ids[0][:3]))
-            for r in resp.items:
-                console.print(f"   -> {r.title}  [dim]({r.score:.3f})[/dim]")
-            console.print(f"   [dim]{resp.timings_ms['total_ms']:.1f} ms[/dim]")
-    console.print(results_table(runs))
-    report = {"timings_s": timings.stages, "total_s": round(sum(timings.stages.values()), 1),
-              "results": results_json(runs), "data": ds.report.loaded,
-              "embedder": {"backend": iv.backend, "model_version": iv.model_version, "dim": iv.dim,
-                           "failed": len(iv.failed)}}
-    out = cfg.workdir / "report"
-    out.mkdir(exist_ok=True)
-    (out / "demo.json").write_text(json.dumps(report, indent=2, default=str))
-    t = Table(title="Stage timings")
-    t.add_column("stage")
-    t.add_column("seconds", justify="right")
-    for k, v in timings.stages.items():
-        t.add_row(k, f"{v:.1f}")
-    t.add_row("total", f"{report['total_s']:.1f}")
-    console.print(t)
-    return report
 
 
 def evaluate_saved(cfg: Config) -> list[ProtocolRun]:

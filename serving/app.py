@@ -166,6 +166,9 @@ class Loader:
 
 # The app ----------------------------------------------------------------------------------------------------
 def create_app(cfg: Config, recommender: Recommender | None = None) -> FastAPI:
+    from recsys.quiet import silence
+
+    silence()
     rec = recommender or Recommender(cfg)
     metrics = Metrics()
     loader = Loader(cfg, rec, metrics)

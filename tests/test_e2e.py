@@ -14,7 +14,7 @@ from tests.conftest import small_config
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from recsys.pipeline import run_demo
+    from recsys.flows.demo import run_demo
 
     cfg = small_config(tmp_path_factory.mktemp("demo"), data={"max_users": 60}, eval={"protocols": ["loo", "cold"]})
     report = run_demo(cfg, sample_users=2)
@@ -57,8 +57,18 @@ def test_http_service(demo):
     from serving.app import create_app
 
     cfg, _ = demo
-    client = TestClient(create_app(cfg))
-    assert client.get("/health").json()["status"] == "ok"
+    with TestClient(create_app(cfg)) as client:
+        _check_service(client, demo)
+
+
+def _check_service(client, demo):
+    import time
+
+    for _ in range(300):  # the model loads in the background; /readyz says when it is in
+        if client.get("/readyz").status_code == 200:
+            break
+        time.sleep(0.2)
+    assert client.get("/healthz").json()["status"] == "ok"
     r = client.get("/recommend/1?k=5")
     assert r.status_code == 200
     body = r.json()
@@ -74,7 +84,7 @@ def test_http_service(demo):
     r2 = client.post("/recommend", json={"user_id": "1", "k": 5, "exclude": list(seen)})
     assert not seen & {i["item_id"] for i in r2.json()["items"]}
     unknown = client.get("/recommend/nobody-at-all?k=3").json()
-    assert not unknown["known_user"] and len(unknown["items"]) == 3
+    assert not unknown["known_user"] and unknown["fallback"] == "popularity" and len(unknown["items"]) == 3
     assert client.get("/recommend/1?k=0").status_code == 422
     assert client.post("/recommend", json={"user_id": "", "k": 5}).status_code == 422
     assert client.post("/recommend", json={"user_id": "1", "modalities": ["smell"]}).status_code == 422

@@ -144,6 +144,10 @@ def test_push_updates_the_online_history(repo, small):
     after = repo.online_users([user])
     assert after.recent_item_ids[0][0] == item
     assert after.history_count[0] == before.history_count[0] + 1
+    # the full seen set (serving's filter) holds every item the user ever had, and now the pushed one first
+    had = small.interactions.frame.filter(pl.col("user_id") == user)["item_id"].unique().to_list()
+    assert sorted(before.seen_item_ids[0]) == sorted(had)
+    assert after.seen_item_ids[0][0] == item and set(had) <= set(after.seen_item_ids[0])
     assert not np.allclose(after.history_vector[0], before.history_vector[0])
 
 

@@ -83,7 +83,8 @@ def test_sigkill_mid_embedding_then_rerun_equals_an_uninterrupted_run(catalog, t
     assert cli_nightly(clean).returncode == 0
     a, b = vectors(killed), vectors(clean)
     assert a["item_id"].to_list() == b["item_id"].to_list() and a.height == 64
-    np.testing.assert_allclose(a["vector"].to_numpy(), b["vector"].to_numpy(), atol=1e-5)
+    # within the precision of the backbone-feature cache (float16): a resumed run reads some features back from it
+    np.testing.assert_allclose(a["vector"].to_numpy(), b["vector"].to_numpy(), atol=5e-4)
 
 
 def _last_summary(cfg: Config) -> str:

@@ -24,7 +24,6 @@ from recsys.config import Config
 from recsys.data.types import Catalog
 from recsys.eval.evaluate import EvalResult, history_matrix
 from recsys.eval.splits import EvalSet, Split
-from recsys.index import CandidateIndex
 from recsys.rerank import Candidates
 from training.datamodule import TwoTowerData, ValidationData
 from features.inputs import ItemInputs, ItemStatsAsOf, eval_inputs, from_training_set

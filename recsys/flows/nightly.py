@@ -178,13 +178,16 @@ def embed_ray(cfg: Config, ds: Dataset, rows: list[int], work: Path) -> Embedded
     pl.DataFrame({"row": rows, "item_id": [ds.catalog.ids[r] for r in rows], "parts": parts},
                  schema={"row": pl.Int64, "item_id": pl.Utf8, "parts": pl.Utf8}).write_parquet(src / "todo.parquet")
     if not ray.is_initialized():
+        # locally: one logical CPU per actor plus two for reading and writing (else the actors take every CPU
+        # and the read tasks wait for them forever)
         ray.init(address=cfg.nightly.ray_address, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False, **({} if cfg.nightly.ray_address else {"num_cpus": max(2, n)}))
+                 configure_logging=False, **({} if cfg.nightly.ray_address else {"num_cpus": n + 2}))
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
-    (ray.data.read_parquet(str(src))
+    blocks = max(n, -(-len(rows) // cfg.nightly.batch_items))  # enough blocks to keep every actor busy
+    (ray.data.read_parquet(str(src)).repartition(blocks)
      .map_batches(_RayEmbedActor, fn_constructor_args=(cfg.model_dump_json(), n), batch_size=cfg.nightly.batch_items,
-                  concurrency=n, batch_format="numpy")
+                  concurrency=n, num_cpus=1, batch_format="numpy")
      .write_parquet(str(dst)))
     frame = pl.read_parquet(dst / "*.parquet")
     out = Embedded({}, {}, cache_hits=int(frame["cache_hits"].sum()) if frame.height else 0)
@@ -224,8 +227,6 @@ def write_dead_letters(cfg: Config, failed: dict[str, str], run_id: str, stage: 
 # The job -----------------------------------------------------------------------------------------------------
 def run_nightly(cfg: Config, engine: str | None = None, dry_run: bool = False) -> NightlySummary:
     """Run every stage; returns the summary (``exit_code`` says what a scheduler should see)."""
-    import mlflow
-
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     engine = engine or cfg.nightly.engine
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
@@ -274,15 +275,27 @@ def run_nightly(cfg: Config, engine: str | None = None, dry_run: bool = False) -
         served = ds.without_items(set(ds.catalog.ids) - {ds.catalog.ids[r] for r in keep_rows},
                                   "items without a vector yet (failed; retried next run)")
     checkpoint("vectors")
+    inter = served.interactions.frame
+    until = inter["timestamp"].max() if inter.height else None
+    users = _users_to_refresh(inter, previous, {ds.catalog.ids[r] for r in d.changed}, prev_vectors is None)
+    if (previous is not None and prev_vectors is not None and not emb.vectors and not d.removed and not users
+            and (previous.model or {}).get("version") == _champion_version(cfg)):
+        summary.message = f"nothing changed since {previous.run_id}"
+        summary.timings_s = timings.stages
+        _log_mlflow(cfg, summary)
+        console.print(summary.table())
+        return summary
     with timings.stage("features (Feast, incremental)"):
         from features.store import FeatureRepo
 
         repo = FeatureRepo(cfg, backend, version, cfg.embedder.dim, name="serve")
         changed_rows = repo.write_item_embeddings(served.catalog.ids, vectors)
-        counts = repo.write_interaction_features(served.interactions.frame, served.catalog, vectors)
+        counts = repo.write_interaction_features(inter, served.catalog, vectors, users=users)
         repo.apply()
-        report = repo.materialize(progress=True)
-        summary.users_refreshed = counts.get("user_seen", 0)
+        user_views = () if users is None else (repo.views.user_history.name, repo.views.user_stats.name,
+                                                repo.views.user_seen.name)
+        report = repo.materialize(progress=True, full=user_views)
+        summary.users_refreshed = counts["users_refreshed"]
         summary.materialized = {"item vectors written": changed_rows, **{k.split("__")[0]: v for k, v in report.rows.items()}}
     checkpoint("features")
     with timings.stage("item-tower vectors + index"):
@@ -293,7 +306,8 @@ def run_nightly(cfg: Config, engine: str | None = None, dry_run: bool = False) -
         embedder={"backend": backend, "model_version": version, "dim": cfg.embedder.dim},
         vectors={"path": str(vec_path.relative_to(cfg.workdir)), "items": len(keep_rows), "sha256": _vectors_digest(vectors, served)},
         feast={"repo": "serve", "item_view": repo.views.item_embedding.name, "materialized": report.rows},
-        model=model, index=index, counts=dict(summary.counts), previous=previous.run_id if previous else None)
+        model=model, index=index, counts=dict(summary.counts), previous=previous.run_id if previous else None,
+        interactions_until=until.isoformat() if until is not None else None)
     if previous is not None and previous.content_key() == manifest.content_key():
         summary.message = f"nothing changed since {previous.run_id}"
     else:
@@ -304,6 +318,29 @@ def run_nightly(cfg: Config, engine: str | None = None, dry_run: bool = False) -
     _log_mlflow(cfg, summary)
     console.print(summary.table())
     return summary
+
+
+def _users_to_refresh(inter: pl.DataFrame, previous: Manifest | None, changed_items: set[str], first: bool) -> set[str] | None:
+    """Users whose features must be rebuilt: those with interactions after the last run's watermark, and those
+    who had an item whose vector changed. None (everyone) on a first run or a new embedding space."""
+    if first or previous is None or previous.interactions_until is None:
+        return None
+    since = datetime.fromisoformat(previous.interactions_until)
+    new = inter.filter(pl.col("timestamp") > since)["user_id"].unique().to_list()
+    touched = inter.filter(pl.col("item_id").is_in(list(changed_items)))["user_id"].unique().to_list() if changed_items else []
+    return set(new) | set(touched)
+
+
+def _champion_version(cfg: Config) -> str | None:
+    """The version the serving alias points to now (None without a registry entry)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    try:
+        return str(mlflow.tracking.MlflowClient().get_model_version_by_alias(cfg.train.registered_model,
+                                                                            cfg.serve.model_alias).version)
+    except Exception:  # no registered model (or alias) yet
+        return None
 
 
 def _space(cfg: Config, embedder) -> tuple[str, str]:

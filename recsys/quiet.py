@@ -1,0 +1,40 @@
+"""Keep third-party noise out of what users see: deprecation warnings, framework adverts, INFO chatter and
+download bars of libraries we drive. Called by the CLI and the service at start-up (not on import, so a
+library user keeps their own warning settings); the messages still reach the log at DEBUG/WARNING level."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+OURS = r"(recsys|features|training|serving|benchmarks)(\.|$)"
+
+
+def silence() -> None:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("FEAST_USAGE", "False")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    warnings.filterwarnings("ignore", message=r".*(noload|LeafSpec|does not have many workers|log_every_n_steps|"
+                                              r"Clearing labels|pickle|litlogger|torch.jit).*")
+    try:  # SQLAlchemy's own deprecation class is not a DeprecationWarning subclass
+        from sqlalchemy.exc import SADeprecationWarning
+
+        warnings.filterwarnings("ignore", category=SADeprecationWarning)
+    except ImportError:
+        pass
+    for name in ("mlflow", "alembic", "lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "feast",
+                 "ray", "ray.data", "sentence_transformers", "transformers", "httpx", "urllib3", "py.warnings"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
