@@ -35,6 +35,7 @@ from serving.service import NotReadyError, Recommender, UnknownItemError
 
 ID = dict(min_length=1, max_length=256)
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+RETRY_LOAD_S = 10.0
 
 
 class RecommendRequest(BaseModel):
@@ -157,11 +158,15 @@ class Loader:
             self._load()
         else:
             self.metrics.loaded(self.rec.snapshot, reload=False)
+        last_try = time.monotonic()
         while not self.stop.wait(self.cfg.serve.reload_poll_s):
             req = self._read()
             if req.get("generation", 0) > self.generation:
                 self.generation = req["generation"]
                 self._load(req.get("alias"), req.get("version"))
+            elif self.rec.snapshot is None and time.monotonic() - last_try > RETRY_LOAD_S:
+                last_try = time.monotonic()  # started before any model was registered: keep trying
+                self._load()
 
 
 # The app ----------------------------------------------------------------------------------------------------

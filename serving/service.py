@@ -78,7 +78,10 @@ class ModelBundle:
     index_dir: Path | None = None  # a prebuilt index for these vectors (published by the nightly job)
 
     @classmethod
-    def from_mlflow(cls, cfg: Config, alias: str | None = None, version: str | None = None) -> "ModelBundle":
+    def from_mlflow(cls, cfg: Config, alias: str | None = None, version: str | None = None,
+                    published: bool = True) -> "ModelBundle":
+        """The registered version (by alias, or ``version``); with ``published``, the nightly job's published
+        item vectors and index for that version replace the ones logged at training time."""
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         import mlflow
 
@@ -99,7 +102,8 @@ class ModelBundle:
         bundle = cls(str(mv.version), mv.run_id, tower, arrays["ids"].tolist(), arrays["titles"].tolist(),
                      arrays["vectors"], arrays["content"], arrays["known"],
                      json.loads((folder / "two_tower.json").read_text()), reranker, queries)
-        bundle.use_published(cfg)
+        if published:
+            bundle.use_published(cfg)
         return bundle
 
     def use_published(self, cfg: Config) -> None:

@@ -262,3 +262,38 @@ def test_gpu_index_when_a_gpu_is_seen():
     assert index.on_gpu and index.info.kind == "flat"
     _, rows = index.search(x[:2], 5, exclude=[{0}, set()])
     assert 0 not in rows[0]
+
+
+def test_the_nightly_publish_is_what_a_reload_serves(server):
+    """`recsys nightly` publishes vectors + index for the champion; a reload serves exactly that manifest."""
+    from recsys.flows.nightly import run_nightly
+    from recsys.manifest import read_published
+
+    cfg, client, _ = server
+    summary = run_nightly(cfg)
+    assert summary.exit_code == 0 and summary.published
+    m = read_published(cfg.workdir)
+    assert m.index and m.model["version"] == "1" and m.index["items"] == 600
+    admin = {"X-API-Key": ADMIN}
+    before = client.get("/admin/status", headers=admin).json()["reloads"]
+    assert client.post("/admin/reload", headers=admin).status_code == 202
+    for _ in range(300):
+        s = client.get("/admin/status", headers=admin).json()
+        if s["reloads"] > before:
+            break
+        time.sleep(0.2)
+    assert s["source"] == f"published:{m.run_id}" and s["error"] is None
+    assert client.get("/healthz").json()["source"] == f"published:{m.run_id}"
+    r = client.get("/recommend/heavy?k=20").json()
+    assert len(r["items"]) == 20 and not {f"s{i:05d}" for i in range(520)} & {i["item_id"] for i in r["items"]}
+
+
+def test_the_online_path_imports_nothing_from_training(trained):
+    """Load the model and answer a request in a fresh process: no module of training/ gets imported (the user
+    tower is a torch.export program; the index, reranker and tower inputs live below both)."""
+    code = ("import sys; from recsys.config import Config; from serving.service import Recommender; "
+            f"cfg = Config.model_validate_json(open({str(trained.workdir / 'config.json')!r}).read()); "
+            "r = Recommender.load(cfg); assert r.recommend('u0001', k=5).items; "
+            "print('TRAINING', sorted(m for m in sys.modules if m.split('.')[0] == 'training'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "TRAINING []" in out.stdout, out.stdout[-1000:] + out.stderr[-2000:]

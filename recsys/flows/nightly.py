@@ -388,7 +388,7 @@ def _index(cfg: Config, ds: Dataset, vectors: np.ndarray, embedder_version: str,
     from serving.service import ModelBundle
 
     try:
-        bundle = ModelBundle.from_mlflow(cfg)
+        bundle = ModelBundle.from_mlflow(cfg, published=False)  # item ids = the rows of the model's id table
     except Exception as exc:  # no registered model yet: publish vectors and features only
         console.print(f"[yellow]no registered model to index ({type(exc).__name__}); run `recsys train`[/yellow]")
         return None, None
