@@ -293,7 +293,7 @@ def render_embedder_recipe(blob: dict) -> list[str]:
 def render_serving(blob: dict) -> list[str]:
     r = blob["results"]
     out = ["Per-stage latency of single in-process requests (ms, p50 / p99; user tower and Feast read real, 1 thread each),",
-           "the index built by `recsys.index.build_index` (exact up to 50k items, HNSW tuned on real user-tower outputs above),",
+           "the index built by `recsys.index.build_index` (exact up to 50k items, IVF tuned on real user-tower outputs above),",
            "and the FAISS stage against a bare `index.search` of the same index with the same exclusion selector.", "",
            "| items | index | recall@100 | build s | index MB | Feast user | user tower | FAISS | total p50 | total p99 | FAISS / bare (p50) | exact search p50 / p99 |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]

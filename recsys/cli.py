@@ -140,7 +140,7 @@ def train(
 @app.command()
 def index(config: Optional[Path] = ConfigOpt, workdir: Optional[Path] = WorkdirOpt,
           alias: Optional[str] = typer.Option(None, help="Model alias (default: serve.model_alias).")):
-    """Build the candidate index of the registered model's item vectors (exact, or HNSW tuned to the recall
+    """Build the candidate index of the registered model's item vectors (exact, or IVF tuned to the recall
     target above serve.exact_below items) and save it under <workdir>/index."""
     from recsys.index import build_index
     from recsys.pipeline import console

@@ -102,7 +102,7 @@ class ServeConfig(_Section):
     k: int = 10
     max_k: int = 500
     rerank: bool = True
-    faiss_index: Literal["auto", "flat", "hnsw", "ivf"] = "auto"  # auto: exact up to exact_below items, else HNSW
+    faiss_index: Literal["auto", "flat", "hnsw", "ivf"] = "auto"  # auto: exact up to exact_below items, else IVF
     exact_below: int = 50_000
     target_recall: float = 0.95  # recall@100 vs exact search that an approximate index is tuned to
     use_gpu: bool | None = None  # None: use a GPU index when faiss reports GPUs
