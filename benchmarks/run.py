@@ -379,6 +379,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--render", action="store_true", help="only rebuild BENCHMARKS.md")
     p.add_argument("--sizes", default=None, help="serving: catalog sizes, comma-separated (default 10000,100000,1000000)")
     p.add_argument("--hold-s", dest="hold_s", type=float, default=180, help="serving: seconds to hold the best rate")
+    p.add_argument("--parts", default=None, help="serving: latency,load,reload (the others kept from the last result)")
     p.add_argument("--nightly-items", dest="nightly_items", type=int, default=2000, help="nightly: synthetic catalog size")
     args = p.parse_args(argv)
     args.argv = argv

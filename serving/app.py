@@ -169,11 +169,23 @@ class Loader:
                 self._load()
 
 
+def single_threaded() -> None:
+    """One thread each for torch and FAISS (OpenMP) in the service: a request is a few small ops, concurrency
+    comes from requests and workers, and several request threads each starting a team of OpenMP threads on
+    2 cores made throughput fall as load rose (BENCHMARKS.md)."""
+    import faiss
+    import torch
+
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+
+
 # The app ----------------------------------------------------------------------------------------------------
 def create_app(cfg: Config, recommender: Recommender | None = None) -> FastAPI:
     from recsys.quiet import silence
 
     silence()
+    single_threaded()
     rec = recommender or Recommender(cfg)
     metrics = Metrics()
     loader = Loader(cfg, rec, metrics)
