@@ -6,12 +6,25 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 
-OURS = r"(recsys|features|training|serving|benchmarks)(\.|$)"
+OURS = re.compile(r"/(recsys|features|training|serving|benchmarks)/")
+_show = warnings.showwarning
+
+
+def _route(message, category, filename, lineno, file=None, line=None):
+    """Warnings raised in our code are shown; any other library's go to the log (libraries add their own
+    "once"/"default" filters on import, so filters alone do not keep them out)."""
+    if OURS.search(filename) and "site-packages" not in filename:
+        _show(message, category, filename, lineno, file, line)
+    else:
+        logging.getLogger("recsys.thirdparty").debug("%s:%s: %s: %s", filename, lineno, category.__name__, message)
 
 
 def silence() -> None:
+    warnings.showwarning = _route
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("FEAST_USAGE", "False")

@@ -118,6 +118,9 @@ class Embedded:
 def embed_local(cfg: Config, contents: list[Content], rows: list[int]) -> Embedded:
     """Embed ``rows`` in batches of ``nightly.batch_items``; each batch is committed to the cache as it
     finishes, so a rerun after a kill finds finished batches as cache hits."""
+    if not rows:
+        console.print("nothing new or changed to embed")
+        return Embedded({}, {})
     embedder = make_embedder(cfg)
     out = Embedded({}, {})
     step = cfg.nightly.batch_items
