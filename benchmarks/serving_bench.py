@@ -215,7 +215,7 @@ def load(workdir: Path, n: int = 100_000, port: int = 8765, workers: int = 1, st
     base = f"http://127.0.0.1:{port}"
     env = {**os.environ, "RECSYS_BENCH_WORKDIR": str(workdir), "RECSYS_BENCH_ITEMS": str(n), "RECSYS_API_KEYS": "bench"}
     if workers > 1:
-        env["PROMETHEUS_MULTIPROC_DIR"] = tempfile_dir()
+        env["PROMETHEUS_MULTIPROC_DIR"], env["RECSYS_METRICS_MULTIPROC"] = tempfile_dir(), "1"
     server = subprocess.Popen([sys.executable, "-m", "uvicorn", "benchmarks.serving_bench:snapshot_app", "--factory",
                                "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers), "--log-level", "error"],
                               env=env)

@@ -181,6 +181,7 @@ def serve(config: Optional[Path] = ConfigOpt, workdir: Optional[Path] = WorkdirO
         return
     os.environ["RECSYS_SERVE_CONFIG"] = cfg.model_dump_json()
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="recsys-metrics-"))
+    os.environ["RECSYS_METRICS_MULTIPROC"] = "1"
     uvicorn.run("serving.app:app_from_env", factory=True, host=host, port=port, workers=workers, log_level="warning")
 
 

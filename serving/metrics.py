@@ -2,7 +2,7 @@
 
 Request counts and latency histograms per endpoint (the route template, not the raw path) and status,
 per-stage latency of /recommend, the model version, index size and reload count. With several uvicorn
-workers set PROMETHEUS_MULTIPROC_DIR (``recsys serve --workers N`` does): /metrics then aggregates
+workers set PROMETHEUS_MULTIPROC_DIR and RECSYS_METRICS_MULTIPROC=1 (``recsys serve --workers N`` does): /metrics then aggregates
 every worker's files through prometheus-client's multiprocess collector.
 """
 
@@ -18,9 +18,12 @@ BUCKETS = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.
 
 class Metrics:
     def __init__(self):
-        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
-        self.registry = None if self.multiprocess else CollectorRegistry()
-        r = {} if self.multiprocess else {"registry": self.registry}
+        # several uvicorn workers: `recsys serve --workers N` sets both variables (a stray PROMETHEUS_MULTIPROC_DIR
+        # left by another library must not switch a single process to file-backed metrics)
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR")) and os.environ.get("RECSYS_METRICS_MULTIPROC") == "1"
+        self.registry = CollectorRegistry()
+        # multiprocess: values live in files that /metrics aggregates; nothing is registered in this process
+        r = {"registry": None} if self.multiprocess else {"registry": self.registry}
         self.requests = Counter("recsys_requests_total", "HTTP requests", ["endpoint", "method", "status"], **r)
         self.latency = Histogram("recsys_request_latency_seconds", "HTTP request latency", ["endpoint", "status"],
                                  buckets=BUCKETS, **r)
