@@ -269,15 +269,9 @@ def run_nightly(cfg: Config, engine: str | None = None, dry_run: bool = False) -
         console.print(summary.table())
         return summary
     checkpoint("embedded")
-    with timings.stage("versioned vectors"):
-        vectors, keep_rows = _merge(cfg, ds, d, emb, prev_vectors, hashes)
-        work.mkdir(parents=True, exist_ok=True)
-        vec_path = work / "vectors.parquet"
-        pl.DataFrame({"item_id": [ds.catalog.ids[r] for r in keep_rows], "content_hash": [hashes[r] for r in keep_rows],
-                      "vector": pl.Series(vectors, dtype=pl.Array(pl.Float32, cfg.embedder.dim))}).write_parquet(vec_path)
-        served = ds.without_items(set(ds.catalog.ids) - {ds.catalog.ids[r] for r in keep_rows},
-                                  "items without a vector yet (failed; retried next run)")
-    checkpoint("vectors")
+    vectors, keep_rows = _merge(cfg, ds, d, emb, prev_vectors, hashes)
+    served = ds.without_items(set(ds.catalog.ids) - {ds.catalog.ids[r] for r in keep_rows},
+                              "items without a vector yet (failed; retried next run)")
     inter = served.interactions.frame
     until = inter["timestamp"].max() if inter.height else None
     users = _users_to_refresh(inter, previous, {ds.catalog.ids[r] for r in d.changed}, prev_vectors is None)
@@ -288,6 +282,12 @@ def run_nightly(cfg: Config, engine: str | None = None, dry_run: bool = False) -
         _log_mlflow(cfg, summary)
         console.print(summary.table())
         return summary
+    with timings.stage("versioned vectors"):
+        work.mkdir(parents=True, exist_ok=True)
+        vec_path = work / "vectors.parquet"
+        pl.DataFrame({"item_id": [ds.catalog.ids[r] for r in keep_rows], "content_hash": [hashes[r] for r in keep_rows],
+                      "vector": pl.Series(vectors, dtype=pl.Array(pl.Float32, cfg.embedder.dim))}).write_parquet(vec_path)
+    checkpoint("vectors")
     with timings.stage("features (Feast, incremental)"):
         from features.store import FeatureRepo
 
