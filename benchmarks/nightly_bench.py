@@ -19,6 +19,33 @@ def _timed(fn):
     return out, time.perf_counter() - t0
 
 
+class RaySampler:
+    """Peak summed RSS of Ray's worker processes (``ray::`` in the command line) while a run is in progress."""
+
+    def __init__(self, every_s: float = 0.5):
+        import threading
+
+        self.peak_mb, self.every_s, self.stop = 0.0, every_s, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import subprocess
+
+        while not self.stop.wait(self.every_s):
+            out = subprocess.run(["ps", "-eo", "rss=,args="], capture_output=True, text=True).stdout
+            total = sum(int(line.split(None, 1)[0]) for line in out.splitlines()
+                        if "ray::" in line or "/ray/" in line or "raylet" in line or "gcs_server" in line)
+            self.peak_mb = max(self.peak_mb, total / 1024)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
 def run(args) -> dict:
     from recsys.config import Config
     from recsys.data import load_folder
@@ -52,7 +79,8 @@ def run(args) -> dict:
     (data / "items.jsonl").write_text("\n".join(lines) + "\n")
     changed, changed_s = _timed(lambda: run_nightly(local))
     rss_local = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    ray, ray_s = _timed(lambda: run_nightly(cfg("ray", engine="ray", ray_actors=2)))
+    with RaySampler() as sampler:
+        ray, ray_s = _timed(lambda: run_nightly(cfg("ray", engine="ray", ray_actors=2)))
     rss_after_ray = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
         "items": n,
@@ -65,5 +93,6 @@ def run(args) -> dict:
                                 "counts": changed.counts, "timings_s": changed.timings_s},
         "ray": {"seconds": round(ray_s, 1), "items_per_s": round(n / ray_s, 1), "vs_local_first": round(first_s / ray_s, 2),
                 "counts": ray.counts, "timings_s": ray.timings_s, "actors": 2},
-        "peak_rss_mb": {"after_local_runs": round(rss_local, 1), "after_ray_run_driver": round(rss_after_ray, 1)},
+        "peak_rss_mb": {"after_local_runs": round(rss_local, 1), "after_ray_run_driver": round(rss_after_ray, 1),
+                        "ray_processes_peak": round(sampler.peak_mb, 1)},
     }

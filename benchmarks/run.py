@@ -347,7 +347,9 @@ def render_nightly(blob: dict) -> list[str]:
             f"| nightly, Ray Data engine ({r['ray']['actors']} actors), first run | {r['ray']['seconds']} | {r['ray']['items_per_s']} | "
             f"local / ray time {r['ray']['vs_local_first']} |", "",
             f"Peak RSS of the benchmark process: {r['peak_rss_mb']['after_local_runs']} MB after the local runs, "
-            f"{r['peak_rss_mb']['after_ray_run_driver']} MB after the Ray run (driver only; Ray's workers are separate processes).", "",
+            f"{r['peak_rss_mb']['after_ray_run_driver']} MB after the Ray run (driver)"
+            + (f"; Ray's own processes (workers, raylet, GCS) peaked at {r['peak_rss_mb']['ray_processes_peak']} MB together "
+               "during the Ray run." if "ray_processes_peak" in r["peak_rss_mb"] else "."), "",
             "Stage times of the first run: " + ", ".join(f"{k} {v:.1f} s" for k, v in r["nightly_first"]["timings_s"].items())]
 
 
