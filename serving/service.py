@@ -11,6 +11,7 @@ Nothing here imports ``training/``: the user tower is a ``torch.export`` program
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -96,8 +97,6 @@ class ModelBundle:
         tower = torch.export.load(str(folder / "user_tower.pt2")).module()
         arrays = np.load(folder / "item_vectors.npz", allow_pickle=False)
         reranker = Reranker.load(folder / "reranker.joblib") if (folder / "reranker.joblib").exists() else None
-        import json
-
         queries = arrays["queries"] if "queries" in arrays.files else np.zeros((0, arrays["vectors"].shape[1]), np.float32)
         bundle = cls(str(mv.version), mv.run_id, tower, arrays["ids"].tolist(), arrays["titles"].tolist(),
                      arrays["vectors"], arrays["content"], arrays["known"],
