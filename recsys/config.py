@@ -44,7 +44,8 @@ class EmbedderConfig(_Section):
     gemini_model: str = "gemini-embedding-2"
     gemini_base_url: str | None = None  # e.g. a local stand-in server; default: the SDK's
     gemini_batch_size: int = 100  # the API's cap per batchEmbedContents call
-    gemini_concurrency: int = 4
+    gemini_concurrency: int = 4  # requests in flight, across all Ray actors with --engine ray
+    gemini_items_per_minute: int | None = None  # your project's quota (contents/min); None: no pacing, 429s back off
     gemini_max_retries: int = 6
     gemini_timeout_s: float = 60.0
     gemini_upload_above_bytes: int = 2**20  # larger media parts go through the Files API, not inline

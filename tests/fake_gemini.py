@@ -54,6 +54,7 @@ class FakeGemini:
     requests: list[dict] = field(default_factory=list)  # what the server saw: sizes, times, in-flight count
     in_flight: int = 0
     max_in_flight: int = 0
+    delay_s: float = 0.0  # every embedding request takes at least this long (to make requests overlap)
     upload_faults: list[Fault] = field(default_factory=list)
     files: dict[str, dict] = field(default_factory=dict)  # name -> {"data", "mime", "state", "polls"}
 
@@ -163,6 +164,8 @@ class FakeGemini:
                     reqs = payload["requests"]
                 except (ValueError, KeyError, TypeError):
                     return self._error(400, "INVALID_ARGUMENT", "body is not a batchEmbedContents request")
+                if fake.delay_s:
+                    time.sleep(fake.delay_s)
                 with fake._lock:
                     fake.requests.append({"n": len(reqs), "t": time.time(), "model": m.group(2), "bytes": len(body)})
                     fault = fake.faults.pop(0) if fake.faults else None

@@ -164,3 +164,58 @@ def test_an_uploaded_video_is_waited_on_until_active(server, microlens):
     (f,) = server.files.values()
     assert f["state"] == "ACTIVE" and f["polls"] < 0  # it was PROCESSING first; the client polled files.get
     assert np.allclose(v[0], server.expected([("text", b"title: none | text: a clip"), ("video/mp4", clip)], 128), atol=1e-5)
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_request_budget_caps_in_flight_and_contents_per_minute():
+    from recsys.embed.budget import RequestBudget
+
+    clock = FakeClock()
+    b = RequestBudget(concurrency=2, per_minute=100, clock=clock)
+    assert b.try_acquire(40) == 0.0 and b.try_acquire(40) == 0.0
+    assert b.try_acquire(10) > 0  # two in flight: the third waits
+    b.release()
+    clock.t += 10
+    wait = b.try_acquire(40)  # 80 sent in this minute: 40 more would pass 100
+    assert wait == pytest.approx(50.0)  # the first grant leaves the window at t0 + 60
+    assert b.try_acquire(20) == 0.0  # 100 exactly fits
+    b.release()
+    clock.t += 50
+    assert b.try_acquire(40) == 0.0  # the first 40 have left the window
+    assert b.snapshot()["max_in_flight"] == 2 and b.snapshot()["contents"] == 140
+
+
+def test_request_budget_pause_holds_every_caller_and_oversized_batches_still_go():
+    from recsys.embed.budget import RequestBudget
+
+    clock = FakeClock()
+    b = RequestBudget(concurrency=4, per_minute=10, clock=clock)
+    b.pause(5.0)
+    assert b.try_acquire(1) == pytest.approx(5.0)
+    clock.t += 5
+    assert b.try_acquire(50) == 0.0  # larger than the whole budget: sent alone, counted as the whole minute
+    assert b.try_acquire(1) == pytest.approx(60.0)
+    with pytest.raises(ValueError, match="concurrency"):
+        RequestBudget(concurrency=0)
+
+
+def test_a_429_pauses_the_shared_budget_for_every_thread(server):
+    from recsys.embed.budget import LocalBudget
+
+    budget = LocalBudget(concurrency=4)
+    server.faults = [Fault("429", retry_after=0.4)]
+    emb = make(server, batch_size=1, concurrency=4, budget=budget)
+    emb.embed([Content.of(f"c{i}") for i in range(8)], dim=128)
+    assert budget.snapshot()["pauses"] == 1
+    times = sorted(r["t"] for r in server.requests)
+    first_429 = times[0]
+    # after the 429 every request the budget granted waited out Retry-After (those already sent excepted)
+    late = [t for t in times[1:] if t - first_429 < 0.35]
+    assert len(late) <= 3, late

@@ -169,3 +169,26 @@ def test_ray_engine_gives_the_local_engines_vectors(catalog, tmp_path):
     a, b = vectors(local), vectors(ray_cfg)
     assert a["item_id"].to_list() == b["item_id"].to_list()
     np.testing.assert_allclose(a["vector"].to_numpy(), b["vector"].to_numpy(), atol=1e-5)
+
+
+def test_ray_actors_spend_one_gemini_request_budget(catalog, tmp_path, monkeypatch):
+    """Two Ray actors, each with a thread pool as large as the whole budget: the server never sees more
+    requests in flight than ``gemini_concurrency`` (two separate budgets would reach twice that)."""
+    pytest.importorskip("ray")
+    from recsys.flows.nightly import run_nightly
+    from tests.fake_gemini import FakeGemini
+
+    server = FakeGemini(delay_s=0.15)
+    try:
+        monkeypatch.setenv("GEMINI_API_KEY", server.api_key)
+        cfg = small_config(tmp_path / "w", data={"source": "synthetic", "path": str(catalog)},
+                           embedder={"backend": "gemini", "dim": 128, "gemini_base_url": server.url,
+                                     "gemini_batch_size": 2, "gemini_concurrency": 3},
+                           nightly={"batch_items": 16, "engine": "ray", "ray_actors": 2})
+        s = run_nightly(cfg)
+        assert s.counts["embedded"] == 64 and s.counts["failed"] == 0
+        assert 2 <= server.max_in_flight <= 3, server.max_in_flight
+        assert s.counts["budget_max_in_flight"] <= 3
+        assert sum(r["n"] for r in server.requests) == 64
+    finally:
+        server.close()

@@ -10,8 +10,9 @@ __all__ = ["TASK_PREFIX", "EmbedResult", "Embedder", "EmbeddingError", "ItemErro
            "apply_task", "make_embedder"]
 
 
-def make_embedder(cfg, cache_dir: str | Path | None = None) -> Embedder:
-    """The backend ``cfg.embedder`` names (a Config or its embedder section)."""
+def make_embedder(cfg, cache_dir: str | Path | None = None, budget=None) -> Embedder:
+    """The backend ``cfg.embedder`` names (a Config or its embedder section); ``budget``: a request budget
+    shared with other processes (``recsys.embed.budget``), for the hosted backend."""
     e = getattr(cfg, "embedder", cfg)
     if cache_dir is None and hasattr(cfg, "cache_dir") and e.cache:
         cache_dir = cfg.cache_dir
@@ -22,5 +23,5 @@ def make_embedder(cfg, cache_dir: str | Path | None = None) -> Embedder:
     if e.backend == "gemini":
         from recsys.embed.gemini import GeminiEmbedder
 
-        return GeminiEmbedder.from_config(e, cache_dir=cache_dir)
+        return GeminiEmbedder.from_config(e, cache_dir=cache_dir, budget=budget)
     raise ValueError(f"unknown embedder backend {e.backend!r} (expected local or gemini)")

@@ -28,6 +28,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from recsys.content import Content, ContentError
+from recsys.embed.budget import LocalBudget
 from recsys.embed.base import EmbedResult, Embedder, ItemError, Limits, Task, apply_task, truncate_normalize
 from recsys.embed.cache import VectorCache, embedding_key
 
@@ -102,9 +103,13 @@ class GeminiEmbedder(Embedder):
     def __init__(self, model: str = "gemini-embedding-2", api_key: str | None = None, base_url: str | None = None,
                  batch_size: int = 100, concurrency: int = 4, retry: RetryPolicy = RetryPolicy(),
                  timeout_s: float = 60.0, cache_dir: str | Path | None = None, default_dim: int = 768,
-                 upload_above: int = 2**20, file_wait_s: float = 300.0, file_poll_s: float = 2.0):
+                 upload_above: int = 2**20, file_wait_s: float = 300.0, file_poll_s: float = 2.0,
+                 items_per_minute: int | None = None, budget=None):
         """Args: upload_above: media parts larger than this many bytes go through the Files API;
-        file_wait_s / file_poll_s: how long to wait for an uploaded file to become ACTIVE, and how often to ask."""
+        file_wait_s / file_poll_s: how long to wait for an uploaded file to become ACTIVE, and how often to ask;
+        items_per_minute: the quota (contents per minute) requests are paced to; budget: a shared
+        ``recsys.embed.budget`` budget (several processes or Ray actors spending one quota) instead of this
+        process's own ``LocalBudget(concurrency, items_per_minute)``."""
         from google import genai
         from google.genai import types
 
@@ -126,13 +131,15 @@ class GeminiEmbedder(Embedder):
         self.cache = VectorCache(Path(cache_dir) / "embeddings.sqlite") if cache_dir else None
         self.stats = {"requests": 0, "retries": 0, "splits": 0, "uploads": 0}
         self._lock = threading.Lock()
+        self.budget = budget if budget is not None else LocalBudget(concurrency, items_per_minute)
 
     @classmethod
-    def from_config(cls, e, cache_dir=None) -> "GeminiEmbedder":
+    def from_config(cls, e, cache_dir=None, budget=None) -> "GeminiEmbedder":
         return cls(e.gemini_model, base_url=e.gemini_base_url, batch_size=e.gemini_batch_size,
                    concurrency=e.gemini_concurrency, retry=RetryPolicy(max_retries=e.gemini_max_retries),
                    timeout_s=e.gemini_timeout_s, cache_dir=cache_dir if e.cache else None, default_dim=e.dim,
-                   upload_above=e.gemini_upload_above_bytes, file_wait_s=e.gemini_file_wait_s)
+                   upload_above=e.gemini_upload_above_bytes, file_wait_s=e.gemini_file_wait_s,
+                   items_per_minute=e.gemini_items_per_minute, budget=budget)
 
     @property
     def model_version(self) -> str:
@@ -207,8 +214,9 @@ class GeminiEmbedder(Embedder):
         def once() -> np.ndarray:
             with self._lock:
                 self.stats["requests"] += 1
-            resp = self.client.models.embed_content(model=self.model, contents=payload,
-                                                    config=self.types.EmbedContentConfig(**cfg))
+            with self.budget.slot(len(contents)):
+                resp = self.client.models.embed_content(model=self.model, contents=payload,
+                                                        config=self.types.EmbedContentConfig(**cfg))
             values = [e.values for e in (resp.embeddings or [])]
             if len(values) != len(contents) or any(v is None or len(v) < dim for v in values):
                 raise ValueError(f"malformed answer: {len(values)} embeddings for {len(contents)} contents")
@@ -242,7 +250,10 @@ class GeminiEmbedder(Embedder):
             if attempt < self.retry.max_retries:
                 with self._lock:
                     self.stats["retries"] += 1
-                time.sleep(self.retry.delay(attempt, retry_after))
+                delay = self.retry.delay(attempt, retry_after)
+                if last.startswith("HTTP 429"):  # the quota is shared: every caller of the budget waits
+                    self.budget.pause(delay)
+                time.sleep(delay)
         raise BatchFailed(f"gave up after {self.retry.max_retries + 1} attempts; last error: {last}")
 
     def _embed_batch(self, items: list[tuple[int, Content]], task: Task, dim: int

@@ -113,6 +113,7 @@ class Embedded:
     failed: dict[int, str]  # catalog row -> reason
     cache_hits: int = 0
     retries: int = 0
+    budget: dict = field(default_factory=dict)  # the shared request budget's counters (Ray with gemini)
 
 
 def embed_local(cfg: Config, contents: list[Content], rows: list[int]) -> Embedded:
@@ -146,11 +147,14 @@ def embed_local(cfg: Config, contents: list[Content], rows: list[int]) -> Embedd
 class _RayEmbedActor:
     """One embedder per Ray actor; ``__call__`` embeds one batch of rows (item_id, row, parts as JSON)."""
 
-    def __init__(self, cfg_json: str, share: int):
+    def __init__(self, cfg_json: str, budget_actor=None):
+        from recsys.embed.budget import RayBudget
+
         cfg = Config.model_validate_json(cfg_json)
-        # the request budget is global: each of the N actors gets 1/N of the configured concurrency
-        cfg.embedder.gemini_concurrency = max(1, cfg.embedder.gemini_concurrency // share)
-        self.cfg, self.embedder = cfg, make_embedder(cfg)
+        # every actor spends one request budget (concurrency, contents per minute, 429 pauses) held by one
+        # BudgetActor; each actor's own thread pool may use all of it when the others are idle
+        budget = RayBudget(budget_actor) if budget_actor is not None else None
+        self.cfg, self.embedder = cfg, make_embedder(cfg, budget=budget)
 
     def __call__(self, batch: dict) -> dict:
         from recsys.content import Part
@@ -160,10 +164,17 @@ class _RayEmbedActor:
             ps = [Part.of_text(p["text"], source=p["source"] or "content") if p["kind"] == "text"
                   else Part(p["kind"], path=p["path"], source=p["source"] or "content") for p in json.loads(parts)]
             contents.append(Content(tuple(ps), item_id=str(item_id)))
+        stats = getattr(self.embedder, "stats", {})
+        retries_before = stats.get("retries", 0)
         res = self.embedder.embed_many(contents, task="document", dim=self.cfg.embedder.dim)
         bad = {e.index: e.message for e in res.errors}
+        n = len(contents)
+        if n == 0:
+            return {"row": batch["row"], "vector": [], "error": [], "cache_hits": [], "retries": []}
+        # per-batch counters ride on the batch's first row (the driver sums the columns)
         return {"row": batch["row"], "vector": [v.tolist() if j not in bad else None for j, v in enumerate(res.vectors)],
-                "error": [bad.get(j, "") for j in range(len(contents))], "cache_hits": [res.cache_hits] * len(contents)}
+                "error": [bad.get(j, "") for j in range(n)], "cache_hits": [res.cache_hits] + [0] * (n - 1),
+                "retries": [stats.get("retries", 0) - retries_before] + [0] * (n - 1)}
 
 
 def embed_ray(cfg: Config, ds: Dataset, rows: list[int], work: Path) -> Embedded:
@@ -185,15 +196,28 @@ def embed_ray(cfg: Config, ds: Dataset, rows: list[int], work: Path) -> Embedded
         # and the read tasks wait for them forever)
         ray.init(address=cfg.nightly.ray_address, include_dashboard=False, log_to_driver=False,
                  configure_logging=False, **({} if cfg.nightly.ray_address else {"num_cpus": n + 2}))
+    budget, remote_args = None, {}
+    if cfg.embedder.backend == "gemini":
+        # the actors read the API key from the driver's environment (a cluster's workers do not have it)
+        keys = {k: os.environ[k] for k in ("GEMINI_API_KEY", "GOOGLE_API_KEY") if os.environ.get(k)}
+        remote_args = {"runtime_env": {"env_vars": keys}} if keys else {}
+        from recsys.embed.budget import BudgetActor
+
+        budget = ray.remote(BudgetActor).options(num_cpus=0).remote(cfg.embedder.gemini_concurrency,
+                                                                     cfg.embedder.gemini_items_per_minute)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
     blocks = max(n, -(-len(rows) // cfg.nightly.batch_items))  # enough blocks to keep every actor busy
     (ray.data.read_parquet(str(src)).repartition(blocks)
-     .map_batches(_RayEmbedActor, fn_constructor_args=(cfg.model_dump_json(), n), batch_size=cfg.nightly.batch_items,
-                  concurrency=n, num_cpus=1, batch_format="numpy")
+     .map_batches(_RayEmbedActor, fn_constructor_args=(cfg.model_dump_json(), budget), batch_size=cfg.nightly.batch_items,
+                  concurrency=n, num_cpus=1, batch_format="numpy", **remote_args)
      .write_parquet(str(dst)))
     frame = pl.read_parquet(dst / "*.parquet")
-    out = Embedded({}, {}, cache_hits=int(frame["cache_hits"].sum()) if frame.height else 0)
+    out = Embedded({}, {}, cache_hits=int(frame["cache_hits"].sum()) if frame.height else 0,
+                   retries=int(frame["retries"].sum()) if frame.height else 0)
+    if budget is not None:
+        out.budget = ray.get(budget.snapshot.remote())
+        ray.kill(budget)
     for r, v, err in zip(frame["row"].to_list(), frame["vector"].to_list(), frame["error"].to_list()):
         if err:
             out.failed[int(r)] = err
@@ -258,6 +282,8 @@ def run_nightly(cfg: Config, engine: str | None = None, dry_run: bool = False) -
         emb = embed_ray(cfg, ds, d.todo, work) if engine == "ray" and d.todo else embed_local(cfg, contents, d.todo)
     failed = {ds.catalog.ids[r]: why for r, why in emb.failed.items()}
     summary.counts.update(failed=len(failed), embedded=len(emb.vectors), cache_hits=emb.cache_hits, retries=emb.retries)
+    if emb.budget:  # the shared request budget across Ray actors
+        summary.counts.update({f"budget_{k}": v for k, v in emb.budget.items() if k in ("max_in_flight", "waits", "pauses")})
     write_dead_letters(cfg, failed, run_id)
     rate = len(failed) / max(1, len(d.todo))
     if failed and rate > cfg.nightly.failure_threshold:
