@@ -323,9 +323,13 @@ class FeatureRepo:
 
     # Push: a new interaction updates the user's online history without a materialization ------------------
     def push_interaction(self, user_id: str, item_id: str, at: datetime, item_vector: np.ndarray,
-                         to_offline: bool = True) -> None:
+                         to_offline: bool = False) -> None:
         """Fold one new interaction into the user's online history (the decayed sum continues exactly) and
-        recent ids, and push it (online, and to the offline store unless ``to_offline`` is False)."""
+        recent ids, and push it to the online store (and the offline one with ``to_offline``).
+
+        Serving pushes online only: the offline snapshots are rebuilt from the interaction log by the nightly
+        job, and Feast's offline push rewrites the parquet source with list fields named "element", which its
+        own type map then rejects on the next push (Feast 0.67)."""
         from feast.data_source import PushMode
 
         from features.compute import history_decay

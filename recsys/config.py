@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PROJECT_DIR = PACKAGE_DIR.parent
@@ -108,6 +108,7 @@ class ServeConfig(_Section):
     target_recall: float = 0.95  # recall@100 vs exact search that an approximate index is tuned to
     use_gpu: bool | None = None  # None: use a GPU index when faiss reports GPUs
     model_alias: str = "champion"
+    feature_repo: str = "serve"  # the Feast repository whose online store requests read (a replay uses its own)
     # Keys: also from the environment, RECSYS_API_KEYS / RECSYS_ADMIN_KEYS (comma-separated). Without any
     # key the service refuses to start on a non-loopback host.
     api_keys: list[str] = []
@@ -127,6 +128,41 @@ class NightlyConfig(_Section):
     ray_address: str | None = None  # None: a local Ray; "ray://head:10001" or "auto" for a cluster
     ray_actors: int = 2  # embedder actors (each holds one embedder)
     keep_runs: int = 7  # versioned run folders kept (the published one is never removed)
+
+
+class ArmConfig(_Section):
+    """One arm: the registered version it serves (an alias or a version number) and its traffic share."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    alias: str | None = None  # default: serve.model_alias
+    version: str | None = Field(None, pattern=r"^\d+$")
+    share: float = Field(0.5, gt=0, le=1)
+
+
+class ExperimentConfig(_Section):
+    """An online experiment in the service (serving/experiments.py). No name: no experiment; every reply
+    still carries a request id and is logged when ``log`` is on."""
+
+    name: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    arms: list[ArmConfig] = []
+    salt: str = "recsys"  # change it to re-randomize users for a new experiment
+    mode: Literal["ab", "interleave"] = "ab"  # interleave: team-draft of the first two arms in one reply
+    explore: Literal["none", "softmax"] = "none"  # softmax: sample the shown list from the top explore_pool
+    temperature: float = Field(0.05, gt=0)  # softmax temperature on the arm's scores
+    explore_pool: int = Field(50, ge=1, le=500)
+    log: bool = True  # write exposure and outcome logs
+    log_dir: Path | None = None  # default: <workdir>/experiments/logs
+    flush_rows: int = 500  # a log part file is written every this many rows ...
+    flush_s: float = 5.0  # ... or this many seconds, whichever comes first
+
+    @model_validator(mode="after")
+    def _arms_add_up(self) -> "ExperimentConfig":
+        total = sum(a.share for a in self.arms)
+        if self.name and (len(self.arms) < 2 or abs(total - 1.0) > 1e-6):
+            raise ValueError(f"experiment {self.name!r} needs two or more arms whose shares sum to 1 (got {total:g})")
+        if len({a.name for a in self.arms}) != len(self.arms):
+            raise ValueError(f"experiment {self.name!r}: arm names must differ")
+        return self
 
 
 class EvalConfig(_Section):
@@ -152,6 +188,7 @@ class Config(_Section):
     serve: ServeConfig = Field(default_factory=ServeConfig)
     nightly: NightlyConfig = Field(default_factory=NightlyConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
     mlflow_tracking_uri: str | None = None  # default: sqlite:///<workdir>/mlflow.db
     mlflow_experiment: str = "recsys"
 
@@ -176,6 +213,10 @@ class Config(_Section):
         if self.mlflow_tracking_uri:
             return self.mlflow_tracking_uri
         return f"sqlite:///{(self.workdir / 'mlflow.db').resolve()}"
+
+    @property
+    def experiment_logs(self) -> Path:
+        return self.experiment.log_dir or self.workdir / "experiments" / "logs"
 
     @property
     def feast_dir(self) -> Path:

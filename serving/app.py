@@ -4,9 +4,14 @@
     POST /recommend                         {user_id, k, exclude, modalities, rerank, recent_item_ids}
     GET  /items/{item_id}/similar?k=&space= item-to-item, in the two-tower space or the embedder's (content)
     POST /search                            multipart: text and/or image / audio / video files -> items
-    POST /interactions                      {user_id, item_id, timestamp?}: updates the user's online features
+    POST /interactions                      {user_id, item_id, timestamp?, request_id?}: updates the user's online
+                                            features and appends to the outcome log
     GET  /healthz  /readyz  /metrics        process up; model + index + feature store answering; Prometheus
     POST /admin/reload   GET /admin/status  load the version an alias points to now (or a given one), swap
+
+With ``[experiment]`` configured, each user is served by their arm (serving/experiments.py) and every
+/recommend reply carries a request id, the experiment and the arm; replies and interactions are appended to
+the exposure and outcome logs (recsys/experiments/logs.py).
 
 Authentication: an API key in ``X-API-Key`` or ``Authorization: Bearer`` on everything but /healthz,
 /readyz and /metrics; an admin key for /admin/*. Keys come from ``serve.api_keys`` / ``serve.admin_keys``
@@ -30,6 +35,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
 
 from recsys.config import Config
+from serving.experiments import ExperimentRouter
 from serving.metrics import Metrics
 from serving.service import NotReadyError, Recommender, UnknownItemError
 
@@ -46,6 +52,7 @@ class RecommendRequest(BaseModel):
     rerank: bool | None = None
     recent_item_ids: list[str] = Field(default_factory=list, max_length=200,
                                        description="newest first; used when the store does not know the user yet")
+    at: datetime | None = Field(None, description="event time for the exposure log (replays); default: now")
 
 
 class Item(BaseModel):
@@ -53,9 +60,14 @@ class Item(BaseModel):
     title: str
     score: float
     retrieval_score: float
+    team: str | None = Field(None, description="the arm that contributed this item (experiments)")
+    propensity: float | None = Field(None, description="P(this item in the list) under the logging policy")
 
 
 class RecommendReply(BaseModel):
+    request_id: str = Field(description="quote it in POST /interactions so the outcome joins this exposure")
+    experiment: str | None = None
+    arm: str = Field("control", description="the user's arm; 'interleaved' when two arms share the reply")
     user_id: str
     known_user: bool
     fallback: str | None = Field(None, description="popularity (unknown user) or request_history")
@@ -76,6 +88,9 @@ class InteractionRequest(BaseModel):
     user_id: str = Field(**ID)
     item_id: str = Field(**ID)
     timestamp: datetime | None = None
+    request_id: str | None = Field(None, max_length=64, description="the /recommend reply this follows, if any")
+    event: str = Field("click", min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_.-]+$")
+    value: float | None = Field(None, allow_inf_nan=False)
 
 
 class ReloadRequest(BaseModel):
@@ -132,8 +147,10 @@ class Loader:
     """Loads the model at start-up (in the background: /readyz is false until it is in) and applies reload
     requests as they appear, in this worker, off the request path."""
 
-    def __init__(self, cfg: Config, rec: Recommender, metrics: Metrics):
-        self.cfg, self.rec, self.metrics = cfg, rec, metrics
+    def __init__(self, cfg: Config, rec: Recommender, metrics: Metrics | None, pinned: bool = False):
+        """``pinned``: an experiment arm's recommender, which reloads its own alias or version whatever a
+        reload request names (and leaves the model metrics to the control's loader)."""
+        self.cfg, self.rec, self.metrics, self.pinned = cfg, rec, metrics, pinned
         self.generation = self._read().get("generation", 0)  # requests made before this worker started are done
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="recsys-loader", daemon=True)
@@ -147,16 +164,17 @@ class Loader:
     def _load(self, alias=None, version=None) -> None:
         try:
             first = self.rec.snapshot is None
-            snap = self.rec.reload(alias=alias, version=version)
+            snap = self.rec.reload(alias=None if self.pinned else alias, version=None if self.pinned else version)
             self.rec.reload_error = None
-            self.metrics.loaded(snap, reload=not first)
+            if self.metrics is not None:
+                self.metrics.loaded(snap, reload=not first)
         except Exception as exc:  # keep serving the previous snapshot; the reason shows in /admin/status
             self.rec.reload_error = f"{type(exc).__name__}: {exc}"
 
     def _run(self) -> None:
         if self.rec.snapshot is None:
             self._load()
-        else:
+        elif self.metrics is not None:
             self.metrics.loaded(self.rec.snapshot, reload=False)
         last_try = time.monotonic()
         while not self.stop.wait(self.cfg.serve.reload_poll_s):
@@ -189,16 +207,21 @@ def create_app(cfg: Config, recommender: Recommender | None = None) -> FastAPI:
     rec = recommender or Recommender(cfg)
     metrics = Metrics()
     loader = Loader(cfg, rec, metrics)
+    router = ExperimentRouter(cfg, rec)
+    loaders = [loader, *(Loader(cfg, r, None, pinned=True) for r in router.recommenders[1:])]
     api_keys, admin_keys = configured_keys(cfg)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        loader.thread.start()
+        for ld in loaders:
+            ld.thread.start()
         yield
-        loader.stop.set()
+        for ld in loaders:
+            ld.stop.set()
+        router.close()  # the logs' last rows
 
     app = FastAPI(title="recsys", version="0.2.0", description=__doc__, lifespan=lifespan)
-    app.state.recommender, app.state.loader = rec, loader
+    app.state.recommender, app.state.loader, app.state.router = rec, loader, router
     app.add_middleware(metrics.middleware, limits={"/search": cfg.serve.max_uploads * cfg.serve.max_upload_bytes + (64 << 10)},
                        default_limit=cfg.serve.max_body_bytes)
 
@@ -211,6 +234,14 @@ def create_app(cfg: Config, recommender: Recommender | None = None) -> FastAPI:
         if (api_keys or admin_keys) and not _matches(_presented(request), admin_keys):
             raise HTTPException(403 if _presented(request) else 401, "this needs the admin key")
 
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        """A bug, not the client's fault: a 500 with a short reason (the traceback goes to the log)."""
+        import logging
+
+        logging.getLogger("recsys.serving").exception("internal error on %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": f"internal error ({type(exc).__name__}); see the service log"}, status_code=500)
+
     @app.exception_handler(NotReadyError)
     async def not_ready(_: Request, exc: NotReadyError):
         return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "1"})
@@ -219,10 +250,15 @@ def create_app(cfg: Config, recommender: Recommender | None = None) -> FastAPI:
     async def unknown_item(_: Request, exc: UnknownItemError):
         return JSONResponse({"detail": f"unknown item_id {exc.args[0]!r}"}, status_code=404)
 
-    def reply(r) -> RecommendReply:
+    def reply(s) -> RecommendReply:
+        r = s.response
         metrics.stages(r.timings_ms)
-        return RecommendReply(user_id=r.user_id, known_user=r.known_user, fallback=r.fallback, model=r.model,
-                              timings_ms=r.timings_ms, reranked=r.reranked, items=[Item(**vars(i)) for i in r.items])
+        explored = s.pool is not None or s.arm == "interleaved"
+        items = [Item(**vars(i), team=t if s.experiment else None, propensity=p if explored else None)
+                 for i, t, p in zip(r.items, s.teams, s.propensities)]
+        return RecommendReply(request_id=s.request_id, experiment=s.experiment, arm=s.arm, user_id=r.user_id,
+                              known_user=r.known_user, fallback=r.fallback, model=r.model,
+                              timings_ms=r.timings_ms, reranked=r.reranked, items=items)
 
     def check_k(k: int) -> None:
         n = rec.current().n_items
@@ -236,12 +272,18 @@ def create_app(cfg: Config, recommender: Recommender | None = None) -> FastAPI:
         return {"status": "ok", "model": f"{cfg.train.registered_model}/{snap.model}" if snap else None,
                 "source": snap.bundle.source if snap else None, "items": snap.n_items if snap else 0,
                 "index": info.to_dict() if info else None, "gpu": bool(info and info.on_gpu),
-                "online_store": cfg.features.online_store, "reloads": rec.reloads}
+                "online_store": cfg.features.online_store, "reloads": rec.reloads,
+                "experiment": {"name": router.e.name, "mode": router.e.mode, "explore": router.e.explore,
+                               "arms": {n: (r.snapshot.model if r.snapshot else None) for n, r in router.arms.items()}}
+                if router.e.name else None}
 
     @app.get("/readyz")
     def readyz():
-        ok, why = rec.ready()
-        return JSONResponse({"ready": ok, "reason": why}, status_code=200 if ok else 503)
+        for r in router.recommenders:  # every arm must be in before the experiment takes traffic
+            ok, why = r.ready()
+            if not ok:
+                return JSONResponse({"ready": False, "reason": why}, status_code=503)
+        return JSONResponse({"ready": True, "reason": "ready"}, status_code=200)
 
     @app.get("/metrics")
     def prometheus() -> PlainTextResponse:
@@ -251,13 +293,14 @@ def create_app(cfg: Config, recommender: Recommender | None = None) -> FastAPI:
     @app.get("/recommend/{user_id}", response_model=RecommendReply, dependencies=[Depends(require_key)])
     def recommend_get(user_id: str = PathParam(**ID), k: int = Query(10, ge=1, le=500)) -> RecommendReply:
         check_k(k)
-        return reply(rec.recommend(user_id, k=k))
+        return reply(router.recommend(user_id, k))
 
     @app.post("/recommend", response_model=RecommendReply, dependencies=[Depends(require_key)])
     def recommend_post(req: RecommendRequest) -> RecommendReply:
         check_k(req.k)
-        return reply(rec.recommend(req.user_id, k=req.k, exclude=req.exclude, modalities=req.modalities or None,
-                                   rerank=req.rerank, recent_item_ids=req.recent_item_ids or None))
+        return reply(router.recommend(req.user_id, req.k, at=req.at, exclude=req.exclude,
+                                      modalities=req.modalities or None, rerank=req.rerank,
+                                      recent_item_ids=req.recent_item_ids or None))
 
     @app.get("/items/{item_id}/similar", response_model=ItemsReply, dependencies=[Depends(require_key)])
     def similar(item_id: str = PathParam(**ID), k: int = Query(10, ge=1, le=500),
@@ -283,7 +326,8 @@ def create_app(cfg: Config, recommender: Recommender | None = None) -> FastAPI:
     @app.post("/interactions", status_code=202, dependencies=[Depends(require_key)])
     def interactions(req: InteractionRequest) -> dict:
         rec.record_interaction(req.user_id, req.item_id, req.timestamp)
-        return {"status": "accepted", "user_id": req.user_id, "item_id": req.item_id}
+        router.outcome(req.user_id, req.item_id, req.request_id, req.event, req.value, req.timestamp)
+        return {"status": "accepted", "user_id": req.user_id, "item_id": req.item_id, "request_id": req.request_id}
 
     @app.post("/admin/reload", status_code=202, dependencies=[Depends(require_admin)])
     def admin_reload(req: ReloadRequest | None = None) -> dict:

@@ -147,7 +147,7 @@ class Snapshot:
               item_stats: np.ndarray | None = None, modalities: np.ndarray | None = None) -> "Snapshot":
         """Load item statistics once (one bulk online read), build or load both indexes."""
         e = bundle.config
-        repo = repo or FeatureRepo(cfg, e["embedder"], e["embedder_version"], int(e["dim"]), name="serve")
+        repo = repo or FeatureRepo(cfg, e["embedder"], e["embedder_version"], int(e["dim"]), name=cfg.serve.feature_repo)
         now = time.time()
         if item_stats is None:
             items = repo.online_items(bundle.item_ids)
@@ -181,8 +181,12 @@ def _warm_up(bundle: ModelBundle) -> None:
 class Recommender:
     """Online recommendations; ``snapshot`` is swapped atomically by :meth:`reload`."""
 
-    def __init__(self, cfg: Config, snapshot: Snapshot | None = None):
+    def __init__(self, cfg: Config, snapshot: Snapshot | None = None, alias: str | None = None,
+                 version: str | None = None):
+        """``alias`` / ``version``: what this recommender serves (default: serve.model_alias); an experiment's
+        arm pins its own."""
         self.cfg = cfg
+        self.alias, self.version = alias, version
         self.snapshot = snapshot
         self.reloads = 0
         self.reload_error: str | None = None
@@ -204,6 +208,8 @@ class Recommender:
         """Build the snapshot for the version the alias points to now (or ``version``), then swap it in.
         One reload at a time; requests keep using the old snapshot until the assignment."""
         with self._reload_lock:
+            if alias is None and version is None:
+                alias, version = self.alias, self.version
             snap = Snapshot.build(self.cfg, ModelBundle.from_mlflow(self.cfg, alias=alias, version=version))
             self.reloads += self.snapshot is not None  # the start-up load is not a reload
             self.snapshot = snap  # one reference assignment: requests in flight keep the snapshot they took

@@ -80,7 +80,7 @@ def test_a_history_written_after_the_label_is_never_joined(repo, small):
     t = small.interactions.frame.filter(pl.col("user_id") == user)["timestamp"].max() + timedelta(days=1)
     future = pl.DataFrame({"user_id": [user], "item_id": [small.catalog.ids[5]], "timestamp": [t]})
     before = repo.training_set(future)["history_count"][0]
-    repo.push_interaction(user, small.catalog.ids[7], t + timedelta(hours=1), repo.V[7])  # after the label
+    repo.push_interaction(user, small.catalog.ids[7], t + timedelta(hours=1), repo.V[7], to_offline=True)  # after the label
     after = repo.training_set(future)["history_count"][0]
     assert before == after
 
@@ -141,9 +141,11 @@ def test_push_updates_the_online_history(repo, small):
     before = repo.online_users([user])
     item = small.catalog.ids[11]
     repo.push_interaction(user, item, datetime.now(timezone.utc), repo.V[11])
+    repo.push_interaction(user, small.catalog.ids[12], datetime.now(timezone.utc), repo.V[12])  # the service pushes many
+    repo.push_interaction(user, item, datetime.now(timezone.utc), repo.V[11])
     after = repo.online_users([user])
     assert after.recent_item_ids[0][0] == item
-    assert after.history_count[0] == before.history_count[0] + 1
+    assert after.history_count[0] == before.history_count[0] + 3
     # the full seen set (serving's filter) holds every item the user ever had, and now the pushed one first
     had = small.interactions.frame.filter(pl.col("user_id") == user)["item_id"].unique().to_list()
     assert sorted(before.seen_item_ids[0]) == sorted(had)

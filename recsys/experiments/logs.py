@@ -1,0 +1,126 @@
+"""The exposure and outcome logs: what the service showed (one row per request) and what happened after
+(one row per interaction), appended as date-partitioned parquet by a background thread so the request path
+never waits on a disk.
+
+    <logs>/exposures/date=YYYY-MM-DD/part-<pid>-<n>-<uuid>.parquet
+    <logs>/outcomes/date=YYYY-MM-DD/part-<pid>-<n>-<uuid>.parquet
+
+A part file appears complete or not at all (written to a temporary name, then renamed). Several worker
+processes write side by side (the pid is in the name). A full queue drops rows and counts them (``dropped``)
+rather than block a request.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import polars as pl
+
+EXPOSURE_SCHEMA = {
+    "request_id": pl.Utf8, "ts": pl.Datetime("us", "UTC"), "user_id": pl.Utf8, "experiment": pl.Utf8,
+    "arm": pl.Utf8, "mode": pl.Utf8, "model": pl.Utf8, "known_user": pl.Boolean, "fallback": pl.Utf8,
+    "items": pl.List(pl.Utf8),  # shown, in order: position = index + 1
+    "scores": pl.List(pl.Float64),
+    "propensities": pl.List(pl.Float64),  # P(item in the shown list) under the logging policy (1.0: greedy)
+    "teams": pl.List(pl.Utf8),  # interleaving: the arm that contributed each item (else the arm)
+    "pool_items": pl.List(pl.Utf8),  # exploration: the candidates it sampled from, with their scores
+    "pool_scores": pl.List(pl.Float64),
+    "temperature": pl.Float64,  # exploration's softmax temperature (null: greedy)
+}
+OUTCOME_SCHEMA = {
+    "request_id": pl.Utf8, "ts": pl.Datetime("us", "UTC"), "user_id": pl.Utf8, "item_id": pl.Utf8,
+    "event": pl.Utf8, "value": pl.Float64,
+}
+KINDS = {"exposures": EXPOSURE_SCHEMA, "outcomes": OUTCOME_SCHEMA}
+
+
+@dataclass
+class LogWriter:
+    """Buffers rows per kind and writes a part file every ``flush_rows`` rows or ``flush_s`` seconds."""
+
+    root: Path
+    flush_rows: int = 500
+    flush_s: float = 5.0
+    max_queue: int = 100_000
+    dropped: int = 0
+    written: dict = field(default_factory=lambda: {k: 0 for k in KINDS})
+
+    def __post_init__(self):
+        self.root = Path(self.root)
+        self._q: queue.Queue = queue.Queue(maxsize=self.max_queue)
+        self._buf: dict[str, list[dict]] = {k: [] for k in KINDS}
+        self._seq = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="recsys-experiment-log", daemon=True)
+        self._thread.start()
+
+    def append(self, kind: str, row: dict) -> None:
+        """Queue one row; never blocks (a full queue drops the row and counts it)."""
+        try:
+            self._q.put_nowait((kind, row))
+        except queue.Full:
+            self.dropped += 1
+
+    def _run(self) -> None:
+        last = time.monotonic()
+        while True:
+            try:
+                kind, row = self._q.get(timeout=0.2)
+                self._buf[kind].append(row)
+            except queue.Empty:
+                pass
+            due = time.monotonic() - last >= self.flush_s
+            if due or any(len(b) >= self.flush_rows for b in self._buf.values()):
+                self._flush()
+                last = time.monotonic()
+            if self._stop.is_set() and self._q.empty():
+                self._flush()
+                return
+
+    def _flush(self) -> None:
+        for kind, rows in self._buf.items():
+            if not rows:
+                continue
+            self._buf[kind] = []
+            frame = pl.DataFrame(rows, schema=KINDS[kind])
+            for (day,), part in frame.group_by(pl.col("ts").dt.date(), maintain_order=True):
+                folder = self.root / kind / f"date={day}"
+                folder.mkdir(parents=True, exist_ok=True)
+                self._seq += 1
+                name = f"part-{os.getpid()}-{self._seq:06d}-{uuid.uuid4().hex[:8]}.parquet"
+                tmp = folder / f".{name}.tmp"
+                part.write_parquet(tmp)
+                os.replace(tmp, folder / name)
+            self.written[kind] += len(rows)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Write everything queued, then stop."""
+        self._stop.set()
+        self._thread.join(timeout)
+
+
+def now_utc() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def as_utc(at: datetime | None) -> datetime:
+    """``at`` as an aware UTC time (a naive one is taken as UTC); None: now."""
+    if at is None:
+        return now_utc()
+    return at.replace(tzinfo=timezone.utc) if at.tzinfo is None else at.astimezone(timezone.utc)
+
+
+def read_logs(root: str | Path, kind: str) -> pl.DataFrame:
+    """Every part file of one kind (``exposures`` or ``outcomes``) as one frame (empty with the schema if none)."""
+    folder = Path(root) / kind
+    files = sorted(folder.glob("date=*/part-*.parquet"))
+    if not files:
+        return pl.DataFrame(schema=KINDS[kind])
+    return pl.concat([pl.read_parquet(f) for f in files], how="vertical_relaxed").select(list(KINDS[kind]))

@@ -1,0 +1,284 @@
+"""The replay simulator: an online experiment on a dataset's held-out period, through the real service.
+
+``prepare`` trains the arms on the period before the TEMPORAL cut only (champion: the configuration as
+given; challenger: the same with overrides) and registers them under their own aliases. ``simulate`` then
+builds a fresh Feast store holding only the pre-cut interactions (so a run's clicks never leak into the
+next run), starts the service (a real uvicorn process) with the experiment configured, and replays the
+test users: each arrives at the time of their first post-cut interaction, asks for recommendations, and
+engages with each shown item that is among their real post-cut items (optionally thinned by a position-bias
+click model whose draws depend on user, item and position only). Same users, same future, same clicks
+for the same list: only the arm differs. The service writes the exposure and outcome logs; the simulator
+writes ``users.parquet`` (pre-period activity for CUPED, history length, the ground truth) next to them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from tqdm.auto import tqdm
+
+from recsys.config import ArmConfig, Config
+from recsys.pipeline import console
+
+ALIASES = ("sim-champion", "sim-challenger")
+
+
+@dataclass
+class World:
+    """The held-out period: who arrives when, and what each of them really went on to interact with."""
+
+    cut: datetime
+    users: pl.DataFrame  # user_id, arrival, future (list of item ids), pre_interactions, pre_items_30d
+    pre: pl.DataFrame  # interactions before the cut (what the online store holds)
+
+
+def world(cfg: Config, ds) -> World:
+    """The TEMPORAL protocol's test round, with each user's own arrival time."""
+    from recsys.eval.splits import make_split
+
+    split = make_split("temporal", ds, cfg.eval)
+    cut = split.test.at[0] if split.test.at else datetime.now(timezone.utc)
+    pre = split.test.history
+    post = ds.interactions.frame.filter(pl.col("timestamp") >= cut)
+    ids = ds.catalog.ids
+    future = pl.DataFrame({"user_id": split.test.users,
+                           "future": [[ids[i] for i in t] for t in split.test.targets]})
+    arrival = post.group_by("user_id").agg(pl.col("timestamp").min().alias("arrival"))
+    month = pre.filter(pl.col("timestamp") >= cut - timedelta(days=30))
+    users = (future.join(arrival, on="user_id", how="left")
+             .join(pre.group_by("user_id").agg(pl.len().alias("pre_interactions")), on="user_id", how="left")
+             .join(month.group_by("user_id").agg(pl.len().alias("pre_items_30d")), on="user_id", how="left")
+             .with_columns(pl.col("pre_interactions", "pre_items_30d").fill_null(0).cast(pl.Int64))
+             .sort("arrival", "user_id"))
+    return World(cut, users, pre)
+
+
+def item_segments(ds, w: World) -> pl.DataFrame:
+    """What segments read about each item: pre-period popularity (count, percentile, bucket), cold (no
+    pre-period interaction) and its modalities."""
+    from recsys.content import KINDS
+
+    counts = dict(w.pre.group_by("item_id").len().iter_rows())
+    pop = np.array([counts.get(i, 0) for i in ds.catalog.ids], np.float64)
+    pct = (pop.argsort(kind="stable").argsort() / max(1, len(pop) - 1)) if len(pop) else pop
+    mods = ds.catalog.modalities
+    modality = ["+".join(k for k, m in zip(KINDS, row) if m) for row in mods]
+    bucket = np.where(pop == 0, "cold (0)", np.where(pct >= 0.99, "head (top 1%)", np.where(pct >= 0.8, "torso (top 20%)", "tail")))
+    return pl.DataFrame({"item_id": ds.catalog.ids, "pre_count": pop.astype(np.int64), "pop_percentile": pct,
+                         "popularity": bucket, "cold": pop == 0, "modality": modality,
+                         **{f"has_{k}": mods[:, j] for j, k in enumerate(KINDS)}})
+
+
+def _parse_overrides(pairs: list[str]) -> dict:
+    """["train.lr=1e-3", "train.id_embeddings=true"] -> {"train": {"lr": 0.001, "id_embeddings": True}}."""
+    out: dict = {}
+    for p in pairs:
+        key, sep, raw = p.partition("=")
+        if not sep or "." not in key:
+            raise ValueError(f"override {p!r}: expected section.field=value, e.g. train.lr=0.001")
+        section, name = key.split(".", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def prepare(cfg: Config, challenger: list[str]) -> dict:
+    """Train both arms on the pre-cut period and register them as sim-champion / sim-challenger.
+
+    Args:
+        challenger: overrides for the challenger, e.g. ["train.id_embeddings=true"].
+    Returns:
+        {alias: {"version", "overrides", "val": validation metrics}}.
+    """
+    from recsys.data import load_dataset
+    from recsys.eval.splits import make_split
+    from recsys.pipeline import build_features, embed_catalog
+    from training.train import fit_two_tower
+
+    ds = load_dataset(cfg)
+    iv, ds = embed_catalog(cfg, ds, cold=False)
+    split = make_split("temporal", ds, cfg.eval)
+    console.print("simulation arms learn from " + split.describe())
+    repo = build_features(cfg, ds, iv.vectors, iv, split.train, name="sim_train", materialize=False)
+    over = _parse_overrides(challenger)
+    variant = Config.model_validate({**cfg.model_dump(mode="json"),
+                                     **{s: {**cfg.model_dump(mode="json").get(s, {}), **v} for s, v in over.items()}})
+    out = {}
+    for alias, c, o in ((ALIASES[0], cfg, {}), (ALIASES[1], variant, over)):
+        trained = fit_two_tower(c, ds.catalog, split, repo, iv.vectors, name=alias, register=True, alias=alias)
+        val = {k: round(e.mean, 4) for r in trained.val_results[-1:] for k, e in r.estimates.items()}
+        out[alias] = {"version": trained.model_version, "overrides": o, "val": val}
+        console.print(f"registered {cfg.train.registered_model} v{trained.model_version} as @{alias} {o or ''}")
+    folder = cfg.workdir / "experiments"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "arms.json").write_text(json.dumps(out, indent=2, default=str))
+    return out
+
+
+# The run ----------------------------------------------------------------------------------------------------
+@dataclass
+class SimulationRun:
+    name: str
+    logs: Path
+    users: int
+    requests: int = 0
+    engagements: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    arms: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self).items()}
+
+
+def clicks(user_id: str, items: list[str], future: set[str], eta: float, seed: int) -> list[int]:
+    """Positions (0-based) the user engages with: relevant items, each kept with probability (1/position)^eta.
+    The draw depends on (seed, user, item, position) only, so every arm meets the same user."""
+    out = []
+    for pos, item in enumerate(items):
+        if item not in future:
+            continue
+        if eta > 0:
+            h = hashlib.sha256(f"{seed}\x1f{user_id}\x1f{item}\x1f{pos}".encode()).digest()
+            if int.from_bytes(h[:8], "big") / 2**64 >= (1.0 / (pos + 1)) ** eta:
+                continue
+        out.append(pos)
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Service:
+    """``recsys`` served by a real uvicorn process for the length of a ``with`` block."""
+
+    def __init__(self, cfg: Config, ready_timeout_s: float = 600.0):
+        self.cfg, self.port, self.timeout = cfg, _free_port(), ready_timeout_s
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "Service":
+        import httpx
+
+        env = {**os.environ, "RECSYS_SERVE_CONFIG": self.cfg.model_dump_json()}
+        log = self.cfg.workdir / "experiments" / "service.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(log, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "serving.app:app_from_env",
+                                      "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"],
+                                     env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < self.timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the service exited with code {self.proc.returncode}; see {log}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.__exit__(None, None, None)
+        raise RuntimeError(f"the service was not ready after {self.timeout:.0f} s; see {log}")
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()  # SIGTERM: uvicorn runs the lifespan's end, which flushes the logs
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self._log.close()
+
+
+def simulate(cfg: Config, name: str, arms: list[ArmConfig], mode: str = "ab", explore: str = "none",
+             temperature: float = 0.05, k: int = 10, eta: float = 0.0, seed: int = 0, salt: str | None = None,
+             max_users: int | None = None, url: str | None = None) -> SimulationRun:
+    """One simulated experiment; its logs go to ``<workdir>/experiments/<name>/logs``.
+
+    Args:
+        arms: the arms (aliases or versions, shares); an A/A run names the same alias twice.
+        mode: "ab" or "interleave"; explore: "none" or "softmax" (propensities logged, for off-policy).
+        eta: position bias of the click model (0: a user engages with every relevant item shown).
+        url: drive a service that is already running (configured by you) instead of starting one.
+    """
+    import httpx
+
+    from recsys.data import load_dataset
+    from recsys.pipeline import build_features, embed_catalog
+
+    t0 = time.perf_counter()
+    ds = load_dataset(cfg)
+    w = world(cfg, ds)
+    users = w.users.head(max_users) if max_users else w.users
+    folder = cfg.workdir / "experiments" / name
+    logs = folder / "logs"
+    if logs.exists():
+        import shutil
+
+        shutil.rmtree(logs)
+    run = SimulationRun(name, logs, users.height)
+    sim_cfg = cfg.model_copy(deep=True)
+    if url is None:
+        iv, ds = embed_catalog(cfg, ds, cold=False)
+        repo_name = "sim_" + "".join(c if c.isalnum() else "_" for c in name)
+        build_features(cfg, ds, iv.vectors, iv, w.pre, name=repo_name, materialize=True)
+        sim_cfg = Config.model_validate({
+            **cfg.model_dump(mode="json"),
+            "serve": {**cfg.serve.model_dump(mode="json"), "feature_repo": repo_name,
+                      "model_alias": arms[0].alias or cfg.serve.model_alias, "rerank": False},
+            "experiment": {"name": name, "arms": [a.model_dump(mode="json") for a in arms], "mode": mode,
+                           "explore": explore, "temperature": temperature, "salt": salt or f"sim-{name}",
+                           "log": True, "log_dir": str(logs), "flush_s": 1.0}})
+    folder.mkdir(parents=True, exist_ok=True)
+    users.with_columns(pl.lit(name).alias("simulation")).write_parquet(folder / "users.parquet")
+    item_segments(ds, w).write_parquet(folder / "items.parquet")
+    (folder / "simulation.json").write_text(json.dumps(
+        {"name": name, "mode": mode, "explore": explore, "temperature": temperature, "k": k, "eta": eta, "seed": seed,
+         "cut": w.cut.isoformat(), "arms": [a.model_dump() for a in arms], "users": users.height,
+         "dataset": ds.name}, indent=2, default=str))
+
+    def drive(base: str) -> None:
+        with httpx.Client(base_url=base, timeout=60) as client:
+            for row in tqdm(users.iter_rows(named=True), total=users.height, desc=f"simulate[{name}]", unit="user"):
+                at = row["arrival"]
+                at = at.replace(tzinfo=timezone.utc) if at.tzinfo is None else at
+                r = client.post("/recommend", json={"user_id": row["user_id"], "k": k, "at": at.isoformat()})
+                run.requests += 1
+                if r.status_code != 200:
+                    run.errors += 1
+                    continue
+                body = r.json()
+                run.arms[body["arm"]] = run.arms.get(body["arm"], 0) + 1
+                shown = [i["item_id"] for i in body["items"]]
+                for pos in clicks(row["user_id"], shown, set(row["future"]), eta, seed):
+                    ok = client.post("/interactions", json={
+                        "user_id": row["user_id"], "item_id": shown[pos], "request_id": body["request_id"],
+                        "timestamp": (at + timedelta(seconds=pos + 1)).isoformat()})
+                    run.engagements += ok.status_code == 202
+                    run.errors += ok.status_code != 202
+
+    if url is not None:
+        drive(url)
+    else:
+        with Service(sim_cfg) as svc:
+            drive(svc.url)
+    run.seconds = round(time.perf_counter() - t0, 1)
+    (folder / "run.json").write_text(json.dumps(run.to_dict(), indent=2))
+    console.print(f"simulation {name}: {run.users} users, {run.requests} requests, {run.engagements} engagements, "
+                  f"{run.errors} errors, arms {run.arms}, logs in {logs}")
+    return run

@@ -1,0 +1,118 @@
+"""Experiments in the service: each user is in one arm by a salted hash, each arm serves its own registered
+version, and every reply is logged (exposure log) with its request id, arm, positions, scores and, when the
+shown list is sampled (exploration), each item's propensity. In ``interleave`` mode the first two arms' lists
+are merged by team draft into one reply and the log says which arm contributed each item.
+
+The policies themselves (assignment, softmax sampling, team draft) are ``recsys.experiments.policy``; the
+log format is ``recsys.experiments.logs``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, replace
+from datetime import datetime
+
+import numpy as np
+
+from recsys.config import Config
+from recsys.experiments.logs import LogWriter, as_utc
+from recsys.experiments.policy import assign, request_rng, softmax_sample, team_draft
+from serving.service import RecommendResponse, Recommender
+
+
+@dataclass
+class Served:
+    """One reply and what the log and the client need to know about how it was made."""
+
+    response: RecommendResponse
+    request_id: str
+    experiment: str | None
+    arm: str
+    teams: list[str]
+    propensities: list[float]
+    pool: RecommendResponse | None = None  # exploration: the candidates the shown list was sampled from
+
+
+class ExperimentRouter:
+    """Routes /recommend to the user's arm (or interleaves two arms) and writes the exposure log."""
+
+    def __init__(self, cfg: Config, control: Recommender):
+        self.cfg, self.e, self.control = cfg, cfg.experiment, control
+        self.arms: dict[str, Recommender] = {}
+        for arm in self.e.arms if self.e.name else []:
+            alias = arm.alias or cfg.serve.model_alias
+            same = arm.version is None and alias == cfg.serve.model_alias
+            self.arms[arm.name] = control if same else Recommender(cfg, alias=alias, version=arm.version)
+        self.writer = LogWriter(cfg.experiment_logs, cfg.experiment.flush_rows, cfg.experiment.flush_s) if self.e.log else None
+
+    @property
+    def recommenders(self) -> list[Recommender]:
+        """Every distinct recommender (the control first), for loading and readiness."""
+        out = [self.control]
+        for r in self.arms.values():
+            if all(r is not o for o in out):
+                out.append(r)
+        return out
+
+    def arm_of(self, user_id: str) -> str:
+        if not self.e.name:
+            return "control"
+        return assign(user_id, self.e.name, self.e.salt, [(a.name, a.share) for a in self.e.arms])
+
+    def recommend(self, user_id: str, k: int, at: datetime | None = None, **kw) -> Served:
+        """The reply for ``user_id`` as its arm (or the interleaved pair) serves it; logged unless off."""
+        request_id = uuid.uuid4().hex
+        if self.e.name and self.e.mode == "interleave":
+            served = self._interleaved(user_id, k, request_id, **kw)
+        else:
+            arm = self.arm_of(user_id)
+            served = self._one_arm(arm, self.arms.get(arm, self.control), user_id, k, request_id, **kw)
+        if self.writer is not None:
+            self._log(served, at)
+        return served
+
+    def _one_arm(self, arm: str, rec: Recommender, user_id: str, k: int, request_id: str, **kw) -> Served:
+        if self.e.explore == "softmax":
+            pool = rec.recommend(user_id, k=max(k, self.e.explore_pool), **kw)
+            scores = np.array([i.score for i in pool.items])
+            if len(scores) > k:
+                order, props = softmax_sample(scores, k, self.e.temperature, request_rng(request_id))
+                shown = replace(pool, items=[pool.items[j] for j in order])
+                return Served(shown, request_id, self.e.name, arm, [arm] * len(order), props.tolist(), pool)
+            return Served(pool, request_id, self.e.name, arm, [arm] * len(pool.items), [1.0] * len(pool.items))
+        r = rec.recommend(user_id, k=k, **kw)
+        return Served(r, request_id, self.e.name, arm, [arm] * len(r.items), [1.0] * len(r.items))
+
+    def _interleaved(self, user_id: str, k: int, request_id: str, **kw) -> Served:
+        (na, ra), (nb, rb) = list(self.arms.items())[:2]
+        a, b = ra.recommend(user_id, k=k, **kw), rb.recommend(user_id, k=k, **kw)
+        by_id = {i.item_id: i for i in [*b.items, *a.items]}
+        merged = team_draft([i.item_id for i in a.items], [i.item_id for i in b.items], k, request_rng(request_id))
+        items = [by_id[i] for i, _ in merged]
+        teams = [na if t == "a" else nb for _, t in merged]
+        resp = replace(a, items=items, model=f"{a.model}+{b.model}",
+                       timings_ms={"total_ms": a.timings_ms.get("total_ms", 0) + b.timings_ms.get("total_ms", 0)})
+        return Served(resp, request_id, self.e.name, "interleaved", teams, [1.0] * len(items))
+
+    def _log(self, s: Served, at: datetime | None) -> None:
+        r = s.response
+        pool = s.pool
+        self.writer.append("exposures", {
+            "request_id": s.request_id, "ts": as_utc(at), "user_id": r.user_id, "experiment": s.experiment,
+            "arm": s.arm, "mode": self.e.mode if s.experiment else "none", "model": r.model,
+            "known_user": r.known_user, "fallback": r.fallback, "items": [i.item_id for i in r.items],
+            "scores": [float(i.score) for i in r.items], "propensities": s.propensities, "teams": s.teams,
+            "pool_items": [i.item_id for i in pool.items] if pool is not None else None,
+            "pool_scores": [float(i.score) for i in pool.items] if pool is not None else None,
+            "temperature": self.e.temperature if pool is not None else None})
+
+    def outcome(self, user_id: str, item_id: str, request_id: str | None, event: str, value: float | None,
+                at: datetime | None) -> None:
+        if self.writer is not None:
+            self.writer.append("outcomes", {"request_id": request_id, "ts": as_utc(at), "user_id": user_id,
+                                            "item_id": item_id, "event": event, "value": value})
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
