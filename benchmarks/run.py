@@ -127,10 +127,17 @@ def bench_nightly(args) -> dict:
     return run(args)
 
 
+def bench_experiment(args) -> dict:
+    """A champion-vs-challenger experiment simulated on ml-latest-small (A/B, A/A, interleaving, off-policy)."""
+    from benchmarks.experiment_bench import run
+
+    return run(args)
+
+
 BENCHES = {"demo": bench_demo, "features": bench_features, "embedder": bench_embedder, "training": bench_training,
            "cold-prior": bench_cold_prior, "inputs": bench_inputs, "embedder-recipe": bench_embedder_recipe,
-           "serving": bench_serving, "nightly": bench_nightly}
-ORDER = ["demo", "serving", "nightly", "features", "embedder", "embedder-recipe", "training", "cold-prior", "inputs"]
+           "serving": bench_serving, "nightly": bench_nightly, "experiment": bench_experiment}
+ORDER = ["demo", "serving", "nightly", "experiment", "features", "embedder", "embedder-recipe", "training", "cold-prior", "inputs"]
 
 
 # Rendering --------------------------------------------------------------------------------------------
@@ -353,9 +360,51 @@ def render_nightly(blob: dict) -> list[str]:
             "Stage times of the first run: " + ", ".join(f"{k} {v:.1f} s" for k, v in r["nightly_first"]["timings_s"].items())]
 
 
+def render_experiment(blob: dict) -> list[str]:
+    r = blob["results"]
+    arms = {a["arm"]: a for a in r["per_arm"]}
+    d = {x["metric"]: x for x in r["diff"]}
+    il, aa = r["interleaving"], r["aa"]
+    out = [f"ml-latest-small{' with posters' if r['posters'] else ''}; arms trained on the interactions before the "
+           f"TEMPORAL cut (quantile {r['cut_quantile']}): champion = the default two-tower "
+           f"(v{r['arms']['sim-champion']['version']}), challenger = the same with learned item ids "
+           f"(v{r['arms']['sim-challenger']['version']}, `train.id_embeddings=true`). Each test user arrives once, at "
+           "their first post-cut interaction, through the real service; engagement = a shown item among their real "
+           "post-cut items.", "",
+           "| arm | users | exposures | engagements | per user | hit rate |", "|---|---|---|---|---|---|"]
+    for name, a in sorted(arms.items()):
+        out.append(f"| {name} | {a['users']} | {a['exposures']:,} | {int(a['clicks'])} | {a['clicks_per_user']:.4f} | {a['hit']:.4f} |")
+    for m in ("clicks", "clicks (CUPED)", "engagement_rate"):
+        x = d[m]
+        out.append("")
+        out.append(f"- challenger - champion, {m}: {x['diff']:+.4f} [{x['diff_low']:+.4f}, {x['diff_high']:+.4f}] "
+                   f"({x['rel']:+.1%}), p {x['p_value']:.3g}")
+    out += ["", f"- SRM: observed {r['srm']['observed']}, p {r['srm']['p_value']:.3f}",
+            f"- CUPED (covariate: log pre-period interactions) variance reduction: clicks {r['cuped_reduction']['clicks']:.1%}, "
+            f"hit {r['cuped_reduction']['hit']:.1%}",
+            f"- A/A: {aa['false_positives']} of {aa['splits']} re-salted splits significant at {aa['alpha']}: "
+            f"**false-positive rate {aa['rate']:.3f}** (95% CI {aa['ci'][0]:.3f}-{aa['ci'][1]:.3f}; goal 0.05 +- 0.02); "
+            f"the A/A run itself: clicks diff {aa['run_diff_clicks']['effect_size'] if 'effect_size' in aa['run_diff_clicks'] else aa['run_diff_clicks']['diff']:+.4f}, "
+            f"p {aa['run_diff_clicks']['p_value']:.3f}",
+            f"- Interleaving (team draft, same users): {il['wins_control']} prefer the champion, {il['wins_treatment']} the "
+            f"challenger, {il['ties']} no preference; p {il['p_value']:.3g}. Users for 80% power: **A/B "
+            f"{il['users_80_ab'] or '> 12,800'}, interleaving {il['users_80_interleaving'] or '> 12,800'}**"
+            + (f" ({il['users_80_ab'] / il['users_80_interleaving']:.1f}x fewer)" if il['users_80_ab'] and il['users_80_interleaving'] else ""),
+            "", "| users | A/B power | interleaving power |", "|---|---|---|"]
+    out += [f"| {c['users']} | {c['ab_power']:.2f} | {c['interleaving_power']:.2f} |" for c in il["curve"]]
+    o = r["off_policy"]
+    out += ["", "Off-policy (explored A/A run, softmax temperature 0.05; target: the champion's greedy top-10), engaged items per reply: "
+            + ", ".join(f"{e['estimator']} {e['value']:.3f} [{e['low']:.3f}, {e['high']:.3f}]" for e in o["estimates"])
+            + f"; simulated truth {o['truth'][0]:.3f} [{o['truth'][1]:.3f}, {o['truth'][2]:.3f}].", "",
+            f"Full report with figures: `recsys experiment report --logs {Path(r['report']).parent.parent / 'ab'}` "
+            f"(written to {r['report']})."]
+    return out
+
+
 RENDER = {"demo": ("Demo: stage timings and metrics", render_demo),
           "serving": ("Online retrieval at scale (issue: serving)", render_serving),
           "nightly": ("The nightly batch (issue: nightly)", render_nightly),
+          "experiment": ("A/B experiment, simulated on ml-latest-small (issue: experiments)", render_experiment),
           "features": ("Feature store (issue: Feast)", render_features),
           "embedder": ("Embedder", render_embedder),
           "embedder-recipe": ("Embedder: image path (poster <-> text, stage 1)", render_embedder_recipe),

@@ -122,3 +122,5 @@ def test_ab_notebook_compares_champion_and_challenger(demo, monkeypatch):
     assert "champion" in report["a"] and "challenger" in report["b"]
     assert {d["metric"] for d in report["difference"]} == {"HR@10", "Recall@10", "Recall@50", "NDCG@10"}
     assert (cfg.workdir / "report" / "ab_analysis.png").stat().st_size > 10_000
+    segs = {(s["segment"], s["arm"]) for s in report["item_segments"]}
+    assert {("popularity", "champion"), ("modality", "challenger")} <= segs

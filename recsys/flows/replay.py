@@ -90,3 +90,28 @@ def segments(r: Replay, history: pl.DataFrame, bins: tuple[int, ...] = (50, 200)
     f = r.result.per_user.join(counts, on="user_id", how="left").with_columns(
         pl.col("len").cut(list(np.array(bins) - 0.5), labels=labels).alias("segment"))
     return f.group_by("segment").agg(pl.len().alias("users"), *[pl.col(m).mean() for m in METRICS]).sort("segment")
+
+
+def item_segments(r: Replay, split, catalog) -> pl.DataFrame:
+    """Mean metrics by the held-out item's segment: popularity in the training interactions (cold = none,
+    tail, torso = top 20%, head = top 1%) and modalities (e.g. text+image). A regression that hides in the
+    tail or on image items shows here before it shows in the overall mean.
+
+    Args:
+        split: the protocol's Split (its test targets, one per user in LOO, and the history they follow).
+    Returns: one row per (segment, value): users and the mean of each metric.
+    """
+    from recsys.content import KINDS
+
+    counts = dict(split.test.history.group_by("item_id").len().iter_rows())
+    pop = np.array([counts.get(i, 0) for i in catalog.ids], np.float64)
+    pct = pop.argsort(kind="stable").argsort() / max(1, len(pop) - 1)
+    bucket = np.where(pop == 0, "cold", np.where(pct >= 0.99, "head", np.where(pct >= 0.8, "torso", "tail")))
+    modality = np.array(["+".join(k for k, m in zip(KINDS, row) if m) for row in catalog.modalities])
+    target = {u: int(t[0]) for u, t in zip(split.test.users, split.test.targets) if len(t)}
+    f = r.result.per_user.filter(pl.col("user_id").is_in(list(target)))
+    rows = [target[u] for u in f["user_id"].to_list()]
+    f = f.with_columns(pl.Series("popularity", bucket[rows]), pl.Series("modality", modality[rows]))
+    out = [f.group_by(seg).agg(pl.len().alias("users"), *[pl.col(m).mean() for m in METRICS])
+           .rename({seg: "value"}).with_columns(pl.lit(seg).alias("segment")) for seg in ("popularity", "modality")]
+    return pl.concat(out).select("segment", "value", "users", *METRICS).sort("segment", "value")
