@@ -173,7 +173,7 @@ def run_protocol(cfg: Config, ds: Dataset, iv: ItemVectors, protocol: str, regis
                  alias: str | None = None) -> ProtocolRun:
     """Train and evaluate the two-tower and the baselines on one protocol (same split, same run)."""
     from recsys.eval.baselines import EASE, ContentKNN, ItemKNN, Popularity
-    from recsys.rerank import Reranker
+    from recsys.rerank import MIN_USERS, Reranker
     from training.train import fit_two_tower
 
     split = make_split(protocol, ds, cfg.eval)
@@ -192,6 +192,9 @@ def run_protocol(cfg: Config, ds: Dataset, iv: ItemVectors, protocol: str, regis
         check = reranker.check(val_cands, split.val.targets)  # does it beat retrieval on validation?
         reranker.fit(val_cands, split.val.targets)
         extra["rerank_val"] = check.to_dict()
+        if not reranker.fitted:
+            console.print(f"reranker skipped: fewer than {MIN_USERS} validation users have a target among their "
+                          f"{cfg.serve.candidates} candidates ({check.users} validation users); serving uses the retrieval order")
         console.print(f"reranker on validation (cross-fitted, {check.users} users): NDCG@10 {check.reranked_ndcg10:.4f} "
                       f"vs retrieval {check.retrieval_ndcg10:.4f} -> {'used' if check.helps else 'not used'} in serving by default")
         cands = trained.candidates(split.test, ds.catalog, cfg, cfg.serve.candidates)

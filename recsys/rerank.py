@@ -78,6 +78,9 @@ class RerankCheck:
                 "users": self.users, "folds": self.folds, "helps": self.helps}
 
 
+MIN_USERS = 5  # validation users with a target among their candidates, below which no reranker is fitted
+
+
 class Reranker:
     def __init__(self, max_iter: int = 200, seed: int = 0):
         from sklearn.ensemble import HistGradientBoostingClassifier
@@ -111,10 +114,14 @@ class Reranker:
         return self.validation
 
     def fit(self, cands: Candidates, targets: list[np.ndarray]) -> "Reranker":
-        """Label = the candidate is one of the user's targets (only users with a target among candidates)."""
+        """Label = the candidate is one of the user's targets (only users with a target among candidates).
+        Fewer than 5 such users (small or sparse data, an empty cross-fitting fold) leave it unfitted: the
+        retrieval order stands."""
+        if not len(targets):
+            return self
         y = np.stack([np.isin(cands.rows[u], t) for u, t in enumerate(targets)])
         has = y.any(1)
-        if has.sum() < 5:
+        if has.sum() < MIN_USERS:
             return self
         self.model.fit(cands.subset(np.flatnonzero(has)).features(), y[has].ravel())
         self.fitted = True

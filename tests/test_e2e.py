@@ -96,8 +96,9 @@ def _check_service(client, demo):
 
 def test_cli_verbs_have_help():
     runner = CliRunner()
-    for verb in ("embed", "features", "train", "index", "serve", "evaluate", "nightly", "demo", "train-embedder"):
-        result = runner.invoke(cli, [verb, "--help"])
+    for verb in ("embed", "features", "train", "index", "serve", "evaluate", "nightly", "demo", "train-embedder",
+                 "simulate", "experiment prepare", "experiment report"):
+        result = runner.invoke(cli, [*verb.split(), "--help"])
         assert result.exit_code == 0, (verb, result.output)
         assert "Usage" in result.output
 
@@ -124,3 +125,12 @@ def test_ab_notebook_compares_champion_and_challenger(demo, monkeypatch):
     assert (cfg.workdir / "report" / "ab_analysis.png").stat().st_size > 10_000
     segs = {(s["segment"], s["arm"]) for s in report["item_segments"]}
     assert {("popularity", "champion"), ("modality", "challenger")} <= segs
+
+
+def test_simulate_rejects_bad_arms_with_a_reason():
+    result = CliRunner().invoke(cli, ["simulate", "--arms", "champion=sim-champion"])
+    assert result.exit_code == 2 and "two arms" in result.output
+    result = CliRunner().invoke(cli, ["simulate", "--arms", "champion"])
+    assert result.exit_code == 2 and "expected name=alias" in result.output
+    result = CliRunner().invoke(cli, ["simulate", "--mode", "sideways"])
+    assert result.exit_code == 2 and "interleave" in result.output

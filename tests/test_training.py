@@ -116,3 +116,20 @@ def test_reranker_check_cross_fits_on_validation_and_says_whether_it_beats_retri
     check = r.check(cands, targets)
     assert check.retrieval_ndcg10 == 1.0 and not check.helps
     assert not r.fit(cands, targets).helps  # fitted, but not used by default
+
+
+def test_reranker_on_too_few_validation_users_stays_unfitted_instead_of_crashing():
+    """A tiny or sparse dataset: one validation user (one cross-fitting fold is empty) or none at all."""
+    from recsys.rerank import Reranker
+
+    rng = np.random.default_rng(1)
+    for users in (1, 3):
+        cands, targets = _candidates(users, 20, rng, np.zeros(users, dtype=int))
+        r = Reranker(max_iter=10)
+        check = r.check(cands, targets)
+        assert check.users == users and not check.helps
+        assert not r.fit(cands, targets).fitted
+        rows, _ = r.rerank(cands, 5)
+        np.testing.assert_array_equal(rows, cands.rows[:, :5])  # the retrieval order stands
+    empty, _ = _candidates(1, 20, rng, np.zeros(1, dtype=int))
+    assert not Reranker().fit(empty.subset(np.array([], dtype=int)), []).fitted
