@@ -1,5 +1,5 @@
 """A champion-vs-challenger experiment simulated on ml-latest-small through the real service: arms trained on
-the period before the TEMPORAL cut, an A/B run, an A/A run (both arms the champion), a team-draft interleaved
+what precedes each user's held-out period (their last 20%), an A/B run, an A/A run (both arms the champion), a team-draft interleaved
 run of the same arms, and an explored A/A run (softmax) for off-policy estimates; the figures the issue asks
 for: users, exposures, engagement per arm, the difference with its interval, CUPED's variance reduction, the
 A/A false-positive rate over re-salted splits, and the users interleaving needs vs the A/B test."""
@@ -19,8 +19,7 @@ def run(args) -> dict:
     from recsys.flows.simulate import prepare, simulate
 
     work = Path(args.workdir) / "experiment"
-    cfg = Config.load(None, workdir=str(work), data={"posters": args.posters},
-                      eval={"temporal_quantile": getattr(args, "cut_quantile", 0.8)})
+    cfg = Config.load(None, workdir=str(work), data={"posters": args.posters})
     t0 = time.perf_counter()
     arms = prepare(cfg, ["train.id_embeddings=true"])
     prep_s = time.perf_counter() - t0
@@ -50,7 +49,7 @@ def run(args) -> dict:
     truth = A.policy_value(d["aa"])
     report = write_report(d["ab"], ex / "report", interleaved=d["il"], explored=d["explore"], truth=d["aa"])
     return {
-        "dataset": "ml-latest-small", "posters": bool(args.posters), "cut_quantile": cfg.eval.temporal_quantile,
+        "dataset": "ml-latest-small", "posters": bool(args.posters), "holdout_share": cfg.eval.holdout_share,
         "prepare_s": round(prep_s, 1), "arms": arms,
         "runs": {k: r.to_dict() for k, r in runs.items()},
         "srm": {"observed": split.observed, "p_value": split.p_value},

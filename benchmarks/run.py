@@ -365,12 +365,12 @@ def render_experiment(blob: dict) -> list[str]:
     arms = {a["arm"]: a for a in r["per_arm"]}
     d = {x["metric"]: x for x in r["diff"]}
     il, aa = r["interleaving"], r["aa"]
-    out = [f"ml-latest-small{' with posters' if r['posters'] else ''}; arms trained on the interactions before the "
-           f"TEMPORAL cut (quantile {r['cut_quantile']}): champion = the default two-tower "
+    out = [f"ml-latest-small{' with posters' if r['posters'] else ''}; arms trained on what precedes each user's held-out "
+           f"period (their last {r['holdout_share']:.0%} of interactions): champion = the default two-tower "
            f"(v{r['arms']['sim-champion']['version']}), challenger = the same with learned item ids "
            f"(v{r['arms']['sim-challenger']['version']}, `train.id_embeddings=true`). Each test user arrives once, at "
-           "their first post-cut interaction, through the real service; engagement = a shown item among their real "
-           "post-cut items.", "",
+           "their first held-out interaction, through the real service; engagement = a shown item among their real "
+           "held-out items.", "",
            "| arm | users | exposures | engagements | per user | hit rate |", "|---|---|---|---|---|---|"]
     for name, a in sorted(arms.items()):
         out.append(f"| {name} | {a['users']} | {a['exposures']:,} | {int(a['clicks'])} | {a['clicks_per_user']:.4f} | {a['hit']:.4f} |")

@@ -301,14 +301,15 @@ def experiment_prepare(
     data: Optional[Path] = DataOpt, source: Optional[str] = SourceOpt, max_users: Optional[int] = UsersOpt,
     epochs: Optional[int] = EpochsOpt,
     challenger: list[str] = typer.Option(["train.id_embeddings=true"], help="section.field=value overrides that make the challenger (repeatable)."),
+    split: str = typer.Option("holdout", help="holdout (each user's last eval.holdout_share of interactions) or temporal (a global time cut)."),
 ):
-    """Train the simulation's two arms on the period before the TEMPORAL cut only (so the held-out period
-    is really unseen) and register them as @sim-champion and @sim-challenger."""
+    """Train the simulation's two arms on the interactions before the held-out period only (so it is really
+    unseen) and register them as @sim-champion and @sim-challenger; `recsys simulate` replays that period."""
     from recsys.flows.simulate import prepare
 
     cfg = _config(config, workdir, posters, data, source, max_users=max_users, epochs=epochs)
     try:
-        prepare(cfg, challenger)
+        prepare(cfg, challenger, split)
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2)
@@ -332,8 +333,9 @@ def simulate(
     sim_users: Optional[int] = typer.Option(None, help="Replay only the first N arriving users."),
     url: Optional[str] = typer.Option(None, help="Drive this running service instead of starting one."),
 ):
-    """Replay the dataset's held-out period (after the TEMPORAL cut) through the real service as an online
-    experiment: users arrive at their real times, engage with shown items they really went on to use."""
+    """Replay the dataset's held-out period (the split `experiment prepare` trained the arms for) through the
+    real service as an online experiment: users arrive at their real times, engage with shown items they
+    really went on to use."""
     from recsys.flows.simulate import simulate as run_simulation
 
     if mode not in ("ab", "interleave") or explore not in ("none", "softmax"):

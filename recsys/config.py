@@ -173,6 +173,7 @@ class EvalConfig(_Section):
     bootstrap: int = 1000
     cold_fraction: float = 0.2
     temporal_quantile: float = 0.9
+    holdout_share: float = Field(0.2, gt=0, lt=1)  # holdout (the experiment simulator's split): each user's last 20%
     ease_lambdas: list[float] = [20.0, 50.0, 100.0, 250.0, 500.0, 1000.0]
     seed: int = 0
 

@@ -28,9 +28,9 @@ def runs(tmp_path_factory):
     from recsys.flows.simulate import prepare, simulate
 
     root = tmp_path_factory.mktemp("simulation")
-    data = generate(root / "data", SyntheticSpec(n_items=240, n_users=400, mean_interactions=12, seed=3,
+    data = generate(root / "data", SyntheticSpec(n_items=240, n_users=200, mean_interactions=12, seed=3,
                                                 share_audio=0.05, share_video=0.0))
-    cfg = small_config(root / "work", data={"source": "synthetic", "path": str(data)}, eval={"temporal_quantile": 0.5})
+    cfg = small_config(root / "work", data={"source": "synthetic", "path": str(data)})
     arms = prepare(cfg, ["train.max_epochs=1", "train.lr=0.00005"])
     champion, challenger = ArmConfig(name="champion", alias="sim-champion"), ArmConfig(name="challenger", alias="sim-challenger")
     out = {"cfg": cfg, "arms": arms}

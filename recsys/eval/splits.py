@@ -144,6 +144,28 @@ def temporal_split(ds: Dataset, cfg: EvalConfig = EvalConfig()) -> Split:
     return Split("temporal", val, test)
 
 
+def holdout_split(ds: Dataset, cfg: EvalConfig = EvalConfig()) -> Split:
+    """Each user's own held-out period: the last ``cfg.holdout_share`` of their interactions (at least one; users
+    need 4+) are the targets, asked at the time of the first of them; validation is the same cut inside the
+    rest. The experiment simulator's default: every user arrives once, at their own time. Targets exclude
+    items already in the history (a re-interaction is not a discovery)."""
+    index = ds.catalog.index
+
+    def cut(frame: pl.DataFrame, min_n: int) -> tuple[pl.DataFrame, EvalSet]:
+        f = frame.with_columns(pl.int_range(pl.len()).over("user_id").alias("pos"), pl.len().over("user_id").alias("n"))
+        f = f.filter(pl.col("n") >= min_n).with_columns(
+            (pl.col("n") - (pl.col("n") * cfg.holdout_share).ceil().cast(pl.Int64).clip(1, None)).alias("first"))
+        before = f.filter(pl.col("pos") < pl.col("first")).drop("pos", "n", "first")
+        after = f.filter(pl.col("pos") >= pl.col("first")).drop("pos", "n", "first").join(
+            before.select("user_id", "item_id").unique(), on=["user_id", "item_id"], how="anti")
+        users, targets, at = _targets_by_user(after, index)
+        return before, EvalSet(users, targets, at, history=before)
+
+    train, test = cut(ds.interactions.frame, 4)
+    _, val = cut(train, 3)
+    return Split("holdout", val, test)
+
+
 def make_split(name: str, ds: Dataset, cfg: EvalConfig = EvalConfig()) -> Split:
     if name == "loo":
         return loo_split(ds)
@@ -151,4 +173,6 @@ def make_split(name: str, ds: Dataset, cfg: EvalConfig = EvalConfig()) -> Split:
         return cold_split(ds, cfg)
     if name == "temporal":
         return temporal_split(ds, cfg)
-    raise ValueError(f"unknown protocol {name!r} (expected loo, cold or temporal)")
+    if name == "holdout":
+        return holdout_split(ds, cfg)
+    raise ValueError(f"unknown protocol {name!r} (expected loo, cold, temporal or holdout)")

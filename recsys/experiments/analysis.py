@@ -218,10 +218,10 @@ def segment_rates(d: ExperimentData, by: str, control: str, treatment: str) -> p
     if by == "history":
         if d.users is None:
             raise ValueError("segments by history need the simulation's users.parquet")
-        edges = [0, 20, 50, 200, 10**9]
-        labels = ["<20", "20-49", "50-199", "200+"]
+        n = pl.col("pre_interactions").fill_null(0)
         long = long.join(d.users.select("user_id", "pre_interactions"), on="user_id", how="left").with_columns(
-            pl.col("pre_interactions").cut(edges[1:-1], labels=labels, left_closed=True).cast(pl.Utf8).alias("history"))
+            pl.when(n < 20).then(pl.lit("<20")).when(n < 50).then(pl.lit("20-49")).when(n < 200).then(pl.lit("50-199"))
+            .otherwise(pl.lit("200+")).alias("history"))
     if by not in long.columns:
         raise ValueError(f"no segment column {by!r} (have {long.columns})")
     rows = []
