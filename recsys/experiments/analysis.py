@@ -258,7 +258,9 @@ def cumulative(d: ExperimentData, metric: str = "clicks") -> pl.DataFrame:
 
 # Calibration and power ----------------------------------------------------------------------------------------
 def welch_p(a: np.ndarray, b: np.ndarray) -> float:
-    if len(a) < 2 or len(b) < 2 or (np.var(a) == 0 and np.var(b) == 0):
+    """Welch's t-test p-value; 1.0 where it is undefined (fewer than 2 users, or no variance in an arm: small
+    subsamples of a rare event are often all zeros)."""
+    if len(a) < 2 or len(b) < 2 or np.var(a) == 0 or np.var(b) == 0:
         return 1.0
     return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 

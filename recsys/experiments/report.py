@@ -132,7 +132,7 @@ def write_report(d: A.ExperimentData, out: Path, control: str | None = None,
     overall, segs = deltas_table(d, users, control, treatment, covariate)
     lines += [f"## 3. {treatment} minus {control}", "",
               "Means over users (Welch); engagement_rate = clicks / exposures, a ratio metric (delta method); "
-              "CUPED rows adjust by the users' pre-period activity (log interactions before the cut).", "",
+              "CUPED rows adjust by the users' pre-period activity (log interactions before their held-out period).", "",
               _md(overall.drop("label")), ""]
     if covariate:
         red = {m: A.cuped_reduction(users, m, covariate) for m in ("clicks", "hit")}
