@@ -258,11 +258,12 @@ def cumulative(d: ExperimentData, metric: str = "clicks") -> pl.DataFrame:
 
 # Calibration and power ----------------------------------------------------------------------------------------
 def welch_p(a: np.ndarray, b: np.ndarray) -> float:
-    """Welch's t-test p-value; 1.0 where it is undefined (fewer than 2 users, or no variance in an arm: small
+    """Welch's t-test p-value; 1.0 where it is undefined (fewer than 2 users, or no variance at all: small
     subsamples of a rare event are often all zeros)."""
-    if len(a) < 2 or len(b) < 2 or np.var(a) == 0 or np.var(b) == 0:
+    if len(a) < 2 or len(b) < 2 or (np.var(a) == 0 and np.var(b) == 0):
         return 1.0
-    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
 def aa_false_positive_rate(users: pl.DataFrame, metric: str = "clicks", splits: int = 200, alpha: float = 0.05,
