@@ -18,19 +18,28 @@ def run(args) -> dict:
     from recsys.experiments.report import write_report
     from recsys.flows.simulate import prepare, simulate
 
+    import json
+
     work = Path(args.workdir) / "experiment"
     cfg = Config.load(None, workdir=str(work), data={"posters": args.posters})
-    t0 = time.perf_counter()
-    arms = prepare(cfg, ["train.id_embeddings=true"])
-    prep_s = time.perf_counter() - t0
-    champion = ArmConfig(name="champion", alias="sim-champion")
-    challenger = ArmConfig(name="challenger", alias="sim-challenger")
-    twin = ArmConfig(name="champion-2", alias="sim-champion")
-    runs = {"ab": simulate(cfg, "ab", [champion, challenger]),
-            "aa": simulate(cfg, "aa", [champion, twin]),
-            "il": simulate(cfg, "il", [champion, challenger], mode="interleave"),
-            "explore": simulate(cfg, "explore", [champion, twin], explore="softmax", temperature=0.05)}
     ex = work / "experiments"
+    names = ("ab", "aa", "il", "explore")
+    if getattr(args, "reuse", False) and all((ex / n / "run.json").exists() for n in names):
+        # the analysis only, on the logs of the last full run (its simulation figures are kept)
+        old = json.loads((Path(__file__).parent / "results" / "experiment.json").read_text())["results"]
+        arms, prep_s = json.loads((ex / "arms.json").read_text()), old["prepare_s"]
+        runs = {n: _Run(json.loads((ex / n / "run.json").read_text())) for n in names}
+    else:
+        t0 = time.perf_counter()
+        arms = prepare(cfg, ["train.id_embeddings=true"])
+        prep_s = time.perf_counter() - t0
+        champion = ArmConfig(name="champion", alias="sim-champion")
+        challenger = ArmConfig(name="challenger", alias="sim-challenger")
+        twin = ArmConfig(name="champion-2", alias="sim-champion")
+        runs = {"ab": simulate(cfg, "ab", [champion, challenger]),
+                "aa": simulate(cfg, "aa", [champion, twin]),
+                "il": simulate(cfg, "il", [champion, challenger], mode="interleave"),
+                "explore": simulate(cfg, "explore", [champion, twin], explore="softmax", temperature=0.05)}
     d = {k: A.load(ex / k) for k in runs}
     users = A.per_user(d["ab"])
     cov = "pre_log_interactions"
@@ -41,6 +50,8 @@ def run(args) -> dict:
     aa_users = A.per_user(d["aa"])
     aa_fp = A.aa_false_positive_rate(aa_users, splits=500, alpha=0.05)
     aa_diff = A.compare(aa_users, "champion", "champion-2").filter(pl.col("metric") == "clicks").row(0, named=True)
+    clicks = diff.filter(pl.col("metric") == "clicks").row(0, named=True)
+    ab_analytic = A.users_for_difference(users, clicks["diff"])
     credit = A.interleaving_credit(d["il"])
     il = A.interleaving_test(credit)
     sizes = [20, 50, 100, 200, 400, 800, 1600, 3200, 6400, 12800]
@@ -57,7 +68,18 @@ def run(args) -> dict:
         "cuped_reduction": {m: A.cuped_reduction(users, m, cov) for m in ("clicks", "hit")},
         "aa": {**aa_fp, "run_diff_clicks": aa_diff},
         "interleaving": {**il, "curve": curve.to_dicts(), "users_80_ab": A.first_reaching(curve, "ab_power"),
-                         "users_80_interleaving": A.first_reaching(curve, "interleaving_power")},
+                         "users_80_interleaving": A.first_reaching(curve, "interleaving_power"),
+                         "users_80_ab_analytic": 2 * ab_analytic if ab_analytic else None},
         "off_policy": {"estimates": [vars(e) for e in ope], "truth": truth},
         "report": str(report),
     }
+
+
+class _Run:
+    """A finished simulation's run.json, shaped like SimulationRun for the results."""
+
+    def __init__(self, blob: dict):
+        self.blob = blob
+
+    def to_dict(self) -> dict:
+        return self.blob

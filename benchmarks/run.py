@@ -387,9 +387,13 @@ def render_experiment(blob: dict) -> list[str]:
             f"the A/A run itself: clicks diff {aa['run_diff_clicks']['effect_size'] if 'effect_size' in aa['run_diff_clicks'] else aa['run_diff_clicks']['diff']:+.4f}, "
             f"p {aa['run_diff_clicks']['p_value']:.3f}",
             f"- Interleaving (team draft, same users): {il['wins_control']} prefer the champion, {il['wins_treatment']} the "
-            f"challenger, {il['ties']} no preference; p {il['p_value']:.3g}. Users for 80% power: **A/B "
+            f"challenger, {il['ties']} no preference; p {il['p_value']:.3g}. Users for 80% power (subsampling): **A/B "
             f"{il['users_80_ab'] or '> 12,800'}, interleaving {il['users_80_interleaving'] or '> 12,800'}**"
-            + (f" ({il['users_80_ab'] / il['users_80_interleaving']:.1f}x fewer)" if il['users_80_ab'] and il['users_80_interleaving'] else ""),
+            + (f" ({il['users_80_ab'] / il['users_80_interleaving']:.1f}x fewer)" if il['users_80_ab'] and il['users_80_interleaving'] else "")
+            + (f"; the A/B test's need at the observed clicks difference by the normal approximation: "
+               f"{il['users_80_ab_analytic']:,} users"
+               + (f", **{il['users_80_ab_analytic'] / il['users_80_interleaving']:.0f}x** interleaving's"
+                  if il.get('users_80_interleaving') else "") if il.get("users_80_ab_analytic") else "") + ".",
             "", "| users | A/B power | interleaving power |", "|---|---|---|"]
     out += [f"| {c['users']} | {c['ab_power']:.2f} | {c['interleaving_power']:.2f} |" for c in il["curve"]]
     o = r["off_policy"]
@@ -447,6 +451,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sizes", default=None, help="serving: catalog sizes, comma-separated (default 10000,100000,1000000)")
     p.add_argument("--hold-s", dest="hold_s", type=float, default=180, help="serving: seconds to hold the best rate")
     p.add_argument("--parts", default=None, help="serving: latency,load,reload (the others kept from the last result)")
+    p.add_argument("--reuse", action="store_true", help="experiment: analyse the last run's logs again (no training, no simulation)")
     p.add_argument("--nightly-items", dest="nightly_items", type=int, default=2000, help="nightly: synthetic catalog size")
     args = p.parse_args(argv)
     args.argv = argv

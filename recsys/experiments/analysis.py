@@ -307,6 +307,18 @@ def minimum_detectable_effect(users: pl.DataFrame, metric: str = "clicks", alpha
             "mde_rel": float(mde / mean) if mean else None, "users_per_arm_for_5pct": need}
 
 
+def users_for_difference(users: pl.DataFrame, diff: float, metric: str = "clicks", alpha: float = 0.05,
+                         power: float = 0.8) -> int | None:
+    """Users per arm an A/B test needs to detect ``diff`` (absolute) on ``metric`` with ``power``, for the
+    variance observed here (two-sided normal approximation: n = 2 s^2 (z_a/2 + z_b)^2 / diff^2)."""
+    if diff == 0:
+        return None
+    z = stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)
+    groups = [g[metric].to_numpy().astype(float) for _, g in users.group_by("arm")]
+    var = float(np.mean([g.var(ddof=1) for g in groups if len(g) > 1]))
+    return int(np.ceil(2 * var * z * z / diff ** 2))
+
+
 # Interleaving -------------------------------------------------------------------------------------------------
 def interleaving_credit(d: ExperimentData) -> pl.DataFrame:
     """Per user: clicks credited to each team (the arm that contributed the clicked item) and the preference
