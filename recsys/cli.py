@@ -25,6 +25,11 @@ from recsys.config import Config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, rich_markup_mode=None)
 
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show the traceback of a user error (also RECSYS_DEBUG=1).")):
+    """Options for every verb (a user error prints one line and exits 2 unless --debug)."""
+
 ConfigOpt = typer.Option(None, "--config", "-c", help="TOML file with Config sections (see recsys/config.py).")
 WorkdirOpt = typer.Option(None, "--workdir", "-w", help="Where everything this run writes goes (default ./work).")
 PostersOpt = typer.Option(None, "--posters", help="MovieLens poster folder (<movieId>.jpg), attached as image parts.")
@@ -40,9 +45,23 @@ ProtocolsOpt = typer.Option(None, "--protocols", help="Comma-separated: loo,cold
 
 
 def _config(config, workdir, posters=None, data=None, source=None, max_users=None, online_store=None, redis=None,
-            embedder=None, dim=None, epochs=None, protocols=None) -> Config:
+            embedder=None, dim=None, epochs=None, protocols=None, quiet: bool = False) -> Config:
+    """The run's configuration: ``--config`` if given, else the one saved in the work directory by an earlier
+    demo or train (so every verb on a work directory uses the same dataset), else the defaults; options on the
+    command line override either. Says which dataset it is."""
+    saved = Path(workdir or "work") / "config.json"
+    base = None
+    if config is None and saved.exists():
+        try:
+            base = json.loads(saved.read_text())
+        except json.JSONDecodeError as exc:
+            from recsys.errors import DataError
+
+            raise DataError(f"{saved} is not valid JSON ({exc}); remove it or pass --config") from exc
+        if source and source != base.get("data", {}).get("source"):
+            base.pop("data", None)  # another dataset named on the command line: none of the saved one's paths
     cfg = Config.load(
-        config,
+        config, base=base,
         workdir=str(workdir) if workdir else None,
         data={"posters": posters, "path": data, "source": source, "max_users": max_users},
         features={"online_store": online_store, "redis_connection": redis},
@@ -54,6 +73,11 @@ def _config(config, workdir, posters=None, data=None, source=None, max_users=Non
 
     silence()
     cfg.workdir.mkdir(parents=True, exist_ok=True)
+    if not quiet:
+        from recsys.data import describe_source
+
+        typer.echo(describe_source(cfg) + (f"  [configuration: {saved}]" if base is not None else
+                                            f"  [configuration: {config}]" if config else ""), err=True)
     return cfg
 
 
@@ -191,11 +215,11 @@ def serve(config: Optional[Path] = ConfigOpt, workdir: Optional[Path] = WorkdirO
 def evaluate(
     what: str = typer.Argument("models", help="models (two-tower checkpoints + baselines) or embedder"),
     config: Optional[Path] = ConfigOpt, workdir: Optional[Path] = WorkdirOpt, posters: Optional[Path] = PostersOpt,
-    protocols: Optional[str] = ProtocolsOpt,
+    data: Optional[Path] = DataOpt, source: Optional[str] = SourceOpt, protocols: Optional[str] = ProtocolsOpt,
     fsdd: Optional[Path] = typer.Option(None, help="FSDD recordings folder (embedder evaluation)."),
 ):
     """Evaluate: `models` re-runs the protocols from the saved checkpoints; `embedder` measures the embedder."""
-    cfg = _config(config, workdir, posters, protocols=protocols)
+    cfg = _config(config, workdir, posters, data, source, protocols=protocols)
     if what == "embedder":
         from recsys.eval.embedder_report import run as run_embedder_eval
 
@@ -257,14 +281,15 @@ def train_embedder_cmd(
 @app.command()
 def demo(
     config: Optional[Path] = ConfigOpt, workdir: Optional[Path] = WorkdirOpt, posters: Optional[Path] = PostersOpt,
+    data: Optional[Path] = DataOpt, source: Optional[str] = SourceOpt,
     max_users: Optional[int] = UsersOpt, epochs: Optional[int] = EpochsOpt, protocols: Optional[str] = ProtocolsOpt,
     online_store: Optional[str] = StoreOpt, redis: Optional[str] = RedisOpt,
 ):
-    """The main job: the whole flow on ml-latest-small with the embedded defaults; prints sample
-    recommendations and two-tower vs popularity vs EASE on the LOO and COLD protocols."""
+    """The main job: the whole flow (ml-latest-small with the embedded defaults, or --source/--data); prints
+    sample recommendations and two-tower vs popularity vs EASE on the LOO and COLD protocols."""
     from recsys.flows.demo import run_demo
 
-    cfg = _config(config, workdir, posters, max_users=max_users, epochs=epochs, protocols=protocols,
+    cfg = _config(config, workdir, posters, data, source, max_users=max_users, epochs=epochs, protocols=protocols,
                   online_store=online_store, redis=redis)
     run_demo(cfg)
 
@@ -373,5 +398,25 @@ def experiment_report(
     typer.echo(f"report: {path}")
 
 
+def main(argv: list[str] | None = None) -> None:
+    """The ``recsys`` entry point: a user error (bad data, a bad configuration, a missing file) prints one line
+    and exits 2; ``--debug`` (anywhere on the line) or RECSYS_DEBUG=1 shows the traceback instead."""
+    import sys
+
+    from recsys.errors import user_errors
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("RECSYS_DEBUG") == "1"
+    args = [a for a in args if a != "--debug"]
+    try:
+        app(args=args, prog_name="recsys")
+    except user_errors() as exc:
+        if debug:
+            raise
+        typer.echo(f"error: {exc}", err=True)
+        typer.echo("(run with --debug for the traceback)", err=True)
+        raise SystemExit(2)
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -194,11 +194,17 @@ class Config(_Section):
     mlflow_experiment: str = "recsys"
 
     @classmethod
-    def load(cls, path: str | Path | None = None, **overrides: Any) -> "Config":
-        """Read a TOML file (optional) and apply keyword overrides, section by section."""
+    def load(cls, path: str | Path | None = None, base: dict | None = None, **overrides: Any) -> "Config":
+        """Read a TOML file (optional; else ``base``, e.g. a work directory's saved configuration) and apply
+        keyword overrides, section by section."""
         raw: dict[str, Any] = {}
         if path is not None:
-            raw = tomllib.loads(Path(path).read_text())
+            path = Path(path)
+            if not path.is_file():
+                raise FileNotFoundError(f"no configuration file {path}")
+            raw = tomllib.loads(path.read_text())
+        elif base is not None:
+            raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
         for key, value in overrides.items():
             if value is None:
                 continue

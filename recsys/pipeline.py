@@ -20,6 +20,7 @@ from rich.table import Table
 from recsys.config import Config
 from recsys.data import Dataset, load_dataset
 from recsys.embed import Embedder, make_embedder
+from recsys.errors import DataError
 from recsys.eval import METRICS, EvalResult, make_split
 from recsys.eval.evaluate import evaluate, score_topk
 
@@ -121,7 +122,7 @@ def aligned(ds: Dataset, iv: ItemVectors) -> Dataset:
     missing = set(ds.catalog.ids) - set(iv.ids)
     ds = ds.without_items(missing, "items without a vector (failed to embed)")
     if ds.catalog.ids != iv.ids:
-        raise ValueError("the saved vectors belong to another catalog: run `recsys embed` again")
+        raise DataError("the saved vectors belong to another catalog: run `recsys embed` again (with the same --source/--data)")
     return ds
 
 

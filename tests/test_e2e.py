@@ -134,3 +134,37 @@ def test_simulate_rejects_bad_arms_with_a_reason():
     assert result.exit_code == 2 and "expected name=alias" in result.output
     result = CliRunner().invoke(cli, ["simulate", "--mode", "sideways"])
     assert result.exit_code == 2 and "interleave" in result.output
+
+
+def test_user_errors_print_one_line_and_exit_2_and_debug_shows_the_traceback(tmp_path, capsys):
+    from recsys.cli import main
+    from recsys.errors import DataError
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["embed", "--workdir", str(tmp_path / "w"), "--source", "generic"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert "error: data.path must name the folder of a generic-format dataset" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--config", str(tmp_path / "missing.toml")])
+    assert exit_.value.code == 2 and "no configuration file" in capsys.readouterr().err
+    with pytest.raises(DataError):
+        main(["embed", "--workdir", str(tmp_path / "w"), "--source", "generic", "--debug"])
+
+
+def test_a_work_directory_reuses_its_saved_configuration_and_says_which_dataset(tmp_path, capsys):
+    from recsys.cli import _config
+    from recsys.config import Config
+
+    data = tmp_path / "data"
+    work = tmp_path / "w"
+    work.mkdir()
+    saved = Config.model_validate({"workdir": str(work), "data": {"source": "synthetic", "path": str(data)},
+                                   "train": {"max_epochs": 3}})
+    (work / "config.json").write_text(saved.model_dump_json())
+    cfg = _config(None, work, epochs=1)  # e.g. `recsys evaluate --workdir w --epochs 1`
+    assert cfg.data.source == "synthetic" and cfg.data.path == data and cfg.train.max_epochs == 1
+    err = capsys.readouterr().err
+    assert f"dataset: synthetic ({data})" in err and str(work / "config.json") in err
+    other = _config(None, work, source="movielens")  # told otherwise: the saved dataset's paths do not leak
+    assert other.data.source == "movielens" and other.data.path is None and other.train.max_epochs == 3

@@ -4,6 +4,7 @@ from recsys.data.generic import load_folder, load_generic
 from recsys.data.movielens import load_movielens
 from recsys.data.synthetic import SyntheticSpec, generate, load_synthetic
 from recsys.data.types import Catalog, Dataset, Interactions, LoadReport
+from recsys.errors import DataError
 
 __all__ = [
     "Catalog", "Dataset", "Interactions", "LoadReport", "SyntheticSpec",
@@ -18,10 +19,19 @@ def load_dataset(cfg) -> Dataset:
         ds = load_movielens(data.path, posters=data.posters, max_tags_per_item=data.max_tags_per_item)
     elif data.source == "generic":
         if data.path is None:
-            raise ValueError("data.path must name the folder of a generic-format dataset")
+            raise DataError("data.path must name the folder of a generic-format dataset (--data DIR)")
         ds = load_folder(data.path)
     else:
         if data.path is None:
-            raise ValueError("data.path must name the folder to write the synthetic dataset to")
+            raise DataError("data.path must name the folder to write the synthetic dataset to (--data DIR)")
         ds = load_synthetic(data.path)
     return ds.with_users(data.max_users)
+
+
+def describe_source(cfg) -> str:
+    """One line saying which dataset a command is using."""
+    data = getattr(cfg, "data", cfg)
+    if data.source == "movielens":
+        where = data.path or "the bundled ml-latest-small"
+        return f"dataset: movielens ({where}{', posters from ' + str(data.posters) if data.posters else ''})"
+    return f"dataset: {data.source} ({data.path})"

@@ -25,6 +25,7 @@ import polars as pl
 
 from recsys.content import KINDS
 from recsys.data.types import ITEM_SCHEMA, Catalog, Dataset, Interactions, LoadReport
+from recsys.errors import DataError
 
 
 def _find(folder: Path, stem: str, suffixes: tuple[str, ...]) -> Path:
@@ -39,7 +40,7 @@ def _read_table(path: Path) -> pl.DataFrame:
         return pl.read_parquet(path)
     if path.suffix == ".csv":
         return pl.read_csv(path, infer_schema=False)
-    raise ValueError(f"unsupported table format: {path}")
+    raise DataError(f"unsupported table format: {path} (use .csv or .parquet)")
 
 
 def _read_items(path: Path, report: LoadReport) -> list[dict]:
@@ -122,14 +123,14 @@ def load_generic(
         first_text = next((p["text"] for p in parts if p["kind"] == "text"), item_id)
         records.append({"item_id": item_id, "title": str(row.get("title") or first_text[:80]), "parts": parts, **meta})
     if not records:
-        raise ValueError(f"{items_path}: no usable items ({report.render()})")
+        raise DataError(f"{items_path}: no usable items ({report.render()})")
     items = pl.DataFrame(records, schema_overrides=ITEM_SCHEMA, infer_schema_length=None)
 
     # Interactions -----------------------------------------------------------------------------
     raw = _read_table(interactions_path)
     missing = {"user_id", "item_id", "timestamp"} - set(raw.columns)
     if missing:
-        raise ValueError(f"{interactions_path} lacks columns {sorted(missing)}")
+        raise DataError(f"{interactions_path} lacks columns {sorted(missing)}")
     raw = raw.with_columns(pl.col("user_id").cast(pl.Utf8), pl.col("item_id").cast(pl.Utf8).str.strip_chars(),
                            pl.col("timestamp").cast(pl.Utf8).str.strip_chars())
     if "value" not in raw.columns:

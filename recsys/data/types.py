@@ -9,6 +9,7 @@ import numpy as np
 import polars as pl
 
 from recsys.content import KINDS, Content, Part
+from recsys.errors import DataError
 
 PART_DTYPE = pl.Struct({"kind": pl.Utf8, "text": pl.Utf8, "path": pl.Utf8, "source": pl.Utf8})
 ITEM_SCHEMA = {"item_id": pl.Utf8, "title": pl.Utf8, "parts": pl.List(PART_DTYPE)}
@@ -76,10 +77,10 @@ class Catalog:
     def __post_init__(self) -> None:
         missing = [c for c in ITEM_SCHEMA if c not in self.items.columns]
         if missing:
-            raise ValueError(f"catalog frame lacks columns {missing}")
+            raise DataError(f"catalog frame lacks columns {missing}")
         if self.items["item_id"].is_duplicated().any():
             dup = self.items.filter(pl.col("item_id").is_duplicated())["item_id"].head(5).to_list()
-            raise ValueError(f"catalog has duplicate item ids, e.g. {dup}")
+            raise DataError(f"catalog has duplicate item ids, e.g. {dup}")
 
     def __len__(self) -> int:
         return self.items.height
