@@ -89,6 +89,23 @@ def test_generic_format_reports_every_kind_of_bad_row(tmp_path):
     assert ds.interactions.frame["timestamp"].dt.year().to_list() == [2023, 2024]
 
 
+def test_generic_timestamps_in_any_epoch_unit_or_iso_land_in_a_plausible_year(tmp_path):
+    folder = tmp_path / "times"
+    write_generic(folder, [{"item_id": "a", "parts": [{"text": "a"}]}], [
+        ("s", "a", "1700000000"), ("ms", "a", "1700000000123"), ("us", "a", "1700000000123456"),
+        ("ns", "a", "1700000000123456789"), ("iso", "a", "2023-11-14T22:13:20Z"),
+        ("future", "a", "2999-01-01T00:00:00Z"), ("zero", "a", "0")])
+    ds = load_folder(folder)
+    f = ds.interactions.frame.sort("user_id")
+    assert f["user_id"].to_list() == ["iso", "ms", "ns", "s", "us"]
+    assert set(f["timestamp"].dt.year().to_list()) == {2023}
+    r = ds.report
+    assert r.count("epoch timestamps read as milliseconds (from their size)") == 1
+    assert r.count("epoch timestamps read as microseconds (from their size)") == 1
+    assert r.count("interactions dated before 1970 or in the future (skipped)") == 2
+    assert "2999-01-01" in r.render()
+
+
 def test_generic_csv_columns(tmp_path):
     folder = tmp_path / "csv"
     folder.mkdir()

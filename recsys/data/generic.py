@@ -19,6 +19,7 @@ timestamps, missing media files (the part is dropped; the item stays if it keeps
 from __future__ import annotations
 
 import json
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import polars as pl
@@ -135,19 +136,21 @@ def load_generic(
                            pl.col("timestamp").cast(pl.Utf8).str.strip_chars())
     if "value" not in raw.columns:
         raw = raw.with_columns(pl.lit(None, dtype=pl.Float32).alias("value"))
-    epoch = pl.col("timestamp").cast(pl.Int64, strict=False)
-    iso = pl.col("timestamp").str.to_datetime(time_zone="UTC", strict=False, time_unit="us")
-    parsed = raw.with_columns(
-        pl.when(epoch.is_not_null()).then(pl.from_epoch(epoch, time_unit="s").dt.replace_time_zone("UTC"))
-        .otherwise(iso).alias("ts"),
-        pl.col("value").cast(pl.Float32, strict=False),
-    )
+    parsed = raw.with_columns(_parse_time(pl.col("timestamp")).alias("ts"), _epoch_unit(pl.col("timestamp")).alias("unit"),
+                              pl.col("value").cast(pl.Float32, strict=False))
 
     def examples(frame: pl.DataFrame) -> list[str]:
         return [f"user {u}, item {i}, timestamp {t!r}" for u, i, t in frame.select("user_id", "item_id", "timestamp").head(5).iter_rows()]
 
+    for unit in ("ms", "us", "ns"):  # not an error, but worth saying: 1.7e12 read as seconds is the year 55,000
+        conv = parsed.filter(pl.col("unit") == unit)
+        report.add(f"epoch timestamps read as {UNIT_NAMES[unit]} (from their size)", examples(conv), conv.height)
     bad_ts = parsed.filter(pl.col("ts").is_null())
     report.add("interactions with an unparseable timestamp (skipped)", examples(bad_ts), bad_ts.height)
+    implausible = parsed.filter(pl.col("ts").is_not_null() & ~pl.col("ts").is_between(EARLIEST, _latest()))
+    report.add(f"interactions dated before {EARLIEST.year} or in the future (skipped)", examples(implausible),
+               implausible.height)
+    parsed = parsed.with_columns(pl.when(pl.col("ts").is_between(EARLIEST, _latest())).then(pl.col("ts")).alias("ts"))
     unknown = parsed.filter(pl.col("ts").is_not_null() & ~pl.col("item_id").is_in(list(seen)))
     report.add("interactions with unknown item ids (skipped)", examples(unknown), unknown.height)
     no_user = parsed.filter(pl.col("user_id").is_null())
@@ -157,6 +160,32 @@ def load_generic(
     catalog = Catalog(items)
     report.loaded = {"items": len(catalog), "interactions": len(interactions), "users": interactions.n_users}
     return Dataset(name, catalog, interactions, report)
+
+
+EARLIEST = datetime(1970, 1, 2, tzinfo=timezone.utc)
+UNIT_NAMES = {"s": "seconds", "ms": "milliseconds", "us": "microseconds", "ns": "nanoseconds"}
+
+
+def _latest() -> datetime:
+    return datetime.now(timezone.utc) + timedelta(days=1)
+
+
+def _epoch_unit(col: pl.Expr) -> pl.Expr:
+    """The unit of an epoch timestamp from its size (seconds up to 1e11, i.e. the year 5138; then ms, us,
+    ns); null for a value that is not an integer (ISO 8601 text)."""
+    v = col.cast(pl.Int64, strict=False).abs()
+    return (pl.when(v.is_null()).then(None).when(v < 10**11).then(pl.lit("s")).when(v < 10**14).then(pl.lit("ms"))
+            .when(v < 10**17).then(pl.lit("us")).otherwise(pl.lit("ns")))
+
+
+def _parse_time(col: pl.Expr) -> pl.Expr:
+    """Epoch seconds, milliseconds, microseconds or nanoseconds (told apart by size) or ISO 8601 -> UTC."""
+    v = col.cast(pl.Int64, strict=False)
+    unit = _epoch_unit(col)
+    micros = (pl.when(unit == "s").then(v * 1_000_000).when(unit == "ms").then(v * 1_000)
+              .when(unit == "us").then(v).otherwise(v // 1_000))
+    iso = col.str.to_datetime(time_zone="UTC", strict=False, time_unit="us")
+    return pl.when(v.is_not_null()).then(pl.from_epoch(micros, time_unit="us").dt.replace_time_zone("UTC")).otherwise(iso)
 
 
 def load_folder(folder: str | Path, name: str | None = None) -> Dataset:
