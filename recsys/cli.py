@@ -7,6 +7,7 @@
     recsys serve      the HTTP service
     recsys evaluate   re-evaluate trained models and baselines (or `recsys evaluate embedder`)
     recsys nightly    the nightly batch: re-embed changed items, refresh Feast, rebuild the index
+    recsys data check the data report: counts, distributions, which protocols this data can form
     recsys simulate   replay a dataset's held-out period through the service as an online experiment
     recsys experiment prepare (the simulation's arms) | report (tables and figures from the logs)
     recsys demo       all of the above on ml-latest-small
@@ -144,7 +145,8 @@ def train(
     """Train the two-tower on each protocol, evaluate it beside the baselines, register the first protocol's
     model in MLflow under --alias, and print one comparison table."""
     from recsys.data import load_dataset
-    from recsys.pipeline import aligned, console, load_item_vectors, results_json, results_table, run_protocol
+    from recsys.pipeline import (aligned, console, feasible_protocols, load_item_vectors, results_json, results_table,
+                                 run_protocol)
 
     from recsys.pipeline import save_config
 
@@ -152,12 +154,13 @@ def train(
     save_config(cfg)
     iv = load_item_vectors(cfg)
     ds = aligned(load_dataset(cfg), iv)
-    if "cold" in cfg.eval.protocols:  # brand-new items are embedded without their user tags
+    feasible = feasible_protocols(cfg, ds)
+    if "cold" in feasible:  # brand-new items are embedded without their user tags
         from recsys.pipeline import embed_catalog
 
         iv.cold = embed_catalog(cfg, ds, cold=True, save=False)[0].cold
     runs = [run_protocol(cfg, ds, iv, p, register=(i == 0), rerank=(p == "loo"), alias=alias)
-            for i, p in enumerate(cfg.eval.protocols)]
+            for i, p in enumerate(feasible)]
     console.print(results_table(runs))
     (cfg.workdir / "report").mkdir(exist_ok=True)
     (cfg.workdir / "report" / "train.json").write_text(json.dumps(results_json(runs), indent=2, default=str))
@@ -292,6 +295,33 @@ def demo(
     cfg = _config(config, workdir, posters, data, source, max_users=max_users, epochs=epochs, protocols=protocols,
                   online_store=online_store, redis=redis)
     run_demo(cfg)
+
+
+data_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Look at a dataset before training on it.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("check")
+def data_check(
+    config: Optional[Path] = ConfigOpt, workdir: Optional[Path] = WorkdirOpt, posters: Optional[Path] = PostersOpt,
+    data: Optional[Path] = DataOpt, source: Optional[str] = SourceOpt, max_users: Optional[int] = UsersOpt,
+    protocols: Optional[str] = typer.Option(None, "--protocols", help="Protocols to check (default: loo,cold,temporal,holdout)."),
+):
+    """The data report: what loading found, users/items/interactions, interactions per user and per item, the
+    time span, items per modality, and which evaluation protocols can be formed (with how many test users, or
+    why not). Exit 0 when the configured protocols can all be formed, 1 when some cannot, 2 when none can."""
+    from recsys.data import load_dataset
+    from recsys.data.check import check_dataset
+    from recsys.pipeline import console
+
+    cfg = _config(config, workdir, posters, data, source, max_users=max_users)
+    ds = load_dataset(cfg)
+    console.print(ds.report.render())
+    check = check_dataset(ds, cfg.eval, protocols.split(",") if protocols else ["loo", "cold", "temporal", "holdout"])
+    console.print(check.table())
+    wanted = protocols.split(",") if protocols else list(cfg.eval.protocols)
+    ok = check.feasible(wanted)
+    raise typer.Exit(0 if len(ok) == len(wanted) else 1 if ok else 2)
 
 
 experiment_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,

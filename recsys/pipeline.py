@@ -136,6 +136,24 @@ def load_item_vectors(cfg: Config) -> ItemVectors:
                        m["model_version"], m["dim"], m.get("failed", {}))
 
 
+def feasible_protocols(cfg: Config, ds: Dataset) -> list[str]:
+    """Print the data report and return the configured protocols this dataset can form; none -> DataError
+    (nothing is trained, so nothing is registered from a run that could not be evaluated)."""
+    from recsys.data.check import check_dataset
+
+    check = check_dataset(ds, cfg.eval)
+    console.print(check.table())
+    ok = check.feasible(list(cfg.eval.protocols))
+    if not ok:
+        reasons = "; ".join(f"{p.protocol}: {p.reason}" for p in check.protocols)
+        raise DataError(f"no evaluation protocol can be formed on {ds.name} ({reasons}); "
+                        "see `recsys data check`")
+    for p in check.protocols:
+        if not p.ok:
+            console.print(f"[yellow]protocol {p.protocol} skipped: {p.reason}[/yellow]")
+    return ok
+
+
 # Features ----------------------------------------------------------------------------------------------
 def build_features(cfg: Config, ds: Dataset, vectors: np.ndarray, iv: ItemVectors, interactions: pl.DataFrame,
                    name: str, materialize: bool):

@@ -129,3 +129,26 @@ def test_synthetic_catalog_has_every_modality_and_clusters_drive_users(synthetic
     top_share = f.group_by("user_id").agg((pl.col("c").mode().first() == pl.col("c")).mean().alias("s"))["s"].mean()
     n_clusters = len(set(clusters.values()))
     assert top_share > 2.0 / n_clusters  # users concentrate on their clusters, far above uniform
+
+
+def test_data_check_says_which_protocols_a_sparse_dataset_can_form_and_demo_refuses_cleanly(tmp_path, capsys):
+    """Almost every customer with one purchase: LOO cannot be formed; nothing is trained or registered."""
+    from typer.testing import CliRunner
+
+    from recsys.cli import app, main
+
+    folder = tmp_path / "sparse"
+    items = [{"item_id": f"p{i}", "title": f"product {i}", "parts": [{"text": f"product number {i}"}]} for i in range(30)]
+    rows = [(f"c{u}", f"p{u % 30}", str(1_700_000_000 + 3600 * u)) for u in range(60)]  # one purchase each
+    rows += [("c0", "p1", "1700100000"), ("c0", "p2", "1700200000")]  # one customer with three
+    write_generic(folder, items, rows)
+    res = CliRunner().invoke(app, ["data", "check", "--source", "generic", "--data", str(folder),
+                                   "--workdir", str(tmp_path / "w")])
+    assert res.exit_code == 2, res.output
+    assert "LOO needs users with 3+ interactions; 1 have them" in res.output
+    assert "interactions per user" in res.output and "min 1, median 1" in res.output
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--source", "generic", "--data", str(folder), "--workdir", str(tmp_path / "w")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "no evaluation protocol can be formed" in err and "Traceback" not in err
+    assert not (tmp_path / "w" / "mlflow.db").exists()  # nothing was trained or registered

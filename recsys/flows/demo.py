@@ -10,7 +10,8 @@ from rich.table import Table
 
 from recsys.config import Config
 from recsys.data import load_dataset
-from recsys.pipeline import Timings, build_features, console, embed_catalog, results_json, results_table, run_protocol, save_config
+from recsys.pipeline import (Timings, build_features, console, embed_catalog, feasible_protocols, results_json,
+                             results_table, run_protocol, save_config)
 
 
 def run_demo(cfg: Config, sample_users: int = 3) -> dict:
@@ -21,14 +22,15 @@ def run_demo(cfg: Config, sample_users: int = 3) -> dict:
     with timings.stage("load data"):
         ds = load_dataset(cfg)
         console.print(ds.report.render())
+        protocols = feasible_protocols(cfg, ds)
     with timings.stage("embed catalog"):
-        iv, ds = embed_catalog(cfg, ds, cold="cold" in cfg.eval.protocols)
+        iv, ds = embed_catalog(cfg, ds, cold="cold" in protocols)
     with timings.stage("features (serving store: all interactions, materialized)"):
         build_features(cfg, ds, iv.vectors, iv, ds.interactions.frame, name="serve", materialize=True)
     runs = []
-    for protocol in cfg.eval.protocols:
+    for protocol in protocols:  # the first one that can be formed registers the served model
         with timings.stage(f"train + evaluate: {protocol}"):
-            runs.append(run_protocol(cfg, ds, iv, protocol, register=(protocol == cfg.eval.protocols[0]),
+            runs.append(run_protocol(cfg, ds, iv, protocol, register=(protocol == protocols[0]),
                                      rerank=(protocol == "loo")))
     with timings.stage("serve sample recommendations"):
         from serving.service import Recommender
