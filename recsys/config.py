@@ -172,6 +172,9 @@ class EvalConfig(_Section):
     ks: list[int] = [10, 50]
     bootstrap: int = 1000
     cold_fraction: float = 0.2
+    # which items COLD may hold out: "auto" = items with an image when any item has one (MovieLens without
+    # posters: the movies that have one), else all; or explicitly all items, or those with a given part
+    cold_pool: Literal["auto", "all", "text", "image", "audio", "video"] = "auto"
     temporal_quantile: float = 0.9
     holdout_share: float = Field(0.2, gt=0, lt=1)  # holdout (the experiment simulator's split): each user's last 20%
     ease_lambdas: list[float] = [20.0, 50.0, 100.0, 250.0, 500.0, 1000.0]

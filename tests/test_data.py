@@ -152,3 +152,16 @@ def test_data_check_says_which_protocols_a_sparse_dataset_can_form_and_demo_refu
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "no evaluation protocol can be formed" in err and "Traceback" not in err
     assert not (tmp_path / "w" / "mlflow.db").exists()  # nothing was trained or registered
+
+
+def test_cold_pool_is_configured_explicitly_and_reported(synthetic):
+    from recsys.config import EvalConfig
+    from recsys.data.check import check_protocol
+    from recsys.eval.splits import cold_pool
+
+    mods = synthetic.catalog.modalities
+    assert cold_pool(synthetic, "all").size == len(synthetic.catalog)
+    audio = cold_pool(synthetic, "audio")
+    assert audio.size == mods[:, 2].sum() and mods[audio, 2].all()
+    check = check_protocol(synthetic, "cold", EvalConfig(cold_pool="audio"), min_users=1)
+    assert check.ok and f"of {audio.size:,} eligible (eval.cold_pool = audio: items with an audio part)" in check.note

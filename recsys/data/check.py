@@ -98,10 +98,18 @@ def check_protocol(ds: Dataset, protocol: str, cfg: EvalConfig, min_users: int =
     if protocol == "cold":
         from recsys.eval.splits import cold_pool
 
-        pool = cold_pool(ds)
-        kind = "all items (no item has an image)" if pool.size == len(ds.catalog) and not ds.catalog.modalities[:, 1].any() \
-            else "items with an image (a poster)"
-        note = f"{split.cold_items.size:,} items held out of {pool.size:,} eligible: {kind}"
+        pool = cold_pool(ds, cfg.cold_pool)
+        if cfg.cold_pool == "auto":
+            if ds.catalog.modalities[:, 1].any():
+                kind = "eval.cold_pool auto: items with an image"
+            elif pool.size < len(ds.catalog):
+                kind = "eval.cold_pool auto: the movies that have a poster, attached or not"
+            else:
+                kind = "eval.cold_pool auto: no item has an image, so all items"
+        else:
+            article = "an" if cfg.cold_pool[0] in "aeiou" else "a"
+            kind = f"eval.cold_pool = {cfg.cold_pool}" + ("" if cfg.cold_pool == "all" else f": items with {article} {cfg.cold_pool} part")
+        note = f"{split.cold_items.size:,} items held out of {pool.size:,} eligible ({kind})"
     return ProtocolCheck(protocol, True, test, val, note=note)
 
 

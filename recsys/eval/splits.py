@@ -83,8 +83,15 @@ def loo_split(ds: Dataset) -> Split:
     return Split("loo", val, test)
 
 
-def cold_pool(ds: Dataset) -> np.ndarray:
-    """Items eligible to be cold: those with an image (MovieLens: a poster), else all items."""
+def cold_pool(ds: Dataset, which: str = "auto") -> np.ndarray:
+    """Items eligible to be cold (``eval.cold_pool``): "all"; those with a given part ("image", "audio", ...);
+    or "auto": those with an image (MovieLens: a poster, or without posters the movies that have one), else all."""
+    from recsys.content import KINDS
+
+    if which == "all":
+        return np.arange(len(ds.catalog))
+    if which != "auto":
+        return np.flatnonzero(ds.catalog.modalities[:, KINDS.index(which)])
     has_image = ds.catalog.modalities[:, 1]
     if has_image.any():
         return np.flatnonzero(has_image)
@@ -99,7 +106,7 @@ def cold_pool(ds: Dataset) -> np.ndarray:
 def cold_split(ds: Dataset, cfg: EvalConfig = EvalConfig()) -> Split:
     """Strict item cold-start: cold items lose every interaction from training."""
     rng = np.random.default_rng(cfg.seed)
-    pool = cold_pool(ds)
+    pool = cold_pool(ds, cfg.cold_pool)
     shuffled = rng.permutation(pool)
     n_test = int(round(cfg.cold_fraction * pool.size))
     n_val = int(round(cfg.cold_fraction / 2 * pool.size))
