@@ -31,6 +31,7 @@ class DataConfig(_Section):
     posters: Path | None = None  # movielens: folder of <movieId>.jpg
     max_users: int | None = None  # a slice for quick runs / tests (first N users by id order)
     max_tags_per_item: int = 10
+    check_media: bool = True  # generic format: check media files' headers at load (false: skip, for speed)
 
 
 class EmbedderConfig(_Section):

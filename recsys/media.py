@@ -157,3 +157,35 @@ def has_audio_track(data: bytes) -> bool:
             return bool(container.streams.audio)
     except (av.error.FFmpegError, ValueError, OSError):
         return False
+
+
+def check_media_file(path, kind: str) -> str | None:
+    """A cheap check that a media file will decode, at load time: the image's header (Pillow) plus, for JPEG
+    and PNG, the end-of-image marker a truncated file lacks; the audio or video container's header and
+    stream (PyAV, without decoding). Returns the problem in words, or None when it looks whole."""
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        if kind == "image":
+            with Image.open(path) as im:
+                fmt = im.format
+            with open(path, "rb") as f:
+                f.seek(max(0, path.stat().st_size - 16))
+                tail = f.read()
+            if fmt == "JPEG" and b"\xff\xd9" not in tail:
+                return "JPEG without its end marker (truncated?)"
+            if fmt == "PNG" and b"IEND" not in tail:
+                return "PNG without its IEND chunk (truncated?)"
+            return None
+        if kind in ("audio", "video"):
+            probe_duration(path.read_bytes() if path.stat().st_size < (8 << 20) else _head(path), kind)
+            return None
+    except (UnidentifiedImageError, OSError, ContentError, ValueError) as exc:
+        return getattr(exc, "problem", None) or f"does not decode as {kind}: {exc}"
+    return None
+
+
+def _head(path, size: int = 8 << 20) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(size)

@@ -165,3 +165,32 @@ def test_cold_pool_is_configured_explicitly_and_reported(synthetic):
     assert audio.size == mods[:, 2].sum() and mods[audio, 2].all()
     check = check_protocol(synthetic, "cold", EvalConfig(cold_pool="audio"), min_users=1)
     assert check.ok and f"of {audio.size:,} eligible (eval.cold_pool = audio: items with an audio part)" in check.note
+
+
+def test_a_corrupt_media_part_is_dropped_at_load_and_the_item_keeps_its_other_parts(tmp_path):
+    import io
+
+    import soundfile as sf
+    from PIL import Image
+
+    folder = tmp_path / "media-check"
+    write_generic(folder, [
+        {"item_id": "ok", "parts": [{"text": "fine"}, {"image": "ok.jpg"}, {"audio": "ok.wav"}]},
+        {"item_id": "cut", "parts": [{"text": "still has its text"}, {"image": "cut.jpg"}]},
+        {"item_id": "noise", "parts": [{"text": "text"}, {"audio": "noise.wav"}]},
+    ], [("u", "ok", "1700000000"), ("u", "cut", "1700000100")])
+    b = io.BytesIO()
+    Image.new("RGB", (64, 64), "blue").save(b, format="JPEG")
+    (folder / "media" / "ok.jpg").write_bytes(b.getvalue())
+    (folder / "media" / "cut.jpg").write_bytes(b.getvalue()[: len(b.getvalue()) // 2])  # truncated
+    sf.write(folder / "media" / "ok.wav", np.zeros(1600, np.float32), 16000)
+    (folder / "media" / "noise.wav").write_bytes(b"RIFF not really a wave file")
+    ds = load_folder(folder)
+    assert ds.catalog.ids == ["ok", "cut", "noise"]
+    assert ds.catalog.content(0).kinds == ("text", "image", "audio")
+    assert ds.catalog.content(1).kinds == ("text",) and ds.catalog.content(2).kinds == ("text",)
+    assert ds.report.count("media parts that do not decode (part dropped)") == 2
+    text = ds.report.render()
+    assert "cut.jpg" in text and "truncated" in text.lower() and "noise.wav" in text
+    unchecked = load_folder(folder, check_media=False)  # the option to skip: the parts stay (embedding will fail them)
+    assert unchecked.catalog.content(1).kinds == ("text", "image")

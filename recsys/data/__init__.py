@@ -20,7 +20,7 @@ def load_dataset(cfg) -> Dataset:
     elif data.source == "generic":
         if data.path is None:
             raise DataError("data.path must name the folder of a generic-format dataset (--data DIR)")
-        ds = load_folder(data.path)
+        ds = load_folder(data.path, check_media=data.check_media)
     else:
         if data.path is None:
             raise DataError("data.path must name the folder to write the synthetic dataset to (--data DIR)")

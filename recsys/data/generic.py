@@ -27,6 +27,7 @@ import polars as pl
 from recsys.content import KINDS
 from recsys.data.types import ITEM_SCHEMA, Catalog, Dataset, Interactions, LoadReport
 from recsys.errors import DataError
+from recsys.media import check_media_file
 
 
 def _find(folder: Path, stem: str, suffixes: tuple[str, ...]) -> Path:
@@ -82,6 +83,7 @@ def load_generic(
     interactions_path: str | Path,
     media_dir: str | Path | None = None,
     name: str = "generic",
+    check_media: bool = True,
 ) -> Dataset:
     """Load an items file, an interactions file and a media folder (see the module docstring)."""
     items_path, interactions_path = Path(items_path), Path(interactions_path)
@@ -114,6 +116,10 @@ def load_generic(
             file = file if file.is_absolute() else media / file
             if not file.is_file():
                 report.add("missing media files (part dropped)", f"{item_id}: {file}")
+                continue
+            problem = check_media_file(file, p["kind"]) if check_media else None
+            if problem:  # the item keeps its other parts; the broken one is reported, not embedded
+                report.add("media parts that do not decode (part dropped)", f"{item_id}: {file.name}: {problem}")
                 continue
             parts.append({"kind": p["kind"], "text": None, "path": str(file), "source": p["source"]})
         if not parts:
@@ -188,10 +194,11 @@ def _parse_time(col: pl.Expr) -> pl.Expr:
     return pl.when(v.is_not_null()).then(pl.from_epoch(micros, time_unit="us").dt.replace_time_zone("UTC")).otherwise(iso)
 
 
-def load_folder(folder: str | Path, name: str | None = None) -> Dataset:
-    """Load a folder in the generic format (items.*, interactions.*, media/)."""
+def load_folder(folder: str | Path, name: str | None = None, check_media: bool = True) -> Dataset:
+    """Load a folder in the generic format (items.*, interactions.*, media/); ``check_media``: check each
+    media file's header (and an image's end marker) at load, dropping parts that would not decode."""
     folder = Path(folder)
     items = _find(folder, "items", (".jsonl", ".csv", ".parquet"))
     interactions = _find(folder, "interactions", (".csv", ".parquet"))
     media = folder / "media" if (folder / "media").is_dir() else folder
-    return load_generic(items, interactions, media, name=name or folder.name)
+    return load_generic(items, interactions, media, name=name or folder.name, check_media=check_media)
