@@ -35,7 +35,9 @@ def runs(tmp_path_factory):
     champion, challenger = ArmConfig(name="champion", alias="sim-champion"), ArmConfig(name="challenger", alias="sim-challenger")
     out = {"cfg": cfg, "arms": arms}
     out["ab"] = simulate(cfg, "ab", [champion, challenger])
-    out["aa"] = simulate(cfg, "aa", [champion, ArmConfig(name="champion-2", alias="sim-champion")])
+    out["aa-first"] = simulate(cfg, "aa", [champion, ArmConfig(name="champion-2", alias="sim-champion")])
+    out["aa-first-replies"] = A.per_request(A.load(cfg.workdir / "experiments" / "aa")).select("user_id", "items", "clicks")
+    out["aa"] = simulate(cfg, "aa", [champion, ArmConfig(name="champion-2", alias="sim-champion")])  # rerun: fresh store
     out["il"] = simulate(cfg, "il", [champion, challenger], mode="interleave")
     out["explore"] = simulate(cfg, "explore", [champion, ArmConfig(name="champion-2", alias="sim-champion")],
                               explore="softmax", temperature=0.05)
@@ -46,6 +48,7 @@ def test_every_reply_is_logged_with_its_arm_and_every_outcome_joins_an_exposure(
     cfg, run = runs["cfg"], runs["ab"]
     assert run.errors == 0 and run.requests == run.users > 20
     d = A.load(cfg.workdir / "experiments" / "ab")
+    assert d.exposures["known_user"].all()  # every replayed user has pre-period features online
     assert d.exposures.height == run.requests and d.exposures["request_id"].n_unique() == run.requests
     for user, arm in d.exposures.select("user_id", "arm").iter_rows():  # the salted hash, nothing else
         assert arm == assign(user, "ab", "sim-ab", [("champion", 0.5), ("challenger", 0.5)])
@@ -68,6 +71,16 @@ def test_same_users_same_future_only_the_arm_differs(runs):
     a = A.per_request(ab).filter(pl.col("arm") == "champion").select("user_id", "items", "clicks").sort("user_id")
     b = A.per_request(aa).filter(pl.col("user_id").is_in(a["user_id"].implode())).select("user_id", "items", "clicks").sort("user_id")
     assert a.height > 5 and a.equals(b)
+
+
+def test_a_rerun_starts_from_a_fresh_store_and_replays_identically(runs):
+    """The first A/A run's clicks were pushed into its store; the rerun must not see them (nor a stale
+    materialization): every user known, the same replies, the same engagements."""
+    cfg = runs["cfg"]
+    again = A.load(cfg.workdir / "experiments" / "aa")
+    assert again.exposures["known_user"].all()
+    assert A.per_request(again).select("user_id", "items", "clicks").sort("user_id").equals(
+        runs["aa-first-replies"].sort("user_id"))
 
 
 def test_interleaved_replies_credit_each_item_to_an_arm(runs):

@@ -248,11 +248,18 @@ def simulate(cfg: Config, name: str, arms: list[ArmConfig], mode: str = "ab", ex
     run = SimulationRun(name, logs, users.height)
     sim_cfg = cfg.model_copy(deep=True)
     if url is None:
+        import shutil
+
         iv, ds = embed_catalog(cfg, ds, cold=False)
         repo_name = "sim_" + "".join(c if c.isalnum() else "_" for c in name)
-        build_features(cfg, ds, iv.vectors, iv, w.pre, name=repo_name, materialize=True)
+        # A fresh store for every run: an earlier run's repository would keep its materialization watermark
+        # (an incremental materialize then writes nothing) and its clicks. SQLite, so that nothing outlives
+        # the folder (Redis keeps the newest row per key, which would be an earlier run's pushes).
+        shutil.rmtree(cfg.feast_dir / repo_name, ignore_errors=True)
+        store_cfg = cfg.model_copy(update={"features": cfg.features.model_copy(update={"online_store": "sqlite"})})
+        build_features(store_cfg, ds, iv.vectors, iv, w.pre, name=repo_name, materialize=True)
         sim_cfg = Config.model_validate({
-            **cfg.model_dump(mode="json"),
+            **store_cfg.model_dump(mode="json"),
             "serve": {**cfg.serve.model_dump(mode="json"), "feature_repo": repo_name,
                       "model_alias": arms[0].alias or cfg.serve.model_alias, "rerank": False},
             "experiment": {"name": name, "arms": [a.model_dump(mode="json") for a in arms], "mode": mode,
