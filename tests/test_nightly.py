@@ -123,7 +123,9 @@ def test_failures_go_to_dead_letters_and_past_the_threshold_nothing_is_published
     items = [json.loads(line) for line in (data / "items.jsonl").read_text().splitlines()]
     broken = next(i for i in items if any("image" in p for p in i["parts"]))
     img = next(p["image"] for p in broken["parts"] if "image" in p)
-    (data / "media" / img).write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)  # a truncated PNG
+    raw = bytearray((data / "media" / img).read_bytes())
+    raw[60:-20] = bytes(len(raw) - 80)  # corrupt inside: the loader's header/end-marker check passes, decoding fails
+    (data / "media" / img).write_bytes(bytes(raw))
     cfg = config(tmp_path / "w", data)
     r = cli_nightly(cfg)
     assert r.returncode == 3, r.stdout[-2000:]  # 1 of 64 = 1.6% > 1%
