@@ -68,4 +68,6 @@ def test_the_readme_tutorial_runs_as_written(tmp_path):
 def test_a_wrong_folder_in_the_tutorial_is_one_clear_line(tmp_path):
     res = run("recsys data check --source generic --data no-such-folder", tmp_path)
     assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert res.stderr.strip().splitlines()[0].startswith("error: ")
+    lines = res.stderr.strip().splitlines()
+    # the dataset line every verb prints, the error, the --debug hint: nothing else
+    assert lines[0].startswith("dataset: generic") and lines[1].startswith("error: ") and len(lines) == 3, lines

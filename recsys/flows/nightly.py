@@ -469,8 +469,12 @@ def _log_mlflow(cfg: Config, summary: NightlySummary) -> None:
     import mlflow
 
     mlflow.set_tracking_uri(cfg.tracking_uri)
-    mlflow.set_experiment("nightly")
-    with mlflow.start_run(run_name=f"nightly/{summary.run_id}"):
+    # the experiment by id, not mlflow.set_experiment: that one stays active for the whole process, and a
+    # later start_run of a training run (another experiment) in the same process then fails
+    client = mlflow.tracking.MlflowClient()
+    found = client.get_experiment_by_name("nightly")
+    experiment_id = found.experiment_id if found else client.create_experiment("nightly")
+    with mlflow.start_run(run_name=f"nightly/{summary.run_id}", experiment_id=experiment_id):
         mlflow.log_params({"run_id": summary.run_id, "backend": cfg.embedder.backend, "dim": cfg.embedder.dim,
                            "engine": cfg.nightly.engine, "failure_threshold": cfg.nightly.failure_threshold})
         mlflow.log_metrics({**{f"items_{k}": v for k, v in summary.counts.items()},
