@@ -353,18 +353,19 @@ def _arms(spec: str):
     """"champion=sim-champion,challenger=sim-challenger:0.3" -> ArmConfigs (alias, or vN for a version)."""
     from recsys.config import ArmConfig
 
-    arms = []
-    for chunk in [c for c in spec.split(",") if c.strip()]:
-        name, sep, target = chunk.strip().partition("=")
+    arms, shares_given = [], False
+    for chunk in [c.strip() for c in spec.split(",") if c.strip()]:
+        name, sep, target = chunk.partition("=")
         if not sep or not name or not target:
             raise typer.BadParameter(f"arm {chunk!r}: expected name=alias (or name=vN, optionally :share)", param_hint="--arms")
         target, _, share = target.partition(":")
+        shares_given |= bool(share)
         version = target[1:] if target[:1] == "v" and target[1:].isdigit() else None
         arms.append(ArmConfig(name=name, alias=None if version else target, version=version,
                               share=float(share) if share else 1.0))
     if len(arms) < 2:
         raise typer.BadParameter("an experiment needs two arms or more", param_hint="--arms")
-    if all(not c.partition("=")[2].partition(":")[2] for c in spec.split(",") if c.strip()):
+    if not shares_given:
         for a in arms:
             a.share = 1.0 / len(arms)
     return arms

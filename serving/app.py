@@ -147,10 +147,11 @@ class Loader:
     """Loads the model at start-up (in the background: /readyz is false until it is in) and applies reload
     requests as they appear, in this worker, off the request path."""
 
-    def __init__(self, cfg: Config, rec: Recommender, metrics: Metrics | None, pinned: bool = False):
-        """``pinned``: an experiment arm's recommender, which reloads its own alias or version whatever a
-        reload request names (and leaves the model metrics to the control's loader)."""
-        self.cfg, self.rec, self.metrics, self.pinned = cfg, rec, metrics, pinned
+    def __init__(self, cfg: Config, rec: Recommender, metrics: Metrics | None):
+        """``metrics``: None for an experiment arm's loader (the control's loader reports the model). An arm's
+        recommender is pinned to its alias or version and reloads that, whatever a reload request names."""
+        self.cfg, self.rec, self.metrics = cfg, rec, metrics
+        self.pinned = rec.alias is not None or rec.version is not None
         self.generation = self._read().get("generation", 0)  # requests made before this worker started are done
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="recsys-loader", daemon=True)
@@ -208,7 +209,7 @@ def create_app(cfg: Config, recommender: Recommender | None = None) -> FastAPI:
     metrics = Metrics()
     loader = Loader(cfg, rec, metrics)
     router = ExperimentRouter(cfg, rec)
-    loaders = [loader, *(Loader(cfg, r, None, pinned=True) for r in router.recommenders[1:])]
+    loaders = [loader, *(Loader(cfg, r, None) for r in router.recommenders[1:])]
     api_keys, admin_keys = configured_keys(cfg)
 
     @asynccontextmanager

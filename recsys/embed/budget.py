@@ -4,13 +4,14 @@ The Gemini API limits requests per minute (every content in a batch counts) and 
 A budget caps the requests in flight and the contents sent in any 60-second window, and a 429's
 Retry-After pauses every caller, not just the one that got it. ``LocalBudget`` shares it between the
 threads of one process; ``RayBudget`` shares it between the actors of a Ray job through one small actor
-(``BudgetActor``), so N actors on N nodes spend one budget instead of N.
+holding the ``RequestBudget`` (``ray.remote(RequestBudget)``), so N actors on N nodes spend one budget.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections import deque
 from contextlib import contextmanager
 from typing import Callable, Iterator
@@ -20,7 +21,8 @@ POLL_S = 0.02
 
 
 class RequestBudget:
-    """The bookkeeping, non-blocking so that a thread lock or a Ray actor can host it.
+    """The bookkeeping, non-blocking so that a thread lock or a Ray actor can host it (a synchronous actor runs
+    one call at a time, which is the lock).
 
     Args:
         concurrency: requests in flight at once, across every caller.
@@ -82,14 +84,21 @@ class RequestBudget:
         return dict(self.stats)
 
 
-class _Blocking:
-    """``slot(cost)``: a context manager that waits for a grant and releases it after the request."""
+class SharedBudget(ABC):
+    """A ``RequestBudget`` reached through something shared (a lock, an actor); ``slot(cost)`` waits for a
+    grant and releases it after the request."""
 
-    def try_acquire(self, cost: int) -> float:  # pragma: no cover - overridden
-        raise NotImplementedError
+    @abstractmethod
+    def try_acquire(self, cost: int) -> float: ...
 
-    def release(self) -> None:  # pragma: no cover - overridden
-        raise NotImplementedError
+    @abstractmethod
+    def release(self) -> None: ...
+
+    @abstractmethod
+    def pause(self, seconds: float) -> None: ...
+
+    @abstractmethod
+    def snapshot(self) -> dict: ...
 
     @contextmanager
     def slot(self, cost: int) -> Iterator[None]:
@@ -101,7 +110,7 @@ class _Blocking:
             self.release()
 
 
-class LocalBudget(_Blocking):
+class LocalBudget(SharedBudget):
     """The budget shared by the threads of one process."""
 
     def __init__(self, concurrency: int, per_minute: int | None = None):
@@ -124,28 +133,8 @@ class LocalBudget(_Blocking):
             return self.core.snapshot()
 
 
-class BudgetActor:
-    """The Ray actor that holds one ``RequestBudget`` for a whole Ray job (``ray.remote(BudgetActor)``).
-    A plain (synchronous) actor runs one call at a time, which is the lock."""
-
-    def __init__(self, concurrency: int, per_minute: int | None = None):
-        self.core = RequestBudget(concurrency, per_minute)
-
-    def try_acquire(self, cost: int) -> float:
-        return self.core.try_acquire(cost)
-
-    def release(self) -> None:
-        self.core.release()
-
-    def pause(self, seconds: float) -> None:
-        self.core.pause(seconds)
-
-    def snapshot(self) -> dict:
-        return self.core.snapshot()
-
-
-class RayBudget(_Blocking):
-    """A caller's view of a ``BudgetActor``: every call is one small round trip to that actor."""
+class RayBudget(SharedBudget):
+    """A caller's view of the actor ``ray.remote(RequestBudget)``: every call is one small round trip to it."""
 
     def __init__(self, handle):
         self.handle = handle

@@ -292,19 +292,24 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (float(max(0.0, c - h)), float(min(1.0, c + h)))
 
 
+def _variance_and_z(users: pl.DataFrame, metric: str, alpha: float, power: float) -> tuple[list[np.ndarray], float, float]:
+    """Per-arm values, their mean within-arm variance, and z_(1-alpha/2) + z_power."""
+    groups = [g[metric].to_numpy().astype(float) for _, g in users.group_by("arm", maintain_order=True)]
+    var = float(np.mean([g.var(ddof=1) for g in groups if len(g) > 1]))
+    return groups, var, float(stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power))
+
+
 def minimum_detectable_effect(users: pl.DataFrame, metric: str = "clicks", alpha: float = 0.05,
                               power: float = 0.8) -> dict:
     """The smallest absolute difference this experiment's size and variance detect with ``power``, and the
     users per arm a difference of 5% of the control mean would need."""
-    z = stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)
-    groups = [g[metric].to_numpy().astype(float) for _, g in users.group_by("arm", maintain_order=True)]
+    groups, var, z = _variance_and_z(users, metric, alpha, power)
     n = [len(g) for g in groups]
-    var = float(np.mean([g.var(ddof=1) for g in groups if len(g) > 1]))
     mean = float(np.mean(np.concatenate(groups)))
     mde = z * np.sqrt(var * sum(1 / max(k, 1) for k in n))
-    need = int(np.ceil(2 * var * z * z / (0.05 * mean) ** 2)) if mean > 0 else None
     return {"metric": metric, "users_per_arm": n, "sd": var ** 0.5, "mean": mean, "mde_abs": float(mde),
-            "mde_rel": float(mde / mean) if mean else None, "users_per_arm_for_5pct": need}
+            "mde_rel": float(mde / mean) if mean else None,
+            "users_per_arm_for_5pct": users_for_difference(users, 0.05 * mean, metric, alpha, power)}
 
 
 def users_for_difference(users: pl.DataFrame, diff: float, metric: str = "clicks", alpha: float = 0.05,
@@ -313,9 +318,7 @@ def users_for_difference(users: pl.DataFrame, diff: float, metric: str = "clicks
     variance observed here (two-sided normal approximation: n = 2 s^2 (z_a/2 + z_b)^2 / diff^2)."""
     if diff == 0:
         return None
-    z = stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)
-    groups = [g[metric].to_numpy().astype(float) for _, g in users.group_by("arm")]
-    var = float(np.mean([g.var(ddof=1) for g in groups if len(g) > 1]))
+    _, var, z = _variance_and_z(users, metric, alpha, power)
     return int(np.ceil(2 * var * z * z / diff ** 2))
 
 

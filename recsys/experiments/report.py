@@ -24,13 +24,26 @@ def _md(frame: pl.DataFrame, digits: int = 4) -> str:
     return "\n".join([head, sep, *rows])
 
 
-def plot_deltas(rows: pl.DataFrame, path: Path, title: str) -> Path:
-    """Treatment minus control with its interval, one line per metric or segment (a forest plot)."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only backend (reports are written, not shown)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
+def plot_deltas(rows: pl.DataFrame, path: Path, title: str) -> Path:
+    """Treatment minus control with its interval, one line per metric or segment (a forest plot)."""
+    plt = _pyplot()
     labels = rows["label"].to_list()
     d, lo, hi = (rows[c].to_numpy() for c in ("diff", "diff_low", "diff_high"))
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(labels) + 1.2))
@@ -42,18 +55,11 @@ def plot_deltas(rows: pl.DataFrame, path: Path, title: str) -> Path:
     ax.set_yticks(list(y), labels)
     ax.set_xlabel("treatment - control (95% CI; red: p < 0.05)")
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_cumulative(cum: pl.DataFrame, path: Path, metric: str = "clicks") -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for (arm,), g in cum.group_by("arm", maintain_order=True):
         ax.plot(g["ts"].to_list(), g[f"cumulative_{metric}"].to_list(), label=str(arm))
@@ -62,18 +68,11 @@ def plot_cumulative(cum: pl.DataFrame, path: Path, metric: str = "clicks") -> Pa
     ax.legend()
     ax.set_title("Metric over time per arm")
     fig.autofmt_xdate()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_power(curve: pl.DataFrame, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(curve["users"], curve["ab_power"], "o-", label="A/B test (Welch, clicks per user)")
     ax.plot(curve["users"], curve["interleaving_power"], "s-", label="team-draft interleaving (sign test)")
@@ -82,10 +81,7 @@ def plot_power(curve: pl.DataFrame, path: Path) -> Path:
     ax.set_xlabel("users in the experiment")
     ax.set_ylabel("power (share of subsamples significant, right sign)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def deltas_table(d: A.ExperimentData, users: pl.DataFrame, control: str, treatment: str,

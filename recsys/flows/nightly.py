@@ -152,7 +152,7 @@ class _RayEmbedActor:
 
         cfg = Config.model_validate_json(cfg_json)
         # every actor spends one request budget (concurrency, contents per minute, 429 pauses) held by one
-        # BudgetActor; each actor's own thread pool may use all of it when the others are idle
+        # actor; each actor's own thread pool may use all of it when the others are idle
         budget = RayBudget(budget_actor) if budget_actor is not None else None
         self.cfg, self.embedder = cfg, make_embedder(cfg, budget=budget)
 
@@ -201,9 +201,9 @@ def embed_ray(cfg: Config, ds: Dataset, rows: list[int], work: Path) -> Embedded
         # the actors read the API key from the driver's environment (a cluster's workers do not have it)
         keys = {k: os.environ[k] for k in ("GEMINI_API_KEY", "GOOGLE_API_KEY") if os.environ.get(k)}
         remote_args = {"runtime_env": {"env_vars": keys}} if keys else {}
-        from recsys.embed.budget import BudgetActor
+        from recsys.embed.budget import RequestBudget
 
-        budget = ray.remote(BudgetActor).options(num_cpus=0).remote(cfg.embedder.gemini_concurrency,
+        budget = ray.remote(RequestBudget).options(num_cpus=0).remote(cfg.embedder.gemini_concurrency,
                                                                      cfg.embedder.gemini_items_per_minute)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -242,14 +243,10 @@ def simulate(cfg: Config, name: str, arms: list[ArmConfig], mode: str = "ab", ex
     folder = cfg.workdir / "experiments" / name
     logs = folder / "logs"
     if logs.exists():
-        import shutil
-
         shutil.rmtree(logs)
     run = SimulationRun(name, logs, users.height)
     sim_cfg = cfg.model_copy(deep=True)
     if url is None:
-        import shutil
-
         iv, ds = embed_catalog(cfg, ds, cold=False)
         repo_name = "sim_" + "".join(c if c.isalnum() else "_" for c in name)
         # A fresh store for every run: an earlier run's repository would keep its materialization watermark
