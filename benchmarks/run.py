@@ -58,10 +58,15 @@ def bench_demo(args) -> dict:
 
         shutil.rmtree(workdir)  # a cold start: no embedding cache, no feature store
     cfg = Config.load(None, workdir=str(workdir), data={"posters": args.posters})
+    old = RESULTS / "demo.json"
+    previous = json.loads(old.read_text()) if old.exists() else None
     t0 = time.time()
     report = run_demo(cfg)
     report["wall_s"] = round(time.time() - t0, 1)
     report["posters"] = bool(args.posters)
+    if previous:  # the stage timings before and after a change, side by side in BENCHMARKS.md
+        report["previous"] = {"code": previous["code"], "date": previous["date"],
+                              "timings_s": previous["results"]["timings_s"], "total_s": previous["results"]["total_s"]}
     return report
 
 
@@ -104,6 +109,32 @@ def bench_inputs(args) -> dict:
     return {"variants": input_variants(Path(args.workdir) / "training", posters=args.posters)}
 
 
+def bench_part_search(args) -> dict:
+    """Search by one part of an item (poster alone, title alone) over the whole catalog: R@1 / R@10."""
+    from recsys.config import Config
+    from recsys.data import load_movielens
+    from recsys.embed.local import LocalEmbedder
+    from recsys.eval.embedder_report import part_to_item
+
+    if not args.posters:
+        raise SystemExit("part-search needs --posters")
+    cfg = Config.load(None, workdir=str(Path(args.workdir) / "embedder"), data={"posters": args.posters})
+    ds = load_movielens(posters=args.posters)
+    out = {}
+    for label, folder in (("installed weights", None), *([("--weights " + args.weights, args.weights)] if args.weights else [])):
+        emb = LocalEmbedder(folder, cache_dir=cfg.cache_dir, default_dim=cfg.embedder.dim)
+        out[label] = {"model_version": emb.model_version, "centres": emb.centres is not None,
+                      **part_to_item(emb, ds, cfg, cfg.embedder.dim)}
+    return out
+
+
+def bench_towers(args) -> dict:
+    """LOO: the user tower's attention pooling vs causal self-attention over the recent items."""
+    from benchmarks.training_bench import user_encoders
+
+    return user_encoders(Path(args.workdir) / "towers", posters=args.posters)
+
+
 def bench_embedder_recipe(args) -> dict:
     """Stage-1 poster runs: which image path (tokens, + style token, + image anchor)."""
     from benchmarks.embedder_recipe import image_path_ablation
@@ -134,10 +165,10 @@ def bench_experiment(args) -> dict:
     return run(args)
 
 
-BENCHES = {"demo": bench_demo, "features": bench_features, "embedder": bench_embedder, "training": bench_training,
+BENCHES = {"part-search": bench_part_search, "towers": bench_towers, "demo": bench_demo, "features": bench_features, "embedder": bench_embedder, "training": bench_training,
            "cold-prior": bench_cold_prior, "inputs": bench_inputs, "embedder-recipe": bench_embedder_recipe,
            "serving": bench_serving, "nightly": bench_nightly, "experiment": bench_experiment}
-ORDER = ["demo", "serving", "nightly", "experiment", "features", "embedder", "embedder-recipe", "training", "cold-prior", "inputs"]
+ORDER = ["demo", "towers", "part-search", "serving", "nightly", "experiment", "features", "embedder", "embedder-recipe", "training", "cold-prior", "inputs"]
 
 
 # Rendering --------------------------------------------------------------------------------------------
@@ -161,7 +192,29 @@ def render_demo(blob: dict) -> list[str]:
              "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in r["timings_s"].items()]
     lines += [f"| **total** | **{r['total_s']:.1f}** |", "", "Test metrics, mean [95% bootstrap CI over users]:", ""]
-    lines += _metrics_table(r["results"]) + _rerank_check(r["results"])
+    lines += _metrics_table(r["results"]) + _differences(r["results"]) + _rerank_check(r["results"])
+    if r.get("previous"):
+        lines += ["", f"The previous recorded run ({r['previous']['code']}, {r['previous']['date'][:10]}): " + ", ".join(
+            f"{k} {v:.1f} s" for k, v in r["previous"]["timings_s"].items()) + f"; total {r['previous']['total_s']:.1f} s."]
+    return lines
+
+
+def _differences(results: list[dict]) -> list[str]:
+    """The two-tower minus each model per user, paired bootstrap (results recorded before lack it)."""
+    lines = []
+    for row in results:
+        d = row.get("extra", {}).get("two_tower_minus")
+        if not d:
+            continue
+        lines += ["", f"{row['protocol'].upper()}: two-tower minus each model, same users, paired bootstrap 95% CI:", "",
+                  "| model | HR@10 diff | NDCG@10 diff |", "|---|---|---|"]
+        lines += [f"| {m} | {v['HR@10']['mean']:+.4f} [{v['HR@10']['low']:+.4f}, {v['HR@10']['high']:+.4f}] | "
+                  f"{v['NDCG@10']['mean']:+.4f} [{v['NDCG@10']['low']:+.4f}, {v['NDCG@10']['high']:+.4f}] |"
+                  for m, v in d.items()]
+        sas = row["extra"].get("sasrec")
+        if sas:
+            lines += ["", f"SASRec tuned on {row['protocol'].upper()} validation: dropout {sas['dropout']}, {sas['epochs']} epochs "
+                      f"(validation NDCG@10 by dropout: {sas['val_ndcg10']}); EASE lambda {row['extra'].get('ease_lambda')}."]
     return lines
 
 
@@ -405,7 +458,37 @@ def render_experiment(blob: dict) -> list[str]:
     return out
 
 
+def render_part_search(blob: dict) -> list[str]:
+    lines = ["For each of the 2,947 movies with a poster, the query is its poster alone (or its title alone), embedded as a "
+             "query; the target is that movie's full item vector among all 9,742. Held-out: the 589 COLD test movies, "
+             "which the embedder never trained on.", "",
+             "| weights | query | R@1 | R@10 | held-out R@1 | held-out R@10 | median rank |", "|---|---|---|---|---|---|---|"]
+    for label, r in blob["results"].items():
+        for q in ("poster alone", "title alone"):
+            v = r[q]
+            lines.append(f"| {r['model_version']} ({label}{', modality centres' if r.get('centres') else ''}) | {q} | "
+                         f"{v['R@1']:.3f} | {v['R@10']:.3f} | {v['held-out R@1']:.3f} | {v['held-out R@10']:.3f} | {v['median rank']:.0f} |")
+    return lines
+
+
+def render_towers(blob: dict) -> list[str]:
+    lines = []
+    for protocol, r in blob["results"].items():
+        lines += [f"{protocol.upper()}: the same split, features and item vectors; the user tower reads the 20 most recent items "
+                  "by attention pooling (default) or by causal self-attention (`train.user_encoder = \"sequential\"`).", "",
+                  "| user encoder | val NDCG@10 | epochs | seconds | HR@10 | Recall@50 | NDCG@10 |", "|---|---|---|---|---|---|---|"]
+        for enc, v in r["encoders"].items():
+            cells = [f"{v[m]['mean']:.3f} [{v[m]['low']:.3f}, {v[m]['high']:.3f}]" for m in ("HR@10", "Recall@50", "NDCG@10")]
+            lines.append(f"| {enc} | {v['val NDCG@10']:.4f} | {v['epochs']} | {v['seconds']} | " + " | ".join(cells) + " |")
+        d = r["sequential_minus_attention"]
+        lines += ["", "Sequential minus attention, same users, paired bootstrap 95% CI: " + "; ".join(
+            f"{m} {v['mean']:+.4f} [{v['low']:+.4f}, {v['high']:+.4f}]" for m, v in d.items()) + "."]
+    return lines
+
+
 RENDER = {"demo": ("Demo: stage timings and metrics", render_demo),
+          "towers": ("User tower: attention pooling vs causal self-attention (issue: quality)", render_towers),
+          "part-search": ("Search by one part of an item (issue: your own catalog)", render_part_search),
           "serving": ("Online retrieval at scale (issue: serving)", render_serving),
           "nightly": ("The nightly batch (issue: nightly)", render_nightly),
           "experiment": ("A/B experiment, simulated on ml-latest-small (issue: experiments)", render_experiment),
@@ -451,6 +534,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sizes", default=None, help="serving: catalog sizes, comma-separated (default 10000,100000,1000000)")
     p.add_argument("--hold-s", dest="hold_s", type=float, default=180, help="serving: seconds to hold the best rate")
     p.add_argument("--parts", default=None, help="serving: latency,load,reload (the others kept from the last result)")
+    p.add_argument("--weights", default=None, help="part-search: another local-embedder weights folder to compare")
     p.add_argument("--reuse", action="store_true", help="experiment: analyse the last run's logs again (no training, no simulation)")
     p.add_argument("--nightly-items", dest="nightly_items", type=int, default=2000, help="nightly: synthetic catalog size")
     args = p.parse_args(argv)

@@ -14,7 +14,8 @@ from recsys.data import load_movielens
 from recsys.eval import make_split
 from recsys.eval.baselines import EASE, ContentKNN, ItemKNN, Popularity
 from recsys.eval.evaluate import evaluate, score_topk
-from recsys.pipeline import ItemVectors, build_features, console, embed_catalog, results_json, ProtocolRun, results_table
+from recsys.pipeline import (ItemVectors, ProtocolRun, build_features, console, embed_catalog, part_vectors, results_json,
+                             results_table, tags_in_training_window)
 
 ABLATION = {
     "in-batch only": {"logq_correction": False, "mixed_negatives": 0, "hard_negatives": 0},
@@ -29,15 +30,8 @@ DEFAULT_VARIANT = "+ mixed negatives (default)"
 
 def text_only_vectors(base: Config, ds, iv: ItemVectors, cold_rows: np.ndarray) -> ItemVectors:
     """The catalog embedded from its text parts only, by the same embedder (the ablation's "text-only" input)."""
-    from recsys.embed import make_embedder
-
-    emb = make_embedder(base)
-    text_only = [Content(tuple(p for p in c.parts if p.kind == "text"), item_id=c.item_id) for c in ds.catalog.contents()]
-    tv = emb.embed(text_only, dim=base.embedder.dim)
-    tv_cold = emb.embed([Content(tuple(p for p in ds.catalog.content(int(r), cold=True).parts if p.kind == "text"))
-                         for r in cold_rows], dim=base.embedder.dim)
-    return ItemVectors(ds.catalog.ids, tv, iv.backend, iv.model_version + "-textonly", iv.dim,
-                       cold={int(r): v for r, v in zip(cold_rows, tv_cold)})
+    pv = part_vectors(base, ds, iv, "text", cold_rows)
+    return ItemVectors(ds.catalog.ids, pv.vectors, iv.backend, iv.model_version + "-textonly", iv.dim, cold=pv.cold)
 
 
 def concatenated(a: ItemVectors, b: ItemVectors) -> ItemVectors:
@@ -199,4 +193,39 @@ def input_variants(workdir: Path, posters: str | None = None, protocols=("cold",
                         "val": _summary(r.evaluate(split, ds.catalog, base, part="val", n_boot=base.eval.bootstrap)),
                         "test": _summary(r.evaluate(split, ds.catalog, base, n_boot=base.eval.bootstrap))})
             console.print(out[-1])
+    return out
+
+
+def user_encoders(workdir: Path, posters: str | None = None, protocols=("loo",)) -> dict:
+    """The user tower's two ways of reading recent items, attention pooling and causal self-attention
+    (``train.user_encoder``), on the same split, features and item vectors: validation NDCG@10 (what a choice
+    would be made on), test metrics, and the paired per-user difference (sequential minus attention)."""
+    from recsys.eval.evaluate import paired_differences
+    from training.train import fit_two_tower
+
+    base = Config.load(None, workdir=str(workdir), data={"posters": posters})
+    ds = load_movielens(posters=posters)
+    iv, ds = embed_catalog(base, ds, cold=True, save=False)
+    out: dict = {}
+    for protocol in protocols:
+        split = make_split(protocol, ds, base.eval)
+        pds, piv = tags_in_training_window(base, ds, iv, split)
+        vectors = piv.with_cold(split.cold_items) if protocol == "cold" else piv.vectors
+        repo = build_features(base, pds, vectors, piv, split.train, name=protocol, materialize=False)
+        cache: dict = {}
+        rows, tests = {}, []
+        for enc in ("attention", "sequential"):
+            cfg = Config.load(None, workdir=str(workdir), train={"user_encoder": enc})
+            t0 = time.time()
+            trained = fit_two_tower(cfg, pds.catalog, split, repo, vectors, name=f"two-tower ({enc})", rows_cache=cache)
+            test = trained.evaluate(split, pds.catalog, cfg, n_boot=base.eval.bootstrap)
+            tests.append(test)
+            best_val = max(r.estimates["NDCG@10"].mean for r in trained.val_results)
+            rows[enc] = {"val NDCG@10": best_val, "epochs": trained.epochs, "seconds": round(time.time() - t0, 1),
+                         **{m: {"mean": e.mean, "low": e.low, "high": e.high} for m, e in test.estimates.items()}}
+            console.print(f"{protocol} {enc}: val NDCG@10 {best_val:.4f}; test " +
+                          ", ".join(f"{m} {e}" for m, e in test.estimates.items()))
+        d = paired_differences(tests, reference="two-tower (sequential)")["two-tower (attention)"]
+        out[protocol] = {"encoders": rows, "sequential_minus_attention": {
+            m: {"mean": e.mean, "low": e.low, "high": e.high} for m, e in d.items()}}
     return out

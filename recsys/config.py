@@ -73,9 +73,11 @@ class TrainConfig(_Section):
     hidden_dim: int = 256
     id_embeddings: bool = False  # learned ids overfit ml-latest-small (see BENCHMARKS.md); on for larger data
     id_dropout: float = 0.5  # share of examples whose item id / stats are hidden (cold-start training)
+    user_encoder: Literal["attention", "sequential"] = "attention"  # how the user tower reads recent items
     max_epochs: int = 10
-    patience: int = 3
+    patience: int = 2  # validation NDCG peaks by epoch 2-3 on ml-latest-small; a third idle epoch cost ~45 s
     val_bucket_days: float = 28.0  # per-epoch validation: item stats as of each 4-week bucket (final eval: weekly)
+    val_max_groups: int = 32  # ... and at most this many buckets (equal-size time groups past it)
     batch_size: int = 512
     lr: float = 5e-4
     weight_decay: float = 1e-5

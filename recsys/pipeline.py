@@ -22,7 +22,7 @@ from recsys.data import Dataset, load_dataset
 from recsys.embed import Embedder, make_embedder
 from recsys.errors import DataError
 from recsys.eval import METRICS, EvalResult, make_split
-from recsys.eval.evaluate import evaluate, score_topk
+from recsys.eval.evaluate import evaluate, paired_differences, score_topk
 
 console = Console(width=max(Console().width, 150))  # tables stay readable in logs and CI
 
@@ -54,14 +54,20 @@ class ItemVectors:
     dim: int
     failed: dict[str, str] = field(default_factory=dict)
     cold: dict[int, np.ndarray] = field(default_factory=dict)
+    parts: dict[str, "PartVectors"] = field(default_factory=dict)  # one-kind vectors (part_vectors), by kind
 
     def with_cold(self, rows: np.ndarray) -> np.ndarray:
         """Vectors where ``rows`` take their cold-start version."""
-        out = self.vectors.copy()
-        for r in rows:
-            if int(r) in self.cold:
-                out[r] = self.cold[int(r)]
-        return out
+        return with_cold(self.vectors, self.cold, rows)
+
+
+def with_cold(vectors: np.ndarray, cold: dict[int, np.ndarray], rows: np.ndarray) -> np.ndarray:
+    """A copy of ``vectors`` where ``rows`` take their cold-start version (where ``cold`` has one)."""
+    out = vectors.copy()
+    for r in rows:
+        if int(r) in cold:
+            out[r] = cold[int(r)]
+    return out
 
 
 class EmbeddingFailures(RuntimeError):
@@ -115,6 +121,90 @@ def embed_catalog(cfg: Config, ds: Dataset, embedder: Embedder | None = None, co
             {"backend": out.backend, "model_version": out.model_version, "dim": dim, "items": len(out.ids),
              "failed": failed}, indent=2))
     return out, ds
+
+
+@dataclass
+class PartVectors:
+    """The catalog embedded from its parts of one kind only: ``has`` marks the items that have such a part
+    (and embedded), ``cold`` the cold-start versions (no user-derived parts) of the rows asked for."""
+
+    kind: str
+    vectors: np.ndarray  # (n_items, dim); rows without the part are not vectors of anything (see has)
+    has: np.ndarray  # (n_items,) bool
+    cold: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def with_cold(self, rows: np.ndarray) -> np.ndarray:
+        return with_cold(self.vectors, self.cold, rows)
+
+
+def part_vectors(cfg: Config, ds: Dataset, iv: ItemVectors, kind: str, cold_rows: np.ndarray | None = None,
+                 embedder: Embedder | None = None) -> PartVectors:
+    """Each item's parts of one ``kind`` ("text": all its text parts; "image": its first image) embedded by the
+    same embedder: the content-kNN rows' inputs. Kept on ``iv.parts`` (computed once per run)."""
+    if kind in iv.parts and (cold_rows is None or all(int(r) in iv.parts[kind].cold for r in cold_rows)):
+        return iv.parts[kind]
+    from recsys.content import Content
+
+    embedder = embedder or make_embedder(cfg)
+
+    def only(c: Content) -> Content | None:
+        parts = tuple(p for p in c.parts if p.kind == kind)
+        return Content(parts if kind == "text" else parts[:1], item_id=c.item_id) if parts else None
+
+    def embed(rows: list[int], cold: bool) -> dict[int, np.ndarray]:
+        picked = [(r, only(ds.catalog.content(r, cold=cold))) for r in rows]
+        picked = [(r, c) for r, c in picked if c is not None]
+        res = embedder.embed_many([c for _, c in picked], task="document", dim=iv.dim)
+        return {r: v for (r, _), v, good in zip(picked, res.vectors, res.ok) if good}
+
+    got = embed(list(range(len(ds.catalog))), cold=False)
+    vectors = np.zeros((len(ds.catalog), iv.dim), np.float32)
+    has = np.zeros(len(ds.catalog), bool)
+    for r, v in got.items():
+        vectors[r], has[r] = v, True
+    cold = embed([int(r) for r in cold_rows], cold=True) if cold_rows is not None and len(cold_rows) else {}
+    iv.parts[kind] = PartVectors(kind, vectors, has, cold)
+    return iv.parts[kind]
+
+
+def tags_in_training_window(cfg: Config, ds: Dataset, iv: ItemVectors, split) -> tuple[Dataset, ItemVectors]:
+    """``ds`` and ``iv`` with the items' user tags limited to ``split``'s training window: a user's tags count
+    only before the time they are asked at validation (and none after the training data ends), so no item
+    content carries a tag its author applied later (TEMPORAL: a third of MovieLens's tags fall after the cut).
+    Only the items whose content changes are embedded again."""
+    from datetime import timedelta
+
+    if ds.tags is None or split.train.is_empty():
+        return ds, iv
+    end = split.train["timestamp"].max() + timedelta(seconds=1)
+    limit = {u: min(a, end) for u, a in zip(split.val.users, split.val.at) if a is not None}
+    pds, changed, dropped = ds.with_tags_before(limit, end)
+    if not changed:
+        return pds, iv
+    res = make_embedder(cfg).embed_many([pds.catalog.content(r) for r in changed], task="document", dim=iv.dim)
+    if res.errors:
+        raise EmbeddingFailures({e.item_id or str(e.index): e.message for e in res.errors}, len(changed), 0.0)
+    vectors = iv.vectors.copy()
+    vectors[changed] = res.vectors
+    console.print(f"{split.name}: user tags limited to the training window: {dropped:,} of {ds.tags.height:,} tags left "
+                  f"out, {len(changed):,} items embedded again")
+    return pds, ItemVectors(iv.ids, vectors, iv.backend, iv.model_version, iv.dim, iv.failed, iv.cold)
+
+
+def check_embedder_overlap(cfg: Config, ds: Dataset, iv: ItemVectors, split) -> None:
+    """Refuse (DataError) to evaluate ``split`` with local embedder weights that trained on its test items or
+    interactions (recsys.embed.provenance); print what was checked."""
+    if iv.backend != "local":
+        return
+    from recsys.embed.local import DEFAULT_WEIGHTS
+    from recsys.embed.provenance import check_overlap
+
+    manifest = json.loads(((cfg.embedder.local_weights or DEFAULT_WEIGHTS) / "manifest.json").read_text())
+    if manifest.get("version") != iv.model_version:
+        console.print(f"[yellow]the item vectors come from {iv.model_version}, not the installed weights "
+                      f"{manifest.get('version')}: overlap not checked[/yellow]")
+        return
+    console.print(f"[dim]{check_overlap(manifest.get('training_data'), ds, split)}[/dim]")
 
 
 def aligned(ds: Dataset, iv: ItemVectors) -> Dataset:
@@ -187,16 +277,22 @@ def save_config(cfg: Config) -> None:
     (cfg.workdir / "config.json").write_text(cfg.model_dump_json(indent=2))
 
 
+BASELINES = ("popularity", "ease", "sasrec", "content-knn")
+
+
 def run_protocol(cfg: Config, ds: Dataset, iv: ItemVectors, protocol: str, register: bool = False,
-                 rerank: bool = False, baselines: tuple[str, ...] = ("popularity", "ease"),
+                 rerank: bool = False, baselines: tuple[str, ...] = BASELINES,
                  alias: str | None = None) -> ProtocolRun:
-    """Train and evaluate the two-tower and the baselines on one protocol (same split, same run)."""
-    from recsys.eval.baselines import EASE, ContentKNN, ItemKNN, Popularity
+    """Train and evaluate the two-tower and the baselines on one protocol (same split, same run).
+
+    The baselines: see :func:`baseline_results`."""
     from recsys.rerank import MIN_USERS, Reranker
     from training.train import fit_two_tower
 
     split = make_split(protocol, ds, cfg.eval)
     console.print(split.describe())
+    check_embedder_overlap(cfg, ds, iv, split)
+    ds, iv = tags_in_training_window(cfg, ds, iv, split)
     vectors = iv.with_cold(split.cold_items) if protocol == "cold" else iv.vectors
     repo = build_features(cfg, ds, vectors, iv, split.train, name=protocol, materialize=False)
     idx, nb = ds.catalog.index, cfg.eval.bootstrap
@@ -222,25 +318,61 @@ def run_protocol(cfg: Config, ds: Dataset, iv: ItemVectors, protocol: str, regis
         results.append(score_topk("two-tower + rerank", rows, split.test, n_cand, protocol, n_boot=nb))
         if register and trained.run_id:
             log_reranker(cfg, trained.run_id, reranker)
+    results += baseline_results(cfg, ds, iv, split, vectors, baselines, extra)
+    extra["two_tower_minus"] = {model: {m: {"mean": e.mean, "low": e.low, "high": e.high} for m, e in d.items()}
+                                for model, d in paired_differences(results, n_boot=nb).items()}
+    return ProtocolRun(protocol, results, trained, split, extra)
+
+
+def baseline_results(cfg: Config, ds: Dataset, iv: ItemVectors, split, vectors: np.ndarray,
+                     baselines: tuple[str, ...] = BASELINES, extra: dict | None = None) -> list[EvalResult]:
+    """The baselines on ``split``'s test round, each tuned on its validation round where it has a knob.
+
+    "popularity"; "ease" (lambda tuned); "sasrec" (tuned, recsys.eval.sasrec); "itemknn"; "content-knn" (three
+    rows: item-kNN on the items' text, image and fused vectors). On COLD, popularity, EASE and SASRec cannot
+    tell cold items apart (nobody interacted with them): they give one row, "random", for what it is.
+    ``extra`` receives the tuned settings."""
+    from recsys.eval.baselines import EASE, ContentKNN, ItemKNN, Popularity, Random
+    from recsys.eval.sasrec import SASRec
+
+    extra = {} if extra is None else extra
+    protocol, idx = split.name, ds.catalog.index
+    models: list = []
+    no_interactions = [b for b in baselines if b in ("popularity", "ease", "sasrec")]
+    if protocol == "cold" and no_interactions:
+        models.append(Random(idx, name=f"random ({'/'.join(no_interactions)}: no interactions on cold items)"))
     for name in baselines:
+        if protocol == "cold" and name in no_interactions:
+            continue
         if name == "popularity":
-            model = Popularity(idx).fit(split.test.history)
+            models.append(Popularity(idx).fit(split.test.history))
         elif name == "ease":
-            lam = cfg.eval.ease_lambdas
-            if protocol == "cold":  # cold items have no interactions: EASE scores them all 0 whatever lambda
-                model = EASE(idx, lam[len(lam) // 2]).fit(split.test.history)
-            else:
-                best, scores = EASE.tuned(idx, split.val, lam, protocol)
-                extra["ease_lambda"] = best.lam
-                model = EASE(idx, best.lam).fit(split.test.history)
+            best, _ = EASE.tuned(idx, split.val, cfg.eval.ease_lambdas, protocol)
+            extra["ease_lambda"] = best.lam
+            models.append(EASE(idx, best.lam).fit(split.test.history))
+        elif name == "sasrec":
+            try:
+                sas, scores = SASRec.tuned(idx, split.val, protocol)
+            except ValueError as exc:
+                console.print(f"[yellow]sasrec skipped on {protocol}: {exc}[/yellow]")
+                continue
+            extra["sasrec"] = {"dropout": sas.cfg.dropout, "epochs": sas.epochs, "val_ndcg10": scores}
+            models.append(sas)
         elif name == "itemknn":
-            model = ItemKNN(idx).fit(split.test.history)
+            models.append(ItemKNN(idx).fit(split.test.history))
         elif name == "content-knn":
-            model = ContentKNN(idx, vectors, name="content-knn (embedder)")
+            cold = split.cold_items if protocol == "cold" else None
+            for kind in ("text", "image"):
+                pv = part_vectors(cfg, ds, iv, kind, cold)
+                if not pv.has.any():
+                    console.print(f"[dim]content-knn ({kind}) skipped: no item has a {kind} part[/dim]")
+                    continue
+                vec = pv.with_cold(split.cold_items) if cold is not None else pv.vectors
+                models.append(ContentKNN(idx, vec, name=f"content-knn ({kind})", has=pv.has))
+            models.append(ContentKNN(idx, vectors, name="content-knn (fused)"))
         else:
             raise ValueError(f"unknown baseline {name!r}")
-        results.append(evaluate(model, split.test, idx, protocol, n_boot=nb))
-    return ProtocolRun(protocol, results, trained, split, extra)
+    return [evaluate(m, split.test, idx, protocol, n_boot=cfg.eval.bootstrap) for m in models]
 
 
 def log_reranker(cfg: Config, run_id: str, reranker) -> None:
@@ -266,6 +398,18 @@ def results_table(runs: list[ProtocolRun], title: str = "Recommendation quality 
     return table
 
 
+def differences_table(runs: list[ProtocolRun]) -> Table:
+    """The two-tower minus each other model, per user (paired bootstrap 95% interval)."""
+    table = Table(title="Two-tower minus each model (test, same users, paired bootstrap 95% CI)")
+    for col in ("protocol", "model", "HR@10 diff", "NDCG@10 diff"):
+        table.add_column(col, justify="right" if "diff" in col else "left")
+    for run in runs:
+        for model, d in run.extra.get("two_tower_minus", {}).items():
+            table.add_row(run.protocol, model, *[f"{d[m]['mean']:+.4f} [{d[m]['low']:+.4f}, {d[m]['high']:+.4f}]"
+                                                 for m in ("HR@10", "NDCG@10")])
+    return table
+
+
 def results_json(runs: list[ProtocolRun]) -> list[dict]:
     out = []
     for run in runs:
@@ -276,9 +420,8 @@ def results_json(runs: list[ProtocolRun]) -> list[dict]:
     return out
 
 
-def evaluate_saved(cfg: Config) -> list[ProtocolRun]:
+def evaluate_saved(cfg: Config, baselines: tuple[str, ...] = ("popularity", "ease")) -> list[ProtocolRun]:
     """Re-evaluate the two-tower checkpoints of a previous `recsys train` beside the baselines."""
-    from recsys.eval.baselines import EASE, Popularity
     from training.module import TwoTowerModule
     from training.train import TrainedTwoTower
 
@@ -291,18 +434,14 @@ def evaluate_saved(cfg: Config) -> list[ProtocolRun]:
             console.print(f"[yellow]no checkpoint for {protocol} at {ckpt}: run `recsys train` first[/yellow]")
             continue
         split = make_split(protocol, ds, cfg.eval)
+        check_embedder_overlap(cfg, ds, iv, split)
         vectors = iv.vectors
         if protocol == "cold":
             iv.cold = embed_catalog(cfg, ds, cold=True, save=False)[0].cold
             vectors = iv.with_cold(split.cold_items)
         trained = TrainedTwoTower("two-tower", TwoTowerModule.from_checkpoint(ckpt), vectors)
-        idx = ds.catalog.index
         results = [trained.evaluate(split, ds.catalog, cfg, n_boot=cfg.eval.bootstrap),
-                   evaluate(Popularity(idx).fit(split.test.history), split.test, idx, protocol, n_boot=cfg.eval.bootstrap)]
-        lam = cfg.eval.ease_lambdas
-        ease = EASE(idx, lam[len(lam) // 2]) if protocol == "cold" else EASE.tuned(idx, split.val, lam, protocol)[0]
-        results.append(evaluate(EASE(idx, ease.lam).fit(split.test.history), split.test, idx, protocol,
-                                n_boot=cfg.eval.bootstrap))
+                   *baseline_results(cfg, ds, iv, split, vectors, baselines)]
         runs.append(ProtocolRun(protocol, results, trained, split))
     console.print(results_table(runs))
     return runs

@@ -42,7 +42,12 @@ def silence() -> None:
     except ImportError:
         pass
     for name in ("mlflow", "alembic", "lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "feast",
-                 "ray", "ray.data", "sentence_transformers", "transformers", "httpx", "urllib3", "py.warnings"):
+                 "ray", "ray.data", "sentence_transformers", "transformers", "httpx", "urllib3", "py.warnings",
+                 # Lightning sets its package loggers back to INFO when it is imported (after this runs): the
+                 # modules that talk ("Seed set to 0", "GPU available", its adverts) are quieted one by one
+                 "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                 "lightning.fabric.utilities.seed", "lightning.pytorch.loggers.mlflow",
+                 "pytorch_lightning.utilities.rank_zero", "lightning.pytorch.accelerators.cuda"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging

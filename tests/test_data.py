@@ -194,3 +194,29 @@ def test_a_corrupt_media_part_is_dropped_at_load_and_the_item_keeps_its_other_pa
     assert "cut.jpg" in text and "truncated" in text.lower() and "noise.wav" in text
     unchecked = load_folder(folder, check_media=False)  # the option to skip: the parts stay (embedding will fail them)
     assert unchecked.catalog.content(1).kinds == ("text", "image")
+
+
+def test_user_tags_are_limited_to_each_protocols_training_window(movielens):
+    from datetime import timedelta
+
+    from recsys.eval import make_split
+
+    assert movielens.tags is not None and movielens.tags.height > 3000
+    split = make_split("temporal", movielens)
+    end = split.train["timestamp"].max() + timedelta(seconds=1)
+    restricted, changed, dropped = movielens.with_tags_before({}, end)
+    late = movielens.tags.filter(movielens.tags["timestamp"] >= end)
+    assert dropped == late.height > 1000  # about a third of the tags come after the TEMPORAL validation cut
+    assert changed and len(restricted.catalog) == len(movielens.catalog)
+    # an item tagged only after the cut loses its tag part; one tagged before keeps its tags
+    only_late = set(late["item_id"].to_list()) - set(movielens.tags.filter(movielens.tags["timestamp"] < end)["item_id"].to_list())
+    row = movielens.catalog.index[sorted(only_late)[0]]
+    assert any(p.source == "user" for p in movielens.catalog.content(row).parts)
+    assert not any(p.source == "user" for p in restricted.catalog.content(row).parts)
+    assert row in changed
+    # LOO: a user's own tags after the time they are asked at validation are left out
+    loo = make_split("loo", movielens)
+    limit = dict(zip(loo.val.users, loo.val.at))
+    _, _, dropped_loo = movielens.with_tags_before(limit, loo.train["timestamp"].max() + timedelta(seconds=1))
+    expected = sum(1 for u, t in movielens.tags.select("user_id", "timestamp").iter_rows() if u in limit and t >= limit[u])
+    assert dropped_loo == expected > 0

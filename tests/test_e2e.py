@@ -25,8 +25,17 @@ def test_demo_runs_every_stage_and_reports(demo):
     cfg, report = demo
     assert set(report["timings_s"]) >= {"load data", "embed catalog", "train + evaluate: loo", "train + evaluate: cold"}
     models = {(r["protocol"], r["model"]) for r in report["results"]}
-    assert {("loo", "two-tower"), ("loo", "popularity"), ("loo", "ease"), ("cold", "two-tower"),
-            ("loo", "two-tower + rerank")} <= models
+    assert {("loo", "two-tower"), ("loo", "popularity"), ("loo", "ease"), ("loo", "sasrec"), ("cold", "two-tower"),
+            ("loo", "two-tower + rerank"), ("loo", "content-knn (text)"), ("loo", "content-knn (fused)"),
+            ("cold", "content-knn (text)"), ("cold", "content-knn (fused)")} <= models
+    # on COLD, popularity, EASE and SASRec are one honest "random" row, not three rows named as models
+    assert not {("cold", "popularity"), ("cold", "ease"), ("cold", "sasrec")} & models
+    assert any(p == "cold" and m.startswith("random (") for p, m in models)
+    loo_extra = next(r for r in report["results"] if r["protocol"] == "loo" and r["model"] == "two-tower")["extra"]
+    diffs = loo_extra["two_tower_minus"]
+    assert {"ease", "sasrec", "popularity"} <= set(diffs)
+    assert all(d["NDCG@10"]["low"] <= d["NDCG@10"]["mean"] <= d["NDCG@10"]["high"] for d in diffs.values())
+    assert loo_extra["sasrec"]["epochs"] >= 1 and loo_extra["sasrec"]["val_ndcg10"]
     loo = next(r for r in report["results"] if r["protocol"] == "loo" and r["model"] == "two-tower")
     check = loo["extra"]["rerank_val"]  # rerank-or-not is decided on validation, never on test
     assert check["helps"] == (check["reranked_ndcg10"] > check["retrieval_ndcg10"]) and check["users"] > 0

@@ -262,3 +262,40 @@ def test_train_embedder_three_stages_saves_loadable_weights_and_logs_to_mlflow(s
     assert not torch.allclose(local.model.style_std, torch.ones_like(local.model.style_std))  # set from the images
     result = local.embed_many(synthetic.catalog.contents()[:24], dim=64)
     assert not result.errors and np.isfinite(result.vectors).all()
+
+
+def test_hard_negatives_exclude_the_pairs_own_items_by_id_not_only_by_group():
+    from training.embedder import pick_hard_negatives
+    from training.embedder_data import PairTask
+
+    # co-engagement pairs (anchor, partner): groups are the anchor; item "x" is pair 0's anchor and pair 1's
+    # partner, item "y" pair 0's partner and pair 2's partner
+    a = [Content.of("x", item_id="x"), Content.of("z", item_id="z"), Content.of("w", item_id="w"), Content.of("v", item_id="v")]
+    b = [Content.of("y", item_id="y"), Content.of("x", item_id="x"), Content.of("y", item_id="y"), Content.of("u", item_id="u")]
+    task = PairTask("coengagement", a, b, np.array([0, 1, 2, 3]))
+    nearest = np.array([[1, 2, 3, 0], [0, 1, 3, 2], [0, 2, 3, 1], [3, 2, 1, 0]])  # pair 0's nearest b: "x" then "y"
+    hard = pick_hard_negatives(nearest, task, top=1, rng=np.random.default_rng(0))
+    assert hard[0] == 3  # neither "x" (its own anchor, another group) nor "y" (its positive) but "u"
+    assert hard[1] == 0 and hard[2] == 3  # pair 2 ("w"->"y") skips b[0] = "y" too
+    assert all(b[h].item_id not in {a[i].item_id, b[i].item_id} for i, h in enumerate(hard))
+
+
+def test_modality_centres_remove_each_signatures_offset_and_fall_back_by_parts():
+    from recsys.embed.local import ModalityCentres, signature
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(200, 16)).astype(np.float32)
+    offsets = {"document:image+text": 5.0, "query:image": -5.0}
+    sigs = ["document:image+text"] * 100 + ["query:image"] * 100
+    raw = base + np.array([offsets[s] for s in sigs], np.float32)[:, None] * np.eye(16, dtype=np.float32)[0]
+    c = ModalityCentres.fit(raw, sigs)
+    out = c.apply(raw, sigs, 8)
+    assert out.shape == (200, 8) and np.allclose(np.linalg.norm(out, axis=1), 1, atol=1e-5)
+    # the offset dominated the first coordinate; centred, the two signatures no longer sit apart
+    assert abs(out[:100, 0].mean() - out[100:, 0].mean()) < 0.1 < abs(raw[:100, 0].mean() - raw[100:, 0].mean())
+    # fallbacks: the same parts under another task, else the same task with the most parts in common, else none
+    assert c.centre("document:image") is c.centres["query:image"]
+    assert c.centre("query:image+text") is c.centres["document:image+text"]
+    assert c.centre("document:audio+text") is c.centres["document:image+text"]
+    assert c.centre("query:audio") is None
+    assert signature(Content.of("a title", item_id="x"), "query") == "query:text"

@@ -9,6 +9,7 @@ import polars as pl
 import pytest
 from scipy import sparse
 
+from recsys.config import EvalConfig
 from recsys.eval import bootstrap, coverage, hit_rate, make_split, ndcg, paired_bootstrap_diff, recall, top_k
 from recsys.eval.baselines import EASE, Popularity
 from recsys.eval.evaluate import evaluate
@@ -54,13 +55,21 @@ def test_loo_split(movielens):
     s = make_split("loo", movielens)
     assert len(s.test) == len(s.val) == 610
     f = movielens.interactions.frame
-    last = f.group_by("user_id", maintain_order=True).agg(pl.col("item_id").last())
-    idx = movielens.catalog.index
-    expected = {u: idx[i] for u, i in last.iter_rows()}
-    assert all(t.tolist() == [expected[u]] for u, t in zip(s.test.users, s.test.targets))
+    last_t = dict(f.group_by("user_id").agg(pl.col("timestamp").max()).iter_rows())
+    ids = np.array(movielens.catalog.ids)
+    in_last_second = {u: set(i) for u, i in f.filter(pl.col("timestamp") == pl.col("timestamp").max().over("user_id"))
+                      .group_by("user_id").agg("item_id").iter_rows()}
+    assert all(ids[t[0]] in in_last_second[u] for u, t in zip(s.test.users, s.test.targets))  # a last-second item
+    assert all(a == last_t[u] for u, a in zip(s.test.users, s.test.at))
     assert s.train.height + 2 * 610 == f.height
     # validation rows are history for the test round, never for the validation round
     assert s.test.history.height == s.train.height + 610
+    # same-second ties are drawn by the seed, not by file order: another seed moves some held-out items
+    assert 50 < s.ties < 300
+    other = make_split("loo", movielens, EvalConfig(seed=1))
+    moved = sum(a.tolist() != b.tolist() for a, b in zip(s.test.targets, other.test.targets))
+    assert 0 < moved <= s.ties
+    assert [t.tolist() for t in make_split("loo", movielens).test.targets] == [t.tolist() for t in s.test.targets]
 
 
 def test_cold_split_hides_cold_items_everywhere(movielens):
@@ -117,3 +126,82 @@ def test_linear_map_baseline_learns_a_linear_world_and_keeps_its_validation_best
     r_stop, r_final = retrieval_recall(y[va], stopped(x[va]))[10], retrieval_recall(y[va], final(x[va]))[10]
     assert r_stop >= r_final
     assert retrieval_recall(y[te], stopped(x[te]))[10] > 3 * chance(200)[10]
+
+
+def test_sasrec_learns_a_sequential_rule_popularity_cannot():
+    """Every user walks the catalog in order (item i, then i+1, ...) from a random start: the next item is
+    determined by the last one. SASRec must find it; popularity cannot."""
+    from datetime import datetime, timedelta, timezone
+
+    from recsys.eval.sasrec import SASRec, SASRecConfig
+
+    rng = np.random.default_rng(0)
+    n_items, rows = 30, []
+    t0 = datetime(2020, 1, 1, tzinfo=timezone.utc)
+    for u in range(150):
+        start = int(rng.integers(n_items))
+        for step in range(int(rng.integers(6, 12))):
+            rows.append((f"u{u}", str((start + step) % n_items), t0 + timedelta(days=step)))
+    frame = pl.DataFrame(rows, schema=["user_id", "item_id", "timestamp"], orient="row")
+    index = {str(i): i for i in range(n_items)}
+    f = frame.with_columns(pl.int_range(pl.len()).over("user_id").alias("pos"), pl.len().over("user_id").alias("n"))
+    train = f.filter(pl.col("pos") < pl.col("n") - 1).drop("pos", "n")
+    last = f.filter(pl.col("pos") == pl.col("n") - 1)
+    users = last["user_id"].to_list()
+    from recsys.eval.splits import EvalSet
+
+    es = EvalSet(users, [np.array([index[i]]) for i in last["item_id"].to_list()], last["timestamp"].to_list(), history=train)
+    model = SASRec(index, SASRecConfig(dim=32, max_len=8, max_epochs=40, negatives=None, dropout=0.1), "toy").fit(es)
+    hr = evaluate(model, es, index, "toy", n_boot=10).estimates["HR@10"].mean
+    first = evaluate(model, es, index, "toy", n_boot=10).estimates["NDCG@10"].mean
+    pop = evaluate(Popularity(index).fit(train), es, index, "toy", n_boot=10).estimates["NDCG@10"].mean
+    assert hr > 0.95 and first > 0.8 > pop + 0.4, (hr, first, pop)
+    assert model.epochs >= 1 and model.history
+
+
+def test_ease_tuning_finds_the_exhaustive_grid_best_with_fewer_fits(synthetic, monkeypatch):
+    split = make_split("loo", synthetic)
+    idx = synthetic.catalog.index
+    grid = [0.5, 2.0, 8.0, 32.0, 128.0, 512.0, 2048.0]
+    exhaustive = {lam: evaluate(EASE(idx, lam).fit(split.val.history), split.val, idx, "loo", part="val",
+                                n_boot=1).estimates["NDCG@10"].mean for lam in grid}
+    fits = []
+    real_fit = EASE.fit
+    monkeypatch.setattr(EASE, "fit", lambda self, h: (fits.append(self.lam), real_fit(self, h))[1])
+    best, tried = EASE.tuned(idx, split.val, grid, "loo")
+    assert tried[best.lam] == max(exhaustive.values())
+    assert all(exhaustive[lam] == v for lam, v in tried.items())
+    assert len(fits) == len(set(fits)) < len(grid)
+
+
+def test_evaluation_refuses_embedder_weights_that_trained_on_its_test_split(movielens):
+    from recsys.embed.provenance import check_overlap, dataset_hash
+    from recsys.errors import DataError
+    from training.embedder_data import training_provenance
+
+    record = training_provenance(movielens, EvalConfig())  # what `recsys train-embedder` writes in the manifest
+    digest = dataset_hash(movielens)
+    assert record["dataset_hash"] == digest and len(record["held_out_items"]) == 589 + 295
+    for protocol in ("loo", "cold", "temporal"):  # the settings the weights were trained with: no overlap
+        assert "no" in check_overlap(record, movielens, make_split(protocol, movielens), digest)
+    with pytest.raises(DataError, match="COLD split's"):  # another seed holds out items the embedder trained on
+        check_overlap(record, movielens, make_split("cold", movielens, EvalConfig(seed=1)), digest)
+    with pytest.raises(DataError, match="held-out"):
+        check_overlap(record, movielens, make_split("cold", movielens, EvalConfig(cold_fraction=0.3)), digest)
+    with pytest.raises(DataError, match="LOO split's test interactions"):  # another tie-break seed
+        check_overlap(record, movielens, make_split("loo", movielens, EvalConfig(seed=1)), digest)
+    # weights trained on other data, or that record nothing, are not refused (and say so)
+    assert "other data" in check_overlap({**record, "dataset_hash": "0" * 16}, movielens, make_split("cold", movielens), digest)
+    assert "not checked" in check_overlap(None, movielens, make_split("cold", movielens))
+
+
+def test_the_shipped_embedder_weights_record_their_training_data(movielens):
+    import json
+
+    from recsys.embed.local import DEFAULT_WEIGHTS
+    from recsys.embed.provenance import check_overlap, dataset_hash
+
+    record = json.loads((DEFAULT_WEIGHTS / "manifest.json").read_text())["training_data"]
+    assert record["dataset_hash"] == dataset_hash(movielens) and record["split"]["loo_ties"] == "seeded"
+    for protocol in ("loo", "cold"):
+        check_overlap(record, movielens, make_split(protocol, movielens))

@@ -76,6 +76,45 @@ def test_towers_shapes_and_unit_norm():
     assert (m.id_table.weight[10] == 0).all()
 
 
+def test_sequential_user_tower_is_causal_in_time_finite_without_history_and_exports(tmp_path):
+    from training.towers import SequenceEncoder
+    from training.train import export_user_tower
+
+    torch.manual_seed(0)
+    cfg = TowerConfig(content_dim=8, n_items=10, out_dim=4, hidden_dim=16, use_ids=False, recent=4,
+                      user_encoder="sequential", dropout=0.0)
+    m = TwoTower(cfg).eval()
+    rows = torch.tensor([[1, 2, 3, 10], [4, 10, 10, 10], [10, 10, 10, 10]])  # newest first; padding = n_items
+    mask = rows < 10
+    content = torch.randn(3, 4, 8)
+    args = (torch.randn(3, 8), content, rows, mask, mask, torch.randn(3, 3))
+    u = m.user(*args)
+    assert u.shape == (3, 5) and torch.isfinite(u).all()
+    # what sits in the padding never matters; the order of the items does
+    noisy = content.clone()
+    noisy[~mask] = 100.0
+    assert torch.allclose(m.user(args[0], noisy, *args[2:]), u, atol=1e-5)
+    swapped = content.clone()
+    swapped[0, [0, 2]] = content[0, [2, 0]]
+    assert not torch.allclose(m.user(args[0], swapped, *args[2:])[0], u[0], atol=1e-4)
+    # causal: in time order, an older item's state ignores newer items; the newest position reads them all
+    enc = SequenceEncoder(cfg).eval()
+    keys, full_mask = torch.randn(1, 4, 16), torch.ones(1, 4, dtype=torch.bool)
+    seen = []
+    enc.blocks.register_forward_hook(lambda mod, inp, out: seen.append(out))
+    enc(keys, full_mask)
+    changed = keys.clone()
+    changed[0, 0] = 5.0  # the newest item
+    enc(changed, full_mask)
+    before, after = seen
+    assert torch.allclose(before[0, :4], after[0, :4], atol=1e-5) and not torch.allclose(before[0, 4], after[0, 4])
+    # serving loads the user tower as a torch.export program: the sequential one exports too
+    example = tuple(a.numpy() for a in args)
+    path = export_user_tower(m.user, example, tmp_path / "user.pt2")
+    program = torch.export.load(str(path)).module()
+    assert torch.allclose(program(*args), u, atol=1e-5)
+
+
 def _candidates(U: int, N: int, rng: np.random.Generator, target_at: np.ndarray):
     """U users x N candidates, retrieval order = row order; the target sits at ``target_at`` and is the only
     candidate with has_video = 1 (a feature the reranker can learn, the retrieval order cannot)."""

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from recsys.embed.backbones import Backbones, Featurizer
 from recsys.embed.base import apply_task, truncate_normalize
 from recsys.embed.fusion import FusionConfig, FusionEncoder
-from recsys.embed.local import DEFAULT_WEIGHTS, save_fusion
+from recsys.embed.local import CENTRES_FILE, DEFAULT_WEIGHTS, ModalityCentres, save_fusion, signature
 from recsys.eval.embedder import chance, nearest_label_accuracy, retrieval_recall
 from training.embedder_data import DIGITS, EmbedderData, PairTask
 from training.losses import info_nce, relational_distillation
@@ -60,6 +60,7 @@ class EmbedderTrainConfig:
     # Stage 2's share of batches from co-engagement pairs (None: by weight x sqrt(size), which gave it ~85%
     # and cost the poster path more than it should; the other tasks keep their relative mix).
     coengagement_share: float | None = 0.5
+    part_item_share: float | None = 0.15  # stage 2's share of one-part <-> whole-item batches (search by any part)
     seed: int = 0
 
 
@@ -186,12 +187,21 @@ def encode(model: FusionEncoder, feats: list, batch: int = 256) -> np.ndarray:
     return torch.cat(out).numpy() if out else np.zeros((0, model.cfg.out_dim), np.float32)
 
 
-def evaluate_tasks(model: FusionEncoder, tasks: dict[str, PairTask], dim: int = 256) -> dict[str, float]:
-    """Held-out metrics: media <-> text retrieval, digit accuracy, with chance levels beside them."""
+def evaluate_tasks(model: FusionEncoder, tasks: dict[str, PairTask], centres: ModalityCentres | None = None,
+                   dim: int = 256) -> dict[str, float]:
+    """Held-out metrics: media <-> text retrieval, digit accuracy, part -> item search, with chance levels
+    beside them; with ``centres``, on the vectors the embedder serves (modality gap corrected)."""
     out: dict[str, float] = {}
+
+    def vectors(task: PairTask, side: str) -> np.ndarray:  # each side with its task prefix
+        raw = encode(model, task.feats[side][1])
+        if centres is None:
+            return truncate_normalize(raw, dim)
+        contents, t = (task.a, task.a_task) if side == "a" else (task.b, task.b_task)
+        return centres.apply(raw, [signature(c, t) for c in contents], dim)
+
     for key, task in tasks.items():
-        a = truncate_normalize(encode(model, task.feats["a"][1]), dim)  # documents: media with their prefix
-        b = truncate_normalize(encode(model, task.feats["b"][1]), dim)  # queries: text with the query prefix
+        a, b = vectors(task, "a"), vectors(task, "b")
         n = len(task)
         if key == "digit-word":  # val/test words are the bare digit names
             first = [next(i for i, c in enumerate(task.b) if c.text() == w) for w in DIGITS]
@@ -200,7 +210,8 @@ def evaluate_tasks(model: FusionEncoder, tasks: dict[str, PairTask], dim: int = 
             continue
         t2a, a2t = retrieval_recall(b, a), retrieval_recall(a, b)
         ch = chance(n)
-        name = {"poster-text": ("text->poster", "poster->text"), "synthetic-caption": ("caption->media", "media->caption")}.get(key, ("b->a", "a->b"))
+        name = {"poster-text": ("text->poster", "poster->text"), "synthetic-caption": ("caption->media", "media->caption"),
+                "part-item": ("item->part", "part->item")}.get(key, ("b->a", "a->b"))
         for k in (1, 10):
             out[f"{key}/{name[0]} R@{k}"] = t2a[k]
             out[f"{key}/{name[1]} R@{k}"] = a2t[k]
@@ -212,6 +223,23 @@ def evaluate_tasks(model: FusionEncoder, tasks: dict[str, PairTask], dim: int = 
     return out
 
 
+def fit_centres(model: FusionEncoder, tasks: list[PairTask], per_signature: int = 2000, seed: int = 0) -> ModalityCentres:
+    """The modality-gap correction (recsys.embed.local.ModalityCentres) from the training tasks' contents:
+    each (task, kinds of parts) signature's mean raw output over up to ``per_signature`` contents."""
+    rng = np.random.default_rng(seed)
+    by_sig: dict[str, list] = {}
+    for task in tasks:
+        for side, contents, t in (("a", task.a, task.a_task), ("b", task.b, task.b_task)):
+            for c, f in zip(contents, task.feats[side][1]):
+                by_sig.setdefault(signature(c, t), []).append(f)
+    feats, sigs = [], []
+    for sig, fs in sorted(by_sig.items()):
+        pick = rng.permutation(len(fs))[:per_signature]
+        feats += [fs[i] for i in pick]
+        sigs += [sig] * len(pick)
+    return ModalityCentres.fit(encode(model, feats), sigs)
+
+
 def mlflow_name(key: str) -> str:
     """MLflow metric names take letters, digits, '_', '/', '.', ' ' and '-' only."""
     return key.replace("->", " to ").replace("@", " at ")
@@ -219,7 +247,7 @@ def mlflow_name(key: str) -> str:
 
 def val_score(metrics: dict[str, float]) -> float:
     """What picks checkpoints: the real-data retrieval counts double (text->poster R@10 is the headline)."""
-    weights = {"text->poster R@10": 2.0, "audio->word acc": 1.0, "same-cluster@1": 1.0}
+    weights = {"text->poster R@10": 2.0, "audio->word acc": 1.0, "same-cluster@1": 1.0, "part->item R@1": 1.0}
     parts = [(w, metrics[k]) for k in metrics for suffix, w in weights.items() if k.endswith(suffix)]
     return float(sum(w * v for w, v in parts) / sum(w for w, _ in parts)) if parts else 0.0
 
@@ -256,7 +284,10 @@ def init_from_data(model: FusionEncoder, tasks: list[PairTask]) -> None:
 
 
 def mine_hard_negatives(model: FusionEncoder, task: PairTask, top: int = 10, seed: int = 0) -> np.ndarray:
-    """For each pair, a b-side from the ``top`` nearest to its a (by the current model) of another group."""
+    """For each pair, a b-side from the ``top`` nearest to its a (by the current model) that is neither of
+    another group's pair of the same items nor the pair's own items: a candidate is excluded by group *and* by
+    item id (in co-engagement, the anchor item is often some other pair's b side; it must never be mined as
+    its own negative, nor may the positive item). Pairs with no eligible neighbour get a random other item."""
     import faiss
 
     rng = np.random.default_rng(seed)
@@ -264,11 +295,26 @@ def mine_hard_negatives(model: FusionEncoder, task: PairTask, top: int = 10, see
     b = truncate_normalize(encode(model, task.feats["b"][1]), model.cfg.out_dim).astype(np.float32)
     index = faiss.IndexFlatIP(b.shape[1])
     index.add(b)
-    _, nn_idx = index.search(a, top + 5)
+    _, nn_idx = index.search(a, min(top + 15, len(task)))
+    return pick_hard_negatives(nn_idx, task, top, rng)
+
+
+def pick_hard_negatives(nn_idx: np.ndarray, task: PairTask, top: int, rng: np.random.Generator) -> np.ndarray:
+    """Per pair i, one of the first ``top`` eligible neighbours in ``nn_idx[i]`` (b-side indices, nearest
+    first): another group, and an item id other than pair i's a or b item (ids of None never match)."""
+    a_ids = [c.item_id for c in task.a]
+    b_ids = [c.item_id for c in task.b]
+
+    def eligible(i: int, j: int) -> bool:
+        own = {a_ids[i], b_ids[i]} - {None}
+        return j >= 0 and task.groups[j] != task.groups[i] and b_ids[j] not in own
+
     hard = np.empty(len(task), dtype=np.int64)
     for i, row in enumerate(nn_idx):
-        cands = [j for j in row if j >= 0 and task.groups[j] != task.groups[i]]
-        hard[i] = cands[rng.integers(min(top, len(cands)))] if cands else rng.integers(len(task))
+        cands = [int(j) for j in row if eligible(i, int(j))]
+        if not cands:
+            cands = [j for j in rng.permutation(len(task))[:50].tolist() if eligible(i, j)] or [int(rng.integers(len(task)))]
+        hard[i] = cands[rng.integers(min(top, len(cands)))]
     return hard
 
 
@@ -327,7 +373,7 @@ def train_embedder(data: EmbedderData, out_dir: Path, tracking_uri: str, cfg: Em
     module2.model.load_state_dict(module.model.state_dict())
     module2.log_inv_temp.data.copy_(module.log_inv_temp.data)
     module2.cfg = EmbedderTrainConfig(**{**cfg.__dict__, "lr": cfg.lr / 3, "audio_lr": cfg.audio_lr / 3})
-    shares = {"coengagement": cfg.coengagement_share}
+    shares = {"coengagement": cfg.coengagement_share, "part-item": cfg.part_item_share}
     v2 = _fit(module2, data.stage2, cfg.stage2_steps, module2.cfg, data.val, logger, cfg.seed + 1, shares)
 
     # Stage 3: checkpoint averaging, chosen on validation (see stage3_candidates).
@@ -341,7 +387,8 @@ def train_embedder(data: EmbedderData, out_dir: Path, tracking_uri: str, cfg: Em
     module2.model.load_state_dict(candidates[choice])
     soup_val = stage3_val["soup"]
     model = module2.model.eval()
-    test = evaluate_tasks(model, data.test)
+    centres = fit_centres(model, data.stage2)
+    test = evaluate_tasks(model, data.test, centres)
     for k, v in test.items():
         logger.experiment.log_metric(logger.run_id, f"test/{mlflow_name(k)}", v)
     manifest = {
@@ -351,18 +398,20 @@ def train_embedder(data: EmbedderData, out_dir: Path, tracking_uri: str, cfg: Em
         "dims": list(fusion.matryoshka_dims),
         "data": data.sources,
         "stages": {"1": {"steps": cfg.stage1_steps, "val_score": stage1_val},
-                   "2": {"steps": cfg.stage2_steps, "best_val_score": v2.best[0], "hard_negatives": "FAISS top-10, other group",
+                   "2": {"steps": cfg.stage2_steps, "best_val_score": v2.best[0], "hard_negatives": "FAISS top-10, other group and other item",
                          "task_mix": {t.name: round(float(p), 3) for t, p in
                                       zip(data.stage2, task_mix(data.stage2, shares))}},
                    "3": {"soup_of_last": cfg.soup_last, "soup_val_score": soup_val, "val_scores": stage3_val,
                          "kept": choice}},
+        "modality_centres": sorted(centres.centres),
+        "training_data": data.provenance,
         "train_config": cfg.__dict__,
         "test_metrics": test,
         "featurize_s": round(t_feat, 1),
         "train_s": round(time.time() - t0 - t_feat, 1),
         "mlflow_run_id": logger.run_id,
     }
-    folder = save_fusion(model, out_dir, manifest)
+    folder = save_fusion(model, out_dir, manifest, centres)
     logger.experiment.log_artifacts(logger.run_id, str(folder), artifact_path="weights")
     return folder, test
 
@@ -370,6 +419,9 @@ def train_embedder(data: EmbedderData, out_dir: Path, tracking_uri: str, cfg: Em
 def install(folder: Path, target: Path = DEFAULT_WEIGHTS) -> Path:
     """Copy trained weights into the package (what a fresh offline machine loads by default)."""
     target.mkdir(parents=True, exist_ok=True)
-    for name in ("fusion.safetensors", "manifest.json"):
-        shutil.copyfile(folder / name, target / name)
+    for name in ("fusion.safetensors", "manifest.json", CENTRES_FILE):
+        if (folder / name).exists():
+            shutil.copyfile(folder / name, target / name)
+        else:
+            (target / name).unlink(missing_ok=True)
     return target

@@ -23,7 +23,7 @@ from recsys.content import Content, Part
 from recsys.data import Dataset
 from recsys.data.movielens import item_text
 from recsys.data.synthetic import SyntheticSpec, generate, load_folder
-from recsys.eval.splits import cold_split, loo_split, temporal_split
+from recsys.eval.splits import cold_split, shared_training_interactions
 
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DIGIT_TEMPLATES = ("{w}", "the number {w}", "someone saying {w}", "spoken digit {w}")
@@ -56,6 +56,8 @@ class EmbedderData:
     val: dict[str, PairTask] = field(default_factory=dict)
     test: dict[str, PairTask] = field(default_factory=dict)
     sources: dict[str, object] = field(default_factory=dict)  # what went in (for the manifest)
+    part_item: PairTask | None = None  # stage 2: one part of an item <-> the whole item
+    provenance: dict | None = None  # the dataset and split it learned from (checked before any evaluation)
 
 
 def _mirrored(path: str) -> Content:
@@ -133,16 +135,6 @@ def synthetic_tasks(folder: Path, n_items: int = 600, seed: int = 1) -> tuple[Pa
     return tuple(PairTask(f"synthetic-caption/{k}", a, b, np.array(g)) for k, (a, b, g) in split.items())  # type: ignore[return-value]
 
 
-def shared_training_interactions(ds: Dataset, cfg: EvalConfig) -> pl.DataFrame:
-    """Interactions that every protocol trains on: not a LOO val/test row, not a cold item's, not after
-    the temporal validation cut. Embedder co-engagement pairs come only from these (no leakage)."""
-    keys = ["user_id", "item_id", "timestamp"]
-    common = loo_split(ds).train.select(keys)
-    for split in (cold_split(ds, cfg), temporal_split(ds, cfg)):
-        common = common.join(split.train.select(keys), on=keys, how="semi")
-    return common
-
-
 def coengagement_task(ds: Dataset, frame: pl.DataFrame, max_pairs: int = 40000, window: int = 3,
                       per_item_cap: int = 30, seed: int = 0) -> PairTask:
     """Pairs of items one user engaged with within ``window`` steps of each other. Each item keeps at
@@ -172,6 +164,57 @@ def coengagement_task(ds: Dataset, frame: pl.DataFrame, max_pairs: int = 40000, 
     return PairTask("coengagement", a, b, np.array([x for x, _ in kept]), a_task="document", b_task="document")
 
 
+def part_item_task(ds: Dataset, train_rows: list[int], text_only_items: int = 2000, seed: int = 0) -> PairTask:
+    """One part of an item (its poster alone, or its title alone) as a query <-> the whole item as a document,
+    for the training movies (never the COLD protocol's held-out ones), plus the titles of a sample of movies
+    without a poster. Teaches search to find an item from any one of its parts, whatever else the catalog's
+    items carry. The whole item drops its user-derived parts half of the time (a brand-new item has none)."""
+    rng = np.random.default_rng(seed)
+    held = set(range(len(ds.catalog))) - set(train_rows)
+    has_image = ds.catalog.modalities[:, 1]
+    plain = [r for r in np.flatnonzero(~has_image).tolist() if r not in held]
+    plain = rng.permutation(plain)[:text_only_items].tolist()
+    a, b, g = [], [], []
+    for row in [*train_rows, *plain]:
+        item = ds.catalog.content(row, cold=bool(rng.random() < 0.5))
+        image = [p for p in item.parts if p.kind == "image"][:1]
+        queries = [Content((image[0],), item_id=item.item_id)] if image else []
+        queries.append(Content.of(ds.catalog.titles[row], item_id=item.item_id))
+        for q in queries:
+            a.append(q)
+            b.append(item)
+            g.append(row)
+    return PairTask("part-item", a, b, np.array(g), weight=1.0, a_task="query", b_task="document")
+
+
+def part_item_eval(ds: Dataset, rows: list[int], name: str) -> PairTask:
+    """Held-out part -> item pairs (poster alone and title alone) for the given movies with posters."""
+    a, b, g = [], [], []
+    for row in rows:
+        item = ds.catalog.content(row, cold=True)
+        image = [p for p in item.parts if p.kind == "image"][:1]
+        for q in ([Content((image[0],), item_id=item.item_id)] if image else []) + [Content.of(ds.catalog.titles[row], item_id=item.item_id)]:
+            a.append(q)
+            b.append(item)
+            g.append(row)
+    return PairTask(name, a, b, np.array(g), a_task="query", b_task="document")
+
+
+def training_provenance(ds: Dataset, cfg: EvalConfig) -> dict:
+    """What the embedder's weights learned from, for the evaluation's overlap check (recsys.embed.provenance):
+    the dataset's content hash, the split settings, and the items and interactions it held out."""
+    from recsys.embed.provenance import dataset_hash
+
+    split = cold_split(ds, cfg)
+    held_items = sorted(np.array(ds.catalog.ids)[split.cold_items].tolist())
+    return {"dataset": ds.name, "dataset_hash": dataset_hash(ds),
+            "split": {"seed": cfg.seed, "cold_fraction": cfg.cold_fraction, "cold_pool": cfg.cold_pool,
+                      "temporal_quantile": cfg.temporal_quantile, "loo_ties": "seeded"},
+            "held_out_items": held_items,
+            "interactions": "shared_training_interactions: not a LOO validation/test row, not a held-out item's, "
+                            "before the TEMPORAL validation cut"}
+
+
 def build(ds: Dataset | None, cfg: EvalConfig, fsdd_dir: Path | None, synthetic_dir: Path,
           coengagement_pairs: int = 40000) -> EmbedderData:
     """Every task the data at hand allows; sources that are absent are left out (and say so)."""
@@ -181,6 +224,10 @@ def build(ds: Dataset | None, cfg: EvalConfig, fsdd_dir: Path | None, synthetic_
         tr.a_augmented = [_mirrored(c.parts[0].path) for c in tr.a]
         data.stage1 += [tr, poster_genre_task(ds, tr)]
         data.val["poster-text"], data.test["poster-text"] = va, te
+        index = ds.catalog.index
+        data.part_item = part_item_task(ds, [index[c.item_id] for c in tr.a])
+        data.val["part-item"] = part_item_eval(ds, [index[c.item_id] for c in va.a], "part-item/val")
+        data.test["part-item"] = part_item_eval(ds, [index[c.item_id] for c in te.a], "part-item/test")
         data.sources["posters"] = {"train": len(tr), "val": len(va), "test (held out)": len(te)}
     else:
         data.sources["posters"] = "absent"
@@ -199,8 +246,10 @@ def build(ds: Dataset | None, cfg: EvalConfig, fsdd_dir: Path | None, synthetic_
     data.sources["synthetic"] = {"train": len(tr), "val": len(va), "test": len(te)}
     if ds is not None:
         co = coengagement_task(ds, shared_training_interactions(ds, cfg), max_pairs=coengagement_pairs)
-        data.stage2 = [*data.stage1, co]
+        data.stage2 = [*data.stage1, co] + ([data.part_item] if data.part_item is not None else [])
         co.weight = 2.0
+        data.sources["part-item"] = len(data.part_item) if data.part_item is not None else "absent"
+        data.provenance = training_provenance(ds, cfg)
         data.sources["coengagement"] = {"pairs": len(co), "from": "interactions shared by the LOO, COLD and TEMPORAL training sets"}
     else:
         data.stage2 = list(data.stage1)

@@ -105,10 +105,13 @@ class RankingValidation(L.Callback):
     """Full-ranking validation at the end of every training epoch; logs val/Recall10, val/Recall50, val/NDCG10."""
 
     def __init__(self, dm: TwoTowerData, catalog_index: dict[str, int], protocol: str, every: int = 1,
-                 bucket_s: float = 4 * 7 * 86400.0):
+                 bucket_s: float = 4 * 7 * 86400.0, max_groups: int | None = 32):
         """Args: bucket_s: users asked within one bucket share the item statistics as of its earliest time;
-        coarser than the final evaluation's week (fewer item-tower passes), which is fine for model selection."""
+        coarser than the final evaluation's week (fewer item-tower passes), which is fine for model selection;
+        max_groups: at most this many buckets (LOO asks users over 20 years: 250 four-week buckets cost
+        more than the epoch's training)."""
         self.dm, self.index, self.protocol, self.every, self.bucket_s = dm, catalog_index, protocol, every, bucket_s
+        self.max_groups = max_groups
         self.results: list[EvalResult] = []
 
     def on_train_epoch_start(self, trainer, module):
@@ -119,7 +122,7 @@ class RankingValidation(L.Callback):
         if self.dm.val is None or (trainer.current_epoch + 1) % self.every:
             return
         result = validate(module, self.dm.val, self.dm.item_content, self.index, self.protocol, n_boot=1,
-                          bucket_s=self.bucket_s)
+                          bucket_s=self.bucket_s, max_groups=self.max_groups)
         self.results.append(result)
         # MLflow metric names allow no "@": val/Recall10, val/Recall50, val/NDCG10
         module.log_dict({f"val/{m.replace('@', '')}": result.estimates[m].mean for m in ("Recall@10", "Recall@50", "NDCG@10")},
@@ -164,13 +167,16 @@ WEEK = 7 * 86400.0
 
 
 def rank_by_time(module: TwoTowerModule, val: ValidationData, item_content: np.ndarray, catalog_index: dict[str, int],
-                 n: int, kind: str = "flat", bucket_s: float = WEEK):
+                 n: int, kind: str = "flat", bucket_s: float = WEEK, max_groups: int | None = None):
     """FAISS top-``n`` per user, seen items excluded. Users are grouped by the week (``bucket_s``) they were
     asked in; each group's item vectors use item statistics as of the group's earliest time (never later
     than any member's), as serving would have computed them then.
 
     Yields:
         (user indices, scores (g, n), rows (g, n), item stats table (n_items, 7)) per group.
+
+    ``max_groups`` bounds the item-tower passes (one per group): past it, users are split by time into that
+    many groups of equal size instead (per-epoch validation, where the cost matters more than staleness).
     """
     es = val.eval_set
     users = module.encode_users(val.users, item_content)
@@ -181,6 +187,9 @@ def rank_by_time(module: TwoTowerModule, val: ValidationData, item_content: np.n
         groups = [(np.arange(len(es)), None)]
     else:
         week = np.floor(times / bucket_s)
+        if max_groups is not None and np.unique(week).size > max_groups:
+            week = np.empty(len(times))
+            week[np.argsort(times, kind="stable")] = np.arange(len(times)) * max_groups // len(times)
         groups = [(np.flatnonzero(week == w), float(times[week == w].min())) for w in np.unique(week)]
     for idx, t in groups:
         stats = val.items.stats if t is None else val.asof.all_at(t)
@@ -192,11 +201,11 @@ def rank_by_time(module: TwoTowerModule, val: ValidationData, item_content: np.n
 
 def validate(module: TwoTowerModule, val: ValidationData, item_content: np.ndarray, catalog_index: dict[str, int],
              protocol: str, part: str = "val", n_boot: int = 1000, name: str = "two-tower", kind: str = "flat",
-             keep_topk: bool = False, bucket_s: float = WEEK) -> EvalResult:
+             keep_topk: bool = False, bucket_s: float = WEEK, max_groups: int | None = None) -> EvalResult:
     """Rank with the model through FAISS and score the rankings (see recsys.eval)."""
     es = val.eval_set
     topk = np.full((len(es), 50), -1, np.int64)
-    for idx, _, rows, _ in rank_by_time(module, val, item_content, catalog_index, 50, kind, bucket_s):
+    for idx, _, rows, _ in rank_by_time(module, val, item_content, catalog_index, 50, kind, bucket_s, max_groups):
         topk[idx] = rows
     n_cand = es.candidates.size if es.candidates is not None else len(val.items.rows)
     return score_topk(name, topk, es, n_cand, protocol, part, n_boot=n_boot, keep_topk=keep_topk)

@@ -36,6 +36,9 @@ class TowerConfig:
     recent: int = 20
     dropout: float = 0.1
     item_bias: bool = True  # the extra coordinate: a per-item prior from content and stats
+    user_encoder: str = "attention"  # how the user tower reads its recent items: "attention" or "sequential"
+    seq_layers: int = 2  # sequential: causal self-attention blocks
+    seq_heads: int = 2
 
     @property
     def vector_dim(self) -> int:
@@ -82,6 +85,36 @@ class ItemTower(nn.Module):
         return torch.cat([v, self.bias(x)], -1) if self.bias is not None else v
 
 
+class SequenceEncoder(nn.Module):
+    """The user's recent items read in time order by causal self-attention (SASRec-style, over multimodal item
+    vectors, so new items count from their first appearance); the newest position's state is the summary.
+
+    Args (forward):
+        keys: (B, L, H) projected recent items with their positions, newest first (as the features store them).
+        mask: (B, L) True where an item is present (absent ones are at the end: the user has fewer than L).
+    Returns:
+        (B, H) the state at the newest item (any value for users without items: the caller zeroes those).
+    """
+
+    def __init__(self, cfg: TowerConfig):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(cfg.hidden_dim, cfg.seq_heads, 2 * cfg.hidden_dim, cfg.dropout,
+                                           activation="gelu", batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, cfg.seq_layers, enable_nested_tensor=False)
+        self.start = nn.Parameter(torch.randn(cfg.hidden_dim) * 0.02)  # a "sequence begins" token
+        self.norm = nn.LayerNorm(cfg.hidden_dim)
+
+    def forward(self, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, L, H = keys.shape
+        # oldest first, newest last, after a start token that every position may read: a position before the
+        # user's first item then never has all its keys masked (NaN, which leaks through 0-weight attention)
+        x = torch.cat([self.start.expand(B, 1, H), keys.flip(1)], 1)
+        absent = torch.cat([torch.zeros_like(mask[:, :1]), ~mask.flip(1)], 1)
+        causal = torch.triu(torch.ones(L + 1, L + 1, dtype=torch.bool, device=keys.device), 1)
+        h = self.blocks(x, mask=causal, src_key_padding_mask=absent, is_causal=True)
+        return self.norm(h[:, -1])
+
+
 class UserTower(nn.Module):
     """(history vector, recent items, stats) -> L2-normalised user vector.
 
@@ -102,6 +135,9 @@ class UserTower(nn.Module):
         self.item_proj = nn.Linear(d_item, cfg.hidden_dim)
         self.position = nn.Parameter(torch.zeros(cfg.recent, cfg.hidden_dim))
         self.query = nn.Parameter(torch.randn(cfg.hidden_dim) * 0.02)
+        if cfg.user_encoder not in ("attention", "sequential"):
+            raise ValueError(f"user_encoder must be 'attention' or 'sequential', got {cfg.user_encoder!r}")
+        self.sequence = SequenceEncoder(cfg) if cfg.user_encoder == "sequential" else None
         self.mlp = _mlp(cfg.content_dim + cfg.hidden_dim + N_USER_STATS, cfg.hidden_dim, cfg.out_dim, cfg.dropout)
         self.skip = nn.Linear(cfg.content_dim, cfg.out_dim, bias=False)
 
@@ -111,8 +147,12 @@ class UserTower(nn.Module):
         if self.ids is not None:
             parts.append(self.ids(recent_ids) * recent_id_mask.unsqueeze(-1).float())
         keys = self.item_proj(torch.cat(parts, -1)) + self.position[: recent_content.shape[1]]  # (B, L, H)
-        attn = (keys @ self.query / keys.shape[-1] ** 0.5).masked_fill(~recent_mask, -1e9).softmax(-1)
-        pooled = (attn.unsqueeze(-1) * keys).sum(1) * recent_mask.any(1, keepdim=True).float()
+        if self.sequence is not None:
+            pooled = self.sequence(keys, recent_mask)
+        else:
+            attn = (keys @ self.query / keys.shape[-1] ** 0.5).masked_fill(~recent_mask, -1e9).softmax(-1)
+            pooled = (attn.unsqueeze(-1) * keys).sum(1)
+        pooled = pooled * recent_mask.any(1, keepdim=True).float()
         x = torch.cat([history, pooled, stats], -1)
         u = F.normalize(self.skip(history) + self.mlp(x), dim=-1)
         return torch.cat([u, torch.ones_like(u[:, :1])], -1) if self.cfg.item_bias else u

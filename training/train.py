@@ -7,7 +7,10 @@ Scale-out is configuration: ``train.strategy="ddp"``, ``train.devices``, ``train
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import os
 import tempfile
 import time
@@ -120,14 +123,16 @@ def fit_two_tower(cfg: Config, catalog: Catalog, split: Split, repo: FeatureRepo
     seen = history_matrix(split.val.history, split.val.users, catalog.index, len(catalog))
     dm = TwoTowerData(rows, content_vectors, asof, known, ValidationData(split.val, vu, vi, vasof, seen), t)
     tower = TowerConfig(content_dim=dim, n_items=len(catalog), out_dim=t.out_dim, hidden_dim=t.hidden_dim,
-                        use_ids=t.id_embeddings if use_ids is None else use_ids, recent=cfg.features.recent_items)
+                        use_ids=t.id_embeddings if use_ids is None else use_ids, recent=cfg.features.recent_items,
+                        user_encoder=t.user_encoder)
     module = TwoTowerModule(tower, t, dm.log_q(), known)
     ckpt_dir = cfg.models_dir / f"{name}-{split.name}"
     logger = MLFlowLogger(experiment_name=cfg.mlflow_experiment, tracking_uri=cfg.tracking_uri,
                           run_name=f"{name}/{split.name}", log_model=False)
     logger.log_hyperparams({"name": name, "protocol": split.name, "content_dim": dim, "embedder": e.backend,
                             **{f"train.{k}": v for k, v in t.model_dump().items()}})
-    validation = RankingValidation(dm, catalog.index, split.name, bucket_s=cfg.train.val_bucket_days * 86400.0)
+    validation = RankingValidation(dm, catalog.index, split.name, bucket_s=cfg.train.val_bucket_days * 86400.0,
+                                   max_groups=cfg.train.val_max_groups)
     callbacks = [validation,
                  EarlyStopping(monitor="val/NDCG10", mode="max", patience=t.patience, check_on_train_epoch_end=True),
                  ModelCheckpoint(dirpath=ckpt_dir, monitor="val/NDCG10", mode="max", save_top_k=1,
@@ -212,7 +217,9 @@ def log_towers(trained: TrainedTwoTower, cfg: Config, catalog: Catalog, items: I
             mlflow.log_artifacts(tmp, artifact_path="two_tower")
         mlflow.log_metric("train/examples_per_s", trained.examples_per_s)
         model_uri = f"runs:/{trained.run_id}/user_tower"
-    version = mlflow.register_model(model_uri, cfg.train.registered_model)
+    with contextlib.redirect_stderr(io.StringIO()) as said:  # MLflow prints "Successfully registered ..." itself
+        version = mlflow.register_model(model_uri, cfg.train.registered_model)
+    logging.getLogger(__name__).info(said.getvalue().strip())
     if alias:
         mlflow.tracking.MlflowClient().set_registered_model_alias(cfg.train.registered_model, alias, version.version)
     return str(version.version)

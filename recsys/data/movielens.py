@@ -29,6 +29,18 @@ def _examples(frame: pl.DataFrame, n: int = 5) -> list[str]:
     return [", ".join(f"{k}={v}" for k, v in row.items()) for row in frame.head(n).iter_rows(named=True)]
 
 
+def top_tags(tag_events: pl.DataFrame, max_tags_per_item: int) -> dict[str, list[str]]:
+    """(item_id, user_id, tag, timestamp) rows -> each item's ``max_tags_per_item`` most frequent tags."""
+    top = (tag_events.group_by(["item_id", "tag"]).len()
+           .sort(["item_id", "len", "tag"], descending=[False, True, False])
+           .group_by("item_id", maintain_order=True).agg(pl.col("tag").head(max_tags_per_item)))
+    return dict(zip(top["item_id"].to_list(), top["tag"].to_list()))
+
+
+def tag_text(tags: list[str]) -> str:
+    return "tags: " + ", ".join(tags)
+
+
 def item_text(title: str, genres: list[str]) -> str:
     return f"{title} | {', '.join(genres) if genres else 'no genres'}"
 
@@ -74,15 +86,11 @@ def load_movielens(
         tags = _read_csv(tags_path).with_columns(pl.col("tag").str.strip_chars().str.to_lowercase())
         unknown = tags.filter(~pl.col("movieId").is_in(list(known)))
         report.add("tags on unknown movies (skipped)", _examples(unknown), unknown.height)
-        top = (
-            tags.filter(pl.col("movieId").is_in(list(known)) & pl.col("tag").is_not_null())
-            .group_by(["movieId", "tag"])
-            .len()
-            .sort(["movieId", "len", "tag"], descending=[False, True, False])
-            .group_by("movieId", maintain_order=True)
-            .agg(pl.col("tag").head(max_tags_per_item))
-        )
-        tags_by_item = dict(zip(top["movieId"].to_list(), top["tag"].to_list()))
+        tag_events = tags.filter(pl.col("movieId").is_in(list(known)) & pl.col("tag").is_not_null()).select(
+            pl.col("movieId").str.strip_chars().alias("item_id"), pl.col("userId").str.strip_chars().alias("user_id"),
+            "tag", pl.from_epoch(pl.col("timestamp").cast(pl.Int64, strict=False).fill_null(0), time_unit="s")
+            .dt.replace_time_zone("UTC").alias("timestamp"))
+        tags_by_item = top_tags(tag_events, max_tags_per_item)
 
     # Parts ----------------------------------------------------------------------------------
     poster_dir = Path(posters) if posters is not None else None
@@ -99,7 +107,7 @@ def load_movielens(
         if item_id in poster_files:
             parts.append({"kind": "image", "text": None, "path": str(poster_dir / f"{item_id}.jpg"), "source": "content"})
         if tags_by_item.get(item_id):
-            parts.append({"kind": "text", "text": "tags: " + ", ".join(tags_by_item[item_id]), "path": None, "source": "user"})
+            parts.append({"kind": "text", "text": tag_text(tags_by_item[item_id]), "path": None, "source": "user"})
         parts_col.append(parts)
     items = movies.select("item_id", "title", "year", "genres").with_columns(
         pl.Series("parts", parts_col, dtype=ITEM_SCHEMA["parts"])
@@ -131,4 +139,5 @@ def load_movielens(
     interactions = Interactions(frame)
     report.loaded = {"items": items.height, "interactions": len(interactions), "users": interactions.n_users,
                      "posters": len(poster_files & known)}
-    return Dataset("movielens", Catalog(items), interactions, report)
+    return Dataset("movielens", Catalog(items), interactions, report,
+                   tags=tag_events if tags_path.exists() else None, max_tags_per_item=max_tags_per_item)

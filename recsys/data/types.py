@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import cached_property
 
 import numpy as np
@@ -152,6 +153,38 @@ class Dataset:
     catalog: Catalog
     interactions: Interactions
     report: LoadReport
+    tags: pl.DataFrame | None = None  # user-derived text events (item_id, user_id, tag, timestamp): MovieLens tags
+    max_tags_per_item: int = 10
+
+    def _like(self, catalog: Catalog, frame: pl.DataFrame) -> "Dataset":
+        return Dataset(self.name, catalog, Interactions(frame), self.report, self.tags, self.max_tags_per_item)
+
+    def with_tags_before(self, limit: dict[str, datetime], default: datetime) -> tuple["Dataset", list[int], int]:
+        """The dataset whose items' tag parts count only tags applied before their author's limit (``limit``
+        per user, else ``default``): an evaluation protocol's training window, so no item's content carries a
+        tag from after the time a model is asked about its author.
+
+        Returns:
+            (that dataset, catalog rows whose content changed, number of tags left out)."""
+        if self.tags is None or self.tags.is_empty():
+            return self, [], 0
+        from recsys.data.movielens import tag_text, top_tags
+
+        lim = pl.DataFrame({"user_id": list(limit), "limit": list(limit.values())},
+                           schema={"user_id": pl.Utf8, "limit": self.tags.schema["timestamp"]})
+        kept = self.tags.join(lim, on="user_id", how="left").filter(
+            pl.col("timestamp") < pl.col("limit").fill_null(default)).drop("limit")
+        by_item = top_tags(kept, self.max_tags_per_item)
+        parts_col, changed = [], []
+        for row, (item_id, parts) in enumerate(self.catalog.items.select("item_id", "parts").iter_rows()):
+            new = [p for p in parts if p["source"] != "user"]
+            if by_item.get(item_id):
+                new.append({"kind": "text", "text": tag_text(by_item[item_id]), "path": None, "source": "user"})
+            if new != parts:
+                changed.append(row)
+            parts_col.append(new)
+        items = self.catalog.items.with_columns(pl.Series("parts", parts_col, dtype=self.catalog.items.schema["parts"]))
+        return self._like(Catalog(items), self.interactions.frame), changed, self.tags.height - kept.height
 
     def with_users(self, max_users: int | None) -> "Dataset":
         """A slice: the first ``max_users`` users (by id order) and all items."""
@@ -159,7 +192,7 @@ class Dataset:
             return self
         users = self.interactions.frame["user_id"].unique(maintain_order=True).head(max_users)
         frame = self.interactions.frame.filter(pl.col("user_id").is_in(users.implode()))
-        return Dataset(self.name, self.catalog, Interactions(frame), self.report)
+        return self._like(self.catalog, frame)
 
     def without_items(self, item_ids: list[str] | set[str], problem: str) -> "Dataset":
         """The dataset minus ``item_ids`` and their interactions, recorded in the report under ``problem``
@@ -170,4 +203,4 @@ class Dataset:
         items = self.catalog.items.filter(~pl.col("item_id").is_in(list(drop)))
         frame = self.interactions.frame.filter(~pl.col("item_id").is_in(list(drop)))
         self.report.add(problem, sorted(drop)[:5], count=len(drop))
-        return Dataset(self.name, Catalog(items), Interactions(frame), self.report)
+        return self._like(Catalog(items), frame)

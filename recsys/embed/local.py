@@ -23,6 +23,7 @@ from recsys.embed.cache import VectorCache, embedding_key
 from recsys.embed.fusion import FusionConfig, FusionEncoder
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "local-v1"
+CENTRES_FILE = "centres.npz"  # the modality-gap correction (ModalityCentres), next to the weights
 
 
 def load_fusion(folder: str | Path) -> tuple[FusionEncoder, dict]:
@@ -42,19 +43,85 @@ def load_fusion(folder: str | Path) -> tuple[FusionEncoder, dict]:
     return model.eval(), manifest
 
 
-def save_fusion(model: FusionEncoder, folder: str | Path, manifest: dict) -> Path:
-    """Write weights (float16) and the manifest; the version is derived from the weights' hash."""
+def save_fusion(model: FusionEncoder, folder: str | Path, manifest: dict, centres: "ModalityCentres | None" = None) -> Path:
+    """Write weights (float16), the modality centres and the manifest; the version is derived from the hash of
+    the weights and the centres (either changes every vector)."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / "fusion.safetensors"))
-    digest = hashlib.sha256((folder / "fusion.safetensors").read_bytes()).hexdigest()[:10]
+    h = hashlib.sha256((folder / "fusion.safetensors").read_bytes())
+    (folder / CENTRES_FILE).unlink(missing_ok=True)
+    if centres is not None:
+        centres.save(folder / CENTRES_FILE)
+        h.update((folder / CENTRES_FILE).read_bytes())
+    digest = h.hexdigest()[:10]
     manifest = {**manifest, "config": model.cfg.to_dict(), "featurizer": FEATURIZER_VERSION,
                 "version": f"fusion-{digest}"}
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
     return folder
+
+
+def signature(content: Content, task: str) -> str:
+    """What a content's vector offset depends on: the task and the kinds of its own parts, e.g. "query:image"."""
+    return f"{task}:{'+'.join(sorted(set(content.kinds)))}"
+
+
+class ModalityCentres:
+    """The modality-gap correction: each signature's mean raw fusion output on the embedder's training data,
+    subtracted before truncation and normalisation. Without it, vectors cluster by which kinds of parts a
+    content has (every item with a poster sits near every other one), so a query made of one part (a poster
+    alone, a title alone) does not find the item that holds it. The mean is linear, so centring the raw
+    output centres every Matryoshka prefix exactly. A signature never seen in training takes the centre of
+    the same parts under another task, else the same task's centre with the most parts in common, else none.
+    """
+
+    def __init__(self, centres: dict[str, np.ndarray]):
+        self.centres = {k: np.asarray(v, np.float32) for k, v in centres.items()}
+
+    @classmethod
+    def fit(cls, raw: np.ndarray, signatures: list[str], min_count: int = 20) -> "ModalityCentres":
+        """Args: raw (n, out_dim) fusion outputs; signatures: one per row. Signatures with fewer than
+        ``min_count`` rows get no centre of their own (they fall back)."""
+        sigs = np.array(signatures)
+        return cls({s: raw[sigs == s].mean(0) for s in sorted(set(signatures)) if (sigs == s).sum() >= min_count})
+
+    def centre(self, sig: str) -> np.ndarray | None:
+        if sig in self.centres:
+            return self.centres[sig]
+        task, kinds = sig.split(":", 1)
+        same_parts = [k for k in self.centres if k.split(":", 1)[1] == kinds]
+        if same_parts:
+            return self.centres[same_parts[0]]
+        want = set(kinds.split("+"))
+
+        def overlap(k: str) -> float:
+            have = set(k.split(":", 1)[1].split("+"))
+            return len(want & have) / len(want | have)
+
+        near = max((k for k in self.centres if k.startswith(task + ":")), key=overlap, default=None)
+        return self.centres[near] if near is not None and overlap(near) > 0 else None
+
+    def apply(self, raw: np.ndarray, signatures: list[str], dim: int) -> np.ndarray:
+        """(n, out_dim) raw outputs -> (n, dim) centred, truncated, L2-normalised vectors."""
+        out = np.array(raw, dtype=np.float32, copy=True)
+        for i, sig in enumerate(signatures):
+            c = self.centre(sig)
+            if c is not None:
+                out[i] -= c
+        return truncate_normalize(out, dim)
+
+    def save(self, path: Path) -> None:
+        np.savez(path, **self.centres)
+
+    @classmethod
+    def load(cls, path: Path) -> "ModalityCentres | None":
+        if not Path(path).exists():
+            return None
+        with np.load(path) as z:
+            return cls({k: z[k] for k in z.files})
 
 
 class LocalEmbedder(Embedder):
@@ -65,9 +132,11 @@ class LocalEmbedder(Embedder):
     def __init__(self, weights: str | Path | None = None, cache_dir: str | Path | None = None,
                  batch_size: int = 64, default_dim: int = 256, device: str = "cpu",
                  model: FusionEncoder | None = None, manifest: dict | None = None,
-                 featurizer: Featurizer | None = None):
+                 featurizer: Featurizer | None = None, centres: ModalityCentres | None = None):
         if model is None:
             model, manifest = load_fusion(weights or DEFAULT_WEIGHTS)
+            centres = ModalityCentres.load(Path(weights or DEFAULT_WEIGHTS) / CENTRES_FILE)
+        self.centres = centres
         self.model = model.eval().to(device)
         self.manifest = manifest or {"version": "untrained"}
         self.dims = tuple(self.model.cfg.matryoshka_dims)
@@ -94,9 +163,11 @@ class LocalEmbedder(Embedder):
         vectors = np.zeros((n, dim), dtype=np.float32)
         errors: list[ItemError] = []
         todo: list[tuple[int, Content, str | None]] = []
+        sig: dict[int, str] = {}
         for i, c in enumerate(contents):
             try:
                 self.limits.check(c)
+                sig[i] = signature(c, task)
                 c = apply_task(c, task)
                 key = embedding_key(c, task, self.name, self.model_version, dim) if self.cache is not None else None
                 todo.append((i, c, key))
@@ -117,7 +188,9 @@ class LocalEmbedder(Embedder):
                     i, c, _ = chunk[j]
                     errors.append(ItemError(i, c.item_id, f.error.problem))
             if good:
-                out = truncate_normalize(self.encode([f.segments for _, f in good]), dim)
+                raw = self.encode([f.segments for _, f in good])
+                out = (self.centres.apply(raw, [sig[chunk[j][0]] for j, _ in good], dim) if self.centres is not None
+                       else truncate_normalize(raw, dim))
                 new = {}
                 for (j, _), v in zip(good, out):
                     i, _, key = chunk[j]

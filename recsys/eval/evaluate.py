@@ -114,3 +114,22 @@ def score_topk(name: str, topk: np.ndarray, eval_set: EvalSet, n_candidates: int
     estimates = {m: bootstrap(v, n_boot=n_boot, seed=seed) for m, v in values.items()}
     return EvalResult(name, protocol, part, per_user, coverage(topk, 10, n_candidates), estimates,
                       topk if keep_topk else None)
+
+
+def paired_differences(results: list[EvalResult], reference: str = "two-tower",
+                       metrics: tuple[str, ...] = ("HR@10", "NDCG@10"), n_boot: int = 1000) -> dict[str, dict[str, Estimate]]:
+    """``reference`` minus every other model, per metric: the mean of per-user differences over the same users
+    with a paired bootstrap interval (tighter than comparing two marginal intervals). {model: {metric: Estimate}}."""
+    from recsys.eval.metrics import paired_bootstrap_diff
+
+    ref = next((r for r in results if r.model == reference), None)
+    if ref is None:
+        return {}
+    out: dict[str, dict[str, Estimate]] = {}
+    for other in results:
+        if other is ref or other.part != ref.part:
+            continue
+        joined = ref.per_user.join(other.per_user, on="user_id", suffix="_other")
+        out[other.model] = {m: paired_bootstrap_diff(joined[m].to_numpy(), joined[f"{m}_other"].to_numpy(), n_boot)
+                            for m in metrics}
+    return out

@@ -45,6 +45,7 @@ class Split:
     val: EvalSet
     test: EvalSet
     cold_items: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # hidden from training
+    ties: int = 0  # LOO: users whose held-out item was drawn (seeded) among interactions in the same second
 
     @property
     def train(self) -> pl.DataFrame:
@@ -53,7 +54,8 @@ class Split:
 
     def describe(self) -> str:
         return (f"{self.name}: {self.train.height:,} training interactions, {len(self.val)} validation users, "
-                f"{len(self.test)} test users" + (f", {self.cold_items.size} cold items" if self.cold_items.size else ""))
+                f"{len(self.test)} test users" + (f", {self.cold_items.size} cold items" if self.cold_items.size else "")
+                + (f"; {self.ties} users' held-out item drawn (seeded) among same-second interactions" if self.ties else ""))
 
 
 def _targets_by_user(frame: pl.DataFrame, index: dict[str, int]) -> tuple[list[str], list[np.ndarray], list[datetime]]:
@@ -67,12 +69,21 @@ def _targets_by_user(frame: pl.DataFrame, index: dict[str, int]) -> tuple[list[s
     return users, targets, grouped["at"].to_list()
 
 
-def loo_split(ds: Dataset) -> Split:
-    """Leave-one-out: last interaction = test, the one before = validation (users need 3+)."""
+def loo_split(ds: Dataset, cfg: EvalConfig = EvalConfig()) -> Split:
+    """Leave-one-out: last interaction = test, the one before = validation (users need 3+). Interactions of one
+    user in the same second are ordered by a permutation seeded with ``cfg.seed`` (not by file order, which
+    an export may have sorted by item): ``Split.ties`` counts the users whose test or validation item was
+    drawn that way."""
     index = ds.catalog.index
-    f = ds.interactions.frame.with_columns(
-        pl.int_range(pl.len()).over("user_id").alias("pos"), pl.len().over("user_id").alias("n")
+    f = ds.interactions.frame
+    tie = np.random.default_rng(cfg.seed).permutation(f.height)
+    f = f.with_columns(pl.Series("_tie", tie)).sort(["user_id", "timestamp", "_tie"]).with_columns(
+        pl.int_range(pl.len()).over("user_id").alias("pos"), pl.len().over("user_id").alias("n"),
+        (pl.len().over("user_id", "timestamp") > 1).alias("_tied"),
     ).filter(pl.col("n") >= 3)
+    held = f.filter(pl.col("pos") >= pl.col("n") - 2)
+    ties = held.filter(pl.col("_tied"))["user_id"].n_unique()
+    f = f.drop("_tie", "_tied")
     train = f.filter(pl.col("pos") < pl.col("n") - 2).drop("pos", "n")
     val_rows = f.filter(pl.col("pos") == pl.col("n") - 2).drop("pos", "n")
     test_rows = f.filter(pl.col("pos") == pl.col("n") - 1).drop("pos", "n")
@@ -80,7 +91,7 @@ def loo_split(ds: Dataset) -> Split:
     tu, tt, ta = _targets_by_user(test_rows, index)
     val = EvalSet(vu, vt, va, history=train)
     test = EvalSet(tu, tt, ta, history=pl.concat([train, val_rows]).sort(["user_id", "timestamp", "item_id"]))
-    return Split("loo", val, test)
+    return Split("loo", val, test, ties=ties)
 
 
 def cold_pool(ds: Dataset, which: str = "auto") -> np.ndarray:
@@ -173,9 +184,20 @@ def holdout_split(ds: Dataset, cfg: EvalConfig = EvalConfig()) -> Split:
     return Split("holdout", val, test)
 
 
+def shared_training_interactions(ds: Dataset, cfg: EvalConfig = EvalConfig()) -> pl.DataFrame:
+    """Interactions that every protocol trains on: not a LOO val/test row, not a cold item's, not after
+    the temporal validation cut. The local embedder's co-engagement pairs come only from these (no leakage),
+    and the evaluation's overlap check recomputes them from the split settings its weights record."""
+    keys = ["user_id", "item_id", "timestamp"]
+    common = loo_split(ds, cfg).train.select(keys)
+    for split in (cold_split(ds, cfg), temporal_split(ds, cfg)):
+        common = common.join(split.train.select(keys), on=keys, how="semi")
+    return common
+
+
 def make_split(name: str, ds: Dataset, cfg: EvalConfig = EvalConfig()) -> Split:
     if name == "loo":
-        return loo_split(ds)
+        return loo_split(ds, cfg)
     if name == "cold":
         return cold_split(ds, cfg)
     if name == "temporal":

@@ -10,8 +10,8 @@ from rich.table import Table
 
 from recsys.config import Config
 from recsys.data import load_dataset
-from recsys.pipeline import (Timings, build_features, console, embed_catalog, feasible_protocols, results_json,
-                             results_table, run_protocol, save_config)
+from recsys.pipeline import (Timings, build_features, console, differences_table, embed_catalog, feasible_protocols,
+                             results_json, results_table, run_protocol, save_config)
 
 
 def run_demo(cfg: Config, sample_users: int = 3) -> dict:
@@ -46,6 +46,7 @@ def run_demo(cfg: Config, sample_users: int = 3) -> dict:
                 console.print(f"   -> {r.title}  [dim]({r.score:.3f})[/dim]")
             console.print(f"   [dim]{resp.timings_ms['total_ms']:.1f} ms[/dim]")
     console.print(results_table(runs))
+    console.print(differences_table(runs))
     report = {"timings_s": timings.stages, "total_s": round(sum(timings.stages.values()), 1),
               "results": results_json(runs), "data": ds.report.loaded,
               "embedder": {"backend": iv.backend, "model_version": iv.model_version, "dim": iv.dim,
