@@ -129,10 +129,19 @@ def bench_part_search(args) -> dict:
 
 
 def bench_towers(args) -> dict:
-    """LOO: the user tower's attention pooling vs causal self-attention over the recent items."""
-    from benchmarks.training_bench import user_encoders
+    """LOO and COLD: the user tower's attention pooling vs causal self-attention over the recent items."""
+    from benchmarks.training_bench import train_variants
 
-    return user_encoders(Path(args.workdir) / "towers", posters=args.posters)
+    return train_variants(Path(args.workdir) / "towers", {"attention": {"user_encoder": "attention"},
+                                                          "sequential": {"user_encoder": "sequential"}}, args.posters)
+
+
+def bench_learning_rate(args) -> dict:
+    """LOO and COLD: the two-tower's learning rate, chosen on validation (summed over the protocols)."""
+    from benchmarks.training_bench import train_variants
+
+    return train_variants(Path(args.workdir) / "lr", {f"lr {lr:g}": {"lr": lr} for lr in (5e-4, 1.5e-4, 5e-5)},
+                          args.posters)
 
 
 def bench_embedder_recipe(args) -> dict:
@@ -165,10 +174,10 @@ def bench_experiment(args) -> dict:
     return run(args)
 
 
-BENCHES = {"part-search": bench_part_search, "towers": bench_towers, "demo": bench_demo, "features": bench_features, "embedder": bench_embedder, "training": bench_training,
+BENCHES = {"learning-rate": bench_learning_rate, "part-search": bench_part_search, "towers": bench_towers, "demo": bench_demo, "features": bench_features, "embedder": bench_embedder, "training": bench_training,
            "cold-prior": bench_cold_prior, "inputs": bench_inputs, "embedder-recipe": bench_embedder_recipe,
            "serving": bench_serving, "nightly": bench_nightly, "experiment": bench_experiment}
-ORDER = ["demo", "towers", "part-search", "serving", "nightly", "experiment", "features", "embedder", "embedder-recipe", "training", "cold-prior", "inputs"]
+ORDER = ["demo", "learning-rate", "towers", "part-search", "serving", "nightly", "experiment", "features", "embedder", "embedder-recipe", "training", "cold-prior", "inputs"]
 
 
 # Rendering --------------------------------------------------------------------------------------------
@@ -471,23 +480,28 @@ def render_part_search(blob: dict) -> list[str]:
     return lines
 
 
-def render_towers(blob: dict) -> list[str]:
-    lines = []
-    for protocol, r in blob["results"].items():
-        lines += [f"{protocol.upper()}: the same split, features and item vectors; the user tower reads the 20 most recent items "
-                  "by attention pooling (default) or by causal self-attention (`train.user_encoder = \"sequential\"`).", "",
-                  "| user encoder | val NDCG@10 | epochs | seconds | HR@10 | Recall@50 | NDCG@10 |", "|---|---|---|---|---|---|---|"]
-        for enc, v in r["encoders"].items():
+def render_variants(blob: dict) -> list[str]:
+    r = blob["results"]
+    lines = ["The same splits, features and item vectors; `[train]` settings per variant: " +
+             "; ".join(f"{k}: `{v}`" for k, v in r["variants"].items()) + ". Test metrics, mean [95% bootstrap CI]:", "",
+             "| protocol | variant | val NDCG@10 | epochs | seconds | HR@10 | Recall@50 | NDCG@10 |", "|---|---|---|---|---|---|---|---|"]
+    for protocol, p in r["protocols"].items():
+        for name, v in p["variants"].items():
             cells = [f"{v[m]['mean']:.3f} [{v[m]['low']:.3f}, {v[m]['high']:.3f}]" for m in ("HR@10", "Recall@50", "NDCG@10")]
-            lines.append(f"| {enc} | {v['val NDCG@10']:.4f} | {v['epochs']} | {v['seconds']} | " + " | ".join(cells) + " |")
-        d = r["sequential_minus_attention"]
-        lines += ["", "Sequential minus attention, same users, paired bootstrap 95% CI: " + "; ".join(
-            f"{m} {v['mean']:+.4f} [{v['low']:+.4f}, {v['high']:+.4f}]" for m, v in d.items()) + "."]
+            lines.append(f"| {protocol} | {name} | {v['val NDCG@10']:.4f} | {v['epochs']} | {v['seconds']} | " + " | ".join(cells) + " |")
+    first = next(iter(r["variants"]))
+    for protocol, p in r["protocols"].items():
+        for name, d in p["minus_first"].items():
+            lines += ["", f"{protocol.upper()}, {name} minus {first} (same users, paired bootstrap 95% CI): " + "; ".join(
+                f"{m} {v['mean']:+.4f} [{v['low']:+.4f}, {v['high']:+.4f}]" for m, v in d.items()) + "."]
+    lines += ["", f"Validation NDCG@10 summed over the protocols: " + ", ".join(f"{k} {v:.4f}" for k, v in r["val_sum"].items())
+              + f"; chosen on validation: **{r['chosen_on_validation']}**."]
     return lines
 
 
 RENDER = {"demo": ("Demo: stage timings and metrics", render_demo),
-          "towers": ("User tower: attention pooling vs causal self-attention (issue: quality)", render_towers),
+          "towers": ("User tower: attention pooling vs causal self-attention (issue: quality)", render_variants),
+          "learning-rate": ("Two-tower learning rate, chosen on validation (issue: quality)", render_variants),
           "part-search": ("Search by one part of an item (issue: your own catalog)", render_part_search),
           "serving": ("Online retrieval at scale (issue: serving)", render_serving),
           "nightly": ("The nightly batch (issue: nightly)", render_nightly),

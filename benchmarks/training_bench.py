@@ -196,17 +196,19 @@ def input_variants(workdir: Path, posters: str | None = None, protocols=("cold",
     return out
 
 
-def user_encoders(workdir: Path, posters: str | None = None, protocols=("loo",)) -> dict:
-    """The user tower's two ways of reading recent items, attention pooling and causal self-attention
-    (``train.user_encoder``), on the same split, features and item vectors: validation NDCG@10 (what a choice
-    would be made on), test metrics, and the paired per-user difference (sequential minus attention)."""
+def train_variants(workdir: Path, variants: dict[str, dict], posters: str | None = None,
+                   protocols=("loo", "cold")) -> dict:
+    """The two-tower with different ``[train]`` settings on the same splits, features and item vectors: each
+    variant's best validation NDCG@10 (what a choice is made on), its test metrics, and the paired per-user
+    difference of each variant minus the first. The variant with the best validation NDCG@10 summed over the
+    protocols is the one a default should take."""
     from recsys.eval.evaluate import paired_differences
     from training.train import fit_two_tower
 
     base = Config.load(None, workdir=str(workdir), data={"posters": posters})
     ds = load_movielens(posters=posters)
     iv, ds = embed_catalog(base, ds, cold=True, save=False)
-    out: dict = {}
+    out: dict = {"variants": {name: over for name, over in variants.items()}, "protocols": {}}
     for protocol in protocols:
         split = make_split(protocol, ds, base.eval)
         pds, piv = tags_in_training_window(base, ds, iv, split)
@@ -214,18 +216,22 @@ def user_encoders(workdir: Path, posters: str | None = None, protocols=("loo",))
         repo = build_features(base, pds, vectors, piv, split.train, name=protocol, materialize=False)
         cache: dict = {}
         rows, tests = {}, []
-        for enc in ("attention", "sequential"):
-            cfg = Config.load(None, workdir=str(workdir), train={"user_encoder": enc})
+        for name, over in variants.items():
+            cfg = Config.load(None, workdir=str(workdir), train=over)
             t0 = time.time()
-            trained = fit_two_tower(cfg, pds.catalog, split, repo, vectors, name=f"two-tower ({enc})", rows_cache=cache)
+            trained = fit_two_tower(cfg, pds.catalog, split, repo, vectors, name=name, rows_cache=cache)
             test = trained.evaluate(split, pds.catalog, cfg, n_boot=base.eval.bootstrap)
             tests.append(test)
             best_val = max(r.estimates["NDCG@10"].mean for r in trained.val_results)
-            rows[enc] = {"val NDCG@10": best_val, "epochs": trained.epochs, "seconds": round(time.time() - t0, 1),
-                         **{m: {"mean": e.mean, "low": e.low, "high": e.high} for m, e in test.estimates.items()}}
-            console.print(f"{protocol} {enc}: val NDCG@10 {best_val:.4f}; test " +
+            rows[name] = {"val NDCG@10": best_val, "epochs": trained.epochs, "seconds": round(time.time() - t0, 1),
+                          **{m: {"mean": e.mean, "low": e.low, "high": e.high} for m, e in test.estimates.items()}}
+            console.print(f"{protocol} {name}: val NDCG@10 {best_val:.4f}; test " +
                           ", ".join(f"{m} {e}" for m, e in test.estimates.items()))
-        d = paired_differences(tests, reference="two-tower (sequential)")["two-tower (attention)"]
-        out[protocol] = {"encoders": rows, "sequential_minus_attention": {
-            m: {"mean": e.mean, "low": e.low, "high": e.high} for m, e in d.items()}}
+        first = tests[0].model
+        diffs = {t.model: paired_differences([t, tests[0]], reference=t.model)[first] for t in tests[1:]}
+        out["protocols"][protocol] = {"variants": rows, "minus_first": {
+            name: {m: {"mean": e.mean, "low": e.low, "high": e.high} for m, e in d.items()} for name, d in diffs.items()}}
+    totals = {name: sum(p["variants"][name]["val NDCG@10"] for p in out["protocols"].values()) for name in variants}
+    out["chosen_on_validation"] = max(totals, key=totals.get)
+    out["val_sum"] = totals
     return out
