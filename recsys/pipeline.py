@@ -435,13 +435,13 @@ def evaluate_saved(cfg: Config, baselines: tuple[str, ...] = ("popularity", "eas
             continue
         split = make_split(protocol, ds, cfg.eval)
         check_embedder_overlap(cfg, ds, iv, split)
-        vectors = iv.vectors
         if protocol == "cold":
             iv.cold = embed_catalog(cfg, ds, cold=True, save=False)[0].cold
-            vectors = iv.with_cold(split.cold_items)
+        pds, piv = tags_in_training_window(cfg, ds, iv, split)  # the item vectors the checkpoint was trained on
+        vectors = piv.with_cold(split.cold_items) if protocol == "cold" else piv.vectors
         trained = TrainedTwoTower("two-tower", TwoTowerModule.from_checkpoint(ckpt), vectors)
-        results = [trained.evaluate(split, ds.catalog, cfg, n_boot=cfg.eval.bootstrap),
-                   *baseline_results(cfg, ds, iv, split, vectors, baselines)]
+        results = [trained.evaluate(split, pds.catalog, cfg, n_boot=cfg.eval.bootstrap),
+                   *baseline_results(cfg, pds, piv, split, vectors, baselines)]
         runs.append(ProtocolRun(protocol, results, trained, split))
     console.print(results_table(runs))
     return runs

@@ -284,10 +284,9 @@ def init_from_data(model: FusionEncoder, tasks: list[PairTask]) -> None:
 
 
 def mine_hard_negatives(model: FusionEncoder, task: PairTask, top: int = 10, seed: int = 0) -> np.ndarray:
-    """For each pair, a b-side from the ``top`` nearest to its a (by the current model) that is neither of
-    another group's pair of the same items nor the pair's own items: a candidate is excluded by group *and* by
-    item id (in co-engagement, the anchor item is often some other pair's b side; it must never be mined as
-    its own negative, nor may the positive item). Pairs with no eligible neighbour get a random other item."""
+    """For each pair, one of the ``top`` b-sides nearest to its a (by the current model) that belongs to another
+    group and is neither of the pair's own items (by item id): in co-engagement the anchor item is often some
+    other pair's b side, and it must never be mined as its own negative, nor may the positive item."""
     import faiss
 
     rng = np.random.default_rng(seed)

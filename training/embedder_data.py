@@ -164,36 +164,17 @@ def coengagement_task(ds: Dataset, frame: pl.DataFrame, max_pairs: int = 40000, 
     return PairTask("coengagement", a, b, np.array([x for x, _ in kept]), a_task="document", b_task="document")
 
 
-def part_item_task(ds: Dataset, train_rows: list[int], text_only_items: int = 2000, seed: int = 0) -> PairTask:
+def part_item_task(ds: Dataset, rows: list[int], name: str = "part-item", seed: int | None = 0) -> PairTask:
     """One part of an item (its poster alone, or its title alone) as a query <-> the whole item as a document,
-    for the training movies (never the COLD protocol's held-out ones), plus the titles of a sample of movies
-    without a poster. Teaches search to find an item from any one of its parts, whatever else the catalog's
-    items carry. The whole item drops its user-derived parts half of the time (a brand-new item has none)."""
-    rng = np.random.default_rng(seed)
-    held = set(range(len(ds.catalog))) - set(train_rows)
-    has_image = ds.catalog.modalities[:, 1]
-    plain = [r for r in np.flatnonzero(~has_image).tolist() if r not in held]
-    plain = rng.permutation(plain)[:text_only_items].tolist()
-    a, b, g = [], [], []
-    for row in [*train_rows, *plain]:
-        item = ds.catalog.content(row, cold=bool(rng.random() < 0.5))
-        image = [p for p in item.parts if p.kind == "image"][:1]
-        queries = [Content((image[0],), item_id=item.item_id)] if image else []
-        queries.append(Content.of(ds.catalog.titles[row], item_id=item.item_id))
-        for q in queries:
-            a.append(q)
-            b.append(item)
-            g.append(row)
-    return PairTask("part-item", a, b, np.array(g), weight=1.0, a_task="query", b_task="document")
-
-
-def part_item_eval(ds: Dataset, rows: list[int], name: str) -> PairTask:
-    """Held-out part -> item pairs (poster alone and title alone) for the given movies with posters."""
+    for the given movies (training: never the COLD protocol's held-out ones). Teaches search to find an item from
+    any one of its parts, whatever else the catalog's items carry. With a ``seed`` (training), the whole item
+    drops its user-derived parts half of the time (a brand-new item has none); without one (held-out
+    evaluation), it never has them."""
+    rng = np.random.default_rng(seed) if seed is not None else None
     a, b, g = [], [], []
     for row in rows:
-        item = ds.catalog.content(row, cold=True)
-        image = [p for p in item.parts if p.kind == "image"][:1]
-        for q in ([Content((image[0],), item_id=item.item_id)] if image else []) + [Content.of(ds.catalog.titles[row], item_id=item.item_id)]:
+        item = ds.catalog.content(row, cold=rng is None or bool(rng.random() < 0.5))
+        for q in ds.catalog.one_part_queries(row).values():
             a.append(q)
             b.append(item)
             g.append(row)
@@ -226,8 +207,8 @@ def build(ds: Dataset | None, cfg: EvalConfig, fsdd_dir: Path | None, synthetic_
         data.val["poster-text"], data.test["poster-text"] = va, te
         index = ds.catalog.index
         data.part_item = part_item_task(ds, [index[c.item_id] for c in tr.a])
-        data.val["part-item"] = part_item_eval(ds, [index[c.item_id] for c in va.a], "part-item/val")
-        data.test["part-item"] = part_item_eval(ds, [index[c.item_id] for c in te.a], "part-item/test")
+        data.val["part-item"] = part_item_task(ds, [index[c.item_id] for c in va.a], "part-item/val", seed=None)
+        data.test["part-item"] = part_item_task(ds, [index[c.item_id] for c in te.a], "part-item/test", seed=None)
         data.sources["posters"] = {"train": len(tr), "val": len(va), "test (held out)": len(te)}
     else:
         data.sources["posters"] = "absent"

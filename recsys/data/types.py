@@ -111,6 +111,16 @@ class Catalog:
                 parts.append(Part(p["kind"], path=p["path"], source=p["source"] or "content"))
         return Content(tuple(parts), item_id=self.ids[row])
 
+    def one_part_queries(self, row: int) -> dict[str, Content]:
+        """Queries made of one part of the item at ``row``: its first image alone (when it has one) and its title
+        alone. What search by any one part is trained on (training/embedder_data.py) and measured with
+        (recsys/eval/embedder_report.py part_to_item)."""
+        item_id = self.ids[row]
+        image = next((p for p in self.content(row).parts if p.kind == "image"), None)
+        out = {"image alone": Content((image,), item_id=item_id)} if image is not None else {}
+        out["title alone"] = Content.of(self.titles[row], item_id=item_id)
+        return out
+
     def contents(self, rows: list[int] | None = None, cold_rows: set[int] | frozenset[int] = frozenset()) -> list[Content]:
         rows = range(len(self)) if rows is None else rows
         return [self.content(r, cold=r in cold_rows) for r in rows]

@@ -140,10 +140,8 @@ def part_to_item(embedder, ds, cfg: Config, dim: int) -> dict:
     full = _embed(embedder, ds.catalog.contents(), "document", dim)
     rows = np.flatnonzero(ds.catalog.modalities[:, 1])
     held = set(make_split("cold", ds, cfg.eval).test.candidates.tolist())
-    queries = {
-        "poster alone": [Content(tuple(p for p in ds.catalog.content(int(r)).parts if p.kind == "image")[:1]) for r in rows],
-        "title alone": [Content.of(ds.catalog.titles[int(r)]) for r in rows],
-    }
+    one_part = [ds.catalog.one_part_queries(int(r)) for r in rows]
+    queries = {"poster alone": [q["image alone"] for q in one_part], "title alone": [q["title alone"] for q in one_part]}
     out: dict = {"movies": int(rows.size), "catalog": len(ds.catalog), "held_out_movies": len(held)}
     for name, contents in queries.items():
         q = _embed(embedder, contents, "query", dim)
