@@ -103,10 +103,12 @@ def bench_cold_prior(args) -> dict:
 
 
 def bench_inputs(args) -> dict:
-    """COLD and LOO: the two-tower on fused multimodal, text-only, and concatenated item vectors."""
-    from benchmarks.training_bench import input_variants
+    """LOO and COLD: the two-tower on the fused multimodal item vectors, on text-only ones, and on both
+    concatenated; the input chosen on validation."""
+    from benchmarks.training_bench import ITEM_INPUTS, train_variants
 
-    return {"variants": input_variants(Path(args.workdir) / "training", posters=args.posters)}
+    return train_variants(Path(args.workdir) / "inputs", {name: {} for name in ITEM_INPUTS}, args.posters,
+                          inputs={name: name for name in ITEM_INPUTS})
 
 
 def bench_part_search(args) -> dict:
@@ -114,17 +116,18 @@ def bench_part_search(args) -> dict:
     from recsys.config import Config
     from recsys.data import load_movielens
     from recsys.embed.local import LocalEmbedder
-    from recsys.eval.embedder_report import part_to_item
+    from recsys.eval.embedder_report import part_to_item, title_reference
 
     if not args.posters:
         raise SystemExit("part-search needs --posters")
     cfg = Config.load(None, workdir=str(Path(args.workdir) / "embedder"), data={"posters": args.posters})
     ds = load_movielens(posters=args.posters)
     out = {}
-    for label, folder in (("installed weights", None), *([("--weights " + args.weights, args.weights)] if args.weights else [])):
+    for label, folder in (("installed weights", None), *(("--weights " + w, w) for w in args.weights)):
         emb = LocalEmbedder(folder, cache_dir=cfg.cache_dir, default_dim=cfg.embedder.dim)
         out[label] = {"model_version": emb.model_version, "centres": emb.centres is not None,
                       **part_to_item(emb, ds, cfg, cfg.embedder.dim)}
+    out["reference"] = {"title alone, plain MiniLM vs the item's text": title_reference(emb.featurizer.backbones, ds, cfg)}
     return out
 
 
@@ -144,6 +147,18 @@ def bench_learning_rate(args) -> dict:
 
     return train_variants(Path(args.workdir) / "lr", {f"lr {lr:g}": {"lr": lr} for lr in (5e-4, 1.5e-4, 5e-5)},
                           args.posters)
+
+
+def bench_negatives(args) -> dict:
+    """LOO and COLD: what the two-tower's training sees of an item, chosen on validation: how often its id and
+    stats are hidden (cold items have neither), the uniform extra negatives, and the logQ correction."""
+    from benchmarks.training_bench import train_variants
+
+    uniform = {"mixed_negatives": 1024}  # the default until this benchmark chose 0
+    return train_variants(Path(args.workdir) / "negatives", {
+        "1,024 uniform negatives": uniform, "id/stats hidden 90%": {**uniform, "id_dropout": 0.9},
+        "no uniform negatives": {"mixed_negatives": 0}, "no logQ correction": {**uniform, "logq_correction": False}},
+        args.posters)
 
 
 def bench_embedder_recipe(args) -> dict:
@@ -176,10 +191,10 @@ def bench_experiment(args) -> dict:
     return run(args)
 
 
-BENCHES = {"learning-rate": bench_learning_rate, "part-search": bench_part_search, "towers": bench_towers, "demo": bench_demo, "features": bench_features, "embedder": bench_embedder, "training": bench_training,
+BENCHES = {"negatives": bench_negatives, "learning-rate": bench_learning_rate, "part-search": bench_part_search, "towers": bench_towers, "demo": bench_demo, "features": bench_features, "embedder": bench_embedder, "training": bench_training,
            "cold-prior": bench_cold_prior, "inputs": bench_inputs, "embedder-recipe": bench_embedder_recipe,
            "serving": bench_serving, "nightly": bench_nightly, "experiment": bench_experiment}
-ORDER = ["demo", "learning-rate", "towers", "part-search", "serving", "nightly", "experiment", "features", "embedder", "embedder-recipe", "training", "cold-prior", "inputs"]
+ORDER = ["demo", "learning-rate", "negatives", "inputs", "towers", "part-search", "serving", "nightly", "experiment", "features", "embedder", "embedder-recipe", "training", "cold-prior"]
 
 
 # Rendering --------------------------------------------------------------------------------------------
@@ -333,18 +348,6 @@ def render_cold_prior(blob: dict) -> list[str]:
     return lines
 
 
-def render_inputs(blob: dict) -> list[str]:
-    lines = ["The same two-tower (default config) on three item inputs from the same embedder; "
-             "mean [95% bootstrap CI over users].", "",
-             "| protocol | item input | dim | val Recall@50 | test HR@10 | test Recall@50 | test NDCG@10 |",
-             "|---|---|---|---|---|---|---|"]
-    for v in blob["results"]["variants"]:
-        t = v["test"]
-        lines.append(f"| {v['protocol']} | {v['variant']} | {v['dim']} | {v['val']['Recall@50']['mean']:.3f} | "
-                     f"{_fmt(t['HR@10'])} | {_fmt(t['Recall@50'])} | {_fmt(t['NDCG@10'])} |")
-    return lines
-
-
 def render_embedder_recipe(blob: dict) -> list[str]:
     r = blob["results"]
     # results recorded before the rate was logged ran at the then-default lr 1e-3, weight decay 0.1 (commit e3b944a)
@@ -475,17 +478,27 @@ def render_part_search(blob: dict) -> list[str]:
              "which the embedder never trained on.", "",
              "| weights | query | R@1 | R@10 | held-out R@1 | held-out R@10 | median rank |", "|---|---|---|---|---|---|---|"]
     for label, r in blob["results"].items():
+        if label == "reference":
+            continue
         for q in ("poster alone", "title alone"):
             v = r[q]
             lines.append(f"| {r['model_version']} ({label}{', modality centres' if r.get('centres') else ''}) | {q} | "
                          f"{v['R@1']:.3f} | {v['R@10']:.3f} | {v['held-out R@1']:.3f} | {v['held-out R@10']:.3f} | {v['median rank']:.0f} |")
+    for q, v in blob["results"].get("reference", {}).items():
+        lines.append(f"| reference: the text backbone before fusion | {q} | {v['R@1']:.3f} | {v['R@10']:.3f} | "
+                     f"{v['held-out R@1']:.3f} | {v['held-out R@10']:.3f} | {v['median rank']:.0f} |")
     return lines
 
 
 def render_variants(blob: dict) -> list[str]:
     r = blob["results"]
-    lines = ["The same splits, features and item vectors; `[train]` settings per variant: " +
-             "; ".join(f"{k}: `{v}`" for k, v in r["variants"].items()) + ". Test metrics, mean [95% bootstrap CI]:", "",
+    if r.get("inputs"):
+        head = ("The same splits, features and `[train]` settings; item vectors per variant: " +
+                "; ".join(f"{k}: {v}" for k, v in r["inputs"].items()) + " (user tags limited to each protocol's training window).")
+    else:
+        head = "The same splits, features and item vectors; `[train]` settings per variant: " + "; ".join(
+            f"{k}: `{v}`" for k, v in r["variants"].items()) + "."
+    lines = [head + " Test metrics, mean [95% bootstrap CI]:", "",
              "| protocol | variant | val NDCG@10 | epochs | seconds | HR@10 | Recall@50 | NDCG@10 |", "|---|---|---|---|---|---|---|---|"]
     for protocol, p in r["protocols"].items():
         for name, v in p["variants"].items():
@@ -504,6 +517,7 @@ def render_variants(blob: dict) -> list[str]:
 RENDER = {"demo": ("Demo: stage timings and metrics", render_demo),
           "towers": ("User tower: attention pooling vs causal self-attention (issue: quality)", render_variants),
           "learning-rate": ("Two-tower learning rate, chosen on validation (issue: quality)", render_variants),
+          "negatives": ("Two-tower training: hidden ids and stats, uniform negatives, logQ, chosen on validation (issue: quality)", render_variants),
           "part-search": ("Search by one part of an item (issue: your own catalog)", render_part_search),
           "serving": ("Online retrieval at scale (issue: serving)", render_serving),
           "nightly": ("The nightly batch (issue: nightly)", render_nightly),
@@ -513,7 +527,7 @@ RENDER = {"demo": ("Demo: stage timings and metrics", render_demo),
           "embedder-recipe": ("Embedder: image path (poster <-> text, stage 1)", render_embedder_recipe),
           "training": ("Two-tower vs baselines, all protocols", render_training),
           "cold-prior": ("COLD: two-tower + content-predicted popularity prior", render_cold_prior),
-          "inputs": ("Two-tower item inputs: multimodal, text-only, both", render_inputs)}
+          "inputs": ("Two-tower item inputs: fused, text-only, concatenated, chosen on validation (issue: quality)", render_variants)}
 
 
 def render() -> Path:
@@ -539,6 +553,9 @@ def render() -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    from recsys.quiet import silence
+
+    silence()  # third-party deprecation warnings and adverts go to the log, as in the CLI
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("names", nargs="*", help=f"benchmarks to run (default: all of {list(BENCHES)})")
@@ -550,7 +567,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sizes", default=None, help="serving: catalog sizes, comma-separated (default 10000,100000,1000000)")
     p.add_argument("--hold-s", dest="hold_s", type=float, default=180, help="serving: seconds to hold the best rate")
     p.add_argument("--parts", default=None, help="serving: latency,load,reload (the others kept from the last result)")
-    p.add_argument("--weights", default=None, help="part-search: another local-embedder weights folder to compare")
+    p.add_argument("--weights", nargs="+", default=[], help="part-search: other local-embedder weights folders to compare")
     p.add_argument("--reuse", action="store_true", help="experiment: analyse the last run's logs again (no training, no simulation)")
     p.add_argument("--nightly-items", dest="nightly_items", type=int, default=2000, help="nightly: synthetic catalog size")
     args = p.parse_args(argv)

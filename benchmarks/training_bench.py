@@ -19,13 +19,13 @@ from recsys.pipeline import (ItemVectors, ProtocolRun, build_features, console, 
 
 ABLATION = {
     "in-batch only": {"logq_correction": False, "mixed_negatives": 0, "hard_negatives": 0},
-    "+ logQ": {"logq_correction": True, "mixed_negatives": 0, "hard_negatives": 0},
-    "+ mixed negatives (default)": {"logq_correction": True, "mixed_negatives": 1024, "hard_negatives": 0},
+    "+ logQ (default)": {"logq_correction": True, "mixed_negatives": 0, "hard_negatives": 0},
+    "+ mixed negatives": {"logq_correction": True, "mixed_negatives": 1024, "hard_negatives": 0},
     "+ hard negatives": {"logq_correction": True, "mixed_negatives": 1024, "hard_negatives": 2},
 }
 
 
-DEFAULT_VARIANT = "+ mixed negatives (default)"
+DEFAULT_VARIANT = "+ logQ (default)"
 
 
 def text_only_vectors(base: Config, ds, iv: ItemVectors, cold_rows: np.ndarray) -> ItemVectors:
@@ -169,57 +169,51 @@ def cold_popularity_prior(workdir: Path, posters: str | None = None, betas=(0.0,
             "val": {str(b): v for b, v in val.items()}, "test": {str(b): v for b, v in test.items()}}
 
 
-def input_variants(workdir: Path, posters: str | None = None, protocols=("cold", "loo")) -> list[dict]:
-    """The two-tower on three item inputs from the same embedder: fused multimodal vectors (the default),
-    text-only vectors, and both concatenated (so the towers can use the text neighbourhoods the fusion blurs)."""
-    from training.train import fit_two_tower
-
-    base = Config.load(None, workdir=str(workdir), data={"posters": posters})
-    ds = load_movielens(posters=posters)
-    cold_rows = make_split("cold", ds, base.eval).cold_items
-    iv, ds = embed_catalog(base, ds, cold=True, save=False)
-    cold_rows = make_split("cold", ds, base.eval).cold_items
-    iv_text = text_only_vectors(base, ds, iv, cold_rows)
-    spaces = {"multimodal (default)": iv, "text-only": iv_text, "multimodal + text-only, concatenated": concatenated(iv, iv_text)}
-    out, cache = [], {}
-    for protocol in protocols:
-        split = make_split(protocol, ds, base.eval)
-        for name, space in spaces.items():
-            vectors = space.with_cold(split.cold_items) if protocol == "cold" else space.vectors
-            tag = {"multimodal (default)": "", "text-only": "_textonly"}.get(name, "_concat")
-            repo = build_features(base, ds, vectors, space, split.train, name=protocol + tag, materialize=False)
-            r = fit_two_tower(base, ds.catalog, split, repo, vectors, name=f"input: {name}", rows_cache=cache)
-            out.append({"protocol": protocol, "variant": name, "dim": space.dim,
-                        "val": _summary(r.evaluate(split, ds.catalog, base, part="val", n_boot=base.eval.bootstrap)),
-                        "test": _summary(r.evaluate(split, ds.catalog, base, n_boot=base.eval.bootstrap))})
-            console.print(out[-1])
-    return out
+ITEM_INPUTS = ("fused", "text-only", "concatenated")
 
 
 def train_variants(workdir: Path, variants: dict[str, dict], posters: str | None = None,
-                   protocols=("loo", "cold")) -> dict:
-    """The two-tower with different ``[train]`` settings on the same splits, features and item vectors: each
-    variant's best validation NDCG@10 (what a choice is made on), its test metrics, and the paired per-user
-    difference of each variant minus the first. The variant with the best validation NDCG@10 summed over the
-    protocols is the one a default should take."""
+                   protocols=("loo", "cold"), inputs: dict[str, str] | None = None) -> dict:
+    """The two-tower with different ``[train]`` settings on the same splits and features: each variant's best
+    validation NDCG@10 (what a choice is made on), its test metrics, and the paired per-user difference of each
+    variant minus the first. The variant with the best validation NDCG@10 summed over the protocols is the one a
+    default should take.
+
+    Args:
+        inputs: variant name -> its item vectors, one of ITEM_INPUTS (default "fused", the embedder's vectors of
+            the whole item; "text-only": of its text parts alone; "concatenated": both side by side). Every
+            input has the user tags limited to the protocol's training window."""
+    inputs = inputs or {}
+    if bad := {v for v in inputs.values() if v not in ITEM_INPUTS}:
+        raise ValueError(f"unknown item input(s) {sorted(bad)}; known: {ITEM_INPUTS}")
     from recsys.eval.evaluate import paired_differences
     from training.train import fit_two_tower
 
     base = Config.load(None, workdir=str(workdir), data={"posters": posters})
     ds = load_movielens(posters=posters)
     iv, ds = embed_catalog(base, ds, cold=True, save=False)
-    out: dict = {"variants": {name: over for name, over in variants.items()}, "protocols": {}}
+    out: dict = {"variants": {name: over for name, over in variants.items()}, "inputs": inputs, "protocols": {}}
     for protocol in protocols:
         split = make_split(protocol, ds, base.eval)
         pds, piv = tags_in_training_window(base, ds, iv, split)
-        vectors = piv.with_cold(split.cold_items) if protocol == "cold" else piv.vectors
-        repo = build_features(base, pds, vectors, piv, split.train, name=protocol, materialize=False)
-        cache: dict = {}
+        spaces = {"fused": piv}
+        if set(inputs.values()) - {"fused"}:
+            spaces["text-only"] = text_only_vectors(base, pds, piv, split.cold_items)
+            spaces["concatenated"] = concatenated(piv, spaces["text-only"])
+        features: dict = {}  # item input -> (vectors, Feast repo), built once per protocol
+        for space in sorted({inputs.get(name, "fused") for name in variants}):
+            sv = spaces[space]
+            vec = sv.with_cold(split.cold_items) if protocol == "cold" else sv.vectors
+            features[space] = vec, build_features(base, pds, vec, sv, split.train, name=f"{protocol}_{space.replace('-', '')}",
+                                                  materialize=False)
+        caches: dict = {space: {} for space in features}  # training rows, one set per item input
         rows, tests = {}, []
         for name, over in variants.items():
             cfg = Config.load(None, workdir=str(workdir), train=over)
+            space = inputs.get(name, "fused")
+            vectors, repo = features[space]
             t0 = time.time()
-            trained = fit_two_tower(cfg, pds.catalog, split, repo, vectors, name=name, rows_cache=cache)
+            trained = fit_two_tower(cfg, pds.catalog, split, repo, vectors, name=name, rows_cache=caches[space])
             test = trained.evaluate(split, pds.catalog, cfg, n_boot=base.eval.bootstrap)
             tests.append(test)
             best_val = max(r.estimates["NDCG@10"].mean for r in trained.val_results)

@@ -261,6 +261,8 @@ def train_embedder_cmd(
     fsdd: Optional[Path] = typer.Option(None, help="FSDD recordings folder (spoken digits)."),
     stage1_steps: int = typer.Option(600), stage2_steps: int = typer.Option(400),
     coengagement_share: float = typer.Option(0.5, help="Stage 2's share of batches from co-engagement pairs."),
+    part_item_share: float = typer.Option(0.15, help="Stage 2's share of batches from one-part <-> whole-item pairs."),
+    titles_without_posters: bool = typer.Option(False, help="Part-item pairs also for the titles of movies without a poster."),
     install: bool = typer.Option(False, help="Copy the weights into the package (the default local weights)."),
 ):
     """Train the local embedder's fusion model (3 stages) on the paired data at hand; log to MLflow."""
@@ -271,10 +273,11 @@ def train_embedder_cmd(
 
     cfg = _config(config, workdir, posters)
     ds = load_dataset(cfg) if cfg.data.source == "movielens" else None
-    data = build(ds, cfg.eval, fsdd, cfg.cache_dir / "embedder-synthetic")
+    data = build(ds, cfg.eval, fsdd, cfg.cache_dir / "embedder-synthetic", titles_without_posters=titles_without_posters)
     folder, test = train_embedder(data, cfg.models_dir / "embedder", cfg.tracking_uri,
                                   EmbedderTrainConfig(stage1_steps=stage1_steps, stage2_steps=stage2_steps,
-                                                      coengagement_share=coengagement_share),
+                                                      coengagement_share=coengagement_share,
+                                                      part_item_share=part_item_share),
                                   cache_dir=cfg.cache_dir)
     console.print_json(json.dumps(test))
     if install:

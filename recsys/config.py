@@ -84,7 +84,8 @@ class TrainConfig(_Section):
     temperature: float = 0.07  # initial value; learnable when learn_temperature
     learn_temperature: bool = True
     logq_correction: bool = True
-    mixed_negatives: int = 1024  # extra uniformly sampled catalog items per batch
+    mixed_negatives: int = 0  # extra uniformly sampled catalog items per batch; 0 chosen over 1,024 on LOO + COLD
+    # validation (`python -m benchmarks.run negatives`)
     hard_negatives: int = 0  # per example, mined with FAISS from the previous epoch's item vectors
     remove_accidental_hits: bool = True
     seed: int = 0

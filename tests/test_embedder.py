@@ -299,3 +299,36 @@ def test_modality_centres_remove_each_signatures_offset_and_fall_back_by_parts()
     assert c.centre("document:audio+text") is c.centres["document:image+text"]
     assert c.centre("query:audio") is None
     assert signature(Content.of("a title", item_id="x"), "query") == "query:text"
+
+
+def test_part_item_task_with_titles_of_poster_less_movies_never_holds_a_held_out_item(synthetic_dir, tmp_path):
+    """Search by one part: a poster movie gives its poster alone and its title alone; asked to, every movie
+    without a poster gives its title alone; no item the COLD protocol holds out ever appears, with or without
+    a poster."""
+    from recsys.config import Config
+    from recsys.data import load_movielens
+    from recsys.data.movielens import POSTER_IDS_FILE
+    from recsys.eval.splits import cold_split
+    from training.embedder_data import build
+
+    posters = tmp_path / "posters"
+    posters.mkdir()
+    for item_id in POSTER_IDS_FILE.read_text().split()[:80]:
+        Image.new("RGB", (32, 48), (int(item_id) % 255, 90, 160)).save(posters / f"{item_id}.jpg")
+    ds = load_movielens(posters=posters)
+    cfg = Config.load(None, workdir=str(tmp_path))
+    held = set(cold_split(ds, cfg.eval).cold_items.tolist())
+    has_image = ds.catalog.modalities[:, 1]
+    for titles in (False, True):
+        task = build(ds, cfg.eval, None, synthetic_dir, coengagement_pairs=500, titles_without_posters=titles).part_item
+        rows = task.groups.tolist()
+        assert not held & set(rows)
+        kinds: dict[int, set] = {}
+        for row, query, item in zip(rows, task.a, task.b):
+            assert item.item_id == query.item_id == ds.catalog.ids[row]
+            kinds.setdefault(row, set()).add(tuple(query.kinds))
+        poster_rows = [r for r in kinds if has_image[r]]
+        plain_rows = {r for r in kinds if not has_image[r]}
+        assert poster_rows and all(kinds[r] == {("image",), ("text",)} for r in poster_rows)
+        assert all(kinds[r] == {("text",)} for r in plain_rows)
+        assert plain_rows == ({r for r in range(len(ds.catalog)) if not has_image[r] and r not in held} if titles else set())

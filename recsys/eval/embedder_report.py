@@ -144,14 +144,30 @@ def part_to_item(embedder, ds, cfg: Config, dim: int) -> dict:
     queries = {"poster alone": [q["image alone"] for q in one_part], "title alone": [q["title alone"] for q in one_part]}
     out: dict = {"movies": int(rows.size), "catalog": len(ds.catalog), "held_out_movies": len(held)}
     for name, contents in queries.items():
-        q = _embed(embedder, contents, "query", dim)
-        scores = q @ full.T
-        rank = (scores > scores[np.arange(rows.size), rows][:, None]).sum(1)  # 0 = the movie itself is first
-        ho = np.array([int(r) in held for r in rows])
-        out[name] = {"R@1": float((rank < 1).mean()), "R@10": float((rank < 10).mean()),
-                     "held-out R@1": float((rank[ho] < 1).mean()), "held-out R@10": float((rank[ho] < 10).mean()),
-                     "median rank": float(np.median(rank) + 1)}
+        out[name] = _own_item_ranks(_embed(embedder, contents, "query", dim), full, rows, held)
     return out
+
+
+def title_reference(backbones, ds, cfg: Config) -> dict:
+    """The text backbone alone (plain MiniLM sentence vectors): each poster movie's title vs every item's text,
+    scored as :func:`part_to_item` scores the fused vectors. How much of a title's identity the backbone holds
+    before fusion."""
+    from recsys.eval import make_split
+
+    rows = np.flatnonzero(ds.catalog.modalities[:, 1])
+    held = set(make_split("cold", ds, cfg.eval).test.candidates.tolist())
+    docs = backbones.sentence_vectors([" ".join(p.text for p in c.parts if p.kind == "text") for c in ds.catalog.contents()])
+    return _own_item_ranks(backbones.sentence_vectors([ds.catalog.titles[int(r)] for r in rows]), docs, rows, held)
+
+
+def _own_item_ranks(q: np.ndarray, docs: np.ndarray, rows: np.ndarray, held: set) -> dict:
+    """R@1 / R@10 (all, and the held-out rows alone) and the median rank of ``docs[rows[i]]`` for query i."""
+    scores = q @ docs.T
+    rank = (scores > scores[np.arange(rows.size), rows][:, None]).sum(1)  # 0 = the movie itself is first
+    ho = np.array([int(r) in held for r in rows])
+    return {"R@1": float((rank < 1).mean()), "R@10": float((rank < 10).mean()),
+            "held-out R@1": float((rank[ho] < 1).mean()), "held-out R@10": float((rank[ho] < 10).mean()),
+            "median rank": float(np.median(rank) + 1)}
 
 
 def throughput(embedder_factory, ds, microlens: Path | None, n: int = 128) -> dict:
