@@ -76,6 +76,25 @@ def test_towers_shapes_and_unit_norm():
     assert (m.id_table.weight[10] == 0).all()
 
 
+@pytest.mark.parametrize("use_ids,item_bias", [(True, True), (False, True), (False, False)])
+def test_item_tower_with_fixed_parts_equals_the_full_pass_under_any_statistics(use_ids, item_bias):
+    torch.manual_seed(0)
+    cfg = TowerConfig(content_dim=32, n_items=50, out_dim=8, hidden_dim=24, use_ids=use_ids, item_bias=item_bias)
+    tower = TwoTower(cfg).item.eval()
+    for p in tower.parameters():  # trained-looking weights: the LayerNorms' gains and shifts are not 1 and 0
+        p.data.add_(0.3 * torch.randn_like(p))
+    content = F.normalize(torch.randn(50, 32), dim=-1)
+    ids, mask = torch.arange(50), torch.rand(50) < 0.5
+    encode = tower.with_fixed(content, ids, mask)
+    for scale in (0.0, 1.0, 10.0):  # new items (all-zero stats) and large log counts
+        stats = scale * torch.rand(50, 7)
+        with torch.no_grad():
+            want = tower(content, stats, ids, mask)
+        got = encode(stats)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
 def test_sequential_user_tower_is_causal_in_time_finite_without_history_and_exports(tmp_path):
     from training.towers import SequenceEncoder
     from training.train import export_user_tower

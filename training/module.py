@@ -8,6 +8,7 @@ the best checkpoint follow ``val/NDCG10``.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import lightning as L
 import numpy as np
@@ -63,6 +64,23 @@ class TwoTowerModule(L.LightningModule):
         k = k & self.known[r]
         out = [self.model.item(c[i:i + batch], s[i:i + batch], r[i:i + batch], k[i:i + batch]) for i in range(0, len(r), batch)]
         return torch.cat(out).numpy()
+
+    def item_encoder(self, content: np.ndarray, rows: np.ndarray, known: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+        """``encode_items`` for the same items under many statistics tables (one per time bucket): the parts
+        that do not depend on the statistics are computed once (ItemTower.with_fixed).
+
+        Returns:
+            stats (N, N_ITEM_STATS) -> (N, vector_dim) item vectors."""
+        self.eval()
+        with torch.inference_mode():
+            r = torch.from_numpy(rows)
+            encode = self.model.item.with_fixed(torch.from_numpy(content), r, torch.from_numpy(known) & self.known[r])
+
+        def run(stats: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return encode(torch.from_numpy(stats)).numpy()
+
+        return run
 
     @torch.inference_mode()
     def encode_users(self, users: UserInputs, item_content: np.ndarray, batch: int = 4096) -> np.ndarray:
@@ -191,9 +209,10 @@ def rank_by_time(module: TwoTowerModule, val: ValidationData, item_content: np.n
             week = np.empty(len(times))
             week[np.argsort(times, kind="stable")] = np.arange(len(times)) * max_groups // len(times)
         groups = [(np.flatnonzero(week == w), float(times[week == w].min())) for w in np.unique(week)]
+    encode = module.item_encoder(val.items.content, val.items.rows, val.items.known)
     for idx, t in groups:
         stats = val.items.stats if t is None else val.asof.all_at(t)
-        items = module.encode_items(ItemInputs(val.items.content, stats, val.items.rows, val.items.known))
+        items = encode(stats)
         index = CandidateIndex(items[cand], kind=kind, rows=cand)
         scores, rows = index.search(users[idx], n, exclude=seen[idx])
         yield idx, scores, rows, stats

@@ -16,6 +16,7 @@ vectors and ids, pooled with attention over recency), and user statistics.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +84,47 @@ class ItemTower(nn.Module):
         x = torch.cat(parts, -1)
         v = F.normalize(self.skip(content) + self.mlp(x), dim=-1)
         return torch.cat([v, self.bias(x)], -1) if self.bias is not None else v
+
+    @torch.no_grad()
+    def with_fixed(self, content: torch.Tensor, ids: torch.Tensor, id_mask: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``forward`` for the same items at many times: everything but the statistics (the content and id
+        parts of each MLP's first layer, the skip path) is computed once, so each (B, N_ITEM_STATS) stats table
+        costs a fraction of a full pass. Evaluation encodes the catalog once per time bucket (item statistics
+        as of then); in eval mode the result equals ``forward`` up to float rounding.
+
+        Returns:
+            stats (B, N_ITEM_STATS) -> (B, vector_dim), as ``forward(content, stats, ids, id_mask)``."""
+        fixed = [content] + ([self.ids(ids) * id_mask.unsqueeze(-1).float()] if self.ids is not None else [])
+        f = torch.cat(fixed, -1).double()
+        c = self.cfg.content_dim
+        skip = self.skip(content)
+
+        def first_layer(mlp: nn.Sequential):
+            """The first Linear after the LayerNorm, split into the fixed columns' product and the stats' weights."""
+            norm, lin = mlp[0], mlp[1]
+            wg = lin.weight.double() * norm.weight.double()  # (H, d_in): W diag(gamma)
+            w_fixed = torch.cat([wg[:, :c], wg[:, c + N_ITEM_STATS:]], 1)
+            shift = lin.weight.double() @ norm.bias.double() + lin.bias.double()
+            return ((f @ w_fixed.T).float(), wg[:, c:c + N_ITEM_STATS].T.float().contiguous(), wg.sum(1).float(),
+                    shift.float(), norm.eps, mlp[2:])
+
+        layers = [first_layer(self.mlp)] + ([first_layer(self.bias)] if self.bias is not None else [])
+        d = f.shape[1] + N_ITEM_STATS
+        f_sum, f_sq = f.sum(1, keepdim=True), (f * f).sum(1, keepdim=True)
+
+        def encode(stats: torch.Tensor) -> torch.Tensor:
+            s = stats.double()  # the LayerNorm's mean and variance (per item: cheap) in double, the rest in float
+            mu = (f_sum + s.sum(1, keepdim=True)) / d
+            var = (f_sq + (s * s).sum(1, keepdim=True)) / d - mu * mu
+            s, mu = stats.float(), mu.float()
+            out = []
+            for fixed_part, w_stats, w_sum, shift, eps, rest in layers:
+                h = torch.addmm(fixed_part, s, w_stats).sub_(mu * w_sum).mul_(torch.rsqrt(var + eps).float()).add_(shift)
+                out.append(rest(h))
+            v = F.normalize(skip + out[0], dim=-1)
+            return torch.cat([v, out[1]], -1) if self.bias is not None else v
+
+        return encode
 
 
 class SequenceEncoder(nn.Module):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -132,7 +132,8 @@ class LocalEmbedder(Embedder):
     def __init__(self, weights: str | Path | None = None, cache_dir: str | Path | None = None,
                  batch_size: int = 64, default_dim: int = 256, device: str = "cpu",
                  model: FusionEncoder | None = None, manifest: dict | None = None,
-                 featurizer: Featurizer | None = None, centres: ModalityCentres | None = None):
+                 featurizer: Featurizer | None = None, centres: ModalityCentres | None = None,
+                 featurize_items: int = 1024):
         if model is None:
             model, manifest = load_fusion(weights or DEFAULT_WEIGHTS)
             centres = ModalityCentres.load(Path(weights or DEFAULT_WEIGHTS) / CENTRES_FILE)
@@ -142,9 +143,28 @@ class LocalEmbedder(Embedder):
         self.dims = tuple(self.model.cfg.matryoshka_dims)
         self.default_dim = default_dim
         self.batch_size = batch_size
+        # Items featurized together (a weight budget, see _featurize_chunks): the text backbone sorts its inputs
+        # by length across the whole chunk, so wider chunks than the fusion batch pad far less.
+        self.featurize_items = max(batch_size, featurize_items)
         self.featurizer = featurizer or Featurizer(Backbones(device), cache_dir=cache_dir)
         self.cache = VectorCache(Path(cache_dir) / "embeddings.sqlite") if cache_dir else None
         self.limits = Limits()
+
+    MEDIA_WEIGHT = {"text": 1, "image": 4, "audio": 16, "video": 16}  # memory a decoded part holds, roughly
+
+    def _featurize_chunks(self, misses: list) -> Iterator[list]:
+        """Consecutive slices of ``misses`` (index, content, key) to featurize together: up to ``featurize_items``
+        text-only items, fewer where items hold images, audio or video (their decoded media wait in memory)."""
+        chunk, weight = [], 0
+        for m in misses:
+            w = max((self.MEDIA_WEIGHT.get(p.kind, 16) for p in m[1].parts), default=1)
+            if chunk and weight + w > self.featurize_items:
+                yield chunk
+                chunk, weight = [], 0
+            chunk.append(m)
+            weight += w
+        if chunk:
+            yield chunk
 
     @property
     def model_version(self) -> str:
@@ -179,27 +199,28 @@ class LocalEmbedder(Embedder):
                 vectors[i] = hits[key]
         misses = [(i, c, k) for i, c, k in todo if k not in hits]
         bar = tqdm(total=len(misses), desc=f"embed[{self.name}]", unit="item", disable=not progress)
-        for start in range(0, len(misses), self.batch_size):
-            chunk = misses[start : start + self.batch_size]
-            feats = self.featurizer.featurize([c for _, c, _ in chunk])
-            good = [(j, f) for j, f in enumerate(feats) if f.error is None]
-            for j, f in enumerate(feats):
-                if f.error is not None:
-                    i, c, _ = chunk[j]
-                    errors.append(ItemError(i, c.item_id, f.error.problem))
-            if good:
-                raw = self.encode([f.segments for _, f in good])
-                out = (self.centres.apply(raw, [sig[chunk[j][0]] for j, _ in good], dim) if self.centres is not None
-                       else truncate_normalize(raw, dim))
-                new = {}
-                for (j, _), v in zip(good, out):
-                    i, _, key = chunk[j]
-                    vectors[i] = v
-                    if key:
-                        new[key] = v
-                if self.cache is not None and new:
-                    self.cache.put_many(new)
-            bar.update(len(chunk))
+        for fchunk in self._featurize_chunks(misses):
+            ffeats = self.featurizer.featurize([c for _, c, _ in fchunk])
+            for start in range(0, len(fchunk), self.batch_size):
+                chunk, feats = fchunk[start : start + self.batch_size], ffeats[start : start + self.batch_size]
+                good = [(j, f) for j, f in enumerate(feats) if f.error is None]
+                for j, f in enumerate(feats):
+                    if f.error is not None:
+                        i, c, _ = chunk[j]
+                        errors.append(ItemError(i, c.item_id, f.error.problem))
+                if good:
+                    raw = self.encode([f.segments for _, f in good])
+                    out = (self.centres.apply(raw, [sig[chunk[j][0]] for j, _ in good], dim) if self.centres is not None
+                           else truncate_normalize(raw, dim))
+                    new = {}
+                    for (j, _), v in zip(good, out):
+                        i, _, key = chunk[j]
+                        vectors[i] = v
+                        if key:
+                            new[key] = v
+                    if self.cache is not None and new:
+                        self.cache.put_many(new)
+                bar.update(len(chunk))
         bar.close()
         errors.sort(key=lambda e: e.index)
         return EmbedResult(vectors, errors, cache_hits=len(hits))
