@@ -220,8 +220,13 @@ def render_demo(blob: dict) -> list[str]:
     lines += [f"| **total** | **{r['total_s']:.1f}** |", "", "Test metrics, mean [95% bootstrap CI over users]:", ""]
     lines += _metrics_table(r["results"]) + _differences(r["results"]) + _rerank_check(r["results"])
     if r.get("previous"):
-        lines += ["", f"The previous recorded run ({r['previous']['code']}, {r['previous']['date'][:10]}): " + ", ".join(
+        lines += ["", f"The reference run, the recorded run before this one or the previous code rerun the same day ({r['previous']['code']}, {r['previous']['date'][:10]}): " + ", ".join(
             f"{k} {v:.1f} s" for k, v in r["previous"]["timings_s"].items()) + f"; total {r['previous']['total_s']:.1f} s."]
+        now, before = r["timings_s"], r["previous"]["timings_s"]
+        lines += ["", "This run over the reference run, per stage (below 1: faster; the machines' speed varies by day, so "
+                  "the ratio means most when both ran the same day): " + ", ".join(
+                      f"{k} {now[k] / before[k]:.2f}" for k in now if before.get(k)) +
+                  f"; total {r['total_s'] / r['previous']['total_s']:.2f}."]
     return lines
 
 
@@ -509,6 +514,12 @@ def render_variants(blob: dict) -> list[str]:
         for name, d in p["minus_first"].items():
             lines += ["", f"{protocol.upper()}, {name} minus {first} (same users, paired bootstrap 95% CI): " + "; ".join(
                 f"{m} {v['mean']:+.4f} [{v['low']:+.4f}, {v['high']:+.4f}]" for m, v in d.items()) + "."]
+    for protocol, p in r["protocols"].items():
+        for part, d in p.get("minus_first_items", {}).items():
+            for name, v in d.items():
+                lines += ["", f"{protocol.upper()} {part}, {name} minus {first}, intervals from resampling the target items "
+                          "(which items happened to be held out; recsys.eval.metrics.item_bootstrap_diff): " + "; ".join(
+                              f"{m} {e['mean']:+.4f} [{e['low']:+.4f}, {e['high']:+.4f}]" for m, e in v.items()) + "."]
     lines += ["", f"Validation NDCG@10 summed over the protocols: " + ", ".join(f"{k} {v:.4f}" for k, v in r["val_sum"].items())
               + f"; chosen on validation: **{r['chosen_on_validation']}**."]
     return lines

@@ -172,6 +172,16 @@ def cold_popularity_prior(workdir: Path, posters: str | None = None, betas=(0.0,
 ITEM_INPUTS = ("fused", "text-only", "concatenated")
 
 
+def item_resampled(results: list, targets: list[np.ndarray], metrics=("HR@10", "Recall@50")) -> dict:
+    """Each result minus the first (kept top-k rankings of the same users) with intervals from resampling the
+    target items (recsys.eval.metrics.item_bootstrap_diff): {variant: {metric: {mean, low, high}}}."""
+    from recsys.eval.metrics import item_bootstrap_diff
+
+    first = results[0]
+    return {r.model: {m: (lambda e: {"mean": e.mean, "low": e.low, "high": e.high})(
+        item_bootstrap_diff(r.topk, first.topk, targets, m)) for m in metrics} for r in results[1:]}
+
+
 def train_variants(workdir: Path, variants: dict[str, dict], posters: str | None = None,
                    protocols=("loo", "cold"), inputs: dict[str, str] | None = None) -> dict:
     """The two-tower with different ``[train]`` settings on the same splits and features: each variant's best
@@ -207,15 +217,16 @@ def train_variants(workdir: Path, variants: dict[str, dict], posters: str | None
             features[space] = vec, build_features(base, pds, vec, sv, split.train, name=f"{protocol}_{space.replace('-', '')}",
                                                   materialize=False)
         caches: dict = {space: {} for space in features}  # training rows, one set per item input
-        rows, tests = {}, []
+        rows, tests, vals = {}, [], []
         for name, over in variants.items():
             cfg = Config.load(None, workdir=str(workdir), train=over)
             space = inputs.get(name, "fused")
             vectors, repo = features[space]
             t0 = time.time()
             trained = fit_two_tower(cfg, pds.catalog, split, repo, vectors, name=name, rows_cache=caches[space])
-            test = trained.evaluate(split, pds.catalog, cfg, n_boot=base.eval.bootstrap)
+            test = trained.evaluate(split, pds.catalog, cfg, n_boot=base.eval.bootstrap, keep_topk=True)
             tests.append(test)
+            vals.append(trained.evaluate(split, pds.catalog, cfg, part="val", n_boot=1, keep_topk=True))
             best_val = max(r.estimates["NDCG@10"].mean for r in trained.val_results)
             rows[name] = {"val NDCG@10": best_val, "epochs": trained.epochs, "seconds": round(time.time() - t0, 1),
                           **{m: {"mean": e.mean, "low": e.low, "high": e.high} for m, e in test.estimates.items()}}
@@ -224,7 +235,9 @@ def train_variants(workdir: Path, variants: dict[str, dict], posters: str | None
         first = tests[0].model
         diffs = {t.model: paired_differences([t, tests[0]], reference=t.model)[first] for t in tests[1:]}
         out["protocols"][protocol] = {"variants": rows, "minus_first": {
-            name: {m: {"mean": e.mean, "low": e.low, "high": e.high} for m, e in d.items()} for name, d in diffs.items()}}
+            name: {m: {"mean": e.mean, "low": e.low, "high": e.high} for m, e in d.items()} for name, d in diffs.items()},
+            "minus_first_items": {part: item_resampled(results, es.targets) for part, results, es in
+                                  (("val", vals, split.val), ("test", tests, split.test))}}
     totals = {name: sum(p["variants"][name]["val NDCG@10"] for p in out["protocols"].values()) for name in variants}
     out["chosen_on_validation"] = max(totals, key=totals.get)
     out["val_sum"] = totals

@@ -205,3 +205,21 @@ def test_the_shipped_embedder_weights_record_their_training_data(movielens):
     assert record["dataset_hash"] == dataset_hash(movielens) and record["split"]["loo_ties"] == "seeded"
     for protocol in ("loo", "cold"):
         check_overlap(record, movielens, make_split(protocol, movielens))
+
+
+def test_item_resampled_interval_sees_a_difference_carried_by_one_item_that_user_resampling_misses():
+    from recsys.eval.metrics import item_bootstrap_diff, paired_bootstrap_diff, recall
+
+    rng = np.random.default_rng(0)
+    targets = [np.array([0, j]) for j in rng.integers(1, 51, 300)]  # every user: item 0 and one other
+    a = np.tile(np.r_[0, np.arange(100, 149)], (300, 1))  # finds item 0 for everyone, nothing else
+    b = np.tile(np.arange(100, 150), (300, 1))  # finds nothing
+    by_users = paired_bootstrap_diff(recall(a, targets, 50), recall(b, targets, 50))
+    by_items = item_bootstrap_diff(a, b, targets, "Recall@50")
+    assert by_items.mean == pytest.approx(by_users.mean) == pytest.approx(0.5)
+    assert by_users.low > 0.49  # every user gains the same: resampling users cannot see the one-item bet
+    assert by_items.low == 0.0 and by_items.high > 0.5  # a draw without item 0 erases it; one with it twice grows it
+    hr = item_bootstrap_diff(a, b, targets, "HR@10")
+    assert hr.mean == pytest.approx(1.0) and hr.low == 0.0
+    with pytest.raises(ValueError, match="NDCG"):
+        item_bootstrap_diff(a, b, targets, "NDCG@10")
