@@ -107,8 +107,12 @@ def bench_inputs(args) -> dict:
     concatenated; the input chosen on validation."""
     from benchmarks.training_bench import ITEM_INPUTS, train_variants
 
-    return train_variants(Path(args.workdir) / "inputs", {name: {} for name in ITEM_INPUTS}, args.posters,
-                          inputs={name: name for name in ITEM_INPUTS})
+    if len(args.weights) > 1:
+        raise SystemExit("inputs: give at most one --weights folder (the embedder whose vectors the variants read)")
+    weights = args.weights[0] if args.weights else None
+    return train_variants(Path(args.workdir) / ("inputs" if weights is None else "inputs-weights"),
+                          {name: {} for name in ITEM_INPUTS}, args.posters, inputs={name: name for name in ITEM_INPUTS},
+                          embedder_weights=weights)
 
 
 def bench_part_search(args) -> dict:
@@ -194,7 +198,7 @@ def bench_experiment(args) -> dict:
 BENCHES = {"negatives": bench_negatives, "learning-rate": bench_learning_rate, "part-search": bench_part_search, "towers": bench_towers, "demo": bench_demo, "features": bench_features, "embedder": bench_embedder, "training": bench_training,
            "cold-prior": bench_cold_prior, "inputs": bench_inputs, "embedder-recipe": bench_embedder_recipe,
            "serving": bench_serving, "nightly": bench_nightly, "experiment": bench_experiment}
-ORDER = ["demo", "learning-rate", "negatives", "inputs", "towers", "part-search", "serving", "nightly", "experiment", "features", "embedder", "embedder-recipe", "training", "cold-prior"]
+ORDER = ["demo", "learning-rate", "negatives", "inputs", "inputs-weights", "towers", "part-search", "serving", "nightly", "experiment", "features", "embedder", "embedder-recipe", "training", "cold-prior"]
 
 
 # Rendering --------------------------------------------------------------------------------------------
@@ -497,13 +501,17 @@ def render_part_search(blob: dict) -> list[str]:
 
 def render_variants(blob: dict) -> list[str]:
     r = blob["results"]
+    if r.get("embedder_weights"):
+        lines_w = [f"Embedder weights: `{r['embedder_weights']}` ({r.get('embedder_version')}), not the installed ones."]
+    else:
+        lines_w = []
     if r.get("inputs"):
         head = ("The same splits, features and `[train]` settings; item vectors per variant: " +
                 "; ".join(f"{k}: {v}" for k, v in r["inputs"].items()) + " (user tags limited to each protocol's training window).")
     else:
         head = "The same splits, features and item vectors; `[train]` settings per variant: " + "; ".join(
             f"{k}: `{v}`" for k, v in r["variants"].items()) + "."
-    lines = [head + " Test metrics, mean [95% bootstrap CI]:", "",
+    lines = lines_w + [head + " Test metrics, mean [95% bootstrap CI]:", "",
              "| protocol | variant | val NDCG@10 | epochs | seconds | HR@10 | Recall@50 | NDCG@10 |", "|---|---|---|---|---|---|---|---|"]
     for protocol, p in r["protocols"].items():
         for name, v in p["variants"].items():
@@ -514,12 +522,16 @@ def render_variants(blob: dict) -> list[str]:
         for name, d in p["minus_first"].items():
             lines += ["", f"{protocol.upper()}, {name} minus {first} (same users, paired bootstrap 95% CI): " + "; ".join(
                 f"{m} {v['mean']:+.4f} [{v['low']:+.4f}, {v['high']:+.4f}]" for m, v in d.items()) + "."]
-    for protocol, p in r["protocols"].items():
-        for part, d in p.get("minus_first_items", {}).items():
-            for name, v in d.items():
-                lines += ["", f"{protocol.upper()} {part}, {name} minus {first}, intervals from resampling the target items "
-                          "(which items happened to be held out; recsys.eval.metrics.item_bootstrap_diff): " + "; ".join(
-                              f"{m} {e['mean']:+.4f} [{e['low']:+.4f}, {e['high']:+.4f}]" for m, e in v.items()) + "."]
+    items = [(protocol, part, name, v) for protocol, p in r["protocols"].items()
+             for part, d in p.get("minus_first_items", {}).items() for name, v in d.items()]
+    if items:
+        lines += ["", f"Each variant minus {first}, final model on validation and on test, with 95% intervals from resampling "
+                  "the *target items* instead of the users (how much a difference depends on which items happened to be "
+                  "held out; `recsys.eval.metrics.item_bootstrap_diff`):", "",
+                  "| protocol | part | variant | HR@10 diff | Recall@50 diff |", "|---|---|---|---|---|"]
+        for protocol, part, name, v in items:
+            lines.append(f"| {protocol} | {part} | {name} | " + " | ".join(
+                f"{v[m]['mean']:+.4f} [{v[m]['low']:+.4f}, {v[m]['high']:+.4f}]" for m in ("HR@10", "Recall@50")) + " |")
     lines += ["", f"Validation NDCG@10 summed over the protocols: " + ", ".join(f"{k} {v:.4f}" for k, v in r["val_sum"].items())
               + f"; chosen on validation: **{r['chosen_on_validation']}**."]
     return lines
@@ -538,7 +550,8 @@ RENDER = {"demo": ("Demo: stage timings and metrics", render_demo),
           "embedder-recipe": ("Embedder: image path (poster <-> text, stage 1)", render_embedder_recipe),
           "training": ("Two-tower vs baselines, all protocols", render_training),
           "cold-prior": ("COLD: two-tower + content-predicted popularity prior", render_cold_prior),
-          "inputs": ("Two-tower item inputs: fused, text-only, concatenated, chosen on validation (issue: quality)", render_variants)}
+          "inputs": ("Two-tower item inputs: fused, text-only, concatenated, chosen on validation (issue: quality)", render_variants),
+          "inputs-weights": ("Two-tower item inputs with other embedder weights (`inputs --weights`; not installed)", render_variants)}
 
 
 def render() -> Path:
@@ -550,7 +563,8 @@ def render() -> Path:
         if name not in RENDER:
             continue
         if not path.exists():
-            lines += [f"## {RENDER[name][0]}", "", f"Not recorded yet: run `python -m benchmarks.run {name}`.", ""]
+            if name != "inputs-weights":  # an optional comparison (inputs --weights)
+                lines += [f"## {RENDER[name][0]}", "", f"Not recorded yet: run `python -m benchmarks.run {name}`.", ""]
             continue
         blob = json.loads(path.read_text())
         title, fn = RENDER[name]
@@ -578,7 +592,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sizes", default=None, help="serving: catalog sizes, comma-separated (default 10000,100000,1000000)")
     p.add_argument("--hold-s", dest="hold_s", type=float, default=180, help="serving: seconds to hold the best rate")
     p.add_argument("--parts", default=None, help="serving: latency,load,reload (the others kept from the last result)")
-    p.add_argument("--weights", nargs="+", default=[], help="part-search: other local-embedder weights folders to compare")
+    p.add_argument("--weights", nargs="+", default=[], help="part-search: other local-embedder weights folders to compare; inputs: one folder to use instead of the installed weights")
     p.add_argument("--reuse", action="store_true", help="experiment: analyse the last run's logs again (no training, no simulation)")
     p.add_argument("--nightly-items", dest="nightly_items", type=int, default=2000, help="nightly: synthetic catalog size")
     args = p.parse_args(argv)
@@ -588,7 +602,8 @@ def main(argv: list[str] | None = None) -> None:
             if name not in BENCHES:
                 p.error(f"unknown benchmark {name!r}; choose from {list(BENCHES)}")
             print(f"== benchmark: {name}", flush=True)
-            _save(name, BENCHES[name](args), argv)
+            # with other embedder weights, the inputs benchmark is kept beside the installed weights' result
+            _save("inputs-weights" if name == "inputs" and args.weights else name, BENCHES[name](args), argv)
     print(f"wrote {render()}")
 
 

@@ -100,7 +100,7 @@ def run(workdir: Path, posters: str | None = None, protocols=("loo", "cold", "te
                 if name == DEFAULT_VARIANT:  # the main run above is this variant: reuse it, do not refit
                     ablation.append({"protocol": protocol, "variant": name, **_summary(results[0])})
                     continue
-                cfg = Config.load(None, workdir=str(workdir), train=over)
+                cfg = Config.load(None, workdir=str(workdir), train=over, embedder=emb)
                 r = fit_two_tower(cfg, ds.catalog, split, repo, vectors, name=f"ablation {name}", rows_cache=cache)
                 ablation.append({"protocol": protocol, "variant": name,
                                  **_summary(r.evaluate(split, ds.catalog, cfg, n_boot=nb))})
@@ -183,7 +183,8 @@ def item_resampled(results: list, targets: list[np.ndarray], metrics=("HR@10", "
 
 
 def train_variants(workdir: Path, variants: dict[str, dict], posters: str | None = None,
-                   protocols=("loo", "cold"), inputs: dict[str, str] | None = None) -> dict:
+                   protocols=("loo", "cold"), inputs: dict[str, str] | None = None,
+                   embedder_weights: str | None = None) -> dict:
     """The two-tower with different ``[train]`` settings on the same splits and features: each variant's best
     validation NDCG@10 (what a choice is made on), its test metrics, and the paired per-user difference of each
     variant minus the first. The variant with the best validation NDCG@10 summed over the protocols is the one a
@@ -192,17 +193,20 @@ def train_variants(workdir: Path, variants: dict[str, dict], posters: str | None
     Args:
         inputs: variant name -> its item vectors, one of ITEM_INPUTS (default "fused", the embedder's vectors of
             the whole item; "text-only": of its text parts alone; "concatenated": both side by side). Every
-            input has the user tags limited to the protocol's training window."""
+            input has the user tags limited to the protocol's training window.
+        embedder_weights: a local-embedder weights folder to use instead of the installed one."""
     inputs = inputs or {}
     if bad := {v for v in inputs.values() if v not in ITEM_INPUTS}:
         raise ValueError(f"unknown item input(s) {sorted(bad)}; known: {ITEM_INPUTS}")
     from recsys.eval.evaluate import paired_differences
     from training.train import fit_two_tower
 
-    base = Config.load(None, workdir=str(workdir), data={"posters": posters})
+    emb = {"local_weights": embedder_weights} if embedder_weights else {}
+    base = Config.load(None, workdir=str(workdir), data={"posters": posters}, embedder=emb)
     ds = load_movielens(posters=posters)
     iv, ds = embed_catalog(base, ds, cold=True, save=False)
-    out: dict = {"variants": {name: over for name, over in variants.items()}, "inputs": inputs, "protocols": {}}
+    out: dict = {"variants": {name: over for name, over in variants.items()}, "inputs": inputs, "protocols": {},
+                 "embedder_version": iv.model_version, **({"embedder_weights": embedder_weights} if embedder_weights else {})}
     for protocol in protocols:
         split = make_split(protocol, ds, base.eval)
         pds, piv = tags_in_training_window(base, ds, iv, split)
@@ -219,7 +223,7 @@ def train_variants(workdir: Path, variants: dict[str, dict], posters: str | None
         caches: dict = {space: {} for space in features}  # training rows, one set per item input
         rows, tests, vals = {}, [], []
         for name, over in variants.items():
-            cfg = Config.load(None, workdir=str(workdir), train=over)
+            cfg = Config.load(None, workdir=str(workdir), train=over, embedder=emb)
             space = inputs.get(name, "fused")
             vectors, repo = features[space]
             t0 = time.time()

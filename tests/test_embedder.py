@@ -332,3 +332,36 @@ def test_part_item_task_with_titles_of_poster_less_movies_never_holds_a_held_out
         assert poster_rows and all(kinds[r] == {("image",), ("text",)} for r in poster_rows)
         assert all(kinds[r] == {("text",)} for r in plain_rows)
         assert plain_rows == ({r for r in range(len(ds.catalog)) if not has_image[r] and r not in held} if titles else set())
+
+
+def test_own_validation_slice_shares_no_movie_with_the_cold_protocol(tmp_path):
+    """With ``own_val`` the embedder validates on its own slice of the training poster movies; the COLD
+    protocol's validation movies are in no task (so the two-tower's COLD validation is independent of the
+    embedder's checkpoint choice) and its test movies stay the held-out test set."""
+    from recsys.config import Config
+    from recsys.data import load_movielens
+    from recsys.data.movielens import POSTER_IDS_FILE
+    from recsys.eval.splits import cold_split
+    from training.embedder_data import poster_tasks
+
+    posters = tmp_path / "posters"
+    posters.mkdir()
+    for item_id in POSTER_IDS_FILE.read_text().split()[:400]:
+        Image.new("RGB", (32, 48), (int(item_id) % 255, 90, 160)).save(posters / f"{item_id}.jpg")
+    ds = load_movielens(posters=posters)
+    cfg = Config.load(None, workdir=str(tmp_path)).eval
+    split = cold_split(ds, cfg)
+    cold_val = {ds.catalog.ids[r] for r in split.val.candidates}
+    cold_test = {ds.catalog.ids[r] for r in split.test.candidates}
+
+    def ids(task) -> set:
+        return {c.item_id for c in task.a}
+
+    old = poster_tasks(ds, cfg)
+    assert ids(old[1]) == cold_val and ids(old[2]) == cold_test  # the installed weights' recipe
+    train, val, test = poster_tasks(ds, cfg, own_val=0.1)
+    assert ids(test) == cold_test
+    assert not cold_val & (ids(train) | ids(val) | ids(test))
+    assert not ids(train) & ids(val) and val
+    assert ids(train) | ids(val) == ids(old[0])  # the same poster movies outside the COLD split, now split in two
+    assert 0.05 < len(val) / (len(train) + len(val)) < 0.15

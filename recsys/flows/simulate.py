@@ -116,7 +116,7 @@ def prepare(cfg: Config, challenger: list[str], split_name: str = "holdout") -> 
     """
     from recsys.data import load_dataset
     from recsys.eval.splits import make_split
-    from recsys.pipeline import build_features, embed_catalog
+    from recsys.pipeline import build_features, embed_catalog, tags_in_training_window
     from training.train import fit_two_tower
 
     ds = load_dataset(cfg)
@@ -125,6 +125,7 @@ def prepare(cfg: Config, challenger: list[str], split_name: str = "holdout") -> 
         raise ValueError(f"split {split_name!r}: expected one of {SPLITS}")
     split = make_split(split_name, ds, cfg.eval)
     console.print("simulation arms learn from " + split.describe())
+    ds, iv = tags_in_training_window(cfg, ds, iv, split)  # as the evaluation protocols do; simulate serves the same
     repo = build_features(cfg, ds, iv.vectors, iv, split.train, name="sim_train", materialize=False)
     over = _parse_overrides(challenger)
     variant = Config.model_validate({**cfg.model_dump(mode="json"),
@@ -231,7 +232,8 @@ def simulate(cfg: Config, name: str, arms: list[ArmConfig], mode: str = "ab", ex
     import httpx
 
     from recsys.data import load_dataset
-    from recsys.pipeline import build_features, embed_catalog
+    from recsys.eval.splits import make_split
+    from recsys.pipeline import build_features, embed_catalog, tags_in_training_window
 
     t0 = time.perf_counter()
     ds = load_dataset(cfg)
@@ -248,6 +250,8 @@ def simulate(cfg: Config, name: str, arms: list[ArmConfig], mode: str = "ab", ex
     sim_cfg = cfg.model_copy(deep=True)
     if url is None:
         iv, ds = embed_catalog(cfg, ds, cold=False)
+        # the item contents the arms trained on (prepare): user tags limited to the split's training window
+        ds, iv = tags_in_training_window(cfg, ds, iv, make_split(split_name, ds, cfg.eval))
         repo_name = "sim_" + "".join(c if c.isalnum() else "_" for c in name)
         # A fresh store for every run: an earlier run's repository would keep its materialization watermark
         # (an incremental materialize then writes nothing) and its clicks. SQLite, so that nothing outlives
