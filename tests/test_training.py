@@ -93,6 +93,8 @@ def test_item_tower_with_fixed_parts_equals_the_full_pass_under_any_statistics(u
         got = encode(stats)
         assert got.shape == want.shape
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    with pytest.raises(RuntimeError, match="eval"):
+        tower.train().with_fixed(content, ids, mask)
 
 
 def test_sequential_user_tower_is_causal_in_time_finite_without_history_and_exports(tmp_path):

@@ -94,6 +94,8 @@ class ItemTower(nn.Module):
 
         Returns:
             stats (B, N_ITEM_STATS) -> (B, vector_dim), as ``forward(content, stats, ids, id_mask)``."""
+        if self.training:
+            raise RuntimeError("ItemTower.with_fixed skips dropout: call .eval() first")
         fixed = [content] + ([self.ids(ids) * id_mask.unsqueeze(-1).float()] if self.ids is not None else [])
         f = torch.cat(fixed, -1).double()
         c = self.cfg.content_dim
