@@ -570,6 +570,8 @@ def render() -> Path:
         title, fn = RENDER[name]
         lines += [f"## {title}", "", f"Command: `{blob['command']}`  ", f"Date: {blob['date']}  ", f"Code: {blob.get('code', 'unknown')}  ",
                   f"Machine: {machine.markdown(blob['machine'])}", ""]
+        if blob.get("note"):
+            lines += [blob["note"], ""]
         lines += fn(blob) + [""]
     out = ROOT / "BENCHMARKS.md"
     out.write_text("\n".join(lines))

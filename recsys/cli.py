@@ -263,8 +263,9 @@ def train_embedder_cmd(
     coengagement_share: float = typer.Option(0.5, help="Stage 2's share of batches from co-engagement pairs."),
     part_item_share: float = typer.Option(0.15, help="Stage 2's share of batches from one-part <-> whole-item pairs."),
     titles_without_posters: bool = typer.Option(False, help="Part-item pairs also for the titles of movies without a poster."),
-    own_val: Optional[float] = typer.Option(None, help="Validate on this share of the training poster movies (e.g. 0.1) "
-                                            "instead of the COLD protocol's validation movies, which are then left out."),
+    own_val: float = typer.Option(0.1, help="Validate on this share of the training poster movies instead of the COLD "
+                                  "protocol's validation movies, which are then left out (0: validate on those, the "
+                                  "recipe before fusion-e853765975)."),
     install: bool = typer.Option(False, help="Copy the weights into the package (the default local weights)."),
 ):
     """Train the local embedder's fusion model (3 stages) on the paired data at hand; log to MLflow."""
@@ -276,7 +277,7 @@ def train_embedder_cmd(
     cfg = _config(config, workdir, posters)
     ds = load_dataset(cfg) if cfg.data.source == "movielens" else None
     data = build(ds, cfg.eval, fsdd, cfg.cache_dir / "embedder-synthetic", titles_without_posters=titles_without_posters,
-                 own_val=own_val)
+                 own_val=own_val or None)
     folder, test = train_embedder(data, cfg.models_dir / "embedder", cfg.tracking_uri,
                                   EmbedderTrainConfig(stage1_steps=stage1_steps, stage2_steps=stage2_steps,
                                                       coengagement_share=coengagement_share,
