@@ -40,6 +40,20 @@ class _RegisteredTowers:
         c, s, r, k = items.tensors()
         return self.item_tower(c, s, r, k & torch.from_numpy(self.known)[r]).numpy()
 
+    def item_encoder(self, content: np.ndarray, rows: np.ndarray, known: np.ndarray):
+        """stats (N, 7) -> (N, vector_dim) for the same items, as TwoTowerModule.item_encoder (the parts that do not
+        depend on the statistics computed once, ItemTower.with_fixed)."""
+        c, r = torch.from_numpy(content), torch.from_numpy(rows)
+        k = torch.from_numpy(known) & torch.from_numpy(self.known)[r]
+        with torch.inference_mode():
+            encode = self.item_tower.with_fixed(c, r, k)
+
+        def run(stats: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return encode(torch.from_numpy(stats)).numpy()
+
+        return run
+
 
 def replay(cfg: Config, ds: Dataset, alias: str | None = None, version: str | None = None, protocol: str = "loo",
            n_boot: int = 1000) -> Replay:
