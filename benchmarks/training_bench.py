@@ -100,7 +100,7 @@ def run(workdir: Path, posters: str | None = None, protocols=("loo", "cold", "te
                 if name == DEFAULT_VARIANT:  # the main run above is this variant: reuse it, do not refit
                     ablation.append({"protocol": protocol, "variant": name, **_summary(results[0])})
                     continue
-                cfg = Config.load(None, workdir=str(workdir), train=over, embedder=emb)
+                cfg = Config.load(None, workdir=str(workdir), train=over)
                 r = fit_two_tower(cfg, ds.catalog, split, repo, vectors, name=f"ablation {name}", rows_cache=cache)
                 ablation.append({"protocol": protocol, "variant": name,
                                  **_summary(r.evaluate(split, ds.catalog, cfg, n_boot=nb))})

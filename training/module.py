@@ -21,7 +21,7 @@ from recsys.index import CandidateIndex
 from training.datamodule import TwoTowerData, ValidationData
 from features.inputs import ItemInputs, UserInputs
 from training.losses import sampled_softmax_loss
-from training.towers import TowerConfig, TwoTower
+from training.towers import TowerConfig, TwoTower, stats_encoder
 
 
 class TwoTowerModule(L.LightningModule):
@@ -72,15 +72,7 @@ class TwoTowerModule(L.LightningModule):
         Returns:
             stats (N, N_ITEM_STATS) -> (N, vector_dim) item vectors."""
         self.eval()
-        with torch.inference_mode():
-            r = torch.from_numpy(rows)
-            encode = self.model.item.with_fixed(torch.from_numpy(content), r, torch.from_numpy(known) & self.known[r])
-
-        def run(stats: np.ndarray) -> np.ndarray:
-            with torch.inference_mode():
-                return encode(torch.from_numpy(stats)).numpy()
-
-        return run
+        return stats_encoder(self.model.item, content, rows, known & self.known.numpy()[rows])
 
     @torch.inference_mode()
     def encode_users(self, users: UserInputs, item_content: np.ndarray, batch: int = 4096) -> np.ndarray:

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -127,6 +128,25 @@ class ItemTower(nn.Module):
             return torch.cat([v, out[1]], -1) if self.bias is not None else v
 
         return encode
+
+
+def stats_encoder(item: ItemTower, content: np.ndarray, rows: np.ndarray, id_mask: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """NumPy in and out around ``item.with_fixed`` (eval mode, no autograd): what evaluation and the A/B replay
+    call to encode the same items under one statistics table per time bucket.
+
+    Args:
+        content: (N, content_dim); rows: (N,) catalog rows; id_mask: (N,) bool, which ids may be used.
+    Returns:
+        stats (N, N_ITEM_STATS) -> (N, vector_dim)."""
+    item.eval()
+    with torch.inference_mode():
+        encode = item.with_fixed(torch.from_numpy(content), torch.from_numpy(rows), torch.from_numpy(id_mask))
+
+    def run(stats: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return encode(torch.from_numpy(stats)).numpy()
+
+    return run
 
 
 class SequenceEncoder(nn.Module):

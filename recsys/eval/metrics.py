@@ -102,11 +102,10 @@ def item_bootstrap_diff(topk_a: np.ndarray, topk_b: np.ndarray, targets: list[np
     k = int(k)
     if name not in ("Recall", "HR"):
         raise ValueError(f"item-resampled intervals support Recall@K and HR@K, not {metric}")
-    items, codes = np.unique(np.concatenate([np.asarray(t, np.int64) for t in targets] or [np.zeros(0, np.int64)]),
-                             return_inverse=True)
+    rows = np.concatenate([np.asarray(t, np.int64) for t in targets] or [np.zeros(0, np.int64)])
+    items, codes = np.unique(rows, return_inverse=True)
     n_users = len(targets)
     user_of = np.repeat(np.arange(n_users), [len(t) for t in targets])
-    rows = np.concatenate([np.asarray(t, np.int64) for t in targets] or [np.zeros(0, np.int64)])
 
     def hit_matrix(topk: np.ndarray) -> "sparse.csr_matrix":
         hit = np.array([r in topk[u, :k] for u, r in zip(user_of, rows)], dtype=np.float64)

@@ -35,24 +35,11 @@ class _RegisteredTowers:
     def encode_users(self, users, item_content: np.ndarray) -> np.ndarray:
         return self.user_tower(*users.tensors(item_content, self.known)).numpy()
 
-    @torch.inference_mode()
-    def encode_items(self, items) -> np.ndarray:
-        c, s, r, k = items.tensors()
-        return self.item_tower(c, s, r, k & torch.from_numpy(self.known)[r]).numpy()
-
     def item_encoder(self, content: np.ndarray, rows: np.ndarray, known: np.ndarray):
-        """stats (N, 7) -> (N, vector_dim) for the same items, as TwoTowerModule.item_encoder (the parts that do not
-        depend on the statistics computed once, ItemTower.with_fixed)."""
-        c, r = torch.from_numpy(content), torch.from_numpy(rows)
-        k = torch.from_numpy(known) & torch.from_numpy(self.known)[r]
-        with torch.inference_mode():
-            encode = self.item_tower.with_fixed(c, r, k)
+        """As TwoTowerModule.item_encoder: stats (N, 7) -> (N, vector_dim) for the same items."""
+        from training.towers import stats_encoder
 
-        def run(stats: np.ndarray) -> np.ndarray:
-            with torch.inference_mode():
-                return encode(torch.from_numpy(stats)).numpy()
-
-        return run
+        return stats_encoder(self.item_tower, content, rows, known & self.known[rows])
 
 
 def replay(cfg: Config, ds: Dataset, alias: str | None = None, version: str | None = None, protocol: str = "loo",

@@ -45,6 +45,7 @@ class World:
     cut: datetime
     users: pl.DataFrame  # user_id, arrival, future (list of item ids), pre_interactions, pre_items_30d
     pre: pl.DataFrame  # interactions before the cut (what the online store holds)
+    split: object = None  # the recsys.eval.splits.Split it was made from
 
 
 SPLITS = ("holdout", "temporal")
@@ -69,7 +70,7 @@ def world(cfg: Config, ds, split_name: str = "holdout") -> World:
              .join(month.group_by("user_id").agg(pl.len().alias("pre_items_30d")), on="user_id", how="left")
              .with_columns(pl.col("pre_interactions", "pre_items_30d").fill_null(0).cast(pl.Int64))
              .sort("arrival", "user_id"))
-    return World(min(at) if at else datetime.now(timezone.utc), users, pre)
+    return World(min(at) if at else datetime.now(timezone.utc), users, pre, split)
 
 
 def item_segments(ds, w: World) -> pl.DataFrame:
@@ -232,7 +233,6 @@ def simulate(cfg: Config, name: str, arms: list[ArmConfig], mode: str = "ab", ex
     import httpx
 
     from recsys.data import load_dataset
-    from recsys.eval.splits import make_split
     from recsys.pipeline import build_features, embed_catalog, tags_in_training_window
 
     t0 = time.perf_counter()
@@ -251,7 +251,7 @@ def simulate(cfg: Config, name: str, arms: list[ArmConfig], mode: str = "ab", ex
     if url is None:
         iv, ds = embed_catalog(cfg, ds, cold=False)
         # the item contents the arms trained on (prepare): user tags limited to the split's training window
-        ds, iv = tags_in_training_window(cfg, ds, iv, make_split(split_name, ds, cfg.eval))
+        ds, iv = tags_in_training_window(cfg, ds, iv, w.split)
         repo_name = "sim_" + "".join(c if c.isalnum() else "_" for c in name)
         # A fresh store for every run: an earlier run's repository would keep its materialization watermark
         # (an incremental materialize then writes nothing) and its clicks. SQLite, so that nothing outlives
