@@ -223,6 +223,11 @@ def render_demo(blob: dict) -> list[str]:
     lines += [f"| {k} | {v:.1f} |" for k, v in r["timings_s"].items()]
     lines += [f"| **total** | **{r['total_s']:.1f}** |", "", "Test metrics, mean [95% bootstrap CI over users]:", ""]
     lines += _metrics_table(r["results"]) + _differences(r["results"]) + _rerank_check(r["results"])
+    for protocol, choice in (r.get("item_input") or {}).items():
+        if choice and len(choice["val_ndcg10"]) > 1:
+            lines += ["", f"{protocol.upper()} item input, chosen by the pipeline on validation NDCG@10: **{choice['chosen']}** ("
+                      + ", ".join(f"{m} {v:.4f}" for m, v in choice["val_ndcg10"].items())
+                      + "); the two-tower row is that model, the only one evaluated on test."]
     if r.get("previous"):
         lines += ["", f"The reference run, the recorded run before this one or the previous code rerun the same day ({r['previous']['code']}, {r['previous']['date'][:10]}): " + ", ".join(
             f"{k} {v:.1f} s" for k, v in r["previous"]["timings_s"].items()) + f"; total {r['previous']['total_s']:.1f} s."]

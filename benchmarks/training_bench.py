@@ -14,8 +14,8 @@ from recsys.data import load_movielens
 from recsys.eval import make_split
 from recsys.eval.baselines import EASE, ContentKNN, ItemKNN, Popularity
 from recsys.eval.evaluate import evaluate, score_topk
-from recsys.pipeline import (ItemVectors, ProtocolRun, build_features, console, embed_catalog, part_vectors, results_json,
-                             results_table, tags_in_training_window)
+from recsys.pipeline import (ItemVectors, ProtocolRun, build_features, console, embed_catalog, item_input_candidates,
+                             results_json, results_table, tags_in_training_window)
 
 ABLATION = {
     "in-batch only": {"logq_correction": False, "mixed_negatives": 0, "hard_negatives": 0},
@@ -28,19 +28,15 @@ ABLATION = {
 DEFAULT_VARIANT = "+ logQ (default)"
 
 
-def text_only_vectors(base: Config, ds, iv: ItemVectors, cold_rows: np.ndarray) -> ItemVectors:
-    """The catalog embedded from its text parts only, by the same embedder (the ablation's "text-only" input)."""
-    pv = part_vectors(base, ds, iv, "text", cold_rows)
-    return ItemVectors(ds.catalog.ids, pv.vectors, iv.backend, iv.model_version + "-textonly", iv.dim, cold=pv.cold)
+INPUT_MODES = {"fused": "fused", "text-only": "text", "concatenated": "concat"}  # label -> recsys.embed.item_input
+ITEM_INPUTS = tuple(INPUT_MODES)
 
 
-def concatenated(a: ItemVectors, b: ItemVectors) -> ItemVectors:
-    """[a; b] / sqrt(2): both spaces side by side, still unit length (the towers learn how to weigh them)."""
-    def cat(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        return (np.concatenate([x, y], -1) / np.sqrt(2)).astype(np.float32)
-
-    return ItemVectors(a.ids, cat(a.vectors, b.vectors), a.backend, f"{a.model_version}+{b.model_version}", a.dim + b.dim,
-                       cold={r: cat(v, b.cold[r]) for r, v in a.cold.items() if r in b.cold})
+def item_inputs(base: Config, ds, iv: ItemVectors) -> dict[str, ItemVectors]:
+    """The pipeline's three item inputs (recsys.pipeline.item_input_candidates) under this benchmark's labels."""
+    auto = base.model_copy(update={"embedder": base.embedder.model_copy(update={"item_input": "auto"})})
+    cands = item_input_candidates(auto, ds, iv)
+    return {label: cands[mode] for label, mode in INPUT_MODES.items()}
 
 
 def run(workdir: Path, posters: str | None = None, protocols=("loo", "cold", "temporal"),
@@ -52,10 +48,8 @@ def run(workdir: Path, posters: str | None = None, protocols=("loo", "cold", "te
 
     base = Config.load(None, workdir=str(workdir), data={"posters": posters})
     ds = load_movielens(posters=posters)
-    cold_rows = make_split("cold", ds, base.eval).cold_items
     iv, ds = embed_catalog(base, ds, cold=True, save=False)
-    cold_rows = make_split("cold", ds, base.eval).cold_items
-    iv_text = text_only_vectors(base, ds, iv, cold_rows)
+    iv_text = item_inputs(base, ds, iv)["text-only"]
     runs, ablation, throughput, cache = [], [], {}, {}
 
     def summary() -> dict:
@@ -169,7 +163,6 @@ def cold_popularity_prior(workdir: Path, posters: str | None = None, betas=(0.0,
             "val": {str(b): v for b, v in val.items()}, "test": {str(b): v for b, v in test.items()}}
 
 
-ITEM_INPUTS = ("fused", "text-only", "concatenated")
 
 
 def item_resampled(results: list, targets: list[np.ndarray], metrics=("HR@10", "Recall@50")) -> dict:
@@ -207,13 +200,12 @@ def train_variants(workdir: Path, variants: dict[str, dict], posters: str | None
     iv, ds = embed_catalog(base, ds, cold=True, save=False)
     out: dict = {"variants": {name: over for name, over in variants.items()}, "inputs": inputs, "protocols": {},
                  "embedder_version": iv.model_version, **({"embedder_weights": embedder_weights} if embedder_weights else {})}
+    all_inputs = item_inputs(base, ds, iv) if set(inputs.values()) - {"fused"} else {"fused": iv}
     for protocol in protocols:
         split = make_split(protocol, ds, base.eval)
-        pds, piv = tags_in_training_window(base, ds, iv, split)
-        spaces = {"fused": piv}
-        if set(inputs.values()) - {"fused"}:
-            spaces["text-only"] = text_only_vectors(base, pds, piv, split.cold_items)
-            spaces["concatenated"] = concatenated(piv, spaces["text-only"])
+        spaces = {}
+        for label, civ in all_inputs.items():
+            pds, spaces[label] = tags_in_training_window(base, ds, civ, split)
         features: dict = {}  # item input -> (vectors, Feast repo), built once per protocol
         for space in sorted({inputs.get(name, "fused") for name in variants}):
             sv = spaces[space]

@@ -94,15 +94,15 @@ def embed(
     """Embed the catalog (all modalities, interleaved parts), or search it with an ad-hoc query."""
     from recsys.content import Content, Part
     from recsys.data import load_dataset
-    from recsys.embed import make_embedder
+    from recsys.embed import item_embedder
     from recsys.pipeline import EmbeddingFailures, console, embed_catalog, load_item_vectors
 
     cfg = _config(config, workdir, posters, data, source, embedder=embedder, dim=dim)
     if query or image:
         parts = ([query] if query else []) + ([Part.of_file("image", image)] if image else [])
-        emb = make_embedder(cfg)
-        q = emb.embed([Content.of(*parts, item_id="query")], task="query", dim=cfg.embedder.dim)
         iv = load_item_vectors(cfg)
+        emb = item_embedder(cfg, iv.item_input)
+        q = emb.embed([Content.of(*parts, item_id="query")], task="query", dim=cfg.embedder.dim)
         titles = dict(zip(load_dataset(cfg).catalog.ids, load_dataset(cfg).catalog.titles))
         scores = iv.vectors @ q[0]
         for r in scores.argsort()[::-1][:top]:
@@ -145,8 +145,8 @@ def train(
     """Train the two-tower on each protocol, evaluate it beside the baselines, register the first protocol's
     model in MLflow under --alias, and print one comparison table."""
     from recsys.data import load_dataset
-    from recsys.pipeline import (aligned, console, feasible_protocols, load_item_vectors, results_json, results_table,
-                                 run_protocol)
+    from recsys.pipeline import (aligned, console, feasible_protocols, item_input_candidates, load_item_vectors,
+                                 results_json, results_table, run_protocol, serve_features)
 
     from recsys.pipeline import save_config
 
@@ -159,8 +159,11 @@ def train(
         from recsys.pipeline import embed_catalog
 
         iv.cold = embed_catalog(cfg, ds, cold=True, save=False)[0].cold
-    runs = [run_protocol(cfg, ds, iv, p, register=(i == 0), rerank=(p == "loo"), alias=alias)
+    candidates = item_input_candidates(cfg, ds, iv)
+    runs = [run_protocol(cfg, ds, iv, p, register=(i == 0), rerank=(p == "loo"), alias=alias, candidates=candidates)
             for i, p in enumerate(feasible)]
+    if runs and runs[0].extra["item_input"]["chosen"] != iv.item_input:  # the served model reads another item space
+        serve_features(cfg, ds, candidates, runs[0])
     console.print(results_table(runs))
     (cfg.workdir / "report").mkdir(exist_ok=True)
     (cfg.workdir / "report" / "train.json").write_text(json.dumps(results_json(runs), indent=2, default=str))
@@ -263,6 +266,8 @@ def train_embedder_cmd(
     coengagement_share: float = typer.Option(0.5, help="Stage 2's share of batches from co-engagement pairs."),
     part_item_share: float = typer.Option(0.15, help="Stage 2's share of batches from one-part <-> whole-item pairs."),
     titles_without_posters: bool = typer.Option(False, help="Part-item pairs also for the titles of movies without a poster."),
+    kd_items: bool = typer.Option(False, help="Distil MiniLM's item-item geometry on every content with text "
+                                  "(co-engagement and part-item batches too), not only on text-only batches."),
     own_val: float = typer.Option(0.1, help="Validate on this share of the training poster movies instead of the COLD "
                                   "protocol's validation movies, which are then left out (0: validate on those, the "
                                   "recipe before fusion-e853765975)."),
@@ -281,7 +286,7 @@ def train_embedder_cmd(
     folder, test = train_embedder(data, cfg.models_dir / "embedder", cfg.tracking_uri,
                                   EmbedderTrainConfig(stage1_steps=stage1_steps, stage2_steps=stage2_steps,
                                                       coengagement_share=coengagement_share,
-                                                      part_item_share=part_item_share),
+                                                      part_item_share=part_item_share, kd_items=kd_items),
                                   cache_dir=cfg.cache_dir)
     console.print_json(json.dumps(test))
     if install:

@@ -39,6 +39,9 @@ class EmbedderConfig(_Section):
 
     backend: Literal["local", "gemini"] = "local"
     dim: int = 256  # Matryoshka truncation; vectors are L2-normalised after truncation
+    # What the two-tower reads of an item (recsys.embed.item_input): fused, text, concat, or auto (the pipeline
+    # trains on each and keeps the best on validation; the registered model records its choice).
+    item_input: Literal["auto", "fused", "text", "concat"] = "auto"
     batch_size: int = 64
     cache: bool = True  # content-hash cache under <workdir>/cache/embeddings
     local_weights: Path | None = None  # default: the weights shipped in recsys/embed/weights
@@ -52,6 +55,11 @@ class EmbedderConfig(_Section):
     gemini_upload_above_bytes: int = 2**20  # larger media parts go through the Files API, not inline
     gemini_file_wait_s: float = 300.0  # how long an uploaded video may stay PROCESSING
     history_half_life: float = 50.0  # in items: the history vector is a decayed sum (an item this old weighs half)
+
+    @property
+    def item_dim(self) -> int:
+        """Width of the item vectors the two-tower reads in the configured item input (auto: fused)."""
+        return 2 * self.dim if self.item_input == "concat" else self.dim
 
 
 class FeatureConfig(_Section):

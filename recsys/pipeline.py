@@ -19,7 +19,8 @@ from rich.table import Table
 
 from recsys.config import Config
 from recsys.data import Dataset, load_dataset
-from recsys.embed import Embedder, make_embedder
+from recsys.embed import Embedder, item_embedder, make_embedder
+from recsys.embed.item_input import concat, input_version, weights_version
 from recsys.errors import DataError
 from recsys.eval import METRICS, EvalResult, make_split
 from recsys.eval.evaluate import evaluate, paired_differences, score_topk
@@ -55,6 +56,12 @@ class ItemVectors:
     failed: dict[str, str] = field(default_factory=dict)
     cold: dict[int, np.ndarray] = field(default_factory=dict)
     parts: dict[str, "PartVectors"] = field(default_factory=dict)  # one-kind vectors (part_vectors), by kind
+    item_input: str = "fused"  # which item space (recsys.embed.item_input); model_version is that space's
+
+    @property
+    def weights_version(self) -> str:
+        """The embedder weights' version (model_version names the item space)."""
+        return weights_version(self.model_version)
 
     def with_cold(self, rows: np.ndarray) -> np.ndarray:
         """Vectors where ``rows`` take their cold-start version."""
@@ -97,7 +104,7 @@ def embed_catalog(cfg: Config, ds: Dataset, embedder: Embedder | None = None, co
 
     Returns:
         (vectors aligned with the returned dataset's catalog, that dataset)."""
-    embedder = embedder or make_embedder(cfg)
+    embedder = embedder or item_embedder(cfg)
     dim = cfg.embedder.dim
     result = embedder.embed_many(ds.catalog.contents(), task="document", dim=dim, progress=True)
     failed = {e.item_id or str(e.index): e.message for e in result.errors}
@@ -107,7 +114,8 @@ def embed_catalog(cfg: Config, ds: Dataset, embedder: Embedder | None = None, co
         console.print(f"[yellow]{len(failed)} item(s) failed to embed and are left out[/yellow], e.g. {list(failed.items())[:3]}")
         ds = ds.without_items(set(failed), "items that failed to embed (left out with their interactions)")
     vectors = result.vectors[ok]
-    out = ItemVectors(ds.catalog.ids, vectors, embedder.name, embedder.model_version, dim, failed)
+    out = ItemVectors(ds.catalog.ids, vectors, embedder.name, embedder.model_version, vectors.shape[1], failed,
+                      item_input=getattr(embedder, "mode", "fused"))
     cold_rows = make_split("cold", ds, cfg.eval).cold_items if cold else None
     if cold_rows is not None and len(cold_rows):
         res = embedder.embed_many([ds.catalog.content(int(r), cold=True) for r in cold_rows], task="document", dim=dim)
@@ -115,12 +123,42 @@ def embed_catalog(cfg: Config, ds: Dataset, embedder: Embedder | None = None, co
     if save:
         folder = cfg.workdir / "embeddings"
         folder.mkdir(parents=True, exist_ok=True)
-        pl.DataFrame({"item_id": out.ids, "vector": pl.Series(vectors, dtype=pl.Array(pl.Float32, dim))}).write_parquet(
+        pl.DataFrame({"item_id": out.ids, "vector": pl.Series(vectors, dtype=pl.Array(pl.Float32, out.dim))}).write_parquet(
             folder / "items.parquet")
         (folder / "manifest.json").write_text(json.dumps(
-            {"backend": out.backend, "model_version": out.model_version, "dim": dim, "items": len(out.ids),
-             "failed": failed}, indent=2))
+            {"backend": out.backend, "model_version": out.model_version, "dim": out.dim, "item_input": out.item_input,
+             "items": len(out.ids), "failed": failed}, indent=2))
     return out, ds
+
+
+def item_input_candidates(cfg: Config, ds: Dataset, iv: ItemVectors) -> dict[str, ItemVectors]:
+    """The item inputs the pipeline chooses among (``embedder.item_input``: one, or ``auto``: all three),
+    built from the fused vectors ``iv`` (with their cold versions): the text-only ones are embedded (their
+    parts' features are cached), the concatenation is assembled from the two."""
+    mode = cfg.embedder.item_input
+    if mode != "auto":
+        if mode != iv.item_input:
+            raise ValueError(f"embedder.item_input is {mode!r} but the item vectors are {iv.item_input!r}")
+        return {mode: iv}
+    if iv.item_input != "fused":
+        raise ValueError(f"item_input auto chooses from the fused vectors, got {iv.item_input!r} ones")
+    if not ds.catalog.modalities[:, 1:].any():  # text-only catalog: every candidate is the fused vectors again
+        console.print("item inputs: the catalog has text only, so text-only and concatenated vectors equal the fused "
+                      "ones: nothing to choose")
+        return {"fused": iv}
+    emb = item_embedder(cfg, "text")
+    with console.status("item inputs: embedding the catalog's text parts alone (the text-only candidate)"):
+        res = emb.embed_many(ds.catalog.contents(), task="document", dim=cfg.embedder.dim)
+        cold_rows = list(iv.cold)
+        cres = emb.embed_many([ds.catalog.content(r, cold=True) for r in cold_rows], task="document", dim=cfg.embedder.dim)
+    if res.errors:  # the fused vectors of these items embedded: their text alone must too
+        raise EmbeddingFailures({e.item_id or str(e.index): e.message for e in res.errors}, len(ds.catalog), 0.0)
+    text = ItemVectors(iv.ids, res.vectors, iv.backend, emb.model_version, iv.dim, iv.failed,
+                       cold={r: v for r, v, good in zip(cold_rows, cres.vectors, cres.ok) if good}, item_input="text")
+    both = ItemVectors(iv.ids, concat(iv.vectors, text.vectors), iv.backend, input_version(iv.model_version, "concat"),
+                       2 * iv.dim, iv.failed, cold={r: concat(v, text.cold[r]) for r, v in iv.cold.items() if r in text.cold},
+                       item_input="concat")
+    return {"fused": iv, "text": text, "concat": both}
 
 
 @dataclass
@@ -181,14 +219,16 @@ def tags_in_training_window(cfg: Config, ds: Dataset, iv: ItemVectors, split) ->
     pds, changed, dropped = ds.with_tags_before(limit, end)
     if not changed:
         return pds, iv
-    res = make_embedder(cfg).embed_many([pds.catalog.content(r) for r in changed], task="document", dim=iv.dim)
+    res = item_embedder(cfg, iv.item_input).embed_many([pds.catalog.content(r) for r in changed], task="document",
+                                                       dim=cfg.embedder.dim)
     if res.errors:
         raise EmbeddingFailures({e.item_id or str(e.index): e.message for e in res.errors}, len(changed), 0.0)
     vectors = iv.vectors.copy()
     vectors[changed] = res.vectors
     console.print(f"{split.name}: user tags limited to the training window: {dropped:,} of {ds.tags.height:,} tags left "
                   f"out, {len(changed):,} items embedded again")
-    return pds, ItemVectors(iv.ids, vectors, iv.backend, iv.model_version, iv.dim, iv.failed, iv.cold)
+    return pds, ItemVectors(iv.ids, vectors, iv.backend, iv.model_version, iv.dim, iv.failed, iv.cold,
+                            item_input=iv.item_input)
 
 
 def check_embedder_overlap(cfg: Config, ds: Dataset, iv: ItemVectors, split) -> None:
@@ -200,7 +240,7 @@ def check_embedder_overlap(cfg: Config, ds: Dataset, iv: ItemVectors, split) -> 
     from recsys.embed.provenance import check_overlap
 
     manifest = json.loads(((cfg.embedder.local_weights or DEFAULT_WEIGHTS) / "manifest.json").read_text())
-    if manifest.get("version") != iv.model_version:
+    if manifest.get("version") != iv.weights_version:
         console.print(f"[yellow]the item vectors come from {iv.model_version}, not the installed weights "
                       f"{manifest.get('version')}: overlap not checked[/yellow]")
         return
@@ -223,7 +263,7 @@ def load_item_vectors(cfg: Config) -> ItemVectors:
     m = json.loads((folder / "manifest.json").read_text())
     frame = pl.read_parquet(folder / "items.parquet")
     return ItemVectors(frame["item_id"].to_list(), frame["vector"].to_numpy().astype(np.float32), m["backend"],
-                       m["model_version"], m["dim"], m.get("failed", {}))
+                       m["model_version"], m["dim"], m.get("failed", {}), item_input=m.get("item_input", "fused"))
 
 
 def feasible_protocols(cfg: Config, ds: Dataset) -> list[str]:
@@ -261,6 +301,14 @@ def build_features(cfg: Config, ds: Dataset, vectors: np.ndarray, iv: ItemVector
     return repo
 
 
+def serve_features(cfg: Config, ds: Dataset, candidates: dict[str, ItemVectors], registered: "ProtocolRun | None"):
+    """The serving store (all interactions, materialized) in the item space the registered model reads (the
+    fused one when nothing was registered)."""
+    mode = registered.extra.get("item_input", {}).get("chosen") if registered is not None else None
+    iv = candidates.get(mode) or candidates.get("fused") or next(iter(candidates.values()))
+    return build_features(cfg, ds, iv.vectors, iv, ds.interactions.frame, name="serve", materialize=True)
+
+
 # Training + evaluation -------------------------------------------------------------------------------
 @dataclass
 class ProtocolRun:
@@ -282,8 +330,14 @@ BASELINES = ("popularity", "ease", "sasrec", "content-knn")
 
 def run_protocol(cfg: Config, ds: Dataset, iv: ItemVectors, protocol: str, register: bool = False,
                  rerank: bool = False, baselines: tuple[str, ...] = BASELINES,
-                 alias: str | None = None) -> ProtocolRun:
+                 alias: str | None = None, candidates: dict[str, ItemVectors] | None = None) -> ProtocolRun:
     """Train and evaluate the two-tower and the baselines on one protocol (same split, same run).
+
+    Args:
+        iv: the fused item vectors (what the content baselines read).
+        candidates: item inputs to choose among (item_input_candidates; default: ``iv`` alone). With several,
+            a two-tower is trained on each and the one with the best validation NDCG@10 is evaluated on test
+            (and registered); ``extra["item_input"]`` reports the choice.
 
     The baselines: see :func:`baseline_results`."""
     from recsys.rerank import MIN_USERS, Reranker
@@ -292,15 +346,34 @@ def run_protocol(cfg: Config, ds: Dataset, iv: ItemVectors, protocol: str, regis
     split = make_split(protocol, ds, cfg.eval)
     console.print(split.describe())
     check_embedder_overlap(cfg, ds, iv, split)
-    ds, iv = tags_in_training_window(cfg, ds, iv, split)
-    vectors = iv.with_cold(split.cold_items) if protocol == "cold" else iv.vectors
-    repo = build_features(cfg, ds, vectors, iv, split.train, name=protocol, materialize=False)
-    idx, nb = ds.catalog.index, cfg.eval.bootstrap
-    trained = fit_two_tower(cfg, ds.catalog, split, repo, vectors, register=register,
-                            alias=(alias or cfg.serve.model_alias) if register else None)
+    candidates = candidates or {iv.item_input: iv}
+    fits = {}
+    for mode, civ in candidates.items():
+        pds, civ = tags_in_training_window(cfg, ds, civ, split)
+        cvec = civ.with_cold(split.cold_items) if protocol == "cold" else civ.vectors
+        repo = build_features(cfg, pds, cvec, civ, split.train, materialize=False,
+                              name=protocol if len(candidates) == 1 or mode == "fused" else f"{protocol}_{mode}")
+        trained = fit_two_tower(cfg, pds.catalog, split, repo, cvec,
+                                name="two-tower" if len(candidates) == 1 else f"two-tower[{mode}]")
+        fits[mode] = (trained, pds, civ, cvec, repo)
+    val = {m: max((r.estimates["NDCG@10"].mean for r in f[0].val_results), default=float("nan")) for m, f in fits.items()}
+    chosen = max(val, key=lambda m: (val[m], -list(val).index(m)))  # ties: the first candidate (fused)
+    trained, ds_c, civ, vectors, repo = fits[chosen]
+    if len(fits) > 1:
+        console.print(f"{protocol}: item input chosen on validation (NDCG@10): {chosen} ("
+                      + ", ".join(f"{m} {v:.4f}" for m, v in val.items()) + ")")
+    trained.name = "two-tower"
+    keep_checkpoint(cfg, trained, protocol, chosen)
+    if register:
+        trained.register(cfg, ds_c.catalog, split, alias or cfg.serve.model_alias, civ.model_version, chosen)
+    # the content baselines read the fused vectors, with tags in the same window
+    ds, iv = fits["fused"][1:3] if "fused" in fits else tags_in_training_window(cfg, ds, iv, split)
+    fused = iv.with_cold(split.cold_items) if protocol == "cold" else iv.vectors
+    nb = cfg.eval.bootstrap
     results = [trained.evaluate(split, ds.catalog, cfg, n_boot=nb)]
-    extra: dict = {"epochs": trained.epochs, "train_s": round(trained.seconds, 1),
-                   "examples_per_s": round(trained.examples_per_s)}
+    extra: dict = {"epochs": trained.epochs, "train_s": round(sum(f[0].seconds for f in fits.values()), 1),
+                   "examples_per_s": round(trained.examples_per_s),
+                   "item_input": {"chosen": chosen, "val_ndcg10": val, "item_vectors": civ.model_version}}
     if rerank:
         val_cands = trained.candidates(split.val, ds.catalog, cfg, cfg.serve.candidates)
         reranker = Reranker(seed=cfg.train.seed)
@@ -318,10 +391,26 @@ def run_protocol(cfg: Config, ds: Dataset, iv: ItemVectors, protocol: str, regis
         results.append(score_topk("two-tower + rerank", rows, split.test, n_cand, protocol, n_boot=nb))
         if register and trained.run_id:
             log_reranker(cfg, trained.run_id, reranker)
-    results += baseline_results(cfg, ds, iv, split, vectors, baselines, extra)
+    results += baseline_results(cfg, ds, iv, split, fused, baselines, extra)
     extra["two_tower_minus"] = {model: {m: {"mean": e.mean, "low": e.low, "high": e.high} for m, e in d.items()}
                                 for model, d in paired_differences(results, n_boot=nb).items()}
     return ProtocolRun(protocol, results, trained, split, extra)
+
+
+def keep_checkpoint(cfg: Config, trained, protocol: str, item_input: str) -> Path | None:
+    """Copy the kept model's best checkpoint to ``models/two-tower-<protocol>/best.ckpt`` with the item input it
+    reads beside it (``recsys evaluate`` reloads both)."""
+    import shutil
+
+    folder = cfg.models_dir / f"two-tower-{protocol}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "item_input.json").write_text(json.dumps({"item_input": item_input}))
+    if trained.checkpoint is None:
+        return None
+    target = folder / "best.ckpt"
+    if Path(trained.checkpoint).resolve() != target.resolve():
+        shutil.copyfile(trained.checkpoint, target)
+    return target
 
 
 def baseline_results(cfg: Config, ds: Dataset, iv: ItemVectors, split, vectors: np.ndarray,
@@ -437,9 +526,16 @@ def evaluate_saved(cfg: Config, baselines: tuple[str, ...] = ("popularity", "eas
         check_embedder_overlap(cfg, ds, iv, split)
         if protocol == "cold":
             iv.cold = embed_catalog(cfg, ds, cold=True, save=False)[0].cold
-        pds, piv = tags_in_training_window(cfg, ds, iv, split)  # the item vectors the checkpoint was trained on
+        mode_file = ckpt.parent / "item_input.json"
+        mode = json.loads(mode_file.read_text())["item_input"] if mode_file.exists() else iv.item_input
+        civ = iv if mode == iv.item_input else item_input_candidates(
+            cfg.model_copy(update={"embedder": cfg.embedder.model_copy(update={"item_input": "auto"})}), ds, iv)[mode]
+        pds, piv = tags_in_training_window(cfg, ds, iv, split)  # the content baselines' vectors
+        _, tiv = tags_in_training_window(cfg, ds, civ, split)  # the item vectors the checkpoint was trained on
         vectors = piv.with_cold(split.cold_items) if protocol == "cold" else piv.vectors
-        trained = TrainedTwoTower("two-tower", TwoTowerModule.from_checkpoint(ckpt), vectors)
+        tvec = tiv.with_cold(split.cold_items) if protocol == "cold" else tiv.vectors
+        trained = TrainedTwoTower("two-tower", TwoTowerModule.from_checkpoint(ckpt), tvec)
+        console.print(f"{protocol}: the two-tower reads the {mode} item vectors ({tiv.model_version})")
         results = [trained.evaluate(split, pds.catalog, cfg, n_boot=cfg.eval.bootstrap),
                    *baseline_results(cfg, pds, piv, split, vectors, baselines)]
         runs.append(ProtocolRun(protocol, results, trained, split))

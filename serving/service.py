@@ -306,13 +306,15 @@ class Recommender:
 
     def search(self, content, k: int) -> tuple[list[Recommendation], Snapshot]:
         """A multimodal query (a Content), embedded with the query task, over the catalog's content vectors."""
-        from recsys.embed import make_embedder
+        from recsys.embed import item_embedder
 
         snap = self.current()
+        mode = snap.bundle.config.get("item_input", "fused")  # the item space the model reads: queries join it
         with self._embed_lock:
-            if self._embedder is None:
-                self._embedder = make_embedder(self.cfg)
-            q = self._embedder.embed([content], task="query", dim=snap.bundle.content.shape[1])
+            if self._embedder is None or getattr(self._embedder, "mode", "fused") != mode:
+                self._embedder = item_embedder(self.cfg, mode)
+            q = self._embedder.embed([content], task="query",
+                                     dim=int(snap.bundle.config.get("embedder_dim", snap.bundle.content.shape[1])))
         scores, rows = snap.content_index.search(q, k)
         return [Recommendation(snap.bundle.item_ids[j], snap.bundle.titles[j], float(s), float(s))
                 for s, j in zip(scores[0], rows[0]) if j >= 0], snap

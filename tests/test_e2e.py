@@ -41,6 +41,9 @@ def test_demo_runs_every_stage_and_reports(demo):
     assert check["helps"] == (check["reranked_ndcg10"] > check["retrieval_ndcg10"]) and check["users"] > 0
     for r in report["results"]:
         assert 0 <= r["HR@10"]["low"] <= r["HR@10"]["mean"] <= r["HR@10"]["high"] <= 1
+    for protocol in ("loo", "cold"):  # text only (no posters here): the item input has nothing to choose from
+        assert report["item_input"][protocol]["chosen"] == "fused"
+        assert set(report["item_input"][protocol]["val_ndcg10"]) == {"fused"}
     saved = json.loads((cfg.workdir / "report" / "demo.json").read_text())
     assert saved["results"] == json.loads(json.dumps(report["results"], default=str))
     # everything it wrote is under the work directory
@@ -60,6 +63,19 @@ def test_registered_model_has_towers_vectors_and_alias(demo):
     assert "val/NDCG10" in run.data.metrics and run.data.params["protocol"] == "loo"
     model_info = mlflow.models.get_model_info(f"runs:/{mv.run_id}/item_tower")
     assert model_info.signature is not None
+
+
+def test_evaluate_reloads_each_protocols_kept_model_with_the_item_input_it_reads(demo):
+    from recsys.pipeline import evaluate_saved
+
+    cfg, report = demo
+    runs = {r.protocol: r for r in evaluate_saved(cfg, baselines=())}
+    for protocol in ("loo", "cold"):
+        demo_row = next(r for r in report["results"] if r["protocol"] == protocol and r["model"] == "two-tower")
+        again = runs[protocol].results[0]
+        assert again.model == "two-tower"
+        assert again.estimates["NDCG@10"].mean == pytest.approx(demo_row["NDCG@10"]["mean"], abs=1e-6), protocol
+        assert again.estimates["HR@10"].mean == pytest.approx(demo_row["HR@10"]["mean"], abs=1e-6), protocol
 
 
 def test_http_service(demo):

@@ -365,3 +365,56 @@ def test_own_validation_slice_shares_no_movie_with_the_cold_protocol(tmp_path):
     assert not ids(train) & ids(val) and val
     assert ids(train) | ids(val) == ids(old[0])  # the same poster movies outside the COLD split, now split in two
     assert 0.05 < len(val) / (len(train) + len(val)) < 0.15
+
+
+def test_item_inputs_text_alone_and_concatenated_and_a_failed_part_fails_the_item(embedder, synthetic, tmp_path):
+    from recsys.embed.item_input import ItemInputEmbedder, text_parts
+
+    contents = synthetic.catalog.contents()[:6]
+    assert any("image" in c.kinds for c in contents)
+    fused, text = embedder.embed(contents, dim=64), embedder.embed([text_parts(c) for c in contents], dim=64)
+    assert not np.allclose(fused, text)  # the items with media differ
+    assert np.allclose(ItemInputEmbedder(embedder, "text").embed(contents, dim=64), text, atol=1e-6)
+    both = ItemInputEmbedder(embedder, "concat")
+    cat = both.embed(contents, dim=64)
+    assert cat.shape == (6, 128) and np.allclose(np.linalg.norm(cat, axis=1), 1, atol=1e-5)
+    assert np.allclose(cat * np.sqrt(2), np.hstack([fused, text]), atol=1e-5)
+    # a query joins the concatenated space: it scores (q . fused + q . text) / 2
+    q = Content.of("a query about the first item", item_id="q")
+    qv, qc = embedder.embed([q], task="query", dim=64), both.embed([q], task="query", dim=64)
+    assert np.allclose(qc @ cat.T, (qv @ fused.T + qv @ text.T) / 2, atol=1e-5)
+    assert both.model_version == embedder.model_version + "+concat"
+    # an image that cannot be decoded fails the item (never a half vector), the rest embed
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8 not a jpeg")
+    res = both.embed_many([contents[0], Content.of("broken poster", Part.of_file("image", bad), item_id="broken")], dim=64)
+    assert [e.item_id for e in res.errors] == ["broken"] and res.ok.tolist() == [True, False]
+    assert np.allclose(res.vectors[0], cat[0], atol=1e-6)
+    with pytest.raises(ValueError, match="unknown item input"):
+        ItemInputEmbedder(embedder, "poster")
+
+
+def test_the_pipelines_item_input_candidates_are_what_the_item_embedder_gives(synthetic, tmp_path):
+    """The demo assembles the candidates from the fused and text-only vectors; the nightly job and serving embed
+    with item_embedder: both must give the same item space."""
+    from recsys.embed import item_embedder
+    from recsys.pipeline import embed_catalog, item_input_candidates
+    from tests.conftest import small_config
+
+    cfg = small_config(tmp_path)
+    assert cfg.embedder.item_input == "auto"
+    iv, ds = embed_catalog(cfg, synthetic, cold=True, save=False)
+    cands = item_input_candidates(cfg, ds, iv)
+    assert list(cands) == ["fused", "text", "concat"] and cands["fused"] is iv and iv.cold
+    rows = [0, 1, 2, *list(iv.cold)[:3]]
+    for mode in ("text", "concat"):
+        emb = item_embedder(cfg, mode)
+        got = emb.embed(ds.catalog.contents(rows), dim=cfg.embedder.dim)
+        assert np.allclose(got, cands[mode].vectors[rows], atol=1e-5), mode
+        assert cands[mode].model_version == emb.model_version and cands[mode].item_input == mode
+        r = next(iter(iv.cold))
+        assert np.allclose(emb.embed([ds.catalog.content(r, cold=True)], dim=cfg.embedder.dim)[0], cands[mode].cold[r], atol=1e-5)
+    assert cands["concat"].dim == 2 * cfg.embedder.dim == cfg.model_copy(update={"embedder": cfg.embedder.model_copy(
+        update={"item_input": "concat"})}).embedder.item_dim
+    fixed = cfg.model_copy(update={"embedder": cfg.embedder.model_copy(update={"item_input": "fused"})})
+    assert list(item_input_candidates(fixed, ds, iv)) == ["fused"]

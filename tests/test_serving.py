@@ -41,7 +41,11 @@ def trained(tmp_path_factory):
     heavy = pl.DataFrame({"user_id": ["heavy"] * 520, "item_id": [f"s{i:05d}" for i in range(520)],
                           "timestamp": [1_704_067_200 + 60 * i for i in range(520)], "value": [1.0] * 520})
     pl.concat([frame, heavy.cast(frame.schema)]).write_csv(data / "interactions.csv")
-    cfg = small_config(root / "work", data={"source": "synthetic", "path": str(data)}, eval={"protocols": ["loo"]})
+    # the concatenated item input (fused and text-only vectors side by side, twice as wide): every online path,
+    # search and the nightly job included, must work in a space other than the embedder's own (the demo's auto
+    # choice is tested in test_e2e)
+    cfg = small_config(root / "work", data={"source": "synthetic", "path": str(data)}, eval={"protocols": ["loo"]},
+                       embedder={"item_input": "concat"})
     run_demo(cfg, sample_users=1)
     return cfg
 
@@ -274,6 +278,7 @@ def test_the_nightly_publish_is_what_a_reload_serves(server):
     assert summary.exit_code == 0 and summary.published
     m = read_published(cfg.workdir)
     assert m.index and m.model["version"] == "1" and m.index["items"] == 600
+    assert m.embedder["dim"] == 2 * cfg.embedder.dim and m.embedder["model_version"].endswith("+concat")
     admin = {"X-API-Key": ADMIN}
     before = client.get("/admin/status", headers=admin).json()["reloads"]
     assert client.post("/admin/reload", headers=admin).status_code == 202

@@ -193,3 +193,34 @@ def test_reranker_on_too_few_validation_users_stays_unfitted_instead_of_crashing
         np.testing.assert_array_equal(rows, cands.rows[:, :5])  # the retrieval order stands
     empty, _ = _candidates(1, 20, rng, np.zeros(1, dtype=int))
     assert not Reranker().fit(empty.subset(np.array([], dtype=int)), []).fitted
+
+
+def test_the_pipeline_chooses_the_item_input_on_validation_registers_it_and_every_later_stage_reads_it(
+        synthetic, synthetic_dir, tmp_path):
+    """item_input auto on a catalog with images: one two-tower per input, the best validation NDCG@10 kept and
+    registered with what it reads; the nightly job resolves that space and `recsys evaluate` reloads the kept
+    checkpoint with it (same test figures)."""
+    import json
+
+    import mlflow
+
+    from recsys.flows.nightly import served_item_input
+    from recsys.pipeline import embed_catalog, evaluate_saved, item_input_candidates, run_protocol
+    from tests.conftest import small_config
+
+    cfg = small_config(tmp_path, data={"source": "generic", "path": str(synthetic_dir)}, eval={"protocols": ["loo"]})
+    assert served_item_input(cfg) == "fused"  # nothing registered yet
+    iv, ds = embed_catalog(cfg, synthetic)
+    cands = item_input_candidates(cfg, ds, iv)
+    run = run_protocol(cfg, ds, iv, "loo", register=True, baselines=("popularity",), candidates=cands)
+    choice = run.extra["item_input"]
+    assert set(choice["val_ndcg10"]) == {"fused", "text", "concat"}
+    assert choice["val_ndcg10"][choice["chosen"]] == max(choice["val_ndcg10"].values())
+    assert run.trained.content_vectors.shape[1] == cands[choice["chosen"]].dim
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    mv = mlflow.tracking.MlflowClient().get_model_version_by_alias(cfg.train.registered_model, "champion")
+    tower = json.loads(open(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="two_tower/two_tower.json")).read())
+    assert tower["item_input"] == choice["chosen"] == served_item_input(cfg)
+    assert tower["dim"] == cands[choice["chosen"]].dim and tower["embedder_version"] == choice["item_vectors"]
+    again = evaluate_saved(cfg, baselines=())[0].results[0]
+    assert again.estimates["NDCG@10"].mean == pytest.approx(run.results[0].estimates["NDCG@10"].mean, abs=1e-6)

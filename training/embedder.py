@@ -61,6 +61,10 @@ class EmbedderTrainConfig:
     # and cost the poster path more than it should; the other tasks keep their relative mix).
     coengagement_share: float | None = 0.5
     part_item_share: float | None = 0.15  # stage 2's share of one-part <-> whole-item batches (search by any part)
+    # Distil MiniLM's geometry on every content with text (its mean sentence vector as teacher), not only on
+    # batches whose contents are all text-only: co-engagement and part-item batches too, where items carry
+    # posters (what moves items with the same title apart is learned from the text).
+    kd_items: bool = False
     seed: int = 0
 
 
@@ -87,6 +91,11 @@ def _torch_segments(segs):
     return [(name, torch.from_numpy(np.asarray(f, dtype=np.float32))) for name, f in segs]
 
 
+def text_teacher(segs) -> np.ndarray:
+    """(text_dim,) the mean MiniLM sentence vector of a content's text segments (what the text anchor reads)."""
+    return np.mean([np.asarray(f[0], np.float32) for name, f in segs if name == "text"], axis=0)
+
+
 def _is_text_only(segs) -> bool:
     return len(segs) == 1 and segs[0][0] == "text"
 
@@ -110,9 +119,10 @@ class TaskBatches(IterableDataset):
     """An endless stream of one-task batches; the task of each batch is drawn by ``task_mix``."""
 
     def __init__(self, tasks: list[PairTask], batch_size: int, prefix_keep: float, seed: int,
-                 shares: dict[str, float] | None = None):
+                 shares: dict[str, float] | None = None, kd_items: bool = False):
         self.tasks, self.batch_size, self.prefix_keep, self.seed = tasks, batch_size, prefix_keep, seed
         self.p = task_mix(tasks, shares)
+        self.kd_items = kd_items
 
     def __iter__(self):
         rng = np.random.default_rng(self.seed)
@@ -127,6 +137,11 @@ class TaskBatches(IterableDataset):
             plain_b = [task.feats["b"][0][i] for i in idx]
             if all(_is_text_only(s) for s in plain_b):  # MiniLM's sentence vector is the first text token
                 batch["teacher"] = torch.from_numpy(np.stack([s[0][1][0] for s in plain_b]).astype(np.float32))
+            elif self.kd_items:
+                rows = [j for j, s in enumerate(plain_b) if any(name == "text" for name, _ in s)]
+                if len(rows) > 1:
+                    batch["teacher"] = torch.from_numpy(np.stack([text_teacher(plain_b[j]) for j in rows]))
+                    batch["teacher_rows"] = torch.tensor(rows)
             if task.hard is not None:
                 batch["hard"] = [_torch_segments(task.feats["b"][int(rng.random() < self.prefix_keep)][task.hard[i]]) for i in idx]
             yield batch
@@ -151,7 +166,7 @@ class FusionModule(L.LightningModule):
         loss = info_nce(za, zb, batch["groups"], self.temperature, self.model.cfg.matryoshka_dims, hard)
         self.log("train/nce", loss, batch_size=len(batch["a"]))
         if "teacher" in batch and self.cfg.kd_weight > 0:
-            kd = relational_distillation(zb, batch["teacher"])
+            kd = relational_distillation(zb[batch["teacher_rows"]] if "teacher_rows" in batch else zb, batch["teacher"])
             self.log("train/kd", kd, batch_size=len(batch["a"]))
             loss = loss + self.cfg.kd_weight * kd
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["a"]))
@@ -323,7 +338,7 @@ def _fit(module: FusionModule, tasks: list[PairTask], steps: int, cfg: EmbedderT
     trainer = L.Trainer(max_steps=steps, accelerator="auto", devices=1, logger=logger, callbacks=[validate],
                         enable_checkpointing=False, enable_model_summary=False, log_every_n_steps=25,
                         enable_progress_bar=True, num_sanity_val_steps=0)
-    loader = DataLoader(TaskBatches(tasks, cfg.batch_size, cfg.prefix_keep, seed, shares), batch_size=None)
+    loader = DataLoader(TaskBatches(tasks, cfg.batch_size, cfg.prefix_keep, seed, shares, cfg.kd_items), batch_size=None)
     trainer.fit(module, loader)
     return validate
 

@@ -48,6 +48,16 @@ class TrainedTwoTower:
     run_id: str | None = None
     model_version: str | None = None
     datamodule: TwoTowerData | None = field(default=None, repr=False)  # the training data it was fit on
+    checkpoint: Path | None = None  # the best epoch's Lightning checkpoint
+
+    def register(self, cfg: Config, catalog: Catalog, split: Split, alias: str | None, item_space: str,
+                 item_input: str = "fused") -> str:
+        """Log both towers to MLflow and register the user tower (``alias`` points at it); ``item_space``: the
+        version of the item vectors it reads, ``item_input`` their kind (recsys.embed.item_input)."""
+        val = self.inputs(split.val, catalog, cfg)
+        queries = self.module.encode_users(val.users, self.item_content)  # real user-tower outputs: the index tunes on them
+        self.model_version = log_towers(self, cfg, catalog, val.items, alias, item_space, queries, item_input)
+        return self.model_version
 
     @property
     def item_content(self) -> np.ndarray:
@@ -155,11 +165,10 @@ def fit_two_tower(cfg: Config, catalog: Catalog, split: Split, repo: FeatureRepo
     module.eval()
     epochs = max(trainer.current_epoch, int(trainer.callback_metrics.get("train/epochs", 0)))
     out = TrainedTwoTower(name, module, content_vectors.astype(np.float32), validation.results,
-                          epochs, seconds, len(rows.times), run_id=logger.run_id, datamodule=dm)
+                          epochs, seconds, len(rows.times), run_id=logger.run_id, datamodule=dm,
+                          checkpoint=Path(best) if best and Path(best).exists() else None)
     if trainer.is_global_zero and register:
-        queries = module.encode_users(vu, out.item_content)  # real user-tower outputs: the index tunes on them
-        out.model_version = log_towers(out, cfg, catalog, vi, alias, repo.views.item_embedding.tags["model_version"],
-                                       queries)
+        out.register(cfg, catalog, split, alias, repo.views.item_embedding.tags["model_version"])
     return out
 
 
@@ -174,7 +183,7 @@ def export_user_tower(tower: torch.nn.Module, example: tuple, path: Path) -> Pat
 
 
 def log_towers(trained: TrainedTwoTower, cfg: Config, catalog: Catalog, items: ItemInputs, alias: str | None,
-               embedder_version: str, queries: np.ndarray | None = None) -> str:
+               embedder_version: str, queries: np.ndarray | None = None, item_input: str = "fused") -> str:
     """Both towers as MLflow models with signatures, the item vectors and the exported user tower as
     artifacts (with a sample of user-tower outputs, on which serving tunes an approximate index), and the
     user tower registered as ``train.registered_model`` (the alias, e.g. champion, points at it)."""
@@ -212,7 +221,7 @@ def log_towers(trained: TrainedTwoTower, cfg: Config, catalog: Catalog, items: I
             export_user_tower(m.model.user, user_example, Path(tmp) / "user_tower.pt2")
             (Path(tmp) / "two_tower.json").write_text(json.dumps({
                 "tower": tc.to_dict(), "embedder": cfg.embedder.backend, "embedder_version": embedder_version,
-                "dim": cfg.embedder.dim,
+                "dim": D, "embedder_dim": cfg.embedder.dim, "item_input": item_input,
                 "name": trained.name, "epochs": trained.epochs}, indent=2))
             mlflow.log_artifacts(tmp, artifact_path="two_tower")
         mlflow.log_metric("train/examples_per_s", trained.examples_per_s)

@@ -7,7 +7,7 @@ from pathlib import Path
 from recsys.embed.base import TASK_PREFIX, EmbedResult, Embedder, EmbeddingError, ItemError, Limits, Task, apply_task
 
 __all__ = ["TASK_PREFIX", "EmbedResult", "Embedder", "EmbeddingError", "ItemError", "Limits", "Task",
-           "apply_task", "make_embedder"]
+           "apply_task", "item_embedder", "make_embedder"]
 
 
 def make_embedder(cfg, cache_dir: str | Path | None = None, budget=None) -> Embedder:
@@ -25,3 +25,13 @@ def make_embedder(cfg, cache_dir: str | Path | None = None, budget=None) -> Embe
 
         return GeminiEmbedder.from_config(e, cache_dir=cache_dir, budget=budget)
     raise ValueError(f"unknown embedder backend {e.backend!r} (expected local or gemini)")
+
+
+def item_embedder(cfg, mode: str | None = None, **kwargs) -> Embedder:
+    """The embedder of the item vectors the two-tower reads (recsys.embed.item_input) in ``mode``, else the
+    configured ``embedder.item_input`` (``auto`` before the pipeline has chosen: fused)."""
+    from recsys.embed.item_input import ItemInputEmbedder
+
+    mode = mode or getattr(cfg, "embedder", cfg).item_input
+    base = make_embedder(cfg, **kwargs)
+    return base if mode in ("auto", "fused") else ItemInputEmbedder(base, mode)

@@ -10,8 +10,8 @@ from rich.table import Table
 
 from recsys.config import Config
 from recsys.data import load_dataset
-from recsys.pipeline import (Timings, build_features, console, differences_table, embed_catalog, feasible_protocols,
-                             results_json, results_table, run_protocol, save_config)
+from recsys.pipeline import (Timings, console, differences_table, embed_catalog, feasible_protocols, item_input_candidates,
+                             results_json, results_table, run_protocol, save_config, serve_features)
 
 
 def run_demo(cfg: Config, sample_users: int = 3) -> dict:
@@ -25,13 +25,14 @@ def run_demo(cfg: Config, sample_users: int = 3) -> dict:
         protocols = feasible_protocols(cfg, ds)
     with timings.stage("embed catalog"):
         iv, ds = embed_catalog(cfg, ds, cold="cold" in protocols)
-    with timings.stage("features (serving store: all interactions, materialized)"):
-        build_features(cfg, ds, iv.vectors, iv, ds.interactions.frame, name="serve", materialize=True)
+        candidates = item_input_candidates(cfg, ds, iv)  # auto: fused, text-only, concatenated
     runs = []
     for protocol in protocols:  # the first one that can be formed registers the served model
         with timings.stage(f"train + evaluate: {protocol}"):
             runs.append(run_protocol(cfg, ds, iv, protocol, register=(protocol == protocols[0]),
-                                     rerank=(protocol == "loo")))
+                                     rerank=(protocol == "loo"), candidates=candidates))
+    with timings.stage("features (serving store: all interactions, materialized)"):
+        serve_features(cfg, ds, candidates, runs[0] if runs else None)
     with timings.stage("serve sample recommendations"):
         from serving.service import Recommender
 
@@ -50,7 +51,8 @@ def run_demo(cfg: Config, sample_users: int = 3) -> dict:
     report = {"timings_s": timings.stages, "total_s": round(sum(timings.stages.values()), 1),
               "results": results_json(runs), "data": ds.report.loaded,
               "embedder": {"backend": iv.backend, "model_version": iv.model_version, "dim": iv.dim,
-                           "failed": len(iv.failed)}}
+                           "failed": len(iv.failed)},
+              "item_input": {r.protocol: r.extra.get("item_input") for r in runs}}
     out = cfg.workdir / "report"
     out.mkdir(exist_ok=True)
     (out / "demo.json").write_text(json.dumps(report, indent=2, default=str))

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from recsys.config import Config
 from recsys.content import Content
 from recsys.data import Dataset, load_dataset
-from recsys.embed import make_embedder
+from recsys.embed import item_embedder
 from recsys.embed.cache import embedding_key
 from recsys.manifest import Manifest, publish, read_published, sha256_file
 from recsys.pipeline import Timings, console
@@ -122,7 +122,7 @@ def embed_local(cfg: Config, contents: list[Content], rows: list[int]) -> Embedd
     if not rows:
         console.print("nothing new or changed to embed")
         return Embedded({}, {})
-    embedder = make_embedder(cfg)
+    embedder = item_embedder(cfg)
     out = Embedded({}, {})
     step = cfg.nightly.batch_items
     bar = tqdm(total=len(rows), desc=f"embed[{embedder.name}]", unit="item")
@@ -154,7 +154,7 @@ class _RayEmbedActor:
         # every actor spends one request budget (concurrency, contents per minute, 429 pauses) held by one
         # actor; each actor's own thread pool may use all of it when the others are idle
         budget = RayBudget(budget_actor) if budget_actor is not None else None
-        self.cfg, self.embedder = cfg, make_embedder(cfg, budget=budget)
+        self.cfg, self.embedder = cfg, item_embedder(cfg, budget=budget)
 
     def __call__(self, batch: dict) -> dict:
         from recsys.content import Part
@@ -256,6 +256,7 @@ def run_nightly(cfg: Config, engine: str | None = None, dry_run: bool = False) -
     """Run every stage; returns the summary (``exit_code`` says what a scheduler should see)."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     engine = engine or cfg.nightly.engine
+    cfg = with_item_input(cfg, served_item_input(cfg))
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     summary = NightlySummary(run_id, dry_run=dry_run)
     timings = Timings()
@@ -264,12 +265,12 @@ def run_nightly(cfg: Config, engine: str | None = None, dry_run: bool = False) -
     with timings.stage("snapshot + diff"):
         ds = load_dataset(cfg)
         console.print(ds.report.render())
-        embedder_info = make_embedder(cfg) if engine == "local" else None
+        embedder_info = item_embedder(cfg) if engine == "local" else None
         backend, version = _space(cfg, embedder_info)
         contents = ds.catalog.contents()
         hashes = content_hashes(cfg, contents, backend, version)
         prev_vectors = None
-        if previous is not None and previous.embedder == {"backend": backend, "model_version": version, "dim": cfg.embedder.dim}:
+        if previous is not None and previous.embedder == {"backend": backend, "model_version": version, "dim": cfg.embedder.item_dim}:
             prev_vectors = pl.read_parquet(cfg.workdir / previous.vectors["path"])
         d = diff(ds.catalog.ids, hashes, prev_vectors)
     summary.counts = {"new": len(d.new), "changed": len(d.changed), "unchanged": len(d.unchanged), "removed": len(d.removed)}
@@ -312,12 +313,12 @@ def run_nightly(cfg: Config, engine: str | None = None, dry_run: bool = False) -
         work.mkdir(parents=True, exist_ok=True)
         vec_path = work / "vectors.parquet"
         pl.DataFrame({"item_id": [ds.catalog.ids[r] for r in keep_rows], "content_hash": [hashes[r] for r in keep_rows],
-                      "vector": pl.Series(vectors, dtype=pl.Array(pl.Float32, cfg.embedder.dim))}).write_parquet(vec_path)
+                      "vector": pl.Series(vectors, dtype=pl.Array(pl.Float32, cfg.embedder.item_dim))}).write_parquet(vec_path)
     checkpoint("vectors")
     with timings.stage("features (Feast, incremental)"):
         from features.store import FeatureRepo
 
-        repo = FeatureRepo(cfg, backend, version, cfg.embedder.dim, name="serve")
+        repo = FeatureRepo(cfg, backend, version, cfg.embedder.item_dim, name="serve")
         changed_rows = repo.write_item_embeddings(served.catalog.ids, vectors)
         counts = repo.write_interaction_features(inter, served.catalog, vectors, users=users)
         repo.apply()
@@ -332,7 +333,7 @@ def run_nightly(cfg: Config, engine: str | None = None, dry_run: bool = False) -
     checkpoint("indexed")
     manifest = Manifest(
         run_id=run_id, created_at=datetime.now(timezone.utc).isoformat(),
-        embedder={"backend": backend, "model_version": version, "dim": cfg.embedder.dim},
+        embedder={"backend": backend, "model_version": version, "dim": cfg.embedder.item_dim},
         vectors={"path": str(vec_path.relative_to(cfg.workdir)), "items": len(keep_rows), "sha256": _vectors_digest(vectors, served)},
         feast={"repo": "serve", "item_view": repo.views.item_embedding.name, "materialized": report.rows},
         model=model, index=index, counts=dict(summary.counts), previous=previous.run_id if previous else None,
@@ -372,9 +373,32 @@ def _champion_version(cfg: Config) -> str | None:
         return None
 
 
+def served_item_input(cfg: Config) -> str:
+    """The item space to write (recsys.embed.item_input): ``embedder.item_input``, or with ``auto`` the one the
+    served model reads (its two_tower.json), fused when no model is registered yet."""
+    if cfg.embedder.item_input != "auto":
+        return cfg.embedder.item_input
+    import mlflow
+
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    try:
+        mv = mlflow.tracking.MlflowClient().get_model_version_by_alias(cfg.train.registered_model, cfg.serve.model_alias)
+        path = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="two_tower/two_tower.json")
+    except Exception:  # no registered model (or alias) yet
+        return "fused"
+    return json.loads(Path(path).read_text()).get("item_input", "fused")
+
+
+def with_item_input(cfg: Config, mode: str) -> Config:
+    """A copy of ``cfg`` whose item input is ``mode`` (what the embedders and the Ray actors read)."""
+    if mode != "fused":
+        console.print(f"item vectors: {mode} (what the served model reads)")
+    return cfg.model_copy(update={"embedder": cfg.embedder.model_copy(update={"item_input": mode})})
+
+
 def _space(cfg: Config, embedder) -> tuple[str, str]:
     """(backend, model version) of the configured embedder, without loading it twice."""
-    emb = embedder or make_embedder(cfg)
+    emb = embedder or item_embedder(cfg)
     return emb.name, emb.model_version
 
 
@@ -392,7 +416,7 @@ def _merge(cfg: Config, ds: Dataset, d: Diff, emb: Embedded, prev: pl.DataFrame 
             continue
         rows.append(r)
         vecs.append(np.asarray(v, np.float32))
-    arr = np.stack(vecs) if vecs else np.zeros((0, cfg.embedder.dim), np.float32)
+    arr = np.stack(vecs) if vecs else np.zeros((0, cfg.embedder.item_dim), np.float32)
     if not np.isfinite(arr).all():  # never publish a NaN: a bug upstream, not an item failure
         raise FloatingPointError("non-finite values in the merged item vectors")
     return arr, rows
@@ -421,14 +445,14 @@ def _index(cfg: Config, ds: Dataset, vectors: np.ndarray, embedder_version: str,
     except Exception as exc:  # no registered model yet: publish vectors and features only
         console.print(f"[yellow]no registered model to index ({type(exc).__name__}); run `recsys train`[/yellow]")
         return None, None
-    if bundle.config.get("embedder_version") != embedder_version or int(bundle.config.get("dim", 0)) != cfg.embedder.dim:
+    if bundle.config.get("embedder_version") != embedder_version or int(bundle.config.get("dim", 0)) != cfg.embedder.item_dim:
         console.print("[yellow]the registered model reads another embedding space: retrain before indexing[/yellow]")
         return None, None
     mlflow.set_tracking_uri(cfg.tracking_uri)
     item_tower = mlflow.pytorch.load_model(f"runs:/{bundle.run_id}/item_tower", map_location="cpu").eval()
     from features.store import FeatureRepo
 
-    repo = FeatureRepo(cfg, bundle.config["embedder"], embedder_version, cfg.embedder.dim, name="serve")
+    repo = FeatureRepo(cfg, bundle.config["embedder"], embedder_version, cfg.embedder.item_dim, name="serve")
     asof = ItemStatsAsOf(pl.read_parquet(repo._path(repo.views.item_stats)), ds.catalog)
     trained = dict(zip(bundle.item_ids, bundle.known))
     known = np.array([bool(trained.get(i, False)) for i in ds.catalog.ids])
