@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 
 from recsys.config import Config
-from recsys.content import Content
 from recsys.data import load_movielens
 from recsys.eval import make_split
 from recsys.eval.baselines import EASE, ContentKNN, ItemKNN, Popularity
@@ -34,8 +33,7 @@ ITEM_INPUTS = tuple(INPUT_MODES)
 
 def item_inputs(base: Config, ds, iv: ItemVectors) -> dict[str, ItemVectors]:
     """The pipeline's three item inputs (recsys.pipeline.item_input_candidates) under this benchmark's labels."""
-    auto = base.model_copy(update={"embedder": base.embedder.model_copy(update={"item_input": "auto"})})
-    cands = item_input_candidates(auto, ds, iv)
+    cands = item_input_candidates(base.with_item_input("auto"), ds, iv)
     return {label: cands[mode] for label, mode in INPUT_MODES.items()}
 
 

@@ -251,3 +251,7 @@ class Config(_Section):
     @property
     def models_dir(self) -> Path:
         return self.workdir / "models"
+
+    def with_item_input(self, mode: str) -> "Config":
+        """A copy whose ``embedder.item_input`` is ``mode`` (recsys.embed.item_input)."""
+        return self.model_copy(update={"embedder": self.embedder.model_copy(update={"item_input": mode})})

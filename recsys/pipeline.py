@@ -355,10 +355,10 @@ def run_protocol(cfg: Config, ds: Dataset, iv: ItemVectors, protocol: str, regis
                               name=protocol if len(candidates) == 1 or mode == "fused" else f"{protocol}_{mode}")
         trained = fit_two_tower(cfg, pds.catalog, split, repo, cvec,
                                 name="two-tower" if len(candidates) == 1 else f"two-tower[{mode}]")
-        fits[mode] = (trained, pds, civ, cvec, repo)
+        fits[mode] = (trained, pds, civ)
     val = {m: max((r.estimates["NDCG@10"].mean for r in f[0].val_results), default=float("nan")) for m, f in fits.items()}
     chosen = max(val, key=lambda m: (val[m], -list(val).index(m)))  # ties: the first candidate (fused)
-    trained, ds_c, civ, vectors, repo = fits[chosen]
+    trained, ds_c, civ = fits[chosen]
     if len(fits) > 1:
         console.print(f"{protocol}: item input chosen on validation (NDCG@10): {chosen} ("
                       + ", ".join(f"{m} {v:.4f}" for m, v in val.items()) + ")")
@@ -367,7 +367,7 @@ def run_protocol(cfg: Config, ds: Dataset, iv: ItemVectors, protocol: str, regis
     if register:
         trained.register(cfg, ds_c.catalog, split, alias or cfg.serve.model_alias, civ.model_version, chosen)
     # the content baselines read the fused vectors, with tags in the same window
-    ds, iv = fits["fused"][1:3] if "fused" in fits else tags_in_training_window(cfg, ds, iv, split)
+    ds, iv = fits["fused"][1:] if "fused" in fits else tags_in_training_window(cfg, ds, iv, split)
     fused = iv.with_cold(split.cold_items) if protocol == "cold" else iv.vectors
     nb = cfg.eval.bootstrap
     results = [trained.evaluate(split, ds.catalog, cfg, n_boot=nb)]
@@ -528,8 +528,7 @@ def evaluate_saved(cfg: Config, baselines: tuple[str, ...] = ("popularity", "eas
             iv.cold = embed_catalog(cfg, ds, cold=True, save=False)[0].cold
         mode_file = ckpt.parent / "item_input.json"
         mode = json.loads(mode_file.read_text())["item_input"] if mode_file.exists() else iv.item_input
-        civ = iv if mode == iv.item_input else item_input_candidates(
-            cfg.model_copy(update={"embedder": cfg.embedder.model_copy(update={"item_input": "auto"})}), ds, iv)[mode]
+        civ = iv if mode == iv.item_input else item_input_candidates(cfg.with_item_input("auto"), ds, iv)[mode]
         pds, piv = tags_in_training_window(cfg, ds, iv, split)  # the content baselines' vectors
         _, tiv = tags_in_training_window(cfg, ds, civ, split)  # the item vectors the checkpoint was trained on
         vectors = piv.with_cold(split.cold_items) if protocol == "cold" else piv.vectors

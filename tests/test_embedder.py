@@ -414,7 +414,28 @@ def test_the_pipelines_item_input_candidates_are_what_the_item_embedder_gives(sy
         assert cands[mode].model_version == emb.model_version and cands[mode].item_input == mode
         r = next(iter(iv.cold))
         assert np.allclose(emb.embed([ds.catalog.content(r, cold=True)], dim=cfg.embedder.dim)[0], cands[mode].cold[r], atol=1e-5)
-    assert cands["concat"].dim == 2 * cfg.embedder.dim == cfg.model_copy(update={"embedder": cfg.embedder.model_copy(
-        update={"item_input": "concat"})}).embedder.item_dim
-    fixed = cfg.model_copy(update={"embedder": cfg.embedder.model_copy(update={"item_input": "fused"})})
+    assert cands["concat"].dim == 2 * cfg.embedder.dim == cfg.with_item_input("concat").embedder.item_dim
+    fixed = cfg.with_item_input("fused")
     assert list(item_input_candidates(fixed, ds, iv)) == ["fused"]
+
+
+def test_kd_items_distils_minilm_on_every_content_with_text_and_only_those():
+    """--kd-items: a batch of whole items (some with an image, one with none of text) gets MiniLM teachers for the
+    contents with text (the mean of their text parts' sentence vectors); without it, such a batch gets none."""
+    from training.embedder import TaskBatches, text_teacher
+    from training.embedder_data import PairTask
+
+    rng = np.random.default_rng(0)
+    t1, t2, t3 = (rng.normal(size=(4, 384)).astype(np.float32) for _ in range(3))
+    img = rng.normal(size=(5, 1280)).astype(np.float32)
+    b = [[("text", t1)], [("image", img)], [("text", t2), ("image", img), ("text", t3)]]
+    task = PairTask("coengagement", [Content.of("x")] * 3, [Content.of("y")] * 3, np.arange(3))
+    task.feats = {"a": (b, b), "b": (b, b)}
+    assert np.allclose(text_teacher(b[2]), (t2[0] + t3[0]) / 2)
+    batch = next(iter(TaskBatches([task], 3, prefix_keep=0.5, seed=0, kd_items=True)))
+    rows = batch["teacher_rows"].tolist()
+    with_text = [j for j, segs in enumerate(batch["b"]) if any(name == "text" for name, _ in segs)]
+    assert rows == with_text and len(rows) == 2  # the image-only item has no teacher
+    want = np.stack([text_teacher([(n, f.numpy()) for n, f in batch["b"][j]]) for j in rows])
+    assert batch["teacher"].shape == (2, 384) and np.allclose(batch["teacher"].numpy(), want)
+    assert "teacher" not in next(iter(TaskBatches([task], 3, prefix_keep=0.5, seed=0)))

@@ -393,7 +393,7 @@ def with_item_input(cfg: Config, mode: str) -> Config:
     """A copy of ``cfg`` whose item input is ``mode`` (what the embedders and the Ray actors read)."""
     if mode != "fused":
         console.print(f"item vectors: {mode} (what the served model reads)")
-    return cfg.model_copy(update={"embedder": cfg.embedder.model_copy(update={"item_input": mode})})
+    return cfg.with_item_input(mode)
 
 
 def _space(cfg: Config, embedder) -> tuple[str, str]:
