@@ -347,21 +347,26 @@ def run_protocol(cfg: Config, ds: Dataset, iv: ItemVectors, protocol: str, regis
     console.print(split.describe())
     check_embedder_overlap(cfg, ds, iv, split)
     candidates = candidates or {iv.item_input: iv}
+    # several inputs: successive halving. Each trains select_epochs epochs; the best one on validation trains on.
+    screen = cfg.train.select_epochs if len(candidates) > 1 and 0 < cfg.train.select_epochs < cfg.train.max_epochs else 0
     fits = {}
     for mode, civ in candidates.items():
         pds, civ = tags_in_training_window(cfg, ds, civ, split)
         cvec = civ.with_cold(split.cold_items) if protocol == "cold" else civ.vectors
         repo = build_features(cfg, pds, cvec, civ, split.train, materialize=False,
                               name=protocol if len(candidates) == 1 or mode == "fused" else f"{protocol}_{mode}")
-        trained = fit_two_tower(cfg, pds.catalog, split, repo, cvec,
+        trained = fit_two_tower(cfg, pds.catalog, split, repo, cvec, max_epochs=screen or None,
                                 name="two-tower" if len(candidates) == 1 else f"two-tower[{mode}]")
         fits[mode] = (trained, pds, civ)
     val = {m: max((r.estimates["NDCG@10"].mean for r in f[0].val_results), default=float("nan")) for m, f in fits.items()}
     chosen = max(val, key=lambda m: (val[m], -list(val).index(m)))  # ties: the first candidate (fused)
     trained, ds_c, civ = fits[chosen]
     if len(fits) > 1:
-        console.print(f"{protocol}: item input chosen on validation (NDCG@10): {chosen} ("
-                      + ", ".join(f"{m} {v:.4f}" for m, v in val.items()) + ")")
+        console.print(f"{protocol}: item input chosen on validation (NDCG@10{f' after {screen} epochs each' if screen else ''}): "
+                      f"{chosen} (" + ", ".join(f"{m} {v:.4f}" for m, v in val.items()) + ")"
+                      + (f"; {chosen} trains on (up to {cfg.train.max_epochs} epochs)" if screen else ""))
+    if screen:
+        trained = fit_two_tower(cfg, ds_c.catalog, split, None, trained.content_vectors, name=trained.name, resume=trained)
     trained.name = "two-tower"
     keep_checkpoint(cfg, trained, protocol, chosen)
     if register:
@@ -371,9 +376,10 @@ def run_protocol(cfg: Config, ds: Dataset, iv: ItemVectors, protocol: str, regis
     fused = iv.with_cold(split.cold_items) if protocol == "cold" else iv.vectors
     nb = cfg.eval.bootstrap
     results = [trained.evaluate(split, ds.catalog, cfg, n_boot=nb)]
-    extra: dict = {"epochs": trained.epochs, "train_s": round(sum(f[0].seconds for f in fits.values()), 1),
-                   "examples_per_s": round(trained.examples_per_s),
-                   "item_input": {"chosen": chosen, "val_ndcg10": val, "item_vectors": civ.model_version}}
+    extra: dict = {"epochs": trained.epochs, "examples_per_s": round(trained.examples_per_s),
+                   "train_s": round(trained.seconds + sum(f[0].seconds for m, f in fits.items() if m != chosen), 1),
+                   "item_input": {"chosen": chosen, "val_ndcg10": val, "screen_epochs": screen,
+                                  "item_vectors": civ.model_version}}
     if rerank:
         val_cands = trained.candidates(split.val, ds.catalog, cfg, cfg.serve.candidates)
         reranker = Reranker(seed=cfg.train.seed)

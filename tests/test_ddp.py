@@ -94,3 +94,30 @@ def test_hard_negatives_are_mined_with_faiss_and_train(world, synthetic):
     assert dm.hard is not None and dm.hard.shape == (len(dm.rows.times), 3)
     assert not (dm.hard == dm.rows.items.rows[:, None]).any()
     assert ((dm.hard >= 0) & (dm.hard < dm.n_items)).all()
+
+
+def test_a_fit_stopped_after_some_epochs_and_resumed_is_the_fit_trained_straight_through(world, synthetic):
+    """The item-input screening (recsys.pipeline.run_protocol) trains every input a few epochs and resumes only
+    the best one: the resumed fit must be the model an uninterrupted fit gives (same validation every epoch,
+    same weights, hard negatives mined the same), in the same MLflow run, with its epochs counted once."""
+    import mlflow
+    import torch
+
+    from training.train import fit_two_tower
+
+    work, split, repo, vectors = world
+    cfg = small_config(work, embedder={"dim": 64}, train={"max_epochs": 3, "patience": 10, "lr": 2e-3, "accelerator": "cpu",
+                                                          "devices": 1, "mixed_negatives": 64, "hard_negatives": 2})
+    straight = fit_two_tower(cfg, synthetic.catalog, split, repo, vectors, name="straight")
+    first = fit_two_tower(cfg, synthetic.catalog, split, repo, vectors, name="screened", max_epochs=1)
+    assert first.epochs == 1 and len(first.val_results) == 1
+    resumed = fit_two_tower(cfg, synthetic.catalog, split, None, first.content_vectors, name="screened", resume=first)
+    assert resumed.epochs == straight.epochs == 3 and resumed.run_id == first.run_id
+    ndcg = [[r.estimates["NDCG@10"].mean for r in t.val_results] for t in (straight, resumed)]
+    assert len(ndcg[0]) == 3 and ndcg[1] == pytest.approx(ndcg[0], abs=1e-6)
+    assert len(set(ndcg[0])) > 1  # it learned between epochs: equal figures are not three copies of one
+    for (name, a), b in zip(straight.module.state_dict().items(), resumed.module.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    history = mlflow.tracking.MlflowClient().get_metric_history(resumed.run_id, "val/NDCG10")
+    assert sorted(m.step for m in history) == sorted({m.step for m in history}) and len(history) == 3

@@ -197,9 +197,9 @@ def test_reranker_on_too_few_validation_users_stays_unfitted_instead_of_crashing
 
 def test_the_pipeline_chooses_the_item_input_on_validation_registers_it_and_every_later_stage_reads_it(
         synthetic, synthetic_dir, tmp_path):
-    """item_input auto on a catalog with images: one two-tower per input, the best validation NDCG@10 kept and
-    registered with what it reads; the nightly job resolves that space and `recsys evaluate` reloads the kept
-    checkpoint with it (same test figures)."""
+    """item_input auto on a catalog with images: one two-tower per input trained select_epochs, the best on
+    validation NDCG@10 trained on to max_epochs, kept and registered with what it reads; the nightly job resolves
+    that space and `recsys evaluate` reloads the kept checkpoint with it (same test figures)."""
     import json
 
     import mlflow
@@ -208,14 +208,18 @@ def test_the_pipeline_chooses_the_item_input_on_validation_registers_it_and_ever
     from recsys.pipeline import embed_catalog, evaluate_saved, item_input_candidates, run_protocol
     from tests.conftest import small_config
 
-    cfg = small_config(tmp_path, data={"source": "generic", "path": str(synthetic_dir)}, eval={"protocols": ["loo"]})
+    cfg = small_config(tmp_path, data={"source": "generic", "path": str(synthetic_dir)}, eval={"protocols": ["loo"]},
+                       train={"max_epochs": 3, "select_epochs": 1, "patience": 5})
     assert served_item_input(cfg) == "fused"  # nothing registered yet
     iv, ds = embed_catalog(cfg, synthetic)
     cands = item_input_candidates(cfg, ds, iv)
     run = run_protocol(cfg, ds, iv, "loo", register=True, baselines=("popularity",), candidates=cands)
     choice = run.extra["item_input"]
     assert set(choice["val_ndcg10"]) == {"fused", "text", "concat"}
-    assert choice["val_ndcg10"][choice["chosen"]] == max(choice["val_ndcg10"].values())
+    assert choice["val_ndcg10"][choice["chosen"]] == max(choice["val_ndcg10"].values()) and choice["screen_epochs"] == 1
+    # the choice was made on the first epoch's validation; only the chosen input trained on, in the same run
+    assert run.trained.epochs == 3 and len(run.trained.val_results) == 3
+    assert run.trained.val_results[0].estimates["NDCG@10"].mean == choice["val_ndcg10"][choice["chosen"]]
     assert run.trained.content_vectors.shape[1] == cands[choice["chosen"]].dim
     mlflow.set_tracking_uri(cfg.tracking_uri)
     mv = mlflow.tracking.MlflowClient().get_model_version_by_alias(cfg.train.registered_model, "champion")

@@ -38,6 +38,11 @@ class TwoTowerModule(L.LightningModule):
     def temperature(self) -> torch.Tensor:
         return 1.0 / self.log_inv_temp.exp().clamp(1.0, 100.0)
 
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # dropout's randomness from (seed, epoch, batch, rank), like the batches' own: a fit resumed from its
+        # last epoch (recsys.pipeline's item-input screening) continues exactly as an uninterrupted one would
+        torch.manual_seed(((self.cfg.seed * 100_003 + self.current_epoch) * 100_003 + batch_idx) * 64 + self.global_rank)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["recsys"] = {"tower": self.model.cfg.to_dict(), "train": self.cfg.model_dump()}
 
@@ -115,14 +120,14 @@ class RankingValidation(L.Callback):
     """Full-ranking validation at the end of every training epoch; logs val/Recall10, val/Recall50, val/NDCG10."""
 
     def __init__(self, dm: TwoTowerData, catalog_index: dict[str, int], protocol: str, every: int = 1,
-                 bucket_s: float = 4 * 7 * 86400.0, max_groups: int | None = 32):
+                 bucket_s: float = 4 * 7 * 86400.0, max_groups: int | None = 32, results: list[EvalResult] | None = None):
         """Args: bucket_s: users asked within one bucket share the item statistics as of its earliest time;
         coarser than the final evaluation's week (fewer item-tower passes), which is fine for model selection;
         max_groups: at most this many buckets (LOO asks users over 20 years: 250 four-week buckets cost
-        more than the epoch's training)."""
+        more than the epoch's training); results: earlier epochs' results (a resumed fit)."""
         self.dm, self.index, self.protocol, self.every, self.bucket_s = dm, catalog_index, protocol, every, bucket_s
         self.max_groups = max_groups
-        self.results: list[EvalResult] = []
+        self.results: list[EvalResult] = list(results or [])
 
     def on_train_epoch_start(self, trainer, module):
         self.dm.epoch = trainer.current_epoch

@@ -103,17 +103,70 @@ def training_rows(repo: FeatureRepo, split: Split, catalog: Catalog, dim: int, r
     return rows, asof, known
 
 
-def fit_two_tower(cfg: Config, catalog: Catalog, split: Split, repo: FeatureRepo, content_vectors: np.ndarray,
+def fit_two_tower(cfg: Config, catalog: Catalog, split: Split, repo: FeatureRepo | None, content_vectors: np.ndarray,
                   name: str = "two-tower", use_ids: bool | None = None, register: bool = False,
-                  alias: str | None = None, rows_cache: dict | None = None) -> TrainedTwoTower:
+                  alias: str | None = None, rows_cache: dict | None = None, max_epochs: int | None = None,
+                  resume: TrainedTwoTower | None = None) -> TrainedTwoTower:
     """Train on ``split.train`` (features from ``repo``, built from that same training data), validate on
-    ``split.val`` every epoch, keep the best epoch. ``content_vectors`` of zeros gives the ID-only baseline."""
+    ``split.val`` every epoch, keep the best epoch. ``content_vectors`` of zeros gives the ID-only baseline.
+
+    Args:
+        max_epochs: stop after this many epochs (default ``cfg.train.max_epochs``); the last epoch is kept
+            so that the fit can be resumed (a screening fit, see recsys.pipeline.run_protocol).
+        resume: such a stopped fit, continued from its last epoch up to ``cfg.train.max_epochs`` with its data,
+            model, optimizer, early-stopping state and MLflow run (``repo`` and ``content_vectors`` unused)."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
     from lightning.pytorch.loggers import MLFlowLogger
 
     t = cfg.train
     L.seed_everything(t.seed, workers=True)
+    if resume is not None:
+        dm, module, content_vectors = resume.datamodule, resume.module.train(), resume.content_vectors
+        logger = MLFlowLogger(experiment_name=cfg.mlflow_experiment, tracking_uri=cfg.tracking_uri,
+                              run_id=resume.run_id, log_model=False)
+    else:
+        dm, module = _two_tower_data(cfg, catalog, split, repo, content_vectors, use_ids, rows_cache)
+        logger = MLFlowLogger(experiment_name=cfg.mlflow_experiment, tracking_uri=cfg.tracking_uri,
+                              run_name=f"{name}/{split.name}", log_model=False)
+        logger.log_hyperparams({"name": name, "protocol": split.name, "content_dim": content_vectors.shape[1],
+                                "embedder": cfg.embedder.backend, **{f"train.{k}": v for k, v in t.model_dump().items()}})
+    ckpt_dir = cfg.models_dir / f"{name}-{split.name}"
+    validation = RankingValidation(dm, catalog.index, split.name, bucket_s=cfg.train.val_bucket_days * 86400.0,
+                                   max_groups=cfg.train.val_max_groups, results=resume.val_results if resume else None)
+    callbacks = [validation,
+                 EarlyStopping(monitor="val/NDCG10", mode="max", patience=t.patience, check_on_train_epoch_end=True),
+                 ModelCheckpoint(dirpath=ckpt_dir, monitor="val/NDCG10", mode="max", save_top_k=1,
+                                 save_on_train_epoch_end=True, filename="best", save_last=max_epochs is not None)]
+    if t.hard_negatives > 0:
+        from training.module import MineHardNegatives
+
+        callbacks.append(MineHardNegatives(dm, t.hard_negatives))
+    trainer = L.Trainer(max_epochs=max_epochs or t.max_epochs, accelerator=t.accelerator, devices=t.devices,
+                        strategy=t.strategy, num_nodes=t.num_nodes, logger=logger, callbacks=callbacks, deterministic=True,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                        log_every_n_steps=20)
+    t0 = time.time()
+    trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_dir / "last.ckpt") if resume is not None else None)
+    seconds = time.time() - t0 + (resume.seconds if resume else 0.0)
+    best = callbacks[2].best_model_path
+    if best and Path(best).exists():
+        state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
+        module.load_state_dict(state)
+    module.eval()
+    epochs = max(trainer.current_epoch, int(trainer.callback_metrics.get("train/epochs", 0)))
+    out = TrainedTwoTower(name, module, content_vectors.astype(np.float32), validation.results,
+                          epochs, seconds, len(dm.rows.times), run_id=logger.run_id, datamodule=dm,
+                          checkpoint=Path(best) if best and Path(best).exists() else None)
+    if trainer.is_global_zero and register:
+        out.register(cfg, catalog, split, alias, repo.views.item_embedding.tags["model_version"])
+    return out
+
+
+def _two_tower_data(cfg: Config, catalog: Catalog, split: Split, repo: FeatureRepo, content_vectors: np.ndarray,
+                    use_ids: bool | None, rows_cache: dict | None) -> tuple[TwoTowerData, TwoTowerModule]:
+    """The training rows (from Feast), the validation inputs and a fresh model for :func:`fit_two_tower`."""
+    t, e = cfg.train, cfg.embedder
     dim = content_vectors.shape[1]
     key = (split.name, repo.views.item_embedding.name)
     if rows_cache is not None and key in rows_cache:
@@ -127,7 +180,6 @@ def fit_two_tower(cfg: Config, catalog: Catalog, split: Split, repo: FeatureRepo
         users = replace(rows.users, history=np.zeros((len(rows.times), dim), np.float32))
         rows = type(rows)(users, ItemInputs(content_vectors[rows.items.rows], rows.items.stats, rows.items.rows,
                                                  rows.items.known), rows.times, rows.user_ids)
-    e = cfg.embedder
     vu, vi, vasof = eval_inputs(split.val.history, split.val.users, catalog, content_vectors, cfg.features.recent_items,
                                 e.history_half_life, at=split.val.at)
     seen = history_matrix(split.val.history, split.val.users, catalog.index, len(catalog))
@@ -135,41 +187,7 @@ def fit_two_tower(cfg: Config, catalog: Catalog, split: Split, repo: FeatureRepo
     tower = TowerConfig(content_dim=dim, n_items=len(catalog), out_dim=t.out_dim, hidden_dim=t.hidden_dim,
                         use_ids=t.id_embeddings if use_ids is None else use_ids, recent=cfg.features.recent_items,
                         user_encoder=t.user_encoder)
-    module = TwoTowerModule(tower, t, dm.log_q(), known)
-    ckpt_dir = cfg.models_dir / f"{name}-{split.name}"
-    logger = MLFlowLogger(experiment_name=cfg.mlflow_experiment, tracking_uri=cfg.tracking_uri,
-                          run_name=f"{name}/{split.name}", log_model=False)
-    logger.log_hyperparams({"name": name, "protocol": split.name, "content_dim": dim, "embedder": e.backend,
-                            **{f"train.{k}": v for k, v in t.model_dump().items()}})
-    validation = RankingValidation(dm, catalog.index, split.name, bucket_s=cfg.train.val_bucket_days * 86400.0,
-                                   max_groups=cfg.train.val_max_groups)
-    callbacks = [validation,
-                 EarlyStopping(monitor="val/NDCG10", mode="max", patience=t.patience, check_on_train_epoch_end=True),
-                 ModelCheckpoint(dirpath=ckpt_dir, monitor="val/NDCG10", mode="max", save_top_k=1,
-                                 save_on_train_epoch_end=True, filename="best")]
-    if t.hard_negatives > 0:
-        from training.module import MineHardNegatives
-
-        callbacks.append(MineHardNegatives(dm, t.hard_negatives))
-    trainer = L.Trainer(max_epochs=t.max_epochs, accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
-                        num_nodes=t.num_nodes, logger=logger, callbacks=callbacks, deterministic=True,
-                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                        log_every_n_steps=20)
-    t0 = time.time()
-    trainer.fit(module, datamodule=dm)
-    seconds = time.time() - t0
-    best = callbacks[2].best_model_path
-    if best and Path(best).exists():
-        state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
-        module.load_state_dict(state)
-    module.eval()
-    epochs = max(trainer.current_epoch, int(trainer.callback_metrics.get("train/epochs", 0)))
-    out = TrainedTwoTower(name, module, content_vectors.astype(np.float32), validation.results,
-                          epochs, seconds, len(rows.times), run_id=logger.run_id, datamodule=dm,
-                          checkpoint=Path(best) if best and Path(best).exists() else None)
-    if trainer.is_global_zero and register:
-        out.register(cfg, catalog, split, alias, repo.views.item_embedding.tags["model_version"])
-    return out
+    return dm, TwoTowerModule(tower, t, dm.log_q(), known)
 
 
 def export_user_tower(tower: torch.nn.Module, example: tuple, path: Path) -> Path:
