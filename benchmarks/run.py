@@ -47,18 +47,20 @@ def _save(name: str, results: dict, argv: list[str]) -> None:
 
 
 # Benchmarks -------------------------------------------------------------------------------------------
-def bench_demo(args) -> dict:
-    """The demo end to end on ml-latest-small: stage timings and the metrics table."""
+def bench_demo(args, item_input: str | None = None) -> dict:
+    """The demo end to end on ml-latest-small: stage timings and the metrics table. ``item_input``: fix the
+    two-tower's item input instead of the default (auto: chosen on validation among three)."""
     from recsys.config import Config
     from recsys.flows.demo import run_demo
 
-    workdir = Path(args.workdir) / "demo"
+    workdir = Path(args.workdir) / ("demo" if item_input is None else f"demo-{item_input}")
     if workdir.exists():
         import shutil
 
         shutil.rmtree(workdir)  # a cold start: no embedding cache, no feature store
-    cfg = Config.load(None, workdir=str(workdir), data={"posters": args.posters})
-    old = RESULTS / "demo.json"
+    cfg = Config.load(None, workdir=str(workdir), data={"posters": args.posters},
+                      **({"embedder": {"item_input": item_input}} if item_input else {}))
+    old = RESULTS / "demo.json"  # a fixed input: compared with the default's last run
     previous = json.loads(old.read_text()) if old.exists() else None
     t0 = time.time()
     report = run_demo(cfg)
@@ -68,6 +70,12 @@ def bench_demo(args) -> dict:
         report["previous"] = {"code": previous["code"], "date": previous["date"],
                               "timings_s": previous["results"]["timings_s"], "total_s": previous["results"]["total_s"]}
     return report
+
+
+def bench_demo_fused(args) -> dict:
+    """The demo with the item input fixed to fused (one two-tower per protocol): what choosing among three
+    inputs costs, against the default demo's last run (run both the same day)."""
+    return bench_demo(args, item_input="fused")
 
 
 def bench_features(args) -> dict:
@@ -115,6 +123,18 @@ def bench_inputs(args) -> dict:
                           embedder_weights=weights)
 
 
+def weights_recipe(folder: str | None) -> dict:
+    """How a weights folder's training recipe differs from the installed weights' (``train_config`` in their
+    manifests): what tells two rows of a weights comparison apart."""
+    from recsys.embed.local import DEFAULT_WEIGHTS
+
+    if folder is None:
+        return {}
+    mine = json.loads((Path(folder) / "manifest.json").read_text()).get("train_config", {})
+    installed = json.loads((DEFAULT_WEIGHTS / "manifest.json").read_text()).get("train_config", {})
+    return {k: v for k, v in mine.items() if installed.get(k) != v} | {k: None for k in installed if k not in mine}
+
+
 def bench_part_search(args) -> dict:
     """Search by one part of an item (poster alone, title alone) over the whole catalog: R@1 / R@10."""
     from recsys.config import Config
@@ -130,7 +150,7 @@ def bench_part_search(args) -> dict:
     for label, folder in (("installed weights", None), *(("--weights " + w, w) for w in args.weights)):
         emb = LocalEmbedder(folder, cache_dir=cfg.cache_dir, default_dim=cfg.embedder.dim)
         out[label] = {"model_version": emb.model_version, "centres": emb.centres is not None,
-                      **part_to_item(emb, ds, cfg, cfg.embedder.dim)}
+                      "recipe": weights_recipe(folder), **part_to_item(emb, ds, cfg, cfg.embedder.dim)}
     out["reference"] = {"title alone, plain MiniLM vs the item's text": title_reference(emb.featurizer.backbones, ds, cfg)}
     return out
 
@@ -195,10 +215,10 @@ def bench_experiment(args) -> dict:
     return run(args)
 
 
-BENCHES = {"negatives": bench_negatives, "learning-rate": bench_learning_rate, "part-search": bench_part_search, "towers": bench_towers, "demo": bench_demo, "features": bench_features, "embedder": bench_embedder, "training": bench_training,
+BENCHES = {"negatives": bench_negatives, "learning-rate": bench_learning_rate, "part-search": bench_part_search, "towers": bench_towers, "demo": bench_demo, "demo-fused": bench_demo_fused, "features": bench_features, "embedder": bench_embedder, "training": bench_training,
            "cold-prior": bench_cold_prior, "inputs": bench_inputs, "embedder-recipe": bench_embedder_recipe,
            "serving": bench_serving, "nightly": bench_nightly, "experiment": bench_experiment}
-ORDER = ["demo", "learning-rate", "negatives", "inputs", "inputs-weights", "towers", "part-search", "serving", "nightly", "experiment", "features", "embedder", "embedder-recipe", "training", "cold-prior"]
+ORDER = ["demo", "demo-fused", "learning-rate", "negatives", "inputs", "inputs-weights", "towers", "part-search", "serving", "nightly", "experiment", "features", "embedder", "embedder-recipe", "training", "cold-prior"]
 
 
 # Rendering --------------------------------------------------------------------------------------------
@@ -225,9 +245,12 @@ def render_demo(blob: dict) -> list[str]:
     lines += _metrics_table(r["results"]) + _differences(r["results"]) + _rerank_check(r["results"])
     for protocol, choice in (r.get("item_input") or {}).items():
         if choice and len(choice["val_ndcg10"]) > 1:
-            lines += ["", f"{protocol.upper()} item input, chosen by the pipeline on validation NDCG@10: **{choice['chosen']}** ("
+            screen = choice.get("screen_epochs")
+            lines += ["", f"{protocol.upper()} item input, chosen by the pipeline on validation NDCG@10"
+                      + (f" after {screen} epochs each" if screen else "") + f": **{choice['chosen']}** ("
                       + ", ".join(f"{m} {v:.4f}" for m, v in choice["val_ndcg10"].items())
-                      + "); the two-tower row is that model, the only one evaluated on test."]
+                      + ")" + ("; only it trained on" if screen else "")
+                      + "; the two-tower row is that model, the only one evaluated on test."]
     if r.get("previous"):
         lines += ["", f"The reference run, the recorded run before this one or the previous code rerun the same day ({r['previous']['code']}, {r['previous']['date'][:10]}): " + ", ".join(
             f"{k} {v:.1f} s" for k, v in r["previous"]["timings_s"].items()) + f"; total {r['previous']['total_s']:.1f} s."]
@@ -496,7 +519,8 @@ def render_part_search(blob: dict) -> list[str]:
             continue
         for q in ("poster alone", "title alone"):
             v = r[q]
-            lines.append(f"| {r['model_version']} ({label}{', modality centres' if r.get('centres') else ''}) | {q} | "
+            recipe = "; recipe vs installed: " + ", ".join(f"{k}={v}" for k, v in r["recipe"].items()) if r.get("recipe") else ""
+            lines.append(f"| {r['model_version']} ({label}{', modality centres' if r.get('centres') else ''}{recipe}) | {q} | "
                          f"{v['R@1']:.3f} | {v['R@10']:.3f} | {v['held-out R@1']:.3f} | {v['held-out R@10']:.3f} | {v['median rank']:.0f} |")
     for q, v in blob["results"].get("reference", {}).items():
         lines.append(f"| reference: the text backbone before fusion | {q} | {v['R@1']:.3f} | {v['R@10']:.3f} | "
@@ -537,12 +561,14 @@ def render_variants(blob: dict) -> list[str]:
         for protocol, part, name, v in items:
             lines.append(f"| {protocol} | {part} | {name} | " + " | ".join(
                 f"{v[m]['mean']:+.4f} [{v[m]['low']:+.4f}, {v[m]['high']:+.4f}]" for m in ("HR@10", "Recall@50")) + " |")
-    lines += ["", f"Validation NDCG@10 summed over the protocols: " + ", ".join(f"{k} {v:.4f}" for k, v in r["val_sum"].items())
+    lines += ["", "Validation NDCG@10 summed over the protocols: " + ", ".join(f"{k} {v:.4f}" for k, v in r["val_sum"].items())
               + f"; chosen on validation: **{r['chosen_on_validation']}**."]
     return lines
 
 
 RENDER = {"demo": ("Demo: stage timings and metrics", render_demo),
+          "demo-fused": ("Demo with the item input fixed to fused: what the choice among three inputs costs (reference: the demo above)",
+                         render_demo),
           "towers": ("User tower: attention pooling vs causal self-attention (issue: quality)", render_variants),
           "learning-rate": ("Two-tower learning rate, chosen on validation (issue: quality)", render_variants),
           "negatives": ("Two-tower training: hidden ids and stats, uniform negatives, logQ, chosen on validation (issue: quality)", render_variants),
