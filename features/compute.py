@@ -43,8 +43,9 @@ def history_sums(item_rows: np.ndarray, item_vectors: np.ndarray, half_life: flo
 
 
 def user_snapshots(interactions: pl.DataFrame, item_vectors: np.ndarray, index: dict[str, int], recent: int = 20,
-                   half_life: float = 50.0) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(history, stats) snapshot frames, one row per user and distinct interaction time.
+                   half_life: float = 50.0, last_only: bool = False) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(history, stats) snapshot frames, one row per user and distinct interaction time (``last_only``: only
+    each user's last one, what evaluation reads: the same rows without building the ~100k earlier ones).
 
     Returns:
         history: user_id, event_timestamp, history_vector (list[f32], unit), history_norm (its length before
@@ -71,6 +72,8 @@ def user_snapshots(interactions: pl.DataFrame, item_vectors: np.ndarray, index: 
         counts[s:e] = np.arange(1, e - s + 1)
         means[s:e] = np.cumsum(values[s:e]) / counts[s:e]
         last_of_time = np.r_[ts_np[s + 1 : e] != ts_np[s : e - 1], True]  # one snapshot per distinct time
+        if last_only:
+            last_of_time[:-1] = False
         keep[s:e] = last_of_time
         for k in np.flatnonzero(last_of_time):
             lo = max(0, k + 1 - recent)

@@ -162,9 +162,7 @@ def eval_inputs(history: pl.DataFrame, users: list[str], catalog: Catalog, item_
     """Inputs as serving would have seen them when each user was asked, given ``history``: each user's
     last snapshot, every item's statistics as of the end of the history (and, for per-time evaluation,
     the item-stats snapshots to take them as of any earlier time)."""
-    hist, stats = user_snapshots(history, item_vectors, catalog.index, recent, half_life)
-    last_h = hist.group_by("user_id").last()
-    last_s = stats.group_by("user_id").last()
+    last_h, last_s = user_snapshots(history, item_vectors, catalog.index, recent, half_life, last_only=True)
     order = pl.DataFrame({"user_id": users})
     h = order.join(last_h, on="user_id", how="left")
     s = order.join(last_s, on="user_id", how="left")

@@ -187,6 +187,21 @@ def test_push_continues_the_decayed_history_exactly(repo, small):
     assert online.history_count[0] == last["history_count"][0]
 
 
+def test_last_only_snapshots_are_each_users_last_full_snapshot(repo, small):
+    """What evaluation reads (``last_only``, features.inputs.eval_inputs) is, row for row, each user's last
+    snapshot of the full computation, including users with several interactions at their last second."""
+    from features.compute import user_snapshots
+
+    f = small.interactions.frame
+    args = (repo.V, small.catalog.index, repo.cfg.features.recent_items, repo.cfg.embedder.history_half_life)
+    full_h, full_s = user_snapshots(f, *args)
+    last_h, last_s = user_snapshots(f, *args, last_only=True)
+    assert len(full_h) > len(last_h) == f["user_id"].n_unique()
+    for full, last in ((full_h, last_h), (full_s, last_s)):
+        want = full.group_by("user_id", maintain_order=True).last().sort("user_id")
+        assert want.equals(last.sort("user_id")), (want.head(3), last.head(3))
+
+
 def _online_contents(repo) -> dict:
     """Everything the online store holds for this repository, as Feast stored it (created_ts left out):
     SQLite: (table, entity_key, feature) -> (value, value_text, event_ts); Redis: entity key -> hash."""
