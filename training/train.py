@@ -120,6 +120,8 @@ def fit_two_tower(cfg: Config, catalog: Catalog, split: Split, repo: FeatureRepo
     from lightning.pytorch.loggers import MLFlowLogger
 
     t = cfg.train
+    if resume is not None and register:
+        raise ValueError("register a resumed fit with TrainedTwoTower.register (its Feast repo is not passed again)")
     L.seed_everything(t.seed, workers=True)
     if resume is not None:
         dm, module, content_vectors = resume.datamodule, resume.module.train(), resume.content_vectors

@@ -36,11 +36,6 @@ def concat(fused: np.ndarray, text: np.ndarray) -> np.ndarray:
     return (np.concatenate([fused, text], -1) / np.sqrt(2)).astype(np.float32)
 
 
-def input_dim(mode: str, dim: int) -> int:
-    """Width of the item vectors in ``mode`` for an embedder truncated to ``dim``."""
-    return 2 * dim if mode == "concat" else dim
-
-
 def input_version(model_version: str, mode: str) -> str:
     """The item space's version: the weights' version, tagged with the input unless it is the fused one."""
     return model_version if mode == "fused" else f"{model_version}+{mode}"
@@ -53,7 +48,7 @@ def weights_version(item_space_version: str) -> str:
 
 class ItemInputEmbedder(Embedder):
     """A base embedder whose documents come out in one item-input mode (module docstring); ``dim`` is the base
-    embedder's Matryoshka truncation, the output is ``input_dim(mode, dim)`` wide."""
+    embedder's Matryoshka truncation, the output is twice that wide in concat mode (``EmbedderConfig.item_dim``)."""
 
     def __init__(self, base: Embedder, mode: str):
         if mode not in ITEM_INPUTS:
