@@ -155,6 +155,60 @@ def bench_part_search(args) -> dict:
     return out
 
 
+def bench_loo_shift(args) -> dict:
+    """LOO: each model on the validation round and on the test round (the demo's kept two-tower; popularity and
+    EASE fit on the validation history, so only the targets differ). Why the two-tower's test figure sits far
+    below its validation figure while EASE's does not. Needs `demo` run first on the same --workdir."""
+    import numpy as np
+
+    from recsys.config import Config
+    from recsys.data import load_dataset
+    from recsys.eval.baselines import EASE, Popularity
+    from recsys.eval.evaluate import evaluate
+    from recsys.eval.splits import make_split
+    from recsys.pipeline import aligned, item_input_candidates, load_item_vectors, tags_in_training_window
+    from training.module import TwoTowerModule
+    from training.train import TrainedTwoTower
+
+    work = Path(args.workdir) / "demo"
+    ckpt = work / "models" / "two-tower-loo" / "best.ckpt"
+    if not ckpt.exists():
+        raise SystemExit(f"loo-shift reads the demo's kept LOO model: run `python -m benchmarks.run demo --workdir {args.workdir}` first")
+    cfg = Config.load(None, base=json.loads((work / "config.json").read_text()))
+    demo = json.loads((work / "report" / "demo.json").read_text())
+    iv = load_item_vectors(cfg)
+    ds = aligned(load_dataset(cfg), iv)
+    split = make_split("loo", ds, cfg.eval)
+    mode = json.loads((ckpt.parent / "item_input.json").read_text())["item_input"]
+    civ = iv if mode == iv.item_input else item_input_candidates(cfg.with_item_input("auto"), ds, iv)[mode]
+    pds, tiv = tags_in_training_window(cfg, ds, civ, split)
+    cat, idx, nb = pds.catalog, pds.catalog.index, cfg.eval.bootstrap
+    tt = TrainedTwoTower("two-tower", TwoTowerModule.from_checkpoint(ckpt), tiv.vectors)
+    lam = next((r["extra"].get("ease_lambda") for r in demo["results"] if r.get("protocol") == "loo" and r.get("extra")), None) or 50.0
+    ease = EASE(idx, lam).fit(split.val.history)
+    pop = Popularity(idx).fit(split.val.history)
+
+    def row(res) -> dict:
+        return {m: {"mean": e.mean, "low": e.low, "high": e.high} for m, e in res.estimates.items() if m in ("HR@10", "NDCG@10")}
+
+    out: dict = {"item_input": mode, "ease_lambda": lam, "models": {}}
+    for part in ("val", "test"):
+        es = split.val if part == "val" else split.test
+        out["models"].setdefault("two-tower (kept checkpoint)", {})[part] = row(tt.evaluate(split, cat, cfg, part=part, n_boot=nb))
+        # the same val-history fits score the test targets, asked with the test round's history
+        out["models"].setdefault(f"ease (lambda {lam:g}, fit on the validation history)", {})[part] = row(evaluate(ease, es, idx, "loo", part=part, n_boot=nb))
+        out["models"].setdefault("popularity (validation history)", {})[part] = row(evaluate(pop, es, idx, "loo", part=part, n_boot=nb))
+    counts = pop.counts
+    for part, es in (("val", split.val), ("test", split.test)):
+        t = np.concatenate(es.targets)
+        out[f"{part}_targets_median_count"] = float(np.median(counts[t]))
+        out[f"{part}_targets_mean_log1p_count"] = float(np.mean(np.log1p(counts[t])))
+    gap = np.array([(a - b).total_seconds() for a, b in zip(split.test.at, split.val.at)])
+    out["test_minus_val_seconds_median"] = float(np.median(gap))
+    out["same_second_share"] = float((gap == 0).mean())
+    return out
+
+
 def bench_towers(args) -> dict:
     """LOO: the user tower's attention pooling vs causal self-attention over the recent items (LOO only: the
     sequential tower trains 5-10x slower per epoch on CPU)."""
@@ -215,10 +269,10 @@ def bench_experiment(args) -> dict:
     return run(args)
 
 
-BENCHES = {"negatives": bench_negatives, "learning-rate": bench_learning_rate, "part-search": bench_part_search, "towers": bench_towers, "demo": bench_demo, "demo-fused": bench_demo_fused, "features": bench_features, "embedder": bench_embedder, "training": bench_training,
+BENCHES = {"negatives": bench_negatives, "learning-rate": bench_learning_rate, "part-search": bench_part_search, "towers": bench_towers, "demo": bench_demo, "demo-fused": bench_demo_fused, "loo-shift": bench_loo_shift, "features": bench_features, "embedder": bench_embedder, "training": bench_training,
            "cold-prior": bench_cold_prior, "inputs": bench_inputs, "embedder-recipe": bench_embedder_recipe,
            "serving": bench_serving, "nightly": bench_nightly, "experiment": bench_experiment}
-ORDER = ["demo", "demo-fused", "learning-rate", "negatives", "inputs", "inputs-weights", "towers", "part-search", "serving", "nightly", "experiment", "features", "embedder", "embedder-recipe", "training", "cold-prior"]
+ORDER = ["demo", "demo-fused", "loo-shift", "learning-rate", "negatives", "inputs", "inputs-weights", "towers", "part-search", "serving", "nightly", "experiment", "features", "embedder", "embedder-recipe", "training", "cold-prior"]
 
 
 # Rendering --------------------------------------------------------------------------------------------
@@ -247,7 +301,7 @@ def render_demo(blob: dict) -> list[str]:
         if choice and len(choice["val_ndcg10"]) > 1:
             screen = choice.get("screen_epochs")
             lines += ["", f"{protocol.upper()} item input, chosen by the pipeline on validation NDCG@10"
-                      + (f" after {screen} epochs each" if screen else "") + f": **{choice['chosen']}** ("
+                      + (f" after {screen} epoch{'s' if screen > 1 else ''} each" if screen else "") + f": **{choice['chosen']}** ("
                       + ", ".join(f"{m} {v:.4f}" for m, v in choice["val_ndcg10"].items())
                       + ")" + ("; only it trained on" if screen else "")
                       + "; the two-tower row is that model, the only one evaluated on test."]
@@ -528,6 +582,23 @@ def render_part_search(blob: dict) -> list[str]:
     return lines
 
 
+def render_loo_shift(blob: dict) -> list[str]:
+    r = blob["results"]
+    lines = [f"The demo's kept LOO two-tower (item input {r['item_input']}) and two baselines fit on the validation history, "
+             "each scored on the validation round (the second-to-last interaction of each of the 610 users) and on the "
+             "test round (the last one), mean [95% bootstrap CI over users]:", "",
+             "| model | val HR@10 | val NDCG@10 | test HR@10 | test NDCG@10 | test / val NDCG@10 |", "|---|---|---|---|---|---|"]
+    for name, parts in r["models"].items():
+        v, t = parts["val"], parts["test"]
+        lines.append(f"| {name} | {_fmt(v['HR@10'])} | {_fmt(v['NDCG@10'])} | {_fmt(t['HR@10'])} | {_fmt(t['NDCG@10'])} | "
+                     f"{t['NDCG@10']['mean'] / max(v['NDCG@10']['mean'], 1e-12):.2f} |")
+    lines += ["", f"Targets' training-set popularity (users who interacted): validation median {r['val_targets_median_count']:.0f}, "
+              f"mean log1p {r['val_targets_mean_log1p_count']:.2f}; test median {r['test_targets_median_count']:.0f}, mean log1p "
+              f"{r['test_targets_mean_log1p_count']:.2f}. The test target came a median {r['test_minus_val_seconds_median']:.0f} s after "
+              f"the validation one ({r['same_second_share']:.0%} in the same second)."]
+    return lines
+
+
 def render_variants(blob: dict) -> list[str]:
     r = blob["results"]
     if r.get("embedder_weights"):
@@ -569,6 +640,7 @@ def render_variants(blob: dict) -> list[str]:
 RENDER = {"demo": ("Demo: stage timings and metrics", render_demo),
           "demo-fused": ("Demo with the item input fixed to fused: what the choice among three inputs costs (reference: the demo above)",
                          render_demo),
+          "loo-shift": ("LOO: validation round vs test round, per model (issue: quality)", render_loo_shift),
           "towers": ("User tower: attention pooling vs causal self-attention (issue: quality)", render_variants),
           "learning-rate": ("Two-tower learning rate, chosen on validation (issue: quality)", render_variants),
           "negatives": ("Two-tower training: hidden ids and stats, uniform negatives, logQ, chosen on validation (issue: quality)", render_variants),

@@ -362,7 +362,8 @@ def run_protocol(cfg: Config, ds: Dataset, iv: ItemVectors, protocol: str, regis
     chosen = max(val, key=lambda m: (val[m], -list(val).index(m)))  # ties: the first candidate (fused)
     trained, ds_c, civ = fits[chosen]
     if len(fits) > 1:
-        console.print(f"{protocol}: item input chosen on validation (NDCG@10{f' after {screen} epochs each' if screen else ''}): "
+        after = f" after {screen} epoch{'s' if screen > 1 else ''} each" if screen else ""
+        console.print(f"{protocol}: item input chosen on validation (NDCG@10{after}): "
                       f"{chosen} (" + ", ".join(f"{m} {v:.4f}" for m, v in val.items()) + ")"
                       + (f"; {chosen} trains on (up to {cfg.train.max_epochs} epochs)" if screen else ""))
     if screen:
@@ -375,7 +376,9 @@ def run_protocol(cfg: Config, ds: Dataset, iv: ItemVectors, protocol: str, regis
     ds, iv = fits["fused"][1:] if "fused" in fits else tags_in_training_window(cfg, ds, iv, split)
     fused = iv.with_cold(split.cold_items) if protocol == "cold" else iv.vectors
     nb = cfg.eval.bootstrap
-    results = [trained.evaluate(split, ds.catalog, cfg, n_boot=nb)]
+    # with the reranker, the test candidates are ranked once: the two-tower's own top 50 is their head
+    test_cands = trained.candidates(split.test, ds.catalog, cfg, cfg.serve.candidates) if rerank and cfg.serve.candidates >= 50 else None
+    results = [trained.evaluate(split, ds.catalog, cfg, n_boot=nb, ranked=test_cands)]
     extra: dict = {"epochs": trained.epochs, "examples_per_s": round(trained.examples_per_s),
                    "train_s": round(trained.seconds + sum(f[0].seconds for m, f in fits.items() if m != chosen), 1),
                    "item_input": {"chosen": chosen, "val_ndcg10": val, "screen_epochs": screen,
@@ -391,7 +394,7 @@ def run_protocol(cfg: Config, ds: Dataset, iv: ItemVectors, protocol: str, regis
                           f"{cfg.serve.candidates} candidates ({check.users} validation users); serving uses the retrieval order")
         console.print(f"reranker on validation (cross-fitted, {check.users} users): NDCG@10 {check.reranked_ndcg10:.4f} "
                       f"vs retrieval {check.retrieval_ndcg10:.4f} -> {'used' if check.helps else 'not used'} in serving by default")
-        cands = trained.candidates(split.test, ds.catalog, cfg, cfg.serve.candidates)
+        cands = test_cands if test_cands is not None else trained.candidates(split.test, ds.catalog, cfg, cfg.serve.candidates)
         rows, _ = reranker.rerank(cands, 50)
         n_cand = len(ds.catalog) if split.test.candidates is None else split.test.candidates.size
         results.append(score_topk("two-tower + rerank", rows, split.test, n_cand, protocol, n_boot=nb))

@@ -51,6 +51,22 @@ def test_top_k_excludes_seen_and_respects_candidates():
     assert top_k(scores, seen, np.array([3, 4]), 2, rng).tolist() == [[3, 4]]
 
 
+def test_top_k_breaks_ties_by_the_seeded_order_alone():
+    """Equal scores rank in the seeded permutation's order, whichever items the CPU's partition routine would
+    keep (a model that scores everything alike must give the same ranking on every machine)."""
+    n, k = 5000, 50
+    scores = np.zeros((3, n))
+    scores[1, 7] = 1.0  # one clear winner, then ties
+    scores[2, :] = np.repeat(np.arange(50), 100)  # ties straddling the cut and inside the top k
+    seen = sparse.csr_matrix((3, n))
+    perm = np.random.default_rng(0).permutation(n)
+    got = top_k(scores, seen, None, k, np.random.default_rng(0))
+    assert got[0].tolist() == perm[:k].tolist()
+    assert got[1].tolist() == [7] + [i for i in perm if i != 7][: k - 1]
+    want = sorted(range(n), key=lambda j: (-scores[2, perm[j]], j))[:k]
+    assert got[2].tolist() == perm[want].tolist()
+
+
 def test_loo_split(movielens):
     s = make_split("loo", movielens)
     assert len(s.test) == len(s.val) == 610
@@ -157,6 +173,39 @@ def test_sasrec_learns_a_sequential_rule_popularity_cannot():
     pop = evaluate(Popularity(index).fit(train), es, index, "toy", n_boot=10).estimates["NDCG@10"].mean
     assert hr > 0.95 and first > 0.8 > pop + 0.4, (hr, first, pop)
     assert model.epochs >= 1 and model.history
+
+
+def test_random_baseline_ranks_each_user_at_random_whatever_the_batching(synthetic):
+    """COLD's "random" row: a different seeded ranking per user (not one shared tie-break), the same whether
+    users are scored in one batch or many."""
+    from recsys.eval.baselines import Random
+
+    split = make_split("loo", synthetic)
+    idx = synthetic.catalog.index
+    one = evaluate(Random(idx), split.test, idx, "loo", n_boot=1, keep_topk=True)
+    many = evaluate(Random(idx), split.test, idx, "loo", n_boot=1, keep_topk=True, batch_users=3)
+    assert np.array_equal(one.topk, many.topk)
+    tops = {tuple(row[:10]) for row in one.topk}
+    assert len(tops) == len(one.topk)  # every user gets their own ten
+    assert not np.array_equal(one.topk, evaluate(Random(idx, seed=1), split.test, idx, "loo", n_boot=1, keep_topk=True).topk)
+
+
+def test_ease_dual_solver_gives_the_primal_scores(synthetic):
+    """Fewer users than items: the m x m dual (Woodbury) must score every user as the n x n inverse does, and
+    "auto" must take it there (on the toy world above, more users than items, the primal)."""
+    split = make_split("loo", synthetic)
+    idx = synthetic.catalog.index
+    users = np.arange(len(split.val.users))
+    for lam in (2.0, 64.0):
+        primal = EASE(idx, lam, solver="primal").fit(split.val.history)
+        dual = EASE(idx, lam, solver="dual").fit(split.val.history)
+        p, d = primal.score(split.val, users), dual.score(split.val, users)
+        np.testing.assert_allclose(d, p, atol=1e-4 * np.abs(p).max())
+        assert primal.dual is None and dual.B is None
+    m = EASE(idx, 8.0).fit(split.val.history)
+    assert (m.dual is not None) == (split.val.history["user_id"].n_unique() < m.active.size)
+    with pytest.raises(ValueError, match="solver"):
+        EASE(idx, 8.0, solver="svd")
 
 
 def test_ease_tuning_finds_the_exhaustive_grid_best_with_fewer_fits(synthetic, monkeypatch):

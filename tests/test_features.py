@@ -75,6 +75,20 @@ def test_point_in_time_training_set_never_sees_the_label(repo, small):
     assert (check["history_count"].fill_null(0) == check["len"]).all()
 
 
+def test_vector_columns_read_as_arrays_equal_row_by_row_reading(repo, small):
+    """features.inputs._vectors reads Feast's history-vector column (nulls before a user's first event) without
+    Python lists; it must give exactly the per-row values, zeros for nulls, and name the column on a bad width."""
+    from features.inputs import _vectors
+
+    col = repo.training_set(small.interactions.frame.select("user_id", "item_id", "timestamp"))["history_vector"]
+    assert col.null_count() > 0
+    got = _vectors(col, repo.dim)
+    for i, v in enumerate(col.to_list()):
+        assert np.array_equal(got[i], np.zeros(repo.dim, np.float32) if v is None else np.asarray(v, np.float32))
+    with pytest.raises(ValueError, match="history_vector.*expected vectors of"):
+        _vectors(col, repo.dim + 1)
+
+
 def test_a_history_written_after_the_label_is_never_joined(repo, small):
     user = small.interactions.frame["user_id"][0]
     t = small.interactions.frame.filter(pl.col("user_id") == user)["timestamp"].max() + timedelta(days=1)

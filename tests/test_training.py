@@ -228,3 +228,8 @@ def test_the_pipeline_chooses_the_item_input_on_validation_registers_it_and_ever
     assert tower["dim"] == cands[choice["chosen"]].dim and tower["embedder_version"] == choice["item_vectors"]
     again = evaluate_saved(cfg, baselines=())[0].results[0]
     assert again.estimates["NDCG@10"].mean == pytest.approx(run.results[0].estimates["NDCG@10"].mean, abs=1e-6)
+    # the rerank path scores the two-tower from the test candidates' head: the same ranking as its own top 50
+    ranked = run.trained.candidates(run.split.test, ds.catalog, cfg, cfg.serve.candidates)
+    own = run.trained.evaluate(run.split, ds.catalog, cfg, n_boot=10, keep_topk=True)
+    shared = run.trained.evaluate(run.split, ds.catalog, cfg, n_boot=10, keep_topk=True, ranked=ranked)
+    assert np.array_equal(own.topk, shared.topk) and own.per_user.equals(shared.per_user)

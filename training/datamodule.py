@@ -40,14 +40,21 @@ class RandomBatches(Dataset):
     def __init__(self, dm: "TwoTowerData"):
         self.dm = dm
         self.n = len(dm.rows.times)
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, its permutation): drawn once, not per batch
+
+    def order(self) -> np.ndarray:
+        """This epoch's permutation of the training rows (a function of the seed and the epoch)."""
+        epoch = self.dm.epoch
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng([self.dm.cfg.seed, epoch]).permutation(self.n))
+        return self._order[1]
 
     def __len__(self) -> int:
         return (self.n + self.dm.cfg.batch_size - 1) // self.dm.cfg.batch_size
 
     def __getitem__(self, b: int) -> dict[str, torch.Tensor]:
         dm, cfg = self.dm, self.dm.cfg
-        order = np.random.default_rng([cfg.seed, dm.epoch]).permutation(self.n)
-        idx = np.sort(order[b * cfg.batch_size : (b + 1) * cfg.batch_size])
+        idx = np.sort(self.order()[b * cfg.batch_size : (b + 1) * cfg.batch_size])
         rng = np.random.default_rng([cfg.seed, dm.epoch, b])
         rows = dm.rows
         t_batch = float(np.median(rows.times[idx]))

@@ -25,7 +25,7 @@ import torch
 from features.store import FeatureRepo
 from recsys.config import Config
 from recsys.data.types import Catalog
-from recsys.eval.evaluate import EvalResult, history_matrix
+from recsys.eval.evaluate import EvalResult, history_matrix, score_topk
 from recsys.eval.splits import EvalSet, Split
 from recsys.rerank import Candidates
 from training.datamodule import TwoTowerData, ValidationData
@@ -74,8 +74,16 @@ class TrainedTwoTower:
         return ValidationData(es, users, items, asof, history_matrix(es.history, es.users, catalog.index, len(catalog)))
 
     def evaluate(self, split: Split, catalog: Catalog, cfg: Config, part: str = "test", n_boot: int = 1000,
-                 keep_topk: bool = False) -> EvalResult:
+                 keep_topk: bool = False, ranked: Candidates | None = None) -> EvalResult:
+        """Rank the eval set's users (top 50) and score them. ``ranked``: its :meth:`candidates` (n >= 50) when
+        already computed for the reranker: their first 50 are this ranking (the same FAISS search with a larger
+        k), so the item tower's per-week passes are not run twice."""
         es = split.test if part == "test" else split.val
+        if ranked is not None:
+            if len(ranked.rows) != len(es) or ranked.rows.shape[1] < 50:
+                raise ValueError(f"ranked candidates of shape {ranked.rows.shape} do not cover {len(es)} users x 50")
+            n_cand = es.candidates.size if es.candidates is not None else len(catalog)
+            return score_topk(self.name, ranked.rows[:, :50], es, n_cand, split.name, part, n_boot=n_boot, keep_topk=keep_topk)
         return validate(self.module, self.inputs(es, catalog, cfg), self.item_content, catalog.index, split.name,
                         part=part, n_boot=n_boot, name=self.name, kind=cfg.serve.faiss_index, keep_topk=keep_topk)
 

@@ -146,9 +146,12 @@ class Backbones:
         return self._image_program
 
     @torch.inference_mode()
-    def image_features(self, images: list, batch_size: int = 32, grid: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    def image_features(self, images: list, batch_size: int = 8, grid: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """RGB images -> (tokens, style): tokens (n, 5, 1280) [global, 2x2 grid] or (n, 1280) global only;
-        style (n, STYLE_DIM): per stage of the network, the mean and std of every channel over the image."""
+        style (n, STYLE_DIM): per stage of the network, the mean and std of every channel over the image.
+
+        Small batches: on 2 CPU cores the program ran at about 20 ms an image in batches of 4-8 against 28-35 ms
+        in batches of 32 (the activations of a small batch stay in cache); see the demo's embed stage."""
         program = self.image_program
         tokens, styles = [], []
         for start in range(0, len(images), batch_size):
@@ -160,7 +163,7 @@ class Backbones:
             return np.zeros((0, 5, 1280) if grid else (0, 1280), np.float32), np.zeros((0, STYLE_DIM), np.float32)
         return np.concatenate(tokens).astype(np.float32), np.concatenate(styles).astype(np.float32)
 
-    def image_grid(self, images: list, batch_size: int = 32, grid: bool = True) -> np.ndarray:
+    def image_grid(self, images: list, batch_size: int = 8, grid: bool = True) -> np.ndarray:
         """RGB images -> (n, 5, 1280) [global, 2x2 grid] or (n, 1280) global only."""
         return self.image_features(images, batch_size, grid)[0]
 

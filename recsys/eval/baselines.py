@@ -78,30 +78,52 @@ class ItemKNN(_MatrixModel):
 
 
 class EASE(_MatrixModel):
-    """EASE (Steck 2019): closed-form item-item weights B = I - P / diag(P), P = (X'X + lambda I)^-1."""
+    """EASE (Steck 2019): closed-form item-item weights B = I - P / diag(P), P = (X'X + lambda I)^-1.
+
+    With fewer users m than items n (ml-latest-small: 610 users, 9k items) the same P comes from the m x m
+    dual (Woodbury): P = (I - X' K X) / lambda with K = (lambda I + X X')^-1, and a user's scores
+    r B = r - r P / diag(P) never need the n x n matrix. ``solver``: "auto" (the smaller side), "primal" or
+    "dual"; both give the same scores (a test checks it)."""
 
     name = "ease"
 
-    def __init__(self, index: dict[str, int], lam: float = 500.0):
+    def __init__(self, index: dict[str, int], lam: float = 500.0, solver: str = "auto"):
         super().__init__(index)
-        self.lam = lam
+        if solver not in ("auto", "primal", "dual"):
+            raise ValueError(f"EASE solver must be 'auto', 'primal' or 'dual', got {solver!r}")
+        self.lam, self.solver = lam, solver
 
     def fit(self, history: pl.DataFrame) -> "EASE":
         X = self.item_matrix(history)
         active = np.flatnonzero(np.asarray(X.sum(axis=0)).ravel() > 0)  # items nobody touched get no weights
-        Xa = X[:, active]
+        Xa = X[:, active].tocsr()
+        self.active, self.B, self.dual = active, None, None
+        m, n = Xa.shape
+        if self.solver == "dual" or (self.solver == "auto" and m < n):
+            Xa = Xa.astype(np.float64)
+            K = np.linalg.inv(self.lam * np.eye(m) + (Xa @ Xa.T).toarray())  # (m, m)
+            KX = np.asarray(Xa.T @ K).T  # (m, n): K X
+            d = 1.0 - np.asarray(Xa.multiply(KX).sum(axis=0)).ravel()  # lambda * diag(P), > 0
+            self.dual = (Xa.T.tocsr(), KX, d)
+            return self
         G = torch.from_numpy((Xa.T @ Xa).toarray().astype(np.float32))
         G.diagonal().add_(self.lam)
         P = torch.cholesky_inverse(torch.linalg.cholesky(G))
         B = -P / P.diagonal()
         B.fill_diagonal_(0)
-        self.active, self.B = active, B
+        self.B = B
         return self
 
     def score(self, eval_set: EvalSet, users: np.ndarray) -> np.ndarray:
-        rows = torch.from_numpy(self.user_rows(eval_set, users)[:, self.active].toarray())
+        rows = self.user_rows(eval_set, users)[:, self.active]
         out = np.zeros((users.size, self.n_items), dtype=np.float32)
-        out[:, self.active] = (rows @ self.B).numpy()
+        if self.dual is not None:
+            Xt, KX, d = self.dual
+            r = rows.astype(np.float64)
+            rP = r.toarray() - (r @ Xt).toarray() @ KX  # lambda * (r P)
+            out[:, self.active] = r.toarray() - rP / d
+            return out
+        out[:, self.active] = (torch.from_numpy(rows.toarray()) @ self.B).numpy()
         return out
 
     @classmethod
@@ -109,7 +131,7 @@ class EASE(_MatrixModel):
               protocol: str) -> tuple["EASE", dict[float, float]]:
         """Pick lambda by validation NDCG@10 (fit on ``val.history``); returns the best model and the score of
         every lambda tried. Validation NDCG is unimodal in lambda, so a ternary search over the sorted grid
-        finds its best value with about two thirds of the fits (each is a full matrix inversion)."""
+        finds its best value with about two thirds of the fits (each is a matrix inversion)."""
         grid = sorted(lambdas)
         scores: dict[float, float] = {}
         models: dict[float, EASE] = {}
@@ -162,13 +184,16 @@ class ContentKNN(_MatrixModel):
 
 
 class Random(_MatrixModel):
-    """Every candidate scores the same: the ranking is the evaluation's seeded random tie-break. What popularity,
-    EASE and id-based sequential models reduce to on items nobody has interacted with (the COLD protocol)."""
+    """A random ranking per user (seeded by the user's position in the eval set, so it does not depend on how
+    users are batched). What popularity, EASE and id-based sequential models reduce to on items nobody has
+    interacted with (the COLD protocol). Not one shared tie-break: with every score equal, the evaluation's
+    tie-break would give every user of a batch the same ten items, and the row would measure their luck."""
 
     name = "random"
 
-    def __init__(self, index: dict[str, int], name: str | None = None):
+    def __init__(self, index: dict[str, int], name: str | None = None, seed: int = 0):
         super().__init__(index)
+        self.seed = seed
         if name:
             self.name = name
 
@@ -176,4 +201,5 @@ class Random(_MatrixModel):
         return self
 
     def score(self, eval_set: EvalSet, users: np.ndarray) -> np.ndarray:
-        return np.zeros((users.size, self.n_items), dtype=np.float32)
+        return np.stack([np.random.default_rng([self.seed, int(u)]).random(self.n_items, dtype=np.float32)
+                         for u in users]) if users.size else np.zeros((0, self.n_items), np.float32)

@@ -61,6 +61,14 @@ def top_k(scores: np.ndarray, exclude: sparse.csr_matrix, candidates: np.ndarray
     shuffled = scores[:, perm]
     k = min(k, shuffled.shape[1])
     part = np.argpartition(-shuffled, k - 1, axis=1)[:, :k]
+    # Which of several values equal to the k-th argpartition keeps depends on the CPU's sort routine (numpy's
+    # AVX-512 and AVX2 builds differ): rows where such ties straddle the cut take the first ones in the seeded
+    # order, and ties inside the top k keep that order too, so the ranking is the same on every machine.
+    kth = np.take_along_axis(shuffled, part, axis=1).min(axis=1, keepdims=True)
+    straddle = np.flatnonzero((shuffled >= kth).sum(axis=1) > k)
+    if straddle.size:
+        part[straddle] = np.argsort(-shuffled[straddle], axis=1, kind="stable")[:, :k]
+    part = np.sort(part, axis=1)
     order = np.argsort(-np.take_along_axis(shuffled, part, axis=1), axis=1, kind="stable")
     return perm[np.take_along_axis(part, order, axis=1)]
 
