@@ -198,6 +198,22 @@ def bench_loo_shift(args) -> dict:
         # the same val-history fits score the test targets, asked with the test round's history
         out["models"].setdefault(f"ease (lambda {lam:g}, fit on the validation history)", {})[part] = row(evaluate(ease, es, idx, "loo", part=part, n_boot=nb))
         out["models"].setdefault("popularity (validation history)", {})[part] = row(evaluate(pop, es, idx, "loo", part=part, n_boot=nb))
+    # the two-tower on the test targets with its inputs as of validation (the validation target left out of the
+    # history, still excluded from the ranking), and with the item statistics zeroed (modality flags kept)
+    from dataclasses import replace
+
+    from training.module import validate
+
+    test_in = tt.inputs(replace(split.test, history=split.val.history), cat, cfg)
+    test_in = replace(test_in, seen=tt.inputs(split.test, cat, cfg).seen)
+    out["two-tower, test targets with the validation round's inputs"] = row(
+        validate(tt.module, test_in, tt.item_content, idx, "loo", part="test", n_boot=nb))
+    for part, es in (("val", split.val), ("test", split.test)):
+        data = tt.inputs(es, cat, cfg)
+        st = data.items.stats.copy()
+        st[:, :3] = 0.0
+        out.setdefault("two-tower, item statistics zeroed", {})[part] = row(validate(
+            tt.module, replace(data, items=replace(data.items, stats=st), asof=None), tt.item_content, idx, "loo", part=part, n_boot=nb))
     counts = pop.counts
     for part, es in (("val", split.val), ("test", split.test)):
         t = np.concatenate(es.targets)
@@ -207,6 +223,22 @@ def bench_loo_shift(args) -> dict:
     out["test_minus_val_seconds_median"] = float(np.median(gap))
     out["same_second_share"] = float((gap == 0).mean())
     return out
+
+
+def bench_part_search_dims(args) -> dict:
+    """part-search with the installed weights at each Matryoshka width: where a part's identity lives in the vector."""
+    from recsys.config import Config
+    from recsys.data import load_movielens
+    from recsys.embed.local import LocalEmbedder
+    from recsys.eval.embedder_report import part_to_item
+
+    if not args.posters:
+        raise SystemExit("part-search-dims needs --posters")
+    cfg = Config.load(None, workdir=str(Path(args.workdir) / "embedder"), data={"posters": args.posters})
+    ds = load_movielens(posters=args.posters)
+    emb = LocalEmbedder(None, cache_dir=cfg.cache_dir, default_dim=cfg.embedder.dim)
+    return {"model_version": emb.model_version, "configured_dim": cfg.embedder.dim,
+            "dims": {str(d): part_to_item(emb, ds, cfg, d) for d in emb.dims if d >= 128}}
 
 
 def bench_towers(args) -> dict:
@@ -269,10 +301,10 @@ def bench_experiment(args) -> dict:
     return run(args)
 
 
-BENCHES = {"negatives": bench_negatives, "learning-rate": bench_learning_rate, "part-search": bench_part_search, "towers": bench_towers, "demo": bench_demo, "demo-fused": bench_demo_fused, "loo-shift": bench_loo_shift, "features": bench_features, "embedder": bench_embedder, "training": bench_training,
+BENCHES = {"negatives": bench_negatives, "learning-rate": bench_learning_rate, "part-search": bench_part_search, "part-search-dims": bench_part_search_dims, "towers": bench_towers, "demo": bench_demo, "demo-fused": bench_demo_fused, "loo-shift": bench_loo_shift, "features": bench_features, "embedder": bench_embedder, "training": bench_training,
            "cold-prior": bench_cold_prior, "inputs": bench_inputs, "embedder-recipe": bench_embedder_recipe,
            "serving": bench_serving, "nightly": bench_nightly, "experiment": bench_experiment}
-ORDER = ["demo", "demo-fused", "loo-shift", "learning-rate", "negatives", "inputs", "inputs-weights", "towers", "part-search", "serving", "nightly", "experiment", "features", "embedder", "embedder-recipe", "training", "cold-prior"]
+ORDER = ["demo", "demo-fused", "loo-shift", "learning-rate", "negatives", "inputs", "inputs-weights", "towers", "part-search", "part-search-dims", "serving", "nightly", "experiment", "features", "embedder", "embedder-recipe", "training", "cold-prior"]
 
 
 # Rendering --------------------------------------------------------------------------------------------
@@ -592,10 +624,27 @@ def render_loo_shift(blob: dict) -> list[str]:
         v, t = parts["val"], parts["test"]
         lines.append(f"| {name} | {_fmt(v['HR@10'])} | {_fmt(v['NDCG@10'])} | {_fmt(t['HR@10'])} | {_fmt(t['NDCG@10'])} | "
                      f"{t['NDCG@10']['mean'] / max(v['NDCG@10']['mean'], 1e-12):.2f} |")
+    z = r.get("two-tower, item statistics zeroed")
+    if z:
+        w = r["two-tower, test targets with the validation round's inputs"]
+        lines += ["", f"The two-tower on the test targets with the validation round's inputs (the validation target left out of "
+                  f"the history): NDCG@10 {_fmt(w['NDCG@10'])}. With the item statistics zeroed (modality flags kept): "
+                  f"validation {_fmt(z['val']['NDCG@10'])}, test {_fmt(z['test']['NDCG@10'])}."]
     lines += ["", f"Targets' training-set popularity (users who interacted): validation median {r['val_targets_median_count']:.0f}, "
               f"mean log1p {r['val_targets_mean_log1p_count']:.2f}; test median {r['test_targets_median_count']:.0f}, mean log1p "
               f"{r['test_targets_mean_log1p_count']:.2f}. The test target came a median {r['test_minus_val_seconds_median']:.0f} s after "
               f"the validation one ({r['same_second_share']:.0%} in the same second)."]
+    return lines
+
+
+def render_part_search_dims(blob: dict) -> list[str]:
+    r = blob["results"]
+    lines = [f"The installed weights ({r['model_version']}) at each Matryoshka width, queries and items alike (the system uses "
+             f"{r['configured_dim']}); the same queries and targets as the table above.", "",
+             "| width | poster alone R@1 | R@10 | title alone R@1 | R@10 |", "|---|---|---|---|---|"]
+    for d, v in r["dims"].items():
+        p, t = v["poster alone"], v["title alone"]
+        lines.append(f"| {d} | {p['R@1']:.3f} | {p['R@10']:.3f} | {t['R@1']:.3f} | {t['R@10']:.3f} |")
     return lines
 
 
@@ -645,6 +694,7 @@ RENDER = {"demo": ("Demo: stage timings and metrics", render_demo),
           "learning-rate": ("Two-tower learning rate, chosen on validation (issue: quality)", render_variants),
           "negatives": ("Two-tower training: hidden ids and stats, uniform negatives, logQ, chosen on validation (issue: quality)", render_variants),
           "part-search": ("Search by one part of an item (issue: your own catalog)", render_part_search),
+          "part-search-dims": ("Search by one part of an item, by vector width (issue: your own catalog)", render_part_search_dims),
           "serving": ("Online retrieval at scale (issue: serving)", render_serving),
           "nightly": ("The nightly batch (issue: nightly)", render_nightly),
           "experiment": ("A/B experiment, simulated on ml-latest-small (issue: experiments)", render_experiment),
