@@ -376,8 +376,10 @@ def run_protocol(cfg: Config, ds: Dataset, iv: ItemVectors, protocol: str, regis
     ds, iv = fits["fused"][1:] if "fused" in fits else tags_in_training_window(cfg, ds, iv, split)
     fused = iv.with_cold(split.cold_items) if protocol == "cold" else iv.vectors
     nb = cfg.eval.bootstrap
-    # with the reranker, the test candidates are ranked once: the two-tower's own top 50 is their head
-    test_cands = trained.candidates(split.test, ds.catalog, cfg, cfg.serve.candidates) if rerank and cfg.serve.candidates >= 50 else None
+    # with the reranker, the test candidates are ranked once: with an exact search ("auto" is exact in evaluation,
+    # recsys.index) the two-tower's own top 50 is their head
+    share = rerank and cfg.serve.candidates >= 50 and cfg.serve.faiss_index in ("auto", "flat")
+    test_cands = trained.candidates(split.test, ds.catalog, cfg, cfg.serve.candidates) if share else None
     results = [trained.evaluate(split, ds.catalog, cfg, n_boot=nb, ranked=test_cands)]
     extra: dict = {"epochs": trained.epochs, "examples_per_s": round(trained.examples_per_s),
                    "train_s": round(trained.seconds + sum(f[0].seconds for m, f in fits.items() if m != chosen), 1),
