@@ -159,6 +159,8 @@ def bench_loo_shift(args) -> dict:
     """LOO: each model on the validation round and on the test round (the demo's kept two-tower; popularity and
     EASE fit on the validation history, so only the targets differ). Why the two-tower's test figure sits far
     below its validation figure while EASE's does not. Needs `demo` run first on the same --workdir."""
+    from dataclasses import replace
+
     import numpy as np
 
     from recsys.config import Config
@@ -166,24 +168,19 @@ def bench_loo_shift(args) -> dict:
     from recsys.eval.baselines import EASE, Popularity
     from recsys.eval.evaluate import evaluate
     from recsys.eval.splits import make_split
-    from recsys.pipeline import aligned, item_input_candidates, load_item_vectors, tags_in_training_window
-    from training.module import TwoTowerModule
-    from training.train import TrainedTwoTower
+    from recsys.pipeline import aligned, kept_two_tower, load_item_vectors
+    from training.module import validate
 
     work = Path(args.workdir) / "demo"
-    ckpt = work / "models" / "two-tower-loo" / "best.ckpt"
-    if not ckpt.exists():
+    if not (work / "models" / "two-tower-loo" / "best.ckpt").exists():
         raise SystemExit(f"loo-shift reads the demo's kept LOO model: run `python -m benchmarks.run demo --workdir {args.workdir}` first")
     cfg = Config.load(None, base=json.loads((work / "config.json").read_text()))
     demo = json.loads((work / "report" / "demo.json").read_text())
     iv = load_item_vectors(cfg)
     ds = aligned(load_dataset(cfg), iv)
     split = make_split("loo", ds, cfg.eval)
-    mode = json.loads((ckpt.parent / "item_input.json").read_text())["item_input"]
-    civ = iv if mode == iv.item_input else item_input_candidates(cfg.with_item_input("auto"), ds, iv)[mode]
-    pds, tiv = tags_in_training_window(cfg, ds, civ, split)
-    cat, idx, nb = pds.catalog, pds.catalog.index, cfg.eval.bootstrap
-    tt = TrainedTwoTower("two-tower", TwoTowerModule.from_checkpoint(ckpt), tiv.vectors)
+    tt, mode, _ = kept_two_tower(cfg, ds, iv, split)
+    cat, idx, nb = ds.catalog, ds.catalog.index, cfg.eval.bootstrap
     lam = next((r["extra"].get("ease_lambda") for r in demo["results"] if r.get("protocol") == "loo" and r.get("extra")), None) or 50.0
     ease = EASE(idx, lam).fit(split.val.history)
     pop = Popularity(idx).fit(split.val.history)
@@ -191,29 +188,26 @@ def bench_loo_shift(args) -> dict:
     def row(res) -> dict:
         return {m: {"mean": e.mean, "low": e.low, "high": e.high} for m, e in res.estimates.items() if m in ("HR@10", "NDCG@10")}
 
+    def two_tower(data, part: str) -> dict:
+        return row(validate(tt.module, data, tt.item_content, idx, "loo", part=part, n_boot=nb))
+
     out: dict = {"item_input": mode, "ease_lambda": lam, "models": {}}
-    for part in ("val", "test"):
-        es = split.val if part == "val" else split.test
-        out["models"].setdefault("two-tower (kept checkpoint)", {})[part] = row(tt.evaluate(split, cat, cfg, part=part, n_boot=nb))
+    inputs = {}
+    for part, es in (("val", split.val), ("test", split.test)):
+        inputs[part] = data = tt.inputs(es, cat, cfg)
+        out["models"].setdefault("two-tower (kept checkpoint)", {})[part] = two_tower(data, part)
         # the same val-history fits score the test targets, asked with the test round's history
         out["models"].setdefault(f"ease (lambda {lam:g}, fit on the validation history)", {})[part] = row(evaluate(ease, es, idx, "loo", part=part, n_boot=nb))
         out["models"].setdefault("popularity (validation history)", {})[part] = row(evaluate(pop, es, idx, "loo", part=part, n_boot=nb))
-    # the two-tower on the test targets with its inputs as of validation (the validation target left out of the
-    # history, still excluded from the ranking), and with the item statistics zeroed (modality flags kept)
-    from dataclasses import replace
-
-    from training.module import validate
-
-    test_in = tt.inputs(replace(split.test, history=split.val.history), cat, cfg)
-    test_in = replace(test_in, seen=tt.inputs(split.test, cat, cfg).seen)
-    out["two-tower, test targets with the validation round's inputs"] = row(
-        validate(tt.module, test_in, tt.item_content, idx, "loo", part="test", n_boot=nb))
-    for part, es in (("val", split.val), ("test", split.test)):
-        data = tt.inputs(es, cat, cfg)
+        # item statistics zeroed (modality flags kept)
         st = data.items.stats.copy()
         st[:, :3] = 0.0
-        out.setdefault("two-tower, item statistics zeroed", {})[part] = row(validate(
-            tt.module, replace(data, items=replace(data.items, stats=st), asof=None), tt.item_content, idx, "loo", part=part, n_boot=nb))
+        out.setdefault("two-tower, item statistics zeroed", {})[part] = two_tower(
+            replace(data, items=replace(data.items, stats=st), asof=None), part)
+    # the test targets with the inputs as of validation: the validation target left out of the history (still
+    # excluded from the ranking)
+    test_in = replace(tt.inputs(replace(split.test, history=split.val.history), cat, cfg), seen=inputs["test"].seen)
+    out["two-tower, test targets with the validation round's inputs"] = two_tower(test_in, "test")
     counts = pop.counts
     for part, es in (("val", split.val), ("test", split.test)):
         t = np.concatenate(es.targets)

@@ -520,11 +520,26 @@ def results_json(runs: list[ProtocolRun]) -> list[dict]:
     return out
 
 
-def evaluate_saved(cfg: Config, baselines: tuple[str, ...] = ("popularity", "ease")) -> list[ProtocolRun]:
-    """Re-evaluate the two-tower checkpoints of a previous `recsys train` beside the baselines."""
+def kept_two_tower(cfg: Config, ds: Dataset, iv: ItemVectors, split):
+    """The two-tower checkpoint kept for ``split``'s protocol (:func:`keep_checkpoint`) with the item vectors it
+    was trained on: its item input, user tags in the training window, cold rows from ``iv.cold`` on COLD.
+
+    Returns:
+        (TrainedTwoTower, item input, the ItemVectors it reads)."""
     from training.module import TwoTowerModule
     from training.train import TrainedTwoTower
 
+    ckpt = cfg.models_dir / f"two-tower-{split.name}" / "best.ckpt"
+    mode_file = ckpt.parent / "item_input.json"
+    mode = json.loads(mode_file.read_text())["item_input"] if mode_file.exists() else iv.item_input
+    civ = iv if mode == iv.item_input else item_input_candidates(cfg.with_item_input("auto"), ds, iv)[mode]
+    _, tiv = tags_in_training_window(cfg, ds, civ, split)
+    tvec = tiv.with_cold(split.cold_items) if split.name == "cold" else tiv.vectors
+    return TrainedTwoTower("two-tower", TwoTowerModule.from_checkpoint(ckpt), tvec), mode, tiv
+
+
+def evaluate_saved(cfg: Config, baselines: tuple[str, ...] = ("popularity", "ease")) -> list[ProtocolRun]:
+    """Re-evaluate the two-tower checkpoints of a previous `recsys train` beside the baselines."""
     iv = load_item_vectors(cfg)
     ds = aligned(load_dataset(cfg), iv)
     runs = []
@@ -537,14 +552,9 @@ def evaluate_saved(cfg: Config, baselines: tuple[str, ...] = ("popularity", "eas
         check_embedder_overlap(cfg, ds, iv, split)
         if protocol == "cold":
             iv.cold = embed_catalog(cfg, ds, cold=True, save=False)[0].cold
-        mode_file = ckpt.parent / "item_input.json"
-        mode = json.loads(mode_file.read_text())["item_input"] if mode_file.exists() else iv.item_input
-        civ = iv if mode == iv.item_input else item_input_candidates(cfg.with_item_input("auto"), ds, iv)[mode]
+        trained, mode, tiv = kept_two_tower(cfg, ds, iv, split)
         pds, piv = tags_in_training_window(cfg, ds, iv, split)  # the content baselines' vectors
-        _, tiv = tags_in_training_window(cfg, ds, civ, split)  # the item vectors the checkpoint was trained on
         vectors = piv.with_cold(split.cold_items) if protocol == "cold" else piv.vectors
-        tvec = tiv.with_cold(split.cold_items) if protocol == "cold" else tiv.vectors
-        trained = TrainedTwoTower("two-tower", TwoTowerModule.from_checkpoint(ckpt), tvec)
         console.print(f"{protocol}: the two-tower reads the {mode} item vectors ({tiv.model_version})")
         results = [trained.evaluate(split, pds.catalog, cfg, n_boot=cfg.eval.bootstrap),
                    *baseline_results(cfg, pds, piv, split, vectors, baselines)]

@@ -120,8 +120,8 @@ class EASE(_MatrixModel):
         if self.dual is not None:
             Xt, KX, d = self.dual
             r = rows.astype(np.float64)
-            rP = r.toarray() - (r @ Xt).toarray() @ KX  # lambda * (r P)
-            out[:, self.active] = r.toarray() - rP / d
+            dense = r.toarray()
+            out[:, self.active] = dense - (dense - (r @ Xt).toarray() @ KX) / d  # r - r P / diag(P), both scaled by lambda
             return out
         out[:, self.active] = (torch.from_numpy(rows.toarray()) @ self.B).numpy()
         return out
