@@ -208,6 +208,15 @@ def bench_loo_shift(args) -> dict:
     # excluded from the ranking)
     test_in = replace(tt.inputs(replace(split.test, history=split.val.history), cat, cfg), seen=inputs["test"].seen)
     out["two-tower, test targets with the validation round's inputs"] = two_tower(test_in, "test")
+    # each user's newest history item left out of the inputs (still excluded from the ranking): how much each
+    # model reads the item just before the target (on test, that is the validation target)
+    newest = out["without the newest history item"] = {}
+    for part, es in (("val", split.val), ("test", split.test)):
+        older = replace(es, history=without_newest(es.history))
+        newest.setdefault("two-tower (kept checkpoint)", {})[part] = two_tower(
+            replace(tt.inputs(older, cat, cfg), seen=inputs[part].seen), part)
+        ease_older = evaluate(ease, older, idx, "loo", part=part, n_boot=nb, exclude=inputs[part].seen)
+        newest.setdefault(f"ease (lambda {lam:g}, fit on the validation history)", {})[part] = row(ease_older)
     counts = pop.counts
     for part, es in (("val", split.val), ("test", split.test)):
         t = np.concatenate(es.targets)
@@ -217,6 +226,14 @@ def bench_loo_shift(args) -> dict:
     out["test_minus_val_seconds_median"] = float(np.median(gap))
     out["same_second_share"] = float((gap == 0).mean())
     return out
+
+
+def without_newest(history):
+    """``history`` (user_id, item_id, timestamp, ...) without each user's newest row (ties: the last in order)."""
+    import polars as pl
+
+    h = history.sort(["user_id", "timestamp"], maintain_order=True)
+    return h.filter(pl.int_range(pl.len()).over("user_id") < pl.len().over("user_id") - 1)
 
 
 def bench_part_search_dims(args) -> dict:
@@ -243,6 +260,17 @@ def bench_towers(args) -> dict:
     return train_variants(Path(args.workdir) / "towers", {"attention": {"user_encoder": "attention"},
                                                           "sequential": {"user_encoder": "sequential"}}, args.posters,
                           protocols=("loo",))
+
+
+def bench_newest_items(args) -> dict:
+    """LOO (the demo's item input there, text-only): the user tower reading its newest recent items each in its own
+    slot, beside the attention pooling of all of them, and a linear path from the newest item's content."""
+    from benchmarks.training_bench import train_variants
+
+    variants = {"pooled only": {"newest_items": 0}, "newest 1": {"newest_items": 1}, "newest 3": {"newest_items": 3},
+                "newest 1 + linear path": {"newest_items": 1, "newest_skip": True}}
+    return train_variants(Path(args.workdir) / "newest", variants, args.posters, protocols=("loo",),
+                          inputs={name: "text-only" for name in variants})
 
 
 def bench_learning_rate(args) -> dict:
@@ -295,10 +323,10 @@ def bench_experiment(args) -> dict:
     return run(args)
 
 
-BENCHES = {"negatives": bench_negatives, "learning-rate": bench_learning_rate, "part-search": bench_part_search, "part-search-dims": bench_part_search_dims, "towers": bench_towers, "demo": bench_demo, "demo-fused": bench_demo_fused, "loo-shift": bench_loo_shift, "features": bench_features, "embedder": bench_embedder, "training": bench_training,
+BENCHES = {"negatives": bench_negatives, "learning-rate": bench_learning_rate, "part-search": bench_part_search, "part-search-dims": bench_part_search_dims, "towers": bench_towers, "newest-items": bench_newest_items, "demo": bench_demo, "demo-fused": bench_demo_fused, "loo-shift": bench_loo_shift, "features": bench_features, "embedder": bench_embedder, "training": bench_training,
            "cold-prior": bench_cold_prior, "inputs": bench_inputs, "embedder-recipe": bench_embedder_recipe,
            "serving": bench_serving, "nightly": bench_nightly, "experiment": bench_experiment}
-ORDER = ["demo", "demo-fused", "loo-shift", "learning-rate", "negatives", "inputs", "inputs-weights", "towers", "part-search", "part-search-dims", "serving", "nightly", "experiment", "features", "embedder", "embedder-recipe", "training", "cold-prior"]
+ORDER = ["demo", "demo-fused", "loo-shift", "learning-rate", "negatives", "inputs", "inputs-weights", "towers", "newest-items", "part-search", "part-search-dims", "serving", "nightly", "experiment", "features", "embedder", "embedder-recipe", "training", "cold-prior"]
 
 
 # Rendering --------------------------------------------------------------------------------------------
@@ -624,6 +652,15 @@ def render_loo_shift(blob: dict) -> list[str]:
         lines += ["", f"The two-tower on the test targets with the validation round's inputs (the validation target left out of "
                   f"the history): NDCG@10 {_fmt(w['NDCG@10'])}. With the item statistics zeroed (modality flags kept): "
                   f"validation {_fmt(z['val']['NDCG@10'])}, test {_fmt(z['test']['NDCG@10'])}."]
+    o = r.get("without the newest history item")
+    if o:
+        lines += ["", "Each user's newest history item left out of the inputs (still excluded from the ranking; on the test "
+                  "round it is the validation target): how much each model reads the item just before the target. NDCG@10:", "",
+                  "| model | val, full | val, newest left out | test, full | test, newest left out |", "|---|---|---|---|---|"]
+        for name, parts in o.items():
+            full = r["models"][name]
+            lines.append(f"| {name} | {_fmt(full['val']['NDCG@10'])} | {_fmt(parts['val']['NDCG@10'])} | "
+                         f"{_fmt(full['test']['NDCG@10'])} | {_fmt(parts['test']['NDCG@10'])} |")
     lines += ["", f"Targets' training-set popularity (users who interacted): validation median {r['val_targets_median_count']:.0f}, "
               f"mean log1p {r['val_targets_mean_log1p_count']:.2f}; test median {r['test_targets_median_count']:.0f}, mean log1p "
               f"{r['test_targets_mean_log1p_count']:.2f}. The test target came a median {r['test_minus_val_seconds_median']:.0f} s after "
@@ -685,6 +722,7 @@ RENDER = {"demo": ("Demo: stage timings and metrics", render_demo),
                          render_demo),
           "loo-shift": ("LOO: validation round vs test round, per model (issue: quality)", render_loo_shift),
           "towers": ("User tower: attention pooling vs causal self-attention (issue: quality)", render_variants),
+          "newest-items": ("User tower: the newest recent items in their own slots, beside the pooling (issue: quality)", render_variants),
           "learning-rate": ("Two-tower learning rate, chosen on validation (issue: quality)", render_variants),
           "negatives": ("Two-tower training: hidden ids and stats, uniform negatives, logQ, chosen on validation (issue: quality)", render_variants),
           "part-search": ("Search by one part of an item (issue: your own catalog)", render_part_search),

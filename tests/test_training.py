@@ -136,6 +136,37 @@ def test_sequential_user_tower_is_causal_in_time_finite_without_history_and_expo
     assert torch.allclose(program(*args), u, atol=1e-5)
 
 
+@pytest.mark.parametrize("newest_items,newest_skip", [(1, False), (3, False), (1, True)])
+def test_user_tower_reads_its_newest_items_in_their_own_slots_and_exports(tmp_path, newest_items, newest_skip):
+    from training.train import export_user_tower
+
+    torch.manual_seed(0)
+    kw = dict(content_dim=8, n_items=10, out_dim=4, hidden_dim=16, use_ids=False, recent=4, dropout=0.0)
+    pooled = TwoTower(TowerConfig(**kw)).eval()
+    m = TwoTower(TowerConfig(**kw, newest_items=newest_items, newest_skip=newest_skip)).eval()
+    rows = torch.tensor([[1, 2, 3, 10], [4, 10, 10, 10], [10, 10, 10, 10]])  # newest first; fewer items than slots
+    mask = rows < 10
+    content = torch.randn(3, 4, 8)
+    args = (torch.randn(3, 8), content, rows, mask, mask, torch.randn(3, 3))
+    u = m.user(*args)
+    assert u.shape == (3, 5) and torch.isfinite(u).all()
+    # the pooling alone does not see order (its position table starts at zero): swapping the newest item with an
+    # older one leaves its vector unchanged; with the newest item in its own slot the vector moves
+    swapped = content.clone()
+    swapped[0, [0, 1]] = content[0, [1, 0]]
+    assert torch.allclose(pooled.user(args[0], swapped, *args[2:]), pooled.user(*args), atol=1e-5)
+    assert not torch.allclose(m.user(args[0], swapped, *args[2:])[0], u[0], atol=1e-4)
+    # what sits in the padding never matters, in a slot or in the pool
+    noisy = content.clone()
+    noisy[~mask] = 100.0
+    assert torch.allclose(m.user(args[0], noisy, *args[2:]), u, atol=1e-5)
+    example = tuple(a.numpy() for a in args)
+    program = torch.export.load(str(export_user_tower(m.user, example, tmp_path / "user.pt2"))).module()
+    assert torch.allclose(program(*args), u, atol=1e-5)
+    with pytest.raises(ValueError, match="newest_items"):
+        TwoTower(TowerConfig(**{**kw, "newest_items": 5}))
+
+
 def _candidates(U: int, N: int, rng: np.random.Generator, target_at: np.ndarray):
     """U users x N candidates, retrieval order = row order; the target sits at ``target_at`` and is the only
     candidate with has_video = 1 (a feature the reranker can learn, the retrieval order cannot)."""

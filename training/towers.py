@@ -10,7 +10,8 @@ inner-product search ranks by the full score. The item tower reads the item's mu
 (from the embedder, frozen), its statistics, and optionally a learned id embedding; ids and statistics are hidden for a share of training examples so
 the tower also scores items nobody has interacted with yet (cold start). The user tower reads the
 user's history vector (in the embedder's space), the items they engaged with most recently (their
-vectors and ids, pooled with attention over recency), and user statistics.
+vectors and ids, pooled with attention over recency; the newest ``newest_items`` of them also each in a slot
+of their own, since the item just before the next one says most about it), and user statistics.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ class TowerConfig:
     user_encoder: str = "attention"  # how the user tower reads its recent items: "attention" or "sequential"
     seq_layers: int = 2  # sequential: causal self-attention blocks
     seq_heads: int = 2
+    newest_items: int = 0  # the newest k recent items also enter the user MLP each in its own slot (not only pooled)
+    newest_skip: bool = False  # a linear path from the newest item's content to the user vector
 
     @property
     def vector_dim(self) -> int:
@@ -202,8 +205,12 @@ class UserTower(nn.Module):
         if cfg.user_encoder not in ("attention", "sequential"):
             raise ValueError(f"user_encoder must be 'attention' or 'sequential', got {cfg.user_encoder!r}")
         self.sequence = SequenceEncoder(cfg) if cfg.user_encoder == "sequential" else None
-        self.mlp = _mlp(cfg.content_dim + cfg.hidden_dim + N_USER_STATS, cfg.hidden_dim, cfg.out_dim, cfg.dropout)
+        if not 0 <= cfg.newest_items <= cfg.recent:
+            raise ValueError(f"newest_items must be within 0..recent ({cfg.recent}), got {cfg.newest_items}")
+        d_user = cfg.content_dim + cfg.hidden_dim * (1 + cfg.newest_items) + N_USER_STATS
+        self.mlp = _mlp(d_user, cfg.hidden_dim, cfg.out_dim, cfg.dropout)
         self.skip = nn.Linear(cfg.content_dim, cfg.out_dim, bias=False)
+        self.newest_skip = nn.Linear(cfg.content_dim, cfg.out_dim, bias=False) if cfg.newest_skip else None
 
     def forward(self, history: torch.Tensor, recent_content: torch.Tensor, recent_ids: torch.Tensor,
                 recent_mask: torch.Tensor, recent_id_mask: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
@@ -217,8 +224,16 @@ class UserTower(nn.Module):
             attn = (keys @ self.query / keys.shape[-1] ** 0.5).masked_fill(~recent_mask, -1e9).softmax(-1)
             pooled = (attn.unsqueeze(-1) * keys).sum(1)
         pooled = pooled * recent_mask.any(1, keepdim=True).float()
-        x = torch.cat([history, pooled, stats], -1)
-        u = F.normalize(self.skip(history) + self.mlp(x), dim=-1)
+        parts = [history, pooled]
+        k = self.cfg.newest_items
+        if k:  # (B, k*H), an absent item's slot zero
+            newest = keys[:, :k] * recent_mask[:, :k, None].float()
+            parts.append(F.pad(newest, (0, 0, 0, k - newest.shape[1])).flatten(1))
+        x = torch.cat(parts + [stats], -1)
+        s = self.skip(history)
+        if self.newest_skip is not None:
+            s = s + self.newest_skip(recent_content[:, 0] * recent_mask[:, :1].float())
+        u = F.normalize(s + self.mlp(x), dim=-1)
         return torch.cat([u, torch.ones_like(u[:, :1])], -1) if self.cfg.item_bias else u
 
 

@@ -91,11 +91,17 @@ class EvalResult:
 
 
 def evaluate(model: Scorer, eval_set: EvalSet, index: dict[str, int], protocol: str, part: str = "test",
-             n_boot: int = 1000, seed: int = 0, batch_users: int = 1024, keep_topk: bool = False) -> EvalResult:
-    """Rank the whole catalog (or ``eval_set.candidates``) for every user and score the top 50."""
+             n_boot: int = 1000, seed: int = 0, batch_users: int = 1024, keep_topk: bool = False,
+             exclude=None) -> EvalResult:
+    """Rank the whole catalog (or ``eval_set.candidates``) for every user and score the top 50.
+
+    Args:
+        exclude: (n_users, n_items) sparse, the items never to rank (default: each user's ``eval_set.history``;
+            a probe that hides part of the history from the model passes the full one)."""
     n_items = len(index)
     rng = np.random.default_rng(seed)
-    exclude = history_matrix(eval_set.history, eval_set.users, index, n_items)
+    if exclude is None:
+        exclude = history_matrix(eval_set.history, eval_set.users, index, n_items)
     tops = []
     for start in range(0, len(eval_set), batch_users):
         users = np.arange(start, min(start + batch_users, len(eval_set)))
