@@ -47,19 +47,21 @@ def _save(name: str, results: dict, argv: list[str]) -> None:
 
 
 # Benchmarks -------------------------------------------------------------------------------------------
-def bench_demo(args, item_input: str | None = None) -> dict:
+def bench_demo(args, item_input: str | None = None, train: dict | None = None, name: str | None = None) -> dict:
     """The demo end to end on ml-latest-small: stage timings and the metrics table. ``item_input``: fix the
-    two-tower's item input instead of the default (auto: chosen on validation among three)."""
+    two-tower's item input instead of the default (auto: chosen on validation among three); ``train``: ``[train]``
+    overrides, in a work directory ``demo-<name>``."""
     from recsys.config import Config
     from recsys.flows.demo import run_demo
 
-    workdir = Path(args.workdir) / ("demo" if item_input is None else f"demo-{item_input}")
+    name = name or item_input
+    workdir = Path(args.workdir) / ("demo" if name is None else f"demo-{name}")
     if workdir.exists():
         import shutil
 
         shutil.rmtree(workdir)  # a cold start: no embedding cache, no feature store
     cfg = Config.load(None, workdir=str(workdir), data={"posters": args.posters},
-                      **({"embedder": {"item_input": item_input}} if item_input else {}))
+                      **({"embedder": {"item_input": item_input}} if item_input else {}), **({"train": train} if train else {}))
     old = RESULTS / "demo.json"  # a fixed input: compared with the default's last run
     previous = json.loads(old.read_text()) if old.exists() else None
     t0 = time.time()
@@ -76,6 +78,12 @@ def bench_demo_fused(args) -> dict:
     """The demo with the item input fixed to fused (one two-tower per protocol): what choosing among three
     inputs costs, against the default demo's last run (run both the same day)."""
     return bench_demo(args, item_input="fused")
+
+
+def bench_demo_newest(args) -> dict:
+    """The demo with the user tower's newest item in a slot of its own (``[train] newest_items = 1``): LOO gains,
+    COLD loses, on validation and test, against the default demo's last run."""
+    return bench_demo(args, train={"newest_items": 1}, name="newest")
 
 
 def bench_features(args) -> dict:
@@ -191,7 +199,7 @@ def bench_loo_shift(args) -> dict:
     def two_tower(data, part: str) -> dict:
         return row(validate(tt.module, data, tt.item_content, idx, "loo", part=part, n_boot=nb))
 
-    out: dict = {"item_input": mode, "ease_lambda": lam, "models": {}}
+    out: dict = {"item_input": mode, "newest_items": tt.module.model.cfg.newest_items, "ease_lambda": lam, "models": {}}
     inputs = {}
     for part, es in (("val", split.val), ("test", split.test)):
         inputs[part] = data = tt.inputs(es, cat, cfg)
@@ -323,10 +331,10 @@ def bench_experiment(args) -> dict:
     return run(args)
 
 
-BENCHES = {"negatives": bench_negatives, "learning-rate": bench_learning_rate, "part-search": bench_part_search, "part-search-dims": bench_part_search_dims, "towers": bench_towers, "newest-items": bench_newest_items, "demo": bench_demo, "demo-fused": bench_demo_fused, "loo-shift": bench_loo_shift, "features": bench_features, "embedder": bench_embedder, "training": bench_training,
+BENCHES = {"negatives": bench_negatives, "learning-rate": bench_learning_rate, "part-search": bench_part_search, "part-search-dims": bench_part_search_dims, "towers": bench_towers, "newest-items": bench_newest_items, "demo": bench_demo, "demo-fused": bench_demo_fused, "demo-newest": bench_demo_newest, "loo-shift": bench_loo_shift, "features": bench_features, "embedder": bench_embedder, "training": bench_training,
            "cold-prior": bench_cold_prior, "inputs": bench_inputs, "embedder-recipe": bench_embedder_recipe,
            "serving": bench_serving, "nightly": bench_nightly, "experiment": bench_experiment}
-ORDER = ["demo", "demo-fused", "loo-shift", "learning-rate", "negatives", "inputs", "inputs-weights", "towers", "newest-items", "part-search", "part-search-dims", "serving", "nightly", "experiment", "features", "embedder", "embedder-recipe", "training", "cold-prior"]
+ORDER = ["demo", "demo-fused", "demo-newest", "loo-shift", "learning-rate", "negatives", "inputs", "inputs-weights", "towers", "newest-items", "part-search", "part-search-dims", "serving", "nightly", "experiment", "features", "embedder", "embedder-recipe", "training", "cold-prior"]
 
 
 # Rendering --------------------------------------------------------------------------------------------
@@ -638,7 +646,7 @@ def render_part_search(blob: dict) -> list[str]:
 
 def render_loo_shift(blob: dict) -> list[str]:
     r = blob["results"]
-    lines = [f"The demo's kept LOO two-tower (item input {r['item_input']}) and two baselines fit on the validation history, "
+    lines = [f"The demo's kept LOO two-tower (item input {r['item_input']}, newest_items {r.get('newest_items', 0)}) and two baselines fit on the validation history, "
              "each scored on the validation round (the second-to-last interaction of each of the 610 users) and on the "
              "test round (the last one), mean [95% bootstrap CI over users]:", "",
              "| model | val HR@10 | val NDCG@10 | test HR@10 | test NDCG@10 | test / val NDCG@10 |", "|---|---|---|---|---|---|"]
@@ -720,6 +728,8 @@ def render_variants(blob: dict) -> list[str]:
 RENDER = {"demo": ("Demo: stage timings and metrics", render_demo),
           "demo-fused": ("Demo with the item input fixed to fused: what the choice among three inputs costs (reference: the demo above)",
                          render_demo),
+          "demo-newest": ("Demo with the newest recent item in its own slot (`[train] newest_items = 1`; reference: the demo above)",
+                          render_demo),
           "loo-shift": ("LOO: validation round vs test round, per model (issue: quality)", render_loo_shift),
           "towers": ("User tower: attention pooling vs causal self-attention (issue: quality)", render_variants),
           "newest-items": ("User tower: the newest recent items in their own slots, beside the pooling (issue: quality)", render_variants),

@@ -82,9 +82,10 @@ class TrainConfig(_Section):
     id_embeddings: bool = False  # learned ids overfit ml-latest-small (see BENCHMARKS.md); on for larger data
     id_dropout: float = 0.5  # share of examples whose item id / stats are hidden (cold-start training)
     user_encoder: Literal["attention", "sequential"] = "attention"  # how the user tower reads recent items
-    # The newest k recent items also enter the user tower each in its own slot, not only pooled: 1 chosen on LOO
-    # validation among 0, 1, 3 and 1 with newest_skip (`python -m benchmarks.run newest-items`)
-    newest_items: int = 1
+    # The newest k recent items also enter the user tower each in its own slot, not only pooled. LOO validation
+    # prefers 1 among 0, 1, 3 (`python -m benchmarks.run newest-items`), but in the demo it costs COLD validation
+    # NDCG@10 0.243 -> 0.215 (`python -m benchmarks.run demo-newest`), so the default stays 0
+    newest_items: int = 0
     newest_skip: bool = False  # a linear path from the newest item's content to the user vector
     max_epochs: int = 10
     # With several item inputs (embedder.item_input auto), each is first trained this many epochs; only the
