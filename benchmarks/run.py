@@ -212,19 +212,17 @@ def bench_loo_shift(args) -> dict:
         st[:, :3] = 0.0
         out.setdefault("two-tower, item statistics zeroed", {})[part] = two_tower(
             replace(data, items=replace(data.items, stats=st), asof=None), part)
-    # the test targets with the inputs as of validation: the validation target left out of the history (still
-    # excluded from the ranking)
-    test_in = replace(tt.inputs(replace(split.test, history=split.val.history), cat, cfg), seen=inputs["test"].seen)
-    out["two-tower, test targets with the validation round's inputs"] = two_tower(test_in, "test")
     # each user's newest history item left out of the inputs (still excluded from the ranking): how much each
-    # model reads the item just before the target (on test, that is the validation target)
+    # model reads the item just before the target. On test that item is the validation target, so the test
+    # round's older history is the validation round's: the test targets with the inputs as of validation
     newest = out["without the newest history item"] = {}
     for part, es in (("val", split.val), ("test", split.test)):
-        older = replace(es, history=without_newest(es.history))
+        older = replace(es, history=without_newest(es.history) if part == "val" else split.val.history)
         newest.setdefault("two-tower (kept checkpoint)", {})[part] = two_tower(
             replace(tt.inputs(older, cat, cfg), seen=inputs[part].seen), part)
         ease_older = evaluate(ease, older, idx, "loo", part=part, n_boot=nb, exclude=inputs[part].seen)
         newest.setdefault(f"ease (lambda {lam:g}, fit on the validation history)", {})[part] = row(ease_older)
+    out["two-tower, test targets with the validation round's inputs"] = newest["two-tower (kept checkpoint)"]["test"]
     counts = pop.counts
     for part, es in (("val", split.val), ("test", split.test)):
         t = np.concatenate(es.targets)
@@ -237,7 +235,8 @@ def bench_loo_shift(args) -> dict:
 
 
 def without_newest(history):
-    """``history`` (user_id, item_id, timestamp, ...) without each user's newest row (ties: the last in order)."""
+    """``history`` (user_id, item_id, timestamp, ...) without each user's newest row (same-second ties: the last in
+    the history's order, which is the order the features read it in)."""
     import polars as pl
 
     h = history.sort(["user_id", "timestamp"], maintain_order=True)

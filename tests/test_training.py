@@ -97,6 +97,15 @@ def test_item_tower_with_fixed_parts_equals_the_full_pass_under_any_statistics(u
         tower.train().with_fixed(content, ids, mask)
 
 
+def _user_inputs():
+    """User-tower inputs for 3 users (content_dim 8, 4 recent slots): 3 items, 1 item, none. Newest first; padding
+    = n_items (10). Returns (mask, recent content, the forward's arguments)."""
+    rows = torch.tensor([[1, 2, 3, 10], [4, 10, 10, 10], [10, 10, 10, 10]])
+    mask = rows < 10
+    content = torch.randn(3, 4, 8)
+    return mask, content, (torch.randn(3, 8), content, rows, mask, mask, torch.randn(3, 3))
+
+
 def test_sequential_user_tower_is_causal_in_time_finite_without_history_and_exports(tmp_path):
     from training.towers import SequenceEncoder
     from training.train import export_user_tower
@@ -105,10 +114,7 @@ def test_sequential_user_tower_is_causal_in_time_finite_without_history_and_expo
     cfg = TowerConfig(content_dim=8, n_items=10, out_dim=4, hidden_dim=16, use_ids=False, recent=4,
                       user_encoder="sequential", dropout=0.0)
     m = TwoTower(cfg).eval()
-    rows = torch.tensor([[1, 2, 3, 10], [4, 10, 10, 10], [10, 10, 10, 10]])  # newest first; padding = n_items
-    mask = rows < 10
-    content = torch.randn(3, 4, 8)
-    args = (torch.randn(3, 8), content, rows, mask, mask, torch.randn(3, 3))
+    mask, content, args = _user_inputs()
     u = m.user(*args)
     assert u.shape == (3, 5) and torch.isfinite(u).all()
     # what sits in the padding never matters; the order of the items does
@@ -144,10 +150,7 @@ def test_user_tower_reads_its_newest_items_in_their_own_slots_and_exports(tmp_pa
     kw = dict(content_dim=8, n_items=10, out_dim=4, hidden_dim=16, use_ids=False, recent=4, dropout=0.0)
     pooled = TwoTower(TowerConfig(**kw)).eval()
     m = TwoTower(TowerConfig(**kw, newest_items=newest_items, newest_skip=newest_skip)).eval()
-    rows = torch.tensor([[1, 2, 3, 10], [4, 10, 10, 10], [10, 10, 10, 10]])  # newest first; fewer items than slots
-    mask = rows < 10
-    content = torch.randn(3, 4, 8)
-    args = (torch.randn(3, 8), content, rows, mask, mask, torch.randn(3, 3))
+    mask, content, args = _user_inputs()  # the second user has fewer items than 3 slots
     u = m.user(*args)
     assert u.shape == (3, 5) and torch.isfinite(u).all()
     # the pooling alone does not see order (its position table starts at zero): swapping the newest item with an
