@@ -361,8 +361,9 @@ def render_demo(blob: dict) -> list[str]:
     for protocol, choice in (r.get("item_input") or {}).items():
         if choice and len(choice["val_ndcg10"]) > 1:
             screen = choice.get("screen_epochs")
-            lines += ["", f"{protocol.upper()} item input, chosen by the pipeline on validation NDCG@10"
-                      + (f" after {screen} epoch{'s' if screen > 1 else ''} each" if screen else "") + f": **{choice['chosen']}** ("
+            what = "item input and newest_items" if "variant" in choice and choice["variant"] != choice["chosen"] else "item input"
+            lines += ["", f"{protocol.upper()} {what}, chosen by the pipeline on validation NDCG@10"
+                      + (f" after {screen} epoch{'s' if screen > 1 else ''} each" if screen else "") + f": **{choice.get('variant', choice['chosen'])}** ("
                       + ", ".join(f"{m} {v:.4f}" for m, v in choice["val_ndcg10"].items())
                       + ")" + ("; only it trained on" if screen else "")
                       + "; the two-tower row is that model, the only one evaluated on test."]

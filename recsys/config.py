@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PROJECT_DIR = PACKAGE_DIR.parent
@@ -82,10 +82,12 @@ class TrainConfig(_Section):
     id_embeddings: bool = False  # learned ids overfit ml-latest-small (see BENCHMARKS.md); on for larger data
     id_dropout: float = 0.5  # share of examples whose item id / stats are hidden (cold-start training)
     user_encoder: Literal["attention", "sequential"] = "attention"  # how the user tower reads recent items
-    # The newest k recent items also enter the user tower each in its own slot, not only pooled. LOO validation
-    # prefers 1 among 0, 1, 3 (`python -m benchmarks.run newest-items`), but in the demo it costs COLD validation
-    # NDCG@10 0.243 -> 0.215 (`python -m benchmarks.run demo-newest`), so the default stays 0
-    newest_items: int = 0
+    # The newest k recent items also enter the user tower each in its own slot, not only pooled. A list: the
+    # pipeline screens each value jointly with the item inputs on validation and keeps the best (one fit of
+    # select_epochs per pair), because the protocols disagree: LOO validation prefers 1 (`python -m benchmarks.run
+    # newest-items`), COLD validation 0 (`python -m benchmarks.run demo-newest`: NDCG@10 0.243 -> 0.215). A
+    # single fit outside the pipeline (benchmarks, `fit_two_tower`) reads a list's first value.
+    newest_items: int | list[int] = [0, 1]
     newest_skip: bool = False  # a linear path from the newest item's content to the user vector
     max_epochs: int = 10
     # With several item inputs (embedder.item_input auto), each is first trained this many epochs; only the
@@ -113,6 +115,19 @@ class TrainConfig(_Section):
     num_nodes: int = 1
     num_workers: int = 0
     registered_model: str = "recsys-two-tower"
+
+    @field_validator("newest_items")
+    @classmethod
+    def _newest_items(cls, v: int | list[int]) -> int | list[int]:
+        values = [v] if isinstance(v, int) else v
+        if not values or min(values) < 0 or len(set(values)) != len(values):
+            raise ValueError(f"newest_items must be a count >= 0 or a non-empty list of distinct ones, got {v!r}")
+        return v
+
+    @property
+    def newest_choices(self) -> list[int]:
+        """The ``newest_items`` values the pipeline screens (one: nothing to choose)."""
+        return [self.newest_items] if isinstance(self.newest_items, int) else list(self.newest_items)
 
 
 class ServeConfig(_Section):
@@ -261,6 +276,10 @@ class Config(_Section):
     @property
     def models_dir(self) -> Path:
         return self.workdir / "models"
+
+    def with_train(self, **updates) -> "Config":
+        """A copy with ``train`` fields replaced (e.g. one screened ``newest_items`` value)."""
+        return self.model_copy(update={"train": self.train.model_copy(update=updates)})
 
     def with_item_input(self, mode: str) -> "Config":
         """A copy whose ``embedder.item_input`` is ``mode`` (recsys.embed.item_input)."""

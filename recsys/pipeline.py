@@ -335,9 +335,10 @@ def run_protocol(cfg: Config, ds: Dataset, iv: ItemVectors, protocol: str, regis
 
     Args:
         iv: the fused item vectors (what the content baselines read).
-        candidates: item inputs to choose among (item_input_candidates; default: ``iv`` alone). With several,
-            a two-tower is trained on each and the one with the best validation NDCG@10 is evaluated on test
-            (and registered); ``extra["item_input"]`` reports the choice.
+        candidates: item inputs to choose among (item_input_candidates; default: ``iv`` alone). With several
+            inputs, or several ``train.newest_items`` values, a two-tower is trained on each pair and the one with
+            the best validation NDCG@10 is evaluated on test (and registered); ``extra["item_input"]`` reports the
+            choice (``chosen``: the input, ``newest_items``: the value, ``val_ndcg10``: per variant).
 
     The baselines: see :func:`baseline_results`."""
     from recsys.rerank import MIN_USERS, Reranker
@@ -347,33 +348,41 @@ def run_protocol(cfg: Config, ds: Dataset, iv: ItemVectors, protocol: str, regis
     console.print(split.describe())
     check_embedder_overlap(cfg, ds, iv, split)
     candidates = candidates or {iv.item_input: iv}
-    # several inputs: successive halving. Each trains select_epochs epochs; the best one on validation trains on.
-    screen = cfg.train.select_epochs if len(candidates) > 1 and 0 < cfg.train.select_epochs < cfg.train.max_epochs else 0
-    fits = {}
+    newest = cfg.train.newest_choices
+    single = len(candidates) * len(newest) == 1
+    # several variants: successive halving. Each trains select_epochs epochs; the best one on validation trains on.
+    screen = cfg.train.select_epochs if not single and 0 < cfg.train.select_epochs < cfg.train.max_epochs else 0
+    fits = {}  # variant label -> (fit, dataset with tags in the window, item vectors, item input, newest_items)
     for mode, civ in candidates.items():
         pds, civ = tags_in_training_window(cfg, ds, civ, split)
         cvec = civ.with_cold(split.cold_items) if protocol == "cold" else civ.vectors
         repo = build_features(cfg, pds, cvec, civ, split.train, materialize=False,
                               name=protocol if len(candidates) == 1 or mode == "fused" else f"{protocol}_{mode}")
-        trained = fit_two_tower(cfg, pds.catalog, split, repo, cvec, max_epochs=screen or None,
-                                name="two-tower" if len(candidates) == 1 else f"two-tower[{mode}]")
-        fits[mode] = (trained, pds, civ)
+        rows: dict = {}  # the training rows, shared by this input's newest_items variants
+        for k in newest:
+            label = variant_label(mode, k, newest)
+            trained = fit_two_tower(cfg.with_train(newest_items=k), pds.catalog, split, repo, cvec,
+                                    max_epochs=screen or None, name="two-tower" if single else f"two-tower[{label}]",
+                                    rows_cache=rows)
+            fits[label] = (trained, pds, civ, mode, k)
     val = {m: max((r.estimates["NDCG@10"].mean for r in f[0].val_results), default=float("nan")) for m, f in fits.items()}
-    chosen = max(val, key=lambda m: (val[m], -list(val).index(m)))  # ties: the first candidate (fused)
-    trained, ds_c, civ = fits[chosen]
-    if len(fits) > 1:
+    best = max(val, key=lambda m: (val[m], -list(val).index(m)))  # ties: the first variant (fused, first newest_items)
+    trained, ds_c, civ, chosen, k = fits[best]
+    if not single:
         after = f" after {screen} epoch{'s' if screen > 1 else ''} each" if screen else ""
-        console.print(f"{protocol}: item input chosen on validation (NDCG@10{after}): "
-                      f"{chosen} (" + ", ".join(f"{m} {v:.4f}" for m, v in val.items()) + ")"
-                      + (f"; {chosen} trains on (up to {cfg.train.max_epochs} epochs)" if screen else ""))
+        console.print(f"{protocol}: item input and newest_items chosen on validation (NDCG@10{after}): "
+                      f"{best} (" + ", ".join(f"{m} {v:.4f}" for m, v in val.items()) + ")"
+                      + (f"; {best} trains on (up to {cfg.train.max_epochs} epochs)" if screen else ""))
     if screen:
-        trained = fit_two_tower(cfg, ds_c.catalog, split, None, trained.content_vectors, name=trained.name, resume=trained)
+        trained = fit_two_tower(cfg.with_train(newest_items=k), ds_c.catalog, split, None, trained.content_vectors,
+                                name=trained.name, resume=trained)
     trained.name = "two-tower"
     keep_checkpoint(cfg, trained, protocol, chosen)
     if register:
         trained.register(cfg, ds_c.catalog, split, alias or cfg.serve.model_alias, civ.model_version, chosen)
     # the content baselines read the fused vectors, with tags in the same window
-    ds, iv = fits["fused"][1:] if "fused" in fits else tags_in_training_window(cfg, ds, iv, split)
+    fused_fit = next((f for f in fits.values() if f[3] == "fused"), None)
+    ds, iv = fused_fit[1:3] if fused_fit else tags_in_training_window(cfg, ds, iv, split)
     fused = iv.with_cold(split.cold_items) if protocol == "cold" else iv.vectors
     nb = cfg.eval.bootstrap
     # with the reranker, the test candidates are ranked once: with an exact search ("auto" is exact in evaluation,
@@ -382,9 +391,9 @@ def run_protocol(cfg: Config, ds: Dataset, iv: ItemVectors, protocol: str, regis
     test_cands = trained.candidates(split.test, ds.catalog, cfg, cfg.serve.candidates) if share else None
     results = [trained.evaluate(split, ds.catalog, cfg, n_boot=nb, ranked=test_cands)]
     extra: dict = {"epochs": trained.epochs, "examples_per_s": round(trained.examples_per_s),
-                   "train_s": round(trained.seconds + sum(f[0].seconds for m, f in fits.items() if m != chosen), 1),
-                   "item_input": {"chosen": chosen, "val_ndcg10": val, "screen_epochs": screen,
-                                  "item_vectors": civ.model_version}}
+                   "train_s": round(trained.seconds + sum(f[0].seconds for m, f in fits.items() if m != best), 1),
+                   "item_input": {"chosen": chosen, "newest_items": k, "variant": best, "val_ndcg10": val,
+                                  "screen_epochs": screen, "item_vectors": civ.model_version}}
     if rerank:
         val_cands = trained.candidates(split.val, ds.catalog, cfg, cfg.serve.candidates)
         reranker = Reranker(seed=cfg.train.seed)
@@ -406,6 +415,11 @@ def run_protocol(cfg: Config, ds: Dataset, iv: ItemVectors, protocol: str, regis
     extra["two_tower_minus"] = {model: {m: {"mean": e.mean, "low": e.low, "high": e.high} for m, e in d.items()}
                                 for model, d in paired_differences(results, n_boot=nb).items()}
     return ProtocolRun(protocol, results, trained, split, extra)
+
+
+def variant_label(item_input: str, newest_items: int, choices: list[int]) -> str:
+    """How a screened two-tower is named: its item input, and its newest_items value where several are screened."""
+    return item_input if len(choices) == 1 else f"{item_input}+newest{newest_items}"
 
 
 def keep_checkpoint(cfg: Config, trained, protocol: str, item_input: str) -> Path | None:

@@ -168,6 +168,12 @@ def test_user_tower_reads_its_newest_items_in_their_own_slots_and_exports(tmp_pa
     assert torch.allclose(program(*args), u, atol=1e-5)
     with pytest.raises(ValueError, match="newest_items"):
         TwoTower(TowerConfig(**{**kw, "newest_items": 5}))
+    from recsys.config import TrainConfig  # a list is screened by the pipeline; a single fit reads its first value
+
+    assert TrainConfig(newest_items=1).newest_choices == [1] and TrainConfig().newest_choices == [0, 1]
+    for bad in ([], [-1], [1, 1]):
+        with pytest.raises(ValueError, match="newest_items"):
+            TrainConfig(newest_items=bad)
 
 
 def _candidates(U: int, N: int, rng: np.random.Generator, target_at: np.ndarray):
@@ -231,9 +237,9 @@ def test_reranker_on_too_few_validation_users_stays_unfitted_instead_of_crashing
 
 def test_the_pipeline_chooses_the_item_input_on_validation_registers_it_and_every_later_stage_reads_it(
         synthetic, synthetic_dir, tmp_path):
-    """item_input auto on a catalog with images: one two-tower per input trained select_epochs, the best on
-    validation NDCG@10 trained on to max_epochs, kept and registered with what it reads; the nightly job resolves
-    that space and `recsys evaluate` reloads the kept checkpoint with it (same test figures)."""
+    """item_input auto on a catalog with images, two newest_items values: one two-tower per (input, value) trained
+    select_epochs, the best on validation NDCG@10 trained on to max_epochs, kept and registered with what it reads;
+    the nightly job resolves that space and `recsys evaluate` reloads the kept checkpoint with it (same test figures)."""
     import json
 
     import mlflow
@@ -243,18 +249,20 @@ def test_the_pipeline_chooses_the_item_input_on_validation_registers_it_and_ever
     from tests.conftest import small_config
 
     cfg = small_config(tmp_path, data={"source": "generic", "path": str(synthetic_dir)}, eval={"protocols": ["loo"]},
-                       train={"max_epochs": 3, "select_epochs": 1, "patience": 5})
+                       train={"max_epochs": 3, "select_epochs": 1, "patience": 5, "newest_items": [0, 1]})
     assert served_item_input(cfg) == "fused"  # nothing registered yet
     iv, ds = embed_catalog(cfg, synthetic)
     cands = item_input_candidates(cfg, ds, iv)
     run = run_protocol(cfg, ds, iv, "loo", register=True, baselines=("popularity",), candidates=cands)
     choice = run.extra["item_input"]
-    assert set(choice["val_ndcg10"]) == {"fused", "text", "concat"}
-    assert choice["val_ndcg10"][choice["chosen"]] == max(choice["val_ndcg10"].values()) and choice["screen_epochs"] == 1
-    # the choice was made on the first epoch's validation; only the chosen input trained on, in the same run
+    assert set(choice["val_ndcg10"]) == {f"{m}+newest{k}" for m in ("fused", "text", "concat") for k in (0, 1)}
+    assert choice["variant"] == f"{choice['chosen']}+newest{choice['newest_items']}"
+    assert choice["val_ndcg10"][choice["variant"]] == max(choice["val_ndcg10"].values()) and choice["screen_epochs"] == 1
+    # the choice was made on the first epoch's validation; only the chosen variant trained on, in the same run
     assert run.trained.epochs == 3 and len(run.trained.val_results) == 3
-    assert run.trained.val_results[0].estimates["NDCG@10"].mean == choice["val_ndcg10"][choice["chosen"]]
+    assert run.trained.val_results[0].estimates["NDCG@10"].mean == choice["val_ndcg10"][choice["variant"]]
     assert run.trained.content_vectors.shape[1] == cands[choice["chosen"]].dim
+    assert run.trained.module.model.cfg.newest_items == choice["newest_items"]
     mlflow.set_tracking_uri(cfg.tracking_uri)
     mv = mlflow.tracking.MlflowClient().get_model_version_by_alias(cfg.train.registered_model, "champion")
     tower = json.loads(open(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="two_tower/two_tower.json")).read())
