@@ -86,6 +86,12 @@ def bench_demo_newest(args) -> dict:
     return bench_demo(args, train={"newest_items": 1}, name="newest")
 
 
+def bench_demo_ids(args) -> dict:
+    """The demo with learned item ids in both towers (``[train] id_embeddings = true``), everything else chosen
+    on validation as in the default: on validation and test per protocol, against the default demo's last run."""
+    return bench_demo(args, train={"id_embeddings": True}, name="ids")
+
+
 def bench_features(args) -> dict:
     """Materialization (4 paths x 2 stores x 2 dims, 100k vectors), online read latency, PIT build time."""
     from benchmarks import features_bench as fb
@@ -330,10 +336,10 @@ def bench_experiment(args) -> dict:
     return run(args)
 
 
-BENCHES = {"negatives": bench_negatives, "learning-rate": bench_learning_rate, "part-search": bench_part_search, "part-search-dims": bench_part_search_dims, "towers": bench_towers, "newest-items": bench_newest_items, "demo": bench_demo, "demo-fused": bench_demo_fused, "demo-newest": bench_demo_newest, "loo-shift": bench_loo_shift, "features": bench_features, "embedder": bench_embedder, "training": bench_training,
+BENCHES = {"negatives": bench_negatives, "learning-rate": bench_learning_rate, "part-search": bench_part_search, "part-search-dims": bench_part_search_dims, "towers": bench_towers, "newest-items": bench_newest_items, "demo": bench_demo, "demo-fused": bench_demo_fused, "demo-newest": bench_demo_newest, "demo-ids": bench_demo_ids, "loo-shift": bench_loo_shift, "features": bench_features, "embedder": bench_embedder, "training": bench_training,
            "cold-prior": bench_cold_prior, "inputs": bench_inputs, "embedder-recipe": bench_embedder_recipe,
            "serving": bench_serving, "nightly": bench_nightly, "experiment": bench_experiment}
-ORDER = ["demo", "demo-fused", "demo-newest", "loo-shift", "learning-rate", "negatives", "inputs", "inputs-weights", "towers", "newest-items", "part-search", "part-search-dims", "serving", "nightly", "experiment", "features", "embedder", "embedder-recipe", "training", "cold-prior"]
+ORDER = ["demo", "demo-fused", "demo-newest", "demo-ids", "loo-shift", "learning-rate", "negatives", "inputs", "inputs-weights", "towers", "newest-items", "part-search", "part-search-dims", "serving", "nightly", "experiment", "features", "embedder", "embedder-recipe", "training", "cold-prior"]
 
 
 # Rendering --------------------------------------------------------------------------------------------
@@ -366,6 +372,7 @@ def render_demo(blob: dict) -> list[str]:
                       + (f" after {screen} epoch{'s' if screen > 1 else ''} each" if screen else "") + f": **{choice.get('variant', choice['chosen'])}** ("
                       + ", ".join(f"{m} {v:.4f}" for m, v in choice["val_ndcg10"].items())
                       + ")" + ("; only it trained on" if screen else "")
+                      + (f" (best validation NDCG@10 {choice['kept_val_ndcg10']:.4f})" if choice.get("kept_val_ndcg10") else "")
                       + "; the two-tower row is that model, the only one evaluated on test."]
     if r.get("previous"):
         lines += ["", f"The reference run, the recorded run before this one or the previous code rerun the same day ({r['previous']['code']}, {r['previous']['date'][:10]}): " + ", ".join(
@@ -730,6 +737,7 @@ RENDER = {"demo": ("Demo: stage timings and metrics", render_demo),
                          render_demo),
           "demo-newest": ("Demo with the newest recent item in its own slot (`[train] newest_items = 1`; reference: the demo above)",
                           render_demo),
+          "demo-ids": ("Demo with learned item ids (`[train] id_embeddings = true`; reference: the demo above)", render_demo),
           "loo-shift": ("LOO: validation round vs test round, per model (issue: quality)", render_loo_shift),
           "towers": ("User tower: attention pooling vs causal self-attention (issue: quality)", render_variants),
           "newest-items": ("User tower: the newest recent items in their own slots, beside the pooling (issue: quality)", render_variants),

@@ -83,10 +83,11 @@ class TrainConfig(_Section):
     id_dropout: float = 0.5  # share of examples whose item id / stats are hidden (cold-start training)
     user_encoder: Literal["attention", "sequential"] = "attention"  # how the user tower reads recent items
     # The newest k recent items also enter the user tower each in its own slot, not only pooled. A list: the
-    # pipeline screens each value jointly with the item inputs on validation and keeps the best (one fit of
-    # select_epochs per pair), because the protocols disagree: LOO validation prefers 1 (`python -m benchmarks.run
-    # newest-items`), COLD validation 0 (`python -m benchmarks.run demo-newest`: NDCG@10 0.243 -> 0.215). A
-    # single fit outside the pipeline (benchmarks, `fit_two_tower`) reads a list's first value.
+    # pipeline screens the values jointly with the item inputs on validation and keeps the best (select_epochs
+    # fits: every input with the first value, the better half of the inputs with the others), because the
+    # protocols disagree: LOO validation prefers 1 (`python -m benchmarks.run newest-items`), COLD validation 0
+    # (`python -m benchmarks.run demo-newest`: NDCG@10 0.243 -> 0.215). A single fit outside the pipeline
+    # (benchmarks, `fit_two_tower`) reads a list's first value.
     newest_items: int | list[int] = [0, 1]
     newest_skip: bool = False  # a linear path from the newest item's content to the user vector
     max_epochs: int = 10
