@@ -93,8 +93,45 @@ def test_item_tower_with_fixed_parts_equals_the_full_pass_under_any_statistics(u
         got = encode(stats)
         assert got.shape == want.shape
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+        which = torch.tensor([3, 0, 41])  # a subset of rows, in any order: those rows' vectors
+        torch.testing.assert_close(encode(stats[which], which), want[which], atol=2e-5, rtol=1e-4)
     with pytest.raises(RuntimeError, match="eval"):
         tower.train().with_fixed(content, ids, mask)
+
+
+def test_stats_encoder_re_encodes_only_the_items_whose_statistics_changed():
+    from training.towers import stats_encoder
+
+    torch.manual_seed(0)
+    cfg = TowerConfig(content_dim=16, n_items=30, out_dim=8, hidden_dim=24)
+    tower = TwoTower(cfg).item.eval()
+    content = F.normalize(torch.randn(30, 16), dim=-1).numpy()
+    rows, mask = np.arange(30), np.arange(30) % 2 == 0
+    sizes = []  # rows handed to the tower per call
+    fixed = tower.with_fixed
+
+    def counting(*args):
+        encode = fixed(*args)
+
+        def run(stats, which=None):
+            sizes.append(len(stats))
+            return encode(stats, which)
+        return run
+
+    tower.with_fixed = counting
+    run = stats_encoder(tower, content, rows, mask)
+    rng = np.random.default_rng(0)
+    stats = np.zeros((30, 7), np.float32)
+    for step, changed in enumerate([np.arange(30), np.array([2, 7]), np.array([], int), np.array([29])]):
+        stats = stats.copy()
+        stats[changed] = rng.random((len(changed), 7), dtype=np.float32)
+        got = run(stats)
+        with torch.no_grad():
+            want = tower(torch.from_numpy(content), torch.from_numpy(stats), torch.from_numpy(rows),
+                         torch.from_numpy(mask)).numpy()
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+        got[:] = np.nan  # the caller owns what it got: the next call's copies are untouched
+    assert sizes == [30, 2, 1]  # the first call encodes all, then only the changed rows; none changed: no pass
 
 
 def _user_inputs():

@@ -97,7 +97,9 @@ class ItemTower(nn.Module):
         as of then); in eval mode the result equals ``forward`` up to float rounding.
 
         Returns:
-            stats (B, N_ITEM_STATS) -> (B, vector_dim), as ``forward(content, stats, ids, id_mask)``."""
+            ``encode(stats, which=None)``: stats (B, N_ITEM_STATS) -> (B, vector_dim), as ``forward(content,
+            stats, ids, id_mask)``; with ``which`` (M,) row indices, stats (M, N_ITEM_STATS) are those rows'
+            and only they are encoded: (M, vector_dim)."""
         if self.training:
             raise RuntimeError("ItemTower.with_fixed skips dropout: call .eval() first")
         fixed = [content] + ([self.ids(ids) * id_mask.unsqueeze(-1).float()] if self.ids is not None else [])
@@ -118,16 +120,17 @@ class ItemTower(nn.Module):
         d = f.shape[1] + N_ITEM_STATS
         f_sum, f_sq = f.sum(1, keepdim=True), (f * f).sum(1, keepdim=True)
 
-        def encode(stats: torch.Tensor) -> torch.Tensor:
+        def encode(stats: torch.Tensor, which: torch.Tensor | None = None) -> torch.Tensor:
+            pick = (lambda t: t) if which is None else (lambda t: t[which])
             s = stats.double()  # the LayerNorm's mean and variance (per item: cheap) in double, the rest in float
-            mu = (f_sum + s.sum(1, keepdim=True)) / d
-            var = (f_sq + (s * s).sum(1, keepdim=True)) / d - mu * mu
+            mu = (pick(f_sum) + s.sum(1, keepdim=True)) / d
+            var = (pick(f_sq) + (s * s).sum(1, keepdim=True)) / d - mu * mu
             s, mu = stats.float(), mu.float()
             out = []
             for fixed_part, w_stats, w_sum, shift, eps, rest in layers:
-                h = torch.addmm(fixed_part, s, w_stats).sub_(mu * w_sum).mul_(torch.rsqrt(var + eps).float()).add_(shift)
+                h = torch.addmm(pick(fixed_part), s, w_stats).sub_(mu * w_sum).mul_(torch.rsqrt(var + eps).float()).add_(shift)
                 out.append(rest(h))
-            v = F.normalize(skip + out[0], dim=-1)
+            v = F.normalize(pick(skip) + out[0], dim=-1)
             return torch.cat([v, out[1]], -1) if self.bias is not None else v
 
         return encode
@@ -135,7 +138,10 @@ class ItemTower(nn.Module):
 
 def stats_encoder(item: ItemTower, content: np.ndarray, rows: np.ndarray, id_mask: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
     """NumPy in and out around ``item.with_fixed`` (eval mode, no autograd): what evaluation and the A/B replay
-    call to encode the same items under one statistics table per time bucket.
+    call to encode the same items under one statistics table per time bucket. Consecutive buckets leave many
+    items' statistics unchanged (above all those nobody has engaged with yet: all zeros but the modality flags),
+    so each call re-encodes only the rows whose statistics differ from the previous call's and copies the rest:
+    the same result as a full pass.
 
     Args:
         content: (N, content_dim); rows: (N,) catalog rows; id_mask: (N,) bool, which ids may be used.
@@ -144,10 +150,19 @@ def stats_encoder(item: ItemTower, content: np.ndarray, rows: np.ndarray, id_mas
     item.eval()
     with torch.inference_mode():
         encode = item.with_fixed(torch.from_numpy(content), torch.from_numpy(rows), torch.from_numpy(id_mask))
+    last: dict[str, np.ndarray] = {}
 
     def run(stats: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return encode(torch.from_numpy(stats)).numpy()
+            if not last or last["stats"].shape != stats.shape:
+                out = encode(torch.from_numpy(stats)).numpy()
+            else:
+                out = last["out"].copy()
+                changed = np.flatnonzero((stats != last["stats"]).any(1))
+                if len(changed):
+                    out[changed] = encode(torch.from_numpy(stats[changed]), torch.from_numpy(changed)).numpy()
+        last.update(stats=stats.copy(), out=out)
+        return out.copy()
 
     return run
 
