@@ -87,8 +87,9 @@ def bench_demo_newest(args) -> dict:
 
 
 def bench_demo_ids(args) -> dict:
-    """The demo with learned item ids in both towers (``[train] id_embeddings = true``), everything else chosen
-    on validation as in the default: on validation and test per protocol, against the default demo's last run."""
+    """The demo with learned item ids forced on both protocols (``[train] id_embeddings = true``; the default
+    screens them per protocol), everything else chosen on validation as in the default: on validation and test
+    per protocol, against the default demo's last run."""
     return bench_demo(args, train={"id_embeddings": True}, name="ids")
 
 
@@ -286,6 +287,19 @@ def bench_newest_items(args) -> dict:
                           inputs={name: "text-only" for name in variants})
 
 
+def bench_id_lr(args) -> dict:
+    """LOO (the demo's choice there: concatenated input, newest_items 1): learned ids off, and on with the id
+    table's own learning rate (``[train] id_lr``) from the towers' 5e-5 up to 1e-2."""
+    from benchmarks.training_bench import train_variants
+
+    variants = {"no ids": {"id_embeddings": False}}
+    variants |= {f"ids, id_lr {lr:g}": {"id_embeddings": True, "id_lr": lr} for lr in (5e-5, 1e-3, 5e-3, 1e-2)}
+    for over in variants.values():
+        over["newest_items"] = 1
+    return train_variants(Path(args.workdir) / "id-lr", variants, args.posters, protocols=("loo",),
+                          inputs={name: "concatenated" for name in variants})
+
+
 def bench_learning_rate(args) -> dict:
     """LOO and COLD: the two-tower's learning rate, chosen on validation (summed over the protocols)."""
     from benchmarks.training_bench import train_variants
@@ -336,10 +350,10 @@ def bench_experiment(args) -> dict:
     return run(args)
 
 
-BENCHES = {"negatives": bench_negatives, "learning-rate": bench_learning_rate, "part-search": bench_part_search, "part-search-dims": bench_part_search_dims, "towers": bench_towers, "newest-items": bench_newest_items, "demo": bench_demo, "demo-fused": bench_demo_fused, "demo-newest": bench_demo_newest, "demo-ids": bench_demo_ids, "loo-shift": bench_loo_shift, "features": bench_features, "embedder": bench_embedder, "training": bench_training,
+BENCHES = {"negatives": bench_negatives, "learning-rate": bench_learning_rate, "part-search": bench_part_search, "part-search-dims": bench_part_search_dims, "towers": bench_towers, "newest-items": bench_newest_items, "id-lr": bench_id_lr, "demo": bench_demo, "demo-fused": bench_demo_fused, "demo-newest": bench_demo_newest, "demo-ids": bench_demo_ids, "loo-shift": bench_loo_shift, "features": bench_features, "embedder": bench_embedder, "training": bench_training,
            "cold-prior": bench_cold_prior, "inputs": bench_inputs, "embedder-recipe": bench_embedder_recipe,
            "serving": bench_serving, "nightly": bench_nightly, "experiment": bench_experiment}
-ORDER = ["demo", "demo-fused", "demo-newest", "demo-ids", "loo-shift", "learning-rate", "negatives", "inputs", "inputs-weights", "towers", "newest-items", "part-search", "part-search-dims", "serving", "nightly", "experiment", "features", "embedder", "embedder-recipe", "training", "cold-prior"]
+ORDER = ["demo", "demo-fused", "demo-newest", "demo-ids", "loo-shift", "learning-rate", "negatives", "inputs", "inputs-weights", "towers", "newest-items", "id-lr", "part-search", "part-search-dims", "serving", "nightly", "experiment", "features", "embedder", "embedder-recipe", "training", "cold-prior"]
 
 
 # Rendering --------------------------------------------------------------------------------------------
@@ -367,7 +381,8 @@ def render_demo(blob: dict) -> list[str]:
     for protocol, choice in (r.get("item_input") or {}).items():
         if choice and len(choice["val_ndcg10"]) > 1:
             screen = choice.get("screen_epochs")
-            what = "item input and newest_items" if "variant" in choice and choice["variant"] != choice["chosen"] else "item input"
+            what = ("item input, newest_items and id_embeddings" if "id_embeddings" in choice else "item input and newest_items") \
+                if "variant" in choice and choice["variant"] != choice["chosen"] else "item input"
             lines += ["", f"{protocol.upper()} {what}, chosen by the pipeline on validation NDCG@10"
                       + (f" after {screen} epoch{'s' if screen > 1 else ''} each" if screen else "") + f": **{choice.get('variant', choice['chosen'])}** ("
                       + ", ".join(f"{m} {v:.4f}" for m, v in choice["val_ndcg10"].items())
@@ -741,6 +756,7 @@ RENDER = {"demo": ("Demo: stage timings and metrics", render_demo),
           "loo-shift": ("LOO: validation round vs test round, per model (issue: quality)", render_loo_shift),
           "towers": ("User tower: attention pooling vs causal self-attention (issue: quality)", render_variants),
           "newest-items": ("User tower: the newest recent items in their own slots, beside the pooling (issue: quality)", render_variants),
+          "id-lr": ("Learned item ids and the id table's learning rate, LOO (issue: quality)", render_variants),
           "learning-rate": ("Two-tower learning rate, chosen on validation (issue: quality)", render_variants),
           "negatives": ("Two-tower training: hidden ids and stats, uniform negatives, logQ, chosen on validation (issue: quality)", render_variants),
           "part-search": ("Search by one part of an item (issue: your own catalog)", render_part_search),

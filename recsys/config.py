@@ -79,7 +79,15 @@ class TrainConfig(_Section):
 
     out_dim: int = 64
     hidden_dim: int = 256
-    id_embeddings: bool = False  # learned ids overfit ml-latest-small (see BENCHMARKS.md); on for larger data
+    # A learned id embedding per item, beside its content (the item tower's and the user tower's recent items').
+    # A list: the pipeline screens the values on validation after the item input and newest_items are chosen
+    # (one more select_epochs fit of the lead variant with the other value), because the protocols disagree:
+    # LOO validation prefers ids (one epoch: concat+newest1 0.0389 -> 0.0468), COLD refuses them (fused+newest0
+    # 0.2048 -> 0.1784; a cold item's id was never trained). A single fit outside the pipeline reads the first.
+    id_embeddings: bool | list[bool] = [False, True]
+    # The id table's learning rate (None: ``lr``): at the towers' 5e-5 the table barely moves in 10 epochs (its
+    # rows start at std 0.02); chosen on LOO validation among 5e-5, 1e-3, 5e-3, 1e-2 (`python -m benchmarks.run id-lr`)
+    id_lr: float | None = 5e-3
     id_dropout: float = 0.5  # share of examples whose item id / stats are hidden (cold-start training)
     user_encoder: Literal["attention", "sequential"] = "attention"  # how the user tower reads recent items
     # The newest k recent items also enter the user tower each in its own slot, not only pooled. A list: the
@@ -125,10 +133,29 @@ class TrainConfig(_Section):
             raise ValueError(f"newest_items must be a count >= 0 or a non-empty list of distinct ones, got {v!r}")
         return v
 
+    @field_validator("id_embeddings")
+    @classmethod
+    def _id_embeddings(cls, v: bool | list[bool]) -> bool | list[bool]:
+        if isinstance(v, list) and (not v or len(set(v)) != len(v)):
+            raise ValueError(f"id_embeddings must be true, false or a non-empty list of distinct ones, got {v!r}")
+        return v
+
+    @field_validator("id_lr")
+    @classmethod
+    def _id_lr(cls, v: float | None) -> float | None:
+        if v is not None and not v > 0:
+            raise ValueError(f"id_lr must be > 0 (or unset: the towers' lr), got {v!r}")
+        return v
+
     @property
     def newest_choices(self) -> list[int]:
         """The ``newest_items`` values the pipeline screens (one: nothing to choose)."""
         return [self.newest_items] if isinstance(self.newest_items, int) else list(self.newest_items)
+
+    @property
+    def id_choices(self) -> list[bool]:
+        """The ``id_embeddings`` values the pipeline screens (one: nothing to choose)."""
+        return [self.id_embeddings] if isinstance(self.id_embeddings, bool) else list(self.id_embeddings)
 
 
 class ServeConfig(_Section):

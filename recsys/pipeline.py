@@ -336,11 +336,12 @@ def run_protocol(cfg: Config, ds: Dataset, iv: ItemVectors, protocol: str, regis
     Args:
         iv: the fused item vectors (what the content baselines read).
         candidates: item inputs to choose among (item_input_candidates; default: ``iv`` alone). With several
-            inputs, or several ``train.newest_items`` values, a two-tower is trained on each input with the first
-            value, then on the better half of the inputs with each other value; the one with the best validation
+            inputs, or several ``train.newest_items`` or ``train.id_embeddings`` values, a two-tower is trained on
+            each input with the first values, then on the better half of the inputs with each other newest_items
+            value, then the best so far with each other id_embeddings value; the one with the best validation
             NDCG@10 is evaluated on test (and registered); ``extra["item_input"]`` reports the choice (``chosen``:
-            the input, ``newest_items``: the value, ``val_ndcg10``: per variant trained, ``kept_val_ndcg10``: the kept
-            epoch's, after training on).
+            the input, ``newest_items`` and ``id_embeddings``: the values, ``val_ndcg10``: per variant trained,
+            ``kept_val_ndcg10``: the kept epoch's, after training on).
 
     The baselines: see :func:`baseline_results`."""
     from recsys.rerank import MIN_USERS, Reranker
@@ -350,16 +351,16 @@ def run_protocol(cfg: Config, ds: Dataset, iv: ItemVectors, protocol: str, regis
     console.print(split.describe())
     check_embedder_overlap(cfg, ds, iv, split)
     candidates = candidates or {iv.item_input: iv}
-    newest = cfg.train.newest_choices
-    single = len(candidates) * len(newest) == 1
+    newest, ids = cfg.train.newest_choices, cfg.train.id_choices
+    single = len(candidates) * len(newest) * len(ids) == 1
     # several variants: successive halving. Each trains select_epochs epochs; the best one on validation trains on.
     screen = cfg.train.select_epochs if not single and 0 < cfg.train.select_epochs < cfg.train.max_epochs else 0
-    fits = {}  # variant label -> (fit, dataset with tags in the window, item vectors, item input, newest_items)
+    fits = {}  # variant label -> (fit, dataset with tags in the window, item vectors, item input, newest_items, ids)
     inputs: dict = {}  # item input -> (dataset with tags in the window, item vectors, their matrix, Feast repo, rows)
     val: dict[str, float] = {}  # variant label -> its best validation NDCG@10
 
-    def fit(mode: str, k: int) -> float:
-        """Train the (item input, newest_items) variant; its best validation NDCG@10."""
+    def fit(mode: str, k: int, use_ids: bool) -> float:
+        """Train the (item input, newest_items, id_embeddings) variant; its best validation NDCG@10."""
         if mode not in inputs:
             pds, civ = tags_in_training_window(cfg, ds, candidates[mode], split)
             cvec = civ.with_cold(split.cold_items) if protocol == "cold" else civ.vectors
@@ -367,31 +368,38 @@ def run_protocol(cfg: Config, ds: Dataset, iv: ItemVectors, protocol: str, regis
                                   name=protocol if len(candidates) == 1 or mode == "fused" else f"{protocol}_{mode}")
             inputs[mode] = pds, civ, cvec, repo, {}  # the training rows, shared by this input's variants
         pds, civ, cvec, repo, rows = inputs[mode]
-        label = variant_label(mode, k, newest)
-        trained = fit_two_tower(cfg.with_train(newest_items=k), pds.catalog, split, repo, cvec,
+        label = variant_label(mode, k, use_ids, newest, ids)
+        trained = fit_two_tower(cfg.with_train(newest_items=k, id_embeddings=use_ids), pds.catalog, split, repo, cvec,
                                 max_epochs=screen or None, name="two-tower" if single else f"two-tower[{label}]",
                                 rows_cache=rows)
-        fits[label] = (trained, pds, civ, mode, k)
+        fits[label] = (trained, pds, civ, mode, k, use_ids)
         val[label] = max((r.estimates["NDCG@10"].mean for r in trained.val_results), default=float("nan"))
         return val[label]
 
-    # round 1: every item input with the first newest_items value; round 2: the other values, on the better half
-    # of the inputs only (the demo's 1-epoch screens: 5 fits instead of 6, the same choices on LOO and COLD)
-    first = {mode: fit(mode, newest[0]) for mode in candidates}
+    def lead() -> str:
+        return max(val, key=lambda m: (val[m], -list(val).index(m)))  # ties: the first variant trained
+
+    # round 1: every item input with the first newest_items and id_embeddings values; round 2: the other
+    # newest_items values, on the better half of the inputs only (the demo's 1-epoch screens: 5 fits instead of
+    # 6, the same choices on LOO and COLD); round 3: the lead so far with the other id_embeddings values
+    first = {mode: fit(mode, newest[0], ids[0]) for mode in candidates}
     better = sorted(first, key=lambda m: -np.nan_to_num(first[m], nan=-np.inf))[: (len(first) + 1) // 2]  # stable
     for mode in better:
         for k in newest[1:]:
-            fit(mode, k)
-    best = max(val, key=lambda m: (val[m], -list(val).index(m)))  # ties: the first variant (fused, first newest_items)
-    trained, ds_c, civ, chosen, k = fits[best]
+            fit(mode, k, ids[0])
+    _, _, _, mode, k, _ = fits[lead()]
+    for use_ids in ids[1:]:
+        fit(mode, k, use_ids)
+    best = lead()
+    trained, ds_c, civ, chosen, k, use_ids = fits[best]
     if not single:
         after = f" after {screen} epoch{'s' if screen > 1 else ''} each" if screen else ""
-        console.print(f"{protocol}: item input and newest_items chosen on validation (NDCG@10{after}): "
+        console.print(f"{protocol}: item input, newest_items and id_embeddings chosen on validation (NDCG@10{after}): "
                       f"{best} (" + ", ".join(f"{m} {v:.4f}" for m, v in val.items()) + ")"
                       + (f"; {best} trains on (up to {cfg.train.max_epochs} epochs)" if screen else ""))
     if screen:
-        trained = fit_two_tower(cfg.with_train(newest_items=k), ds_c.catalog, split, None, trained.content_vectors,
-                                name=trained.name, resume=trained)
+        trained = fit_two_tower(cfg.with_train(newest_items=k, id_embeddings=use_ids), ds_c.catalog, split, None,
+                                trained.content_vectors, name=trained.name, resume=trained)
     trained.name = "two-tower"
     keep_checkpoint(cfg, trained, protocol, chosen)
     if register:
@@ -408,7 +416,8 @@ def run_protocol(cfg: Config, ds: Dataset, iv: ItemVectors, protocol: str, regis
     results = [trained.evaluate(split, ds.catalog, cfg, n_boot=nb, ranked=test_cands)]
     extra: dict = {"epochs": trained.epochs, "examples_per_s": round(trained.examples_per_s),
                    "train_s": round(trained.seconds + sum(f[0].seconds for m, f in fits.items() if m != best), 1),
-                   "item_input": {"chosen": chosen, "newest_items": k, "variant": best, "val_ndcg10": val,
+                   "item_input": {"chosen": chosen, "newest_items": k, "id_embeddings": use_ids, "variant": best,
+                                  "val_ndcg10": val,
                                   "screen_epochs": screen, "item_vectors": civ.model_version,
                                   "kept_val_ndcg10": max((r.estimates["NDCG@10"].mean for r in trained.val_results),
                                                          default=None)}}
@@ -435,9 +444,12 @@ def run_protocol(cfg: Config, ds: Dataset, iv: ItemVectors, protocol: str, regis
     return ProtocolRun(protocol, results, trained, split, extra)
 
 
-def variant_label(item_input: str, newest_items: int, choices: list[int]) -> str:
-    """How a screened two-tower is named: its item input, and its newest_items value where several are screened."""
-    return item_input if len(choices) == 1 else f"{item_input}+newest{newest_items}"
+def variant_label(item_input: str, newest_items: int, use_ids: bool, newest_choices: list[int],
+                  id_choices: list[bool]) -> str:
+    """How a screened two-tower is named: its item input, then its newest_items value and whether it learns ids
+    where several are screened (``concat+newest1+ids``)."""
+    label = item_input if len(newest_choices) == 1 else f"{item_input}+newest{newest_items}"
+    return label if len(id_choices) == 1 else label + ("+ids" if use_ids else "")
 
 
 def keep_checkpoint(cfg: Config, trained, protocol: str, item_input: str) -> Path | None:

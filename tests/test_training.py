@@ -213,6 +213,39 @@ def test_user_tower_reads_its_newest_items_in_their_own_slots_and_exports(tmp_pa
             TrainConfig(newest_items=bad)
 
 
+def test_the_id_table_learns_at_its_own_rate_when_id_lr_is_set():
+    """AdamW's first step moves every parameter with a gradient by about its group's rate: the id table's rows by
+    ``id_lr``, the rest by ``lr``; unset, one group at ``lr``. The id choices screen like newest_items'."""
+    from recsys.config import TrainConfig
+    from training.module import TwoTowerModule
+
+    assert TrainConfig(id_embeddings=True).id_choices == [True] and TrainConfig().id_choices == [False, True]
+    for bad in ([], [True, True]):
+        with pytest.raises(ValueError, match="id_embeddings"):
+            TrainConfig(id_embeddings=bad)
+    with pytest.raises(ValueError, match="id_lr"):
+        TrainConfig(id_lr=0.0)
+    torch.manual_seed(0)
+    n = 20
+    tower = TowerConfig(content_dim=8, n_items=n, out_dim=4, hidden_dim=16, use_ids=True, recent=4, dropout=0.0)
+    for id_lr, want_groups in ((1e-2, 2), (None, 1)):
+        module = TwoTowerModule(tower, TrainConfig(lr=1e-4, id_lr=id_lr, weight_decay=0.0), torch.zeros(n),
+                                np.ones(n, bool))
+        opt = module.configure_optimizers()
+        assert len(opt.param_groups) == want_groups
+        table = module.model.id_table.weight
+        before = {k: p.detach().clone() for k, p in module.named_parameters()}
+        rows = torch.tensor([1, 2, 3])
+        v = module.model.item(torch.randn(3, 8), torch.randn(3, 7), rows, torch.ones(3, dtype=torch.bool))
+        opt.zero_grad()
+        v.square().sum().backward()
+        opt.step()
+        moved = (table.detach() - before["model.id_table.weight"]).abs()
+        assert moved[rows].max() == pytest.approx(id_lr or 1e-4, rel=0.05) and moved[4:].max() == 0
+        other = (module.model.item.skip.weight.detach() - before["model.item.skip.weight"]).abs().max()
+        assert other == pytest.approx(1e-4, rel=0.05)  # Adam: |step| = lr where |grad| >> eps
+
+
 def _candidates(U: int, N: int, rng: np.random.Generator, target_at: np.ndarray):
     """U users x N candidates, retrieval order = row order; the target sits at ``target_at`` and is the only
     candidate with has_video = 1 (a feature the reranker can learn, the retrieval order cannot)."""
@@ -274,9 +307,9 @@ def test_reranker_on_too_few_validation_users_stays_unfitted_instead_of_crashing
 
 def test_the_pipeline_chooses_the_item_input_on_validation_registers_it_and_every_later_stage_reads_it(
         synthetic, synthetic_dir, tmp_path):
-    """item_input auto on a catalog with images, two newest_items values: a two-tower per input with the first value
-    and per better half of the inputs with the second, trained select_epochs, the best on validation NDCG@10 trained
-    on to max_epochs, kept and registered with what it reads;
+    """item_input auto on a catalog with images, two newest_items values, ids or not: a two-tower per input with the
+    first values, per better half of the inputs with the second newest_items, the lead of those with ids, trained
+    select_epochs, the best on validation NDCG@10 trained on to max_epochs, kept and registered with what it reads;
     the nightly job resolves that space and `recsys evaluate` reloads the kept checkpoint with it (same test figures)."""
     import json
 
@@ -287,17 +320,23 @@ def test_the_pipeline_chooses_the_item_input_on_validation_registers_it_and_ever
     from tests.conftest import small_config
 
     cfg = small_config(tmp_path, data={"source": "generic", "path": str(synthetic_dir)}, eval={"protocols": ["loo"]},
-                       train={"max_epochs": 3, "select_epochs": 1, "patience": 5, "newest_items": [0, 1]})
+                       train={"max_epochs": 3, "select_epochs": 1, "patience": 5, "newest_items": [0, 1],
+                              "id_embeddings": [False, True]})
     assert served_item_input(cfg) == "fused"  # nothing registered yet
     iv, ds = embed_catalog(cfg, synthetic)
     cands = item_input_candidates(cfg, ds, iv)
     run = run_protocol(cfg, ds, iv, "loo", register=True, baselines=("popularity",), candidates=cands)
     choice = run.extra["item_input"]
-    # every input with newest_items 0, then the better two of them (on validation) with 1
-    first = {m: choice["val_ndcg10"][f"{m}+newest0"] for m in ("fused", "text", "concat")}
+    # every input with newest_items 0 (no ids), then the better two of them (on validation) with 1, then the lead
+    # of those five with ids
+    val = choice["val_ndcg10"]
+    first = {m: val[f"{m}+newest0"] for m in ("fused", "text", "concat")}
     better = sorted(first, key=lambda m: -first[m])[:2]
-    assert set(choice["val_ndcg10"]) == {f"{m}+newest0" for m in first} | {f"{m}+newest1" for m in better}
-    assert choice["variant"] == f"{choice['chosen']}+newest{choice['newest_items']}"
+    no_ids = {f"{m}+newest0" for m in first} | {f"{m}+newest1" for m in better}
+    lead = max(sorted(no_ids, key=list(val).index), key=lambda m: val[m])
+    assert set(val) == no_ids | {f"{lead}+ids"}
+    assert choice["variant"] == f"{choice['chosen']}+newest{choice['newest_items']}" + ("+ids" if choice["id_embeddings"] else "")
+    assert run.trained.module.model.cfg.use_ids == choice["id_embeddings"]
     assert choice["val_ndcg10"][choice["variant"]] == max(choice["val_ndcg10"].values()) and choice["screen_epochs"] == 1
     # the choice was made on the first epoch's validation; only the chosen variant trained on, in the same run
     assert run.trained.epochs == 3 and len(run.trained.val_results) == 3

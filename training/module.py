@@ -113,7 +113,15 @@ class TwoTowerModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        """AdamW; the id table in a group of its own at ``id_lr`` when set (its rows are each updated only when
+        their item is in the batch, and start near zero: the towers' rate leaves them there)."""
+        table = self.model.id_table
+        if table is None or self.cfg.id_lr is None:
+            return torch.optim.AdamW(self.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        ids = {id(p) for p in table.parameters()}
+        rest = [p for p in self.parameters() if id(p) not in ids]
+        return torch.optim.AdamW([{"params": rest}, {"params": list(table.parameters()), "lr": self.cfg.id_lr}],
+                                 lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
 
 
 class RankingValidation(L.Callback):
