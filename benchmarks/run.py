@@ -300,6 +300,18 @@ def bench_id_lr(args) -> dict:
                           inputs={name: "concatenated" for name in variants})
 
 
+def bench_cold_tower(args) -> dict:
+    """COLD (the demo's choice there: fused input, no newest slot, no ids): what the item tower's capacity and
+    FAISS-mined hard negatives do for items nobody has interacted with (untried on COLD before)."""
+    from benchmarks.training_bench import train_variants
+
+    variants = {"default": {}, "hard negatives 4": {"hard_negatives": 4}, "out_dim 128": {"out_dim": 128},
+                "hidden_dim 512": {"hidden_dim": 512}}
+    for over in variants.values():
+        over |= {"newest_items": 0, "id_embeddings": False}
+    return train_variants(Path(args.workdir) / "cold-tower", variants, args.posters, protocols=("cold",))
+
+
 def bench_learning_rate(args) -> dict:
     """LOO and COLD: the two-tower's learning rate, chosen on validation (summed over the protocols)."""
     from benchmarks.training_bench import train_variants
@@ -350,10 +362,10 @@ def bench_experiment(args) -> dict:
     return run(args)
 
 
-BENCHES = {"negatives": bench_negatives, "learning-rate": bench_learning_rate, "part-search": bench_part_search, "part-search-dims": bench_part_search_dims, "towers": bench_towers, "newest-items": bench_newest_items, "id-lr": bench_id_lr, "demo": bench_demo, "demo-fused": bench_demo_fused, "demo-newest": bench_demo_newest, "demo-ids": bench_demo_ids, "loo-shift": bench_loo_shift, "features": bench_features, "embedder": bench_embedder, "training": bench_training,
+BENCHES = {"negatives": bench_negatives, "learning-rate": bench_learning_rate, "part-search": bench_part_search, "part-search-dims": bench_part_search_dims, "towers": bench_towers, "newest-items": bench_newest_items, "id-lr": bench_id_lr, "cold-tower": bench_cold_tower, "demo": bench_demo, "demo-fused": bench_demo_fused, "demo-newest": bench_demo_newest, "demo-ids": bench_demo_ids, "loo-shift": bench_loo_shift, "features": bench_features, "embedder": bench_embedder, "training": bench_training,
            "cold-prior": bench_cold_prior, "inputs": bench_inputs, "embedder-recipe": bench_embedder_recipe,
            "serving": bench_serving, "nightly": bench_nightly, "experiment": bench_experiment}
-ORDER = ["demo", "demo-fused", "demo-newest", "demo-ids", "loo-shift", "learning-rate", "negatives", "inputs", "inputs-weights", "towers", "newest-items", "id-lr", "part-search", "part-search-dims", "serving", "nightly", "experiment", "features", "embedder", "embedder-recipe", "training", "cold-prior"]
+ORDER = ["demo", "demo-fused", "demo-newest", "demo-ids", "loo-shift", "learning-rate", "negatives", "inputs", "inputs-weights", "towers", "newest-items", "id-lr", "cold-tower", "part-search", "part-search-dims", "serving", "nightly", "experiment", "features", "embedder", "embedder-recipe", "training", "cold-prior"]
 
 
 # Rendering --------------------------------------------------------------------------------------------
@@ -757,6 +769,7 @@ RENDER = {"demo": ("Demo: stage timings and metrics", render_demo),
           "towers": ("User tower: attention pooling vs causal self-attention (issue: quality)", render_variants),
           "newest-items": ("User tower: the newest recent items in their own slots, beside the pooling (issue: quality)", render_variants),
           "id-lr": ("Learned item ids and the id table's learning rate, LOO (issue: quality)", render_variants),
+          "cold-tower": ("COLD: the towers' width and hard negatives (issue: quality)", render_variants),
           "learning-rate": ("Two-tower learning rate, chosen on validation (issue: quality)", render_variants),
           "negatives": ("Two-tower training: hidden ids and stats, uniform negatives, logQ, chosen on validation (issue: quality)", render_variants),
           "part-search": ("Search by one part of an item (issue: your own catalog)", render_part_search),
