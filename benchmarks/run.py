@@ -206,7 +206,8 @@ def bench_loo_shift(args) -> dict:
     def two_tower(data, part: str) -> dict:
         return row(validate(tt.module, data, tt.item_content, idx, "loo", part=part, n_boot=nb))
 
-    out: dict = {"item_input": mode, "newest_items": tt.module.model.cfg.newest_items, "ease_lambda": lam, "models": {}}
+    out: dict = {"item_input": mode, "newest_items": tt.module.model.cfg.newest_items,
+                 "id_embeddings": tt.module.model.cfg.use_ids, "ease_lambda": lam, "models": {}}
     inputs = {}
     for part, es in (("val", split.val), ("test", split.test)):
         inputs[part] = data = tt.inputs(es, cat, cfg)
@@ -680,7 +681,8 @@ def render_part_search(blob: dict) -> list[str]:
 
 def render_loo_shift(blob: dict) -> list[str]:
     r = blob["results"]
-    lines = [f"The demo's kept LOO two-tower (item input {r['item_input']}, newest_items {r.get('newest_items', 0)}) and two baselines fit on the validation history, "
+    lines = [f"The demo's kept LOO two-tower (item input {r['item_input']}, newest_items {r.get('newest_items', 0)}"
+             + (f", learned ids {'on' if r['id_embeddings'] else 'off'}" if "id_embeddings" in r else "") + ") and two baselines fit on the validation history, "
              "each scored on the validation round (the second-to-last interaction of each of the 610 users) and on the "
              "test round (the last one), mean [95% bootstrap CI over users]:", "",
              "| model | val HR@10 | val NDCG@10 | test HR@10 | test NDCG@10 | test / val NDCG@10 |", "|---|---|---|---|---|---|"]
