@@ -394,7 +394,8 @@ def render_demo(blob: dict) -> list[str]:
     for protocol, choice in (r.get("item_input") or {}).items():
         if choice and len(choice["val_ndcg10"]) > 1:
             screen = choice.get("screen_epochs")
-            what = ("item input, newest_items and id_embeddings" if "id_embeddings" in choice else "item input and newest_items") \
+            ids = any(k.endswith("+ids") for k in choice["val_ndcg10"])  # screened, not fixed by the run
+            what = ("item input, newest_items and id_embeddings" if ids else "item input and newest_items") \
                 if "variant" in choice and choice["variant"] != choice["chosen"] else "item input"
             lines += ["", f"{protocol.upper()} {what}, chosen by the pipeline on validation NDCG@10"
                       + (f" after {screen} epoch{'s' if screen > 1 else ''} each" if screen else "") + f": **{choice.get('variant', choice['chosen'])}** ("
