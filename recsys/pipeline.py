@@ -394,7 +394,8 @@ def run_protocol(cfg: Config, ds: Dataset, iv: ItemVectors, protocol: str, regis
     trained, ds_c, civ, chosen, k, use_ids = fits[best]
     if not single:
         after = f" after {screen} epoch{'s' if screen > 1 else ''} each" if screen else ""
-        console.print(f"{protocol}: item input, newest_items and id_embeddings chosen on validation (NDCG@10{after}): "
+        what = [w for w, n in (("item input", len(candidates)), ("newest_items", len(newest)), ("id_embeddings", len(ids))) if n > 1]
+        console.print(f"{protocol}: {', '.join(what[:-1])}{' and ' if len(what) > 1 else ''}{what[-1]} chosen on validation (NDCG@10{after}): "
                       f"{best} (" + ", ".join(f"{m} {v:.4f}" for m, v in val.items()) + ")"
                       + (f"; {best} trains on (up to {cfg.train.max_epochs} epochs)" if screen else ""))
     if screen:
