@@ -74,6 +74,11 @@ class FeatureConfig(_Section):
     write_chunk_rows: int = 5000  # rows per online write (bounds memory)
 
 
+def _listed(v) -> list:
+    """A setting that is one value or a list of values to screen, as a list."""
+    return list(v) if isinstance(v, list) else [v]
+
+
 class TrainConfig(_Section):
     """The Lightning two-tower head (see training/)."""
 
@@ -128,7 +133,7 @@ class TrainConfig(_Section):
     @field_validator("newest_items")
     @classmethod
     def _newest_items(cls, v: int | list[int]) -> int | list[int]:
-        values = [v] if isinstance(v, int) else v
+        values = _listed(v)
         if not values or min(values) < 0 or len(set(values)) != len(values):
             raise ValueError(f"newest_items must be a count >= 0 or a non-empty list of distinct ones, got {v!r}")
         return v
@@ -136,7 +141,8 @@ class TrainConfig(_Section):
     @field_validator("id_embeddings")
     @classmethod
     def _id_embeddings(cls, v: bool | list[bool]) -> bool | list[bool]:
-        if isinstance(v, list) and (not v or len(set(v)) != len(v)):
+        values = _listed(v)
+        if not values or len(set(values)) != len(values):
             raise ValueError(f"id_embeddings must be true, false or a non-empty list of distinct ones, got {v!r}")
         return v
 
@@ -150,12 +156,12 @@ class TrainConfig(_Section):
     @property
     def newest_choices(self) -> list[int]:
         """The ``newest_items`` values the pipeline screens (one: nothing to choose)."""
-        return [self.newest_items] if isinstance(self.newest_items, int) else list(self.newest_items)
+        return _listed(self.newest_items)
 
     @property
     def id_choices(self) -> list[bool]:
         """The ``id_embeddings`` values the pipeline screens (one: nothing to choose)."""
-        return [self.id_embeddings] if isinstance(self.id_embeddings, bool) else list(self.id_embeddings)
+        return _listed(self.id_embeddings)
 
 
 class ServeConfig(_Section):

@@ -122,7 +122,7 @@ def test_stats_encoder_re_encodes_only_the_items_whose_statistics_changed():
     run = stats_encoder(tower, content, rows, mask)
     rng = np.random.default_rng(0)
     stats = np.zeros((30, 7), np.float32)
-    for step, changed in enumerate([np.arange(30), np.array([2, 7]), np.array([], int), np.array([29])]):
+    for changed in (np.arange(30), np.array([2, 7]), np.array([], int), np.array([29])):
         stats = stats.copy()
         stats[changed] = rng.random((len(changed), 7), dtype=np.float32)
         got = run(stats)

@@ -155,14 +155,11 @@ def stats_encoder(item: ItemTower, content: np.ndarray, rows: np.ndarray, id_mas
     def run(stats: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             if not last or last["stats"].shape != stats.shape:
-                out = encode(torch.from_numpy(stats)).numpy()
-            else:
-                out = last["out"].copy()
-                changed = np.flatnonzero((stats != last["stats"]).any(1))
-                if len(changed):
-                    out[changed] = encode(torch.from_numpy(stats[changed]), torch.from_numpy(changed)).numpy()
-        last.update(stats=stats.copy(), out=out)
-        return out.copy()
+                last["out"] = encode(torch.from_numpy(stats)).numpy()
+            elif len(changed := np.flatnonzero((stats != last["stats"]).any(1))):
+                last["out"][changed] = encode(torch.from_numpy(stats[changed]), torch.from_numpy(changed)).numpy()
+        last["stats"] = stats.copy()
+        return last["out"].copy()  # the caller may write into its copy
 
     return run
 
