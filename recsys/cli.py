@@ -271,23 +271,28 @@ def train_embedder_cmd(
     own_val: float = typer.Option(0.1, help="Validate on this share of the training poster movies instead of the COLD "
                                   "protocol's validation movies, which are then left out (0: validate on those, the "
                                   "recipe before fusion-e853765975)."),
+    correction_rank: int = typer.Option(16, help="Stage 4: rank of each signature's learned modality-gap map (0: centres only)."),
+    from_weights: Optional[Path] = typer.Option(None, "--from-weights", help="Keep this weights folder's fusion model "
+                                                "and run stage 4 alone (the same data options it trained with)."),
     install: bool = typer.Option(False, help="Copy the weights into the package (the default local weights)."),
 ):
-    """Train the local embedder's fusion model (3 stages) on the paired data at hand; log to MLflow."""
+    """Train the local embedder's fusion model (3 stages, then the modality-gap correction) on the paired data at
+    hand; log to MLflow."""
     from recsys.data import load_dataset
     from recsys.pipeline import console
-    from training.embedder import EmbedderTrainConfig, install as install_weights, train_embedder
+    from training.embedder import EmbedderTrainConfig, correct_weights, install as install_weights, train_embedder
     from training.embedder_data import build
 
     cfg = _config(config, workdir, posters)
     ds = load_dataset(cfg) if cfg.data.source == "movielens" else None
     data = build(ds, cfg.eval, fsdd, cfg.cache_dir / "embedder-synthetic", titles_without_posters=titles_without_posters,
                  own_val=own_val or None)
-    folder, test = train_embedder(data, cfg.models_dir / "embedder", cfg.tracking_uri,
-                                  EmbedderTrainConfig(stage1_steps=stage1_steps, stage2_steps=stage2_steps,
-                                                      coengagement_share=coengagement_share,
-                                                      part_item_share=part_item_share, kd_items=kd_items),
-                                  cache_dir=cfg.cache_dir)
+    tcfg = EmbedderTrainConfig(stage1_steps=stage1_steps, stage2_steps=stage2_steps, coengagement_share=coengagement_share,
+                               part_item_share=part_item_share, kd_items=kd_items, correction_rank=correction_rank)
+    if from_weights is not None:
+        folder, test = correct_weights(from_weights, data, cfg.models_dir / "embedder", cfg.tracking_uri, tcfg, cfg.cache_dir)
+    else:
+        folder, test = train_embedder(data, cfg.models_dir / "embedder", cfg.tracking_uri, tcfg, cache_dir=cfg.cache_dir)
     console.print_json(json.dumps(test))
     if install:
         console.print(f"installed -> {install_weights(folder)}")

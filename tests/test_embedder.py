@@ -301,6 +301,92 @@ def test_modality_centres_remove_each_signatures_offset_and_fall_back_by_parts()
     assert signature(Content.of("a title", item_id="x"), "query") == "query:text"
 
 
+def test_modality_centres_learned_maps_apply_after_the_centre_fall_back_by_parts_and_survive_save_and_load(tmp_path):
+    """Stage 4's maps: x - c, then x + (x V) U^T, per signature (another task's map for the same parts); a
+    signature with no map is only centred; the centres file round-trips centres and maps alike."""
+    from recsys.embed.local import ModalityCentres
+
+    rng = np.random.default_rng(0)
+    raw = rng.normal(size=(6, 16)).astype(np.float32)
+    c = {"query:text": rng.normal(size=16).astype(np.float32), "document:image+text": rng.normal(size=16).astype(np.float32)}
+    v, u = rng.normal(size=(16, 3)).astype(np.float32), rng.normal(size=(16, 3)).astype(np.float32)
+    mc = ModalityCentres(c).with_maps({"query:text": (v, u)})
+    sigs = ["query:text", "document:text", "document:image+text"] * 2
+    x = raw - np.stack([c["query:text"], c["query:text"], c["document:image+text"]] * 2)  # document:text -> query:text's centre
+    want = x.copy()
+    want[[0, 1, 3, 4]] += (x[[0, 1, 3, 4]] @ v) @ u.T  # the same parts under another task borrow the map too
+    assert np.allclose(mc.correct(raw, sigs), want, atol=1e-5)
+    assert mc.map("document:image+text") is None and mc.map("document:text") is mc.maps["query:text"]
+    mc.save(tmp_path / "c.npz")
+    back = ModalityCentres.load(tmp_path / "c.npz")
+    assert sorted(back.centres) == sorted(c) and sorted(back.maps) == ["query:text"]
+    assert np.allclose(back.apply(raw, sigs, 8), mc.apply(raw, sigs, 8))
+
+
+def test_one_part_queries_are_ranked_against_the_pool_with_their_own_items_documents_masked():
+    """Stage 4's part->item loss: a pool document of the query's own item (the same item under another
+    signature, or with its tags) is never a negative; any other item's is."""
+    import torch
+
+    from training.embedder import _query_vs_pool
+    from training.embedder_data import PairTask
+
+    torch.manual_seed(0)
+    task = PairTask("part-item", [Content.of("q", item_id=i) for i in "xy"], [Content.of("d", item_id=i) for i in "xy"],
+                    np.array([0, 1]), a_task="query", b_task="document")
+    a, b, z = torch.randn(1, 8), torch.randn(1, 8), torch.randn(1, 8)  # query x, its item's document, item z's
+    codes = {"x": 0, "y": 1, "z": 2}
+    idx = torch.tensor([0])
+
+    def loss(pool, items):
+        return _query_vs_pool(a, b, task, idx, pool, torch.tensor(items), codes, (4, 8), 0.05)
+
+    z_only = loss(z, [2])
+    # the query's own vector in the pool as its own item's document (the item with tags, say): masked
+    assert torch.allclose(loss(torch.cat([z, a, 2 * a]), [2, 0, 0]), z_only)
+    # the same rows as another item's documents: the hardest negatives there are
+    assert loss(torch.cat([z, a, 2 * a]), [2, 1, 1]) > z_only + 1
+
+
+def test_stage4_on_trained_weights_keeps_the_best_validated_step_and_saves_a_new_version(synthetic, tmp_path):
+    """``correct_weights`` on the shipped weights with a part-item task from the synthetic catalog: every
+    validated step recorded, the kept one the best (step 0, centres alone, when nothing beats it), a new
+    version saved whose vectors are the kept correction's, and held-out part->item search ranked over the
+    distractors (its chance level counts them)."""
+    import json
+
+    from recsys.config import Config
+    from recsys.embed.local import DEFAULT_WEIGHTS, LocalEmbedder, load_fusion, signature
+    from training.embedder import EmbedderTrainConfig, correct_weights
+    from training.embedder_data import EmbedderData, part_item_task
+
+    rows = [r for r in range(len(synthetic.catalog)) if "image" in synthetic.catalog.content(r).kinds]
+    train, val, test = rows[:24], rows[24:30], rows[30:36]
+    data = EmbedderData(stage2=[part_item_task(synthetic, train)])
+    for part, own in (("val", val), ("test", test)):
+        t = part_item_task(synthetic, own, f"part-item/{part}", seed=None)
+        t.distractors = [synthetic.catalog.content(r, cold=True) for r in range(len(synthetic.catalog)) if r not in own][:40]
+        getattr(data, part)["part-item"] = t
+    cfg = Config.load(None, workdir=str(tmp_path))
+    tcfg = EmbedderTrainConfig(correction_rank=4, correction_steps=6, val_every=3, correction_batch=16)
+    folder, test_metrics = correct_weights(DEFAULT_WEIGHTS, data, tmp_path / "w", cfg.tracking_uri, tcfg, tmp_path / "cache")
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    stage4 = manifest["stages"]["4"]
+    assert sorted(int(k) for k in stage4["val_scores"]) == [0, 3, 6]
+    best = max(stage4["val_scores"].values())
+    assert stage4["val_scores"][str(stage4["kept_step"])] == best
+    assert manifest["corrected_from"] == load_fusion(DEFAULT_WEIGHTS)[1]["version"] != manifest["version"]
+    assert test_metrics["part-item/chance R@1"] == pytest.approx(1 / (2 * len(test) + 40))
+    local = LocalEmbedder(weights=folder)
+    assert (local.centres.maps != {}) == (stage4["kept_step"] > 0)
+    assert sorted(local.centres.maps) == stage4["signatures"]
+    item = synthetic.catalog.content(test[0])
+    feats = local.featurizer.featurize([apply_task(item, "document")])
+    want = local.centres.apply(local.encode([feats[0].segments]), [signature(item, "document")], 64)
+    assert np.allclose(local.embed_many([item], "document", 64).vectors, want, atol=1e-5)
+
+
 def test_part_item_task_with_titles_of_poster_less_movies_never_holds_a_held_out_item(synthetic_dir, tmp_path):
     """Search by one part: a poster movie gives its poster alone and its title alone; asked to, every movie
     without a poster gives its title alone; no item the COLD protocol holds out ever appears, with or without

@@ -1,4 +1,4 @@
-"""Training the local embedder's fusion model, in the three stages of the Gemini Embedding paper.
+"""Training the local embedder's fusion model, in the three stages of the Gemini Embedding paper, and a fourth.
 
 1. alignment: InfoNCE on real paired data (posters/text, spoken digits/words, synthetic media/captions),
    Matryoshka loss at every prefix, learnable temperature, task prefixes dropped at random, and a
@@ -7,7 +7,11 @@
    by size alone they took ~85% and pulled the poster path down);
 3. checkpoint averaging: the soup of stage 2's last checkpoints, and weight interpolations between stage 1's
    best and that soup (stage 2 trades some poster alignment for co-engagement; a partial step back keeps
-   most of both), against the best single checkpoints; validation picks.
+   most of both), against the best single checkpoints; validation picks;
+4. the modality-gap correction on the frozen model's outputs: each signature's (task, kinds of parts) mean
+   subtracted, then a low-rank map per signature learned on every task's pairs, one-part queries ranked
+   against the whole training catalog (``fit_correction``); validation picks the step, or none. It also runs
+   alone on trained weights (``correct_weights``, ``recsys train-embedder --from-weights``).
 
 Backbones stay frozen; their features are computed once (and cached on disk). The fusion model trains at
 a low rate with strong weight decay (the poster path overfits 2k training posters within a few hundred
@@ -28,6 +32,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
@@ -38,7 +43,7 @@ from recsys.embed.fusion import FusionConfig, FusionEncoder
 from recsys.embed.local import CENTRES_FILE, DEFAULT_WEIGHTS, ModalityCentres, save_fusion, signature
 from recsys.eval.embedder import chance, nearest_label_accuracy, retrieval_recall
 from training.embedder_data import DIGITS, EmbedderData, PairTask
-from training.losses import info_nce, relational_distillation
+from training.losses import NEG_INF, info_nce, relational_distillation
 
 
 @dataclass
@@ -64,6 +69,16 @@ class EmbedderTrainConfig:
     # batches whose contents are all text-only: co-engagement and part-item batches too, where items carry
     # posters (what moves items with the same title apart is learned from the text).
     kd_items: bool = False
+    # Stage 4, the learned modality-gap correction (fit_correction): rank of each signature's residual map
+    # (0: centres only, the recipe before it), its steps, rate, decay, pairs per task batch and per task,
+    # and the fixed temperature of its InfoNCE.
+    correction_rank: int = 16
+    correction_steps: int = 300
+    correction_lr: float = 1e-3
+    correction_weight_decay: float = 1e-2
+    correction_batch: int = 512
+    correction_pairs: int = 8000
+    correction_temperature: float = 0.05
     seed: int = 0
 
 
@@ -84,6 +99,12 @@ def featurize_tasks(tasks: list[PairTask], featurizer: Featurizer) -> None:
             if bad:
                 raise RuntimeError(f"{task.name}: {len(bad)} training contents failed to featurize, e.g. {bad[:3]}")
             task.feats[side] = ([f.segments for f in plain], [f.segments for f in prefixed])
+        if task.distractors:  # evaluation only: the prefixed features are what it reads
+            feats = featurizer.featurize([apply_task(c, task.b_task) for c in task.distractors])
+            bad = [(c.item_id, f.error) for c, f in zip(task.distractors, feats) if f.error is not None]
+            if bad:
+                raise RuntimeError(f"{task.name}: {len(bad)} distractors failed to featurize, e.g. {bad[:3]}")
+            task.feats["distractors"] = ([], [f.segments for f in feats])
 
 
 def _torch_segments(segs):
@@ -202,28 +223,35 @@ def encode(model: FusionEncoder, feats: list, batch: int = 256) -> np.ndarray:
 
 
 def evaluate_tasks(model: FusionEncoder, tasks: dict[str, PairTask], centres: ModalityCentres | None = None,
-                   dim: int = 256) -> dict[str, float]:
-    """Held-out metrics: media <-> text retrieval, digit accuracy, part -> item search, with chance levels
-    beside them; with ``centres``, on the vectors the embedder serves (modality gap corrected)."""
+                   dim: int = 256, memo: dict | None = None) -> dict[str, float]:
+    """Held-out metrics: media <-> text retrieval, digit accuracy, part -> item search (over the task's b's and
+    its distractors: the rest of the catalog), with chance levels beside them; with ``centres``, on the vectors
+    the embedder serves (modality gap corrected). ``memo`` keeps the raw outputs between calls on one model."""
     out: dict[str, float] = {}
 
     def vectors(task: PairTask, side: str) -> np.ndarray:  # each side with its task prefix
-        raw = encode(model, task.feats[side][1])
+        key = (task.name, side)
+        raw = memo[key] if memo is not None and key in memo else encode(model, task.feats[side][1])
+        if memo is not None:
+            memo[key] = raw
         if centres is None:
             return truncate_normalize(raw, dim)
-        contents, t = (task.a, task.a_task) if side == "a" else (task.b, task.b_task)
+        contents, t = {"a": (task.a, task.a_task), "b": (task.b, task.b_task),
+                       "distractors": (task.distractors, task.b_task)}[side]
         return centres.apply(raw, [signature(c, t) for c in contents], dim)
 
     for key, task in tasks.items():
         a, b = vectors(task, "a"), vectors(task, "b")
-        n = len(task)
+        if "distractors" in task.feats:
+            b = np.concatenate([b, vectors(task, "distractors")])
+        n = len(b)
         if key == "digit-word":  # val/test words are the bare digit names
             first = [next(i for i, c in enumerate(task.b) if c.text() == w) for w in DIGITS]
             out["digit-word/audio->word acc"] = nearest_label_accuracy(a, b[first], task.groups)
             out["digit-word/chance"] = 0.1
             continue
-        t2a, a2t = retrieval_recall(b, a), retrieval_recall(a, b)
-        ch = chance(n)
+        t2a, a2t = retrieval_recall(b[: len(task)], a), retrieval_recall(a, b)
+        ch = chance(n)  # of a->b, over the b's and the distractors
         name = {"poster-text": ("text->poster", "poster->text"), "synthetic-caption": ("caption->media", "media->caption"),
                 "part-item": ("item->part", "part->item")}.get(key, ("b->a", "a->b"))
         for k in (1, 10):
@@ -252,6 +280,98 @@ def fit_centres(model: FusionEncoder, tasks: list[PairTask], per_signature: int 
         feats += [fs[i] for i in pick]
         sigs += [sig] * len(pick)
     return ModalityCentres.fit(encode(model, feats), sigs)
+
+
+def fit_correction(model: FusionEncoder, tasks: list[PairTask], centres: ModalityCentres, val: dict[str, PairTask],
+                   cfg: EmbedderTrainConfig) -> tuple[ModalityCentres, dict]:
+    """Stage 4: a low-rank residual map per signature on the centred outputs of the frozen fusion model
+    (recsys.embed.local.ModalityCentres), chosen on validation.
+
+    Centring removes each signature's mean, not the directions an item's poster adds and its title lacks: a
+    title alone then sits nearer a poster-less item with a similar title than its own item. The maps learn,
+    on the training pairs of every task (at most ``correction_pairs`` each, every task counting the same),
+    InfoNCE at every Matryoshka prefix; a one-part query is ranked against every training item's document
+    (the pool of the item tasks' documents, its own item's masked), not only its batch. The maps start at
+    the identity; validation every ``val_every`` steps keeps the best (step 0: centres alone).
+
+    Returns:
+        (centres with the kept maps, or without any; a report for the manifest)."""
+    rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    d, r, temperature = model.cfg.out_dim, cfg.correction_rank, cfg.correction_temperature
+    sides, pool = [], {}
+    for task in tasks:
+        keep = np.sort(rng.permutation(len(task))[: cfg.correction_pairs])
+        enc = {}
+        for side, contents, t in (("a", task.a, task.a_task), ("b", task.b, task.b_task)):
+            sigs = [signature(contents[i], t) for i in keep]
+            enc[side] = (torch.from_numpy(centres.correct(encode(model, [task.feats[side][1][i] for i in keep]), sigs)), sigs)
+            if t == "document":  # the pool of item documents a one-part query is ranked against
+                for j, i in enumerate(keep):
+                    if contents[i].item_id is not None:
+                        pool.setdefault((contents[i].item_id, sigs[j]), enc[side][0][j])
+        sides.append((task, enc, torch.from_numpy(task.groups[keep])))
+    names = sorted({s for _, enc, _ in sides for side in enc.values() for s in side[1]})
+    V = nn.Parameter(torch.randn(len(names), d, r) * 0.01)
+    U = nn.Parameter(torch.zeros(len(names), d, r))  # x + (x V) U^T: the identity at the start
+    col = {n: i for i, n in enumerate(names)}
+    pool_keys = list(pool)
+    pool_x = torch.stack([pool[k] for k in pool_keys]) if pool else torch.zeros(0, d)
+    pool_sig = torch.tensor([col[s] for _, s in pool_keys], dtype=torch.long)
+    item_code = {i: c for c, i in enumerate(sorted({i for i, _ in pool_keys}))}
+    pool_item = torch.tensor([item_code[i] for i, _ in pool_keys], dtype=torch.long)
+
+    def mapped(x: torch.Tensor, sig_idx: torch.Tensor) -> torch.Tensor:  # (n, d), (n,) -> (n, d)
+        out = x.clone()
+        for i in sig_idx.unique().tolist():
+            rows = sig_idx == i
+            out[rows] = x[rows] + (x[rows] @ V[i]) @ U[i].T
+        return out
+
+    def current() -> ModalityCentres:
+        return centres.with_maps({n: (V[i].detach().numpy().copy(), U[i].detach().numpy().copy()) for n, i in col.items()})
+
+    memo: dict = {}
+    best = (val_score(evaluate_tasks(model, val, centres, memo=memo)), None, 0)
+    history = [(0, best[0])]
+    opt = torch.optim.AdamW([V, U], lr=cfg.correction_lr, weight_decay=cfg.correction_weight_decay)
+    dims = model.cfg.matryoshka_dims
+    for step in tqdm(range(1, cfg.correction_steps + 1), desc="stage 4: modality-gap correction", unit="step"):
+        loss = torch.zeros(())
+        for task, enc, groups in sides:
+            idx = torch.from_numpy(rng.choice(len(groups), size=min(cfg.correction_batch, len(groups)), replace=False))
+            (xa, sa), (xb, sb) = enc["a"], enc["b"]
+            a = mapped(xa[idx], torch.tensor([col[sa[i]] for i in idx.tolist()]))
+            b = mapped(xb[idx], torch.tensor([col[sb[i]] for i in idx.tolist()]))
+            if task.a_task == "query" and task.b_task == "document" and len(pool_keys):
+                loss = loss + _query_vs_pool(a, b, task, idx, mapped(pool_x, pool_sig), pool_item, item_code, dims, temperature)
+            else:
+                loss = loss + info_nce(a, b, groups[idx], temperature, dims)
+        opt.zero_grad()
+        (loss / len(sides)).backward()
+        opt.step()
+        if step % cfg.val_every == 0 or step == cfg.correction_steps:
+            with torch.no_grad():
+                score = val_score(evaluate_tasks(model, val, current(), memo=memo))
+            history.append((step, score))
+            if score > best[0]:
+                best = (score, current(), step)
+    kept = best[1] or centres
+    return kept, {"rank": r, "steps": cfg.correction_steps, "val_scores": dict(history), "kept_step": best[2],
+                  "signatures": sorted(kept.maps), "pool_documents": len(pool_keys)}
+
+
+def _query_vs_pool(a, b, task: PairTask, idx, pool, pool_item, item_code, dims, temperature) -> torch.Tensor:
+    """One-part queries (B, d) against their own items ``b`` (B, d) and every pool document (P, d); pool rows of
+    the query's own item are masked. Mean over Matryoshka prefixes of the cross-entropy."""
+    own = torch.tensor([item_code.get(task.b[i].item_id, -1) for i in idx.tolist()])
+    mask = pool_item[None, :] == own[:, None]  # (B, P)
+    total = a.new_zeros(())
+    for k in dims:
+        za, zb, zp = (F.normalize(x[:, :k], dim=-1) for x in (a, b, pool))
+        logits = torch.cat([(za * zb).sum(-1, keepdim=True), (za @ zp.T).masked_fill(mask, NEG_INF)], 1) / temperature
+        total = total + F.cross_entropy(logits, torch.zeros(len(a), dtype=torch.long))
+    return total / len(dims)
 
 
 def mlflow_name(key: str) -> str:
@@ -401,6 +521,9 @@ def train_embedder(data: EmbedderData, out_dir: Path, tracking_uri: str, cfg: Em
     soup_val = stage3_val["soup"]
     model = module2.model.eval()
     centres = fit_centres(model, data.stage2)
+    stage4 = None
+    if cfg.correction_rank > 0:
+        centres, stage4 = fit_correction(model, data.stage2, centres, data.val, cfg)
     test = evaluate_tasks(model, data.test, centres)
     for k, v in test.items():
         logger.experiment.log_metric(logger.run_id, f"test/{mlflow_name(k)}", v)
@@ -415,7 +538,8 @@ def train_embedder(data: EmbedderData, out_dir: Path, tracking_uri: str, cfg: Em
                          "task_mix": {t.name: round(float(p), 3) for t, p in
                                       zip(data.stage2, task_mix(data.stage2, shares))}},
                    "3": {"soup_of_last": cfg.soup_last, "soup_val_score": soup_val, "val_scores": stage3_val,
-                         "kept": choice}},
+                         "kept": choice},
+                   **({"4": stage4} if stage4 is not None else {})},
         "modality_centres": sorted(centres.centres),
         "training_data": data.provenance,
         "train_config": cfg.__dict__,
@@ -427,6 +551,45 @@ def train_embedder(data: EmbedderData, out_dir: Path, tracking_uri: str, cfg: Em
     folder = save_fusion(model, out_dir, manifest, centres)
     logger.experiment.log_artifacts(logger.run_id, str(folder), artifact_path="weights")
     return folder, test
+
+
+def correct_weights(folder: Path, data: EmbedderData, out_dir: Path, tracking_uri: str,
+                    cfg: EmbedderTrainConfig = EmbedderTrainConfig(), cache_dir: Path | None = None) -> tuple[Path, dict]:
+    """Stage 4 alone on trained weights: the fusion model as it is, its centres refitted and the modality-gap
+    correction learned (``fit_correction``) on ``data``, which must be the data the weights trained on (the
+    manifest's provenance is kept). Saves a new weights folder under ``out_dir``; returns (folder, test metrics)."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    from recsys.embed.local import load_fusion
+    from recsys.errors import DataError
+
+    model, manifest = load_fusion(folder)
+    if data.provenance and manifest.get("training_data") and data.provenance != manifest["training_data"]:
+        raise DataError(f"{folder} trained on other data or another split than this: stage 4 must see the data "
+                        "and held-out items the weights trained with")
+    t0 = time.time()
+    featurizer = Featurizer(Backbones(), cache_dir=cache_dir, memory_items=400_000)
+    all_tasks = {id(t): t for t in [*data.stage2, *data.val.values(), *data.test.values()]}
+    for task in tqdm(list(all_tasks.values()), desc="featurize (frozen backbones)", unit="task"):
+        featurize_tasks([task], featurizer)
+    before = evaluate_tasks(model, data.test, ModalityCentres.load(Path(folder) / CENTRES_FILE))
+    centres, stage4 = fit_correction(model, data.stage2, fit_centres(model, data.stage2), data.val, cfg)
+    test = evaluate_tasks(model, data.test, centres)
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment("embedder")
+    with mlflow.start_run(run_name="fusion-stage-4") as run:
+        mlflow.log_params({"from_weights": manifest["version"], **{k: v for k, v in cfg.__dict__.items() if k.startswith("correction")}})
+        mlflow.log_metrics({f"test/{mlflow_name(k)}": v for k, v in test.items()})
+        manifest = {**manifest, "stages": {**manifest["stages"], "4": stage4},
+                    "modality_centres": sorted(centres.centres), "test_metrics": test,
+                    "test_metrics_before_stage_4": before, "corrected_from": manifest["version"],
+                    "train_config": {**manifest.get("train_config", {}),
+                                     **{k: v for k, v in cfg.__dict__.items() if k.startswith("correction")}},
+                    "stage4_s": round(time.time() - t0, 1), "mlflow_run_id": run.info.run_id}
+        out = save_fusion(model, out_dir, manifest, centres)
+        mlflow.log_artifacts(str(out), artifact_path="weights")
+    return out, test
 
 
 def install(folder: Path, target: Path = DEFAULT_WEIGHTS) -> Path:

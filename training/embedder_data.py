@@ -42,6 +42,9 @@ class PairTask:
     b_task: str = "query"
     hard: np.ndarray | None = None
     a_augmented: list[Content] | None = None  # another view of each a (e.g. the mirrored poster), drawn half the time
+    # held-out evaluation: b-side contents that are nobody's pair, ranked with the b's for a->b (part->item
+    # search over the whole catalog, where the items that fool a one-part query are)
+    distractors: list[Content] | None = None
 
     def __len__(self) -> int:
         return len(self.a)
@@ -227,12 +230,18 @@ def build(ds: Dataset | None, cfg: EvalConfig, fsdd_dir: Path | None, synthetic_
         data.val["poster-text"], data.test["poster-text"] = va, te
         index = ds.catalog.index
         rows = [index[c.item_id] for c in tr.a]
+        held = set(cold_split(ds, cfg).cold_items.tolist())
         if titles_without_posters:
-            held = set(cold_split(ds, cfg).cold_items.tolist())
             rows += [int(r) for r in np.flatnonzero(~ds.catalog.modalities[:, 1]) if int(r) not in held]
         data.part_item = part_item_task(ds, rows)
-        data.val["part-item"] = part_item_task(ds, [index[c.item_id] for c in va.a], "part-item/val", seed=None)
-        data.test["part-item"] = part_item_task(ds, [index[c.item_id] for c in te.a], "part-item/test", seed=None)
+        for part, pt in (("val", va), ("test", te)):
+            own = [index[c.item_id] for c in pt.a]
+            task = data.val if part == "val" else data.test
+            task["part-item"] = part_item_task(ds, own, f"part-item/{part}", seed=None)
+            # the rest of the catalog as distractors (validation: never an item the COLD protocol holds out)
+            skip = set(own) | (held if part == "val" else set())
+            others = [r for r in range(len(ds.catalog)) if r not in skip]
+            task["part-item"].distractors = [ds.catalog.content(r, cold=True) for r in others]
         data.sources["posters"] = {"train": len(tr), "val": len(va), "test (held out)": len(te),
                                    "val from": "COLD validation movies" if own_val is None else
                                    f"{own_val:g} of the other poster movies (COLD validation movies left out)"}

@@ -70,16 +70,23 @@ def signature(content: Content, task: str) -> str:
 
 
 class ModalityCentres:
-    """The modality-gap correction: each signature's mean raw fusion output on the embedder's training data,
-    subtracted before truncation and normalisation. Without it, vectors cluster by which kinds of parts a
-    content has (every item with a poster sits near every other one), so a query made of one part (a poster
-    alone, a title alone) does not find the item that holds it. The mean is linear, so centring the raw
-    output centres every Matryoshka prefix exactly. A signature never seen in training takes the centre of
-    the same parts under another task, else the same task's centre with the most parts in common, else none.
+    """The modality-gap correction, per signature (task + kinds of parts): each signature's mean raw fusion
+    output on the embedder's training data is subtracted, then (where learned) a low-rank residual map
+    ``x + (x V) U^T`` moves the centred output, before truncation and normalisation.
+
+    Without the centres, vectors cluster by which kinds of parts a content has (every item with a poster sits
+    near every other one), so a query made of one part (a poster alone, a title alone) does not find the item
+    that holds it. The mean is linear, so centring the raw output centres every Matryoshka prefix exactly.
+    Centring leaves a spread: an item's poster adds directions its title does not have, so a title alone sits
+    nearer a poster-less item with a similar title than its own item. The maps, fitted on the training pairs
+    of every task against the whole training catalog (training/embedder.py ``fit_correction``), take that
+    out. A signature never seen in training takes the centre (and map) of the same parts under another task,
+    else the same task's with the most parts in common, else none.
     """
 
-    def __init__(self, centres: dict[str, np.ndarray]):
+    def __init__(self, centres: dict[str, np.ndarray], maps: dict[str, tuple[np.ndarray, np.ndarray]] | None = None):
         self.centres = {k: np.asarray(v, np.float32) for k, v in centres.items()}
+        self.maps = {k: (np.asarray(v, np.float32), np.asarray(u, np.float32)) for k, (v, u) in (maps or {}).items()}
 
     @classmethod
     def fit(cls, raw: np.ndarray, signatures: list[str], min_count: int = 20) -> "ModalityCentres":
@@ -88,40 +95,68 @@ class ModalityCentres:
         sigs = np.array(signatures)
         return cls({s: raw[sigs == s].mean(0) for s in sorted(set(signatures)) if (sigs == s).sum() >= min_count})
 
-    def centre(self, sig: str) -> np.ndarray | None:
-        if sig in self.centres:
-            return self.centres[sig]
+    def with_maps(self, maps: dict[str, tuple[np.ndarray, np.ndarray]]) -> "ModalityCentres":
+        """The same centres with these low-rank maps: signature -> (V, U), each (out_dim, rank)."""
+        return ModalityCentres(self.centres, maps)
+
+    @staticmethod
+    def _resolve(sig: str, known) -> str | None:
+        """Which known signature stands in for ``sig`` (itself, the same parts under another task, else the same
+        task's with the most parts in common)."""
+        if sig in known:
+            return sig
         task, kinds = sig.split(":", 1)
-        same_parts = [k for k in self.centres if k.split(":", 1)[1] == kinds]
+        same_parts = [k for k in known if k.split(":", 1)[1] == kinds]
         if same_parts:
-            return self.centres[same_parts[0]]
+            return same_parts[0]
         want = set(kinds.split("+"))
 
         def overlap(k: str) -> float:
             have = set(k.split(":", 1)[1].split("+"))
             return len(want & have) / len(want | have)
 
-        near = max((k for k in self.centres if k.startswith(task + ":")), key=overlap, default=None)
-        return self.centres[near] if near is not None and overlap(near) > 0 else None
+        near = max((k for k in known if k.startswith(task + ":")), key=overlap, default=None)
+        return near if near is not None and overlap(near) > 0 else None
 
-    def apply(self, raw: np.ndarray, signatures: list[str], dim: int) -> np.ndarray:
-        """(n, out_dim) raw outputs -> (n, dim) centred, truncated, L2-normalised vectors."""
+    def centre(self, sig: str) -> np.ndarray | None:
+        key = self._resolve(sig, self.centres)
+        return None if key is None else self.centres[key]
+
+    def map(self, sig: str) -> tuple[np.ndarray, np.ndarray] | None:
+        key = self._resolve(sig, self.maps)
+        return None if key is None else self.maps[key]
+
+    def correct(self, raw: np.ndarray, signatures: list[str]) -> np.ndarray:
+        """(n, out_dim) raw outputs -> (n, out_dim) corrected outputs (centred, then mapped), not normalised."""
         out = np.array(raw, dtype=np.float32, copy=True)
-        for i, sig in enumerate(signatures):
+        sigs = np.array(signatures)
+        for sig in sorted(set(signatures)):
+            rows = sigs == sig
             c = self.centre(sig)
             if c is not None:
-                out[i] -= c
-        return truncate_normalize(out, dim)
+                out[rows] -= c
+            m = self.map(sig)
+            if m is not None:
+                v, u = m
+                out[rows] += (out[rows] @ v) @ u.T
+        return out
+
+    def apply(self, raw: np.ndarray, signatures: list[str], dim: int) -> np.ndarray:
+        """(n, out_dim) raw outputs -> (n, dim) corrected, truncated, L2-normalised vectors."""
+        return truncate_normalize(self.correct(raw, signatures), dim)
 
     def save(self, path: Path) -> None:
-        np.savez(path, **self.centres)
+        maps = {f"{part}|{k}": m[i] for k, m in self.maps.items() for i, part in enumerate(("V", "U"))}
+        np.savez(path, **self.centres, **maps)
 
     @classmethod
     def load(cls, path: Path) -> "ModalityCentres | None":
         if not Path(path).exists():
             return None
         with np.load(path) as z:
-            return cls({k: z[k] for k in z.files})
+            centres = {k: z[k] for k in z.files if "|" not in k}
+            maps = {k.split("|", 1)[1]: (z[k], z["U|" + k.split("|", 1)[1]]) for k in z.files if k.startswith("V|")}
+        return cls(centres, maps)
 
 
 class LocalEmbedder(Embedder):
