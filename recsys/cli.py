@@ -271,7 +271,9 @@ def train_embedder_cmd(
     own_val: float = typer.Option(0.1, help="Validate on this share of the training poster movies instead of the COLD "
                                   "protocol's validation movies, which are then left out (0: validate on those, the "
                                   "recipe before fusion-e853765975)."),
-    correction_rank: int = typer.Option(16, help="Stage 4: rank of each signature's learned modality-gap map (0: centres only)."),
+    correction_rank: int = typer.Option(64, help="Stage 4: rank of each query signature's learned modality-gap map (0: centres only)."),
+    correction_steps: int = typer.Option(600, help="Stage 4: steps (validated every 50)."),
+    correction_search_weight: float = typer.Option(16.0, help="Stage 4: weight of the one-part query -> item task (the others: 1)."),
     from_weights: Optional[Path] = typer.Option(None, "--from-weights", help="Keep this weights folder's fusion model "
                                                 "and run stage 4 alone (the same data options it trained with)."),
     install: bool = typer.Option(False, help="Copy the weights into the package (the default local weights)."),
@@ -283,12 +285,15 @@ def train_embedder_cmd(
     from training.embedder import EmbedderTrainConfig, correct_weights, install as install_weights, train_embedder
     from training.embedder_data import build
 
+    if from_weights is not None and not (from_weights / "manifest.json").exists():
+        raise FileNotFoundError(f"--from-weights {from_weights}: no manifest.json there, so not a weights folder")
     cfg = _config(config, workdir, posters)
     ds = load_dataset(cfg) if cfg.data.source == "movielens" else None
     data = build(ds, cfg.eval, fsdd, cfg.cache_dir / "embedder-synthetic", titles_without_posters=titles_without_posters,
                  own_val=own_val or None)
     tcfg = EmbedderTrainConfig(stage1_steps=stage1_steps, stage2_steps=stage2_steps, coengagement_share=coengagement_share,
-                               part_item_share=part_item_share, kd_items=kd_items, correction_rank=correction_rank)
+                               part_item_share=part_item_share, kd_items=kd_items, correction_rank=correction_rank,
+                               correction_steps=correction_steps, correction_search_weight=correction_search_weight)
     if from_weights is not None:
         folder, test = correct_weights(from_weights, data, cfg.models_dir / "embedder", cfg.tracking_uri, tcfg, cfg.cache_dir)
     else:

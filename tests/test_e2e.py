@@ -173,6 +173,10 @@ def test_user_errors_print_one_line_and_exit_2_and_debug_shows_the_traceback(tmp
     with pytest.raises(SystemExit) as exit_:
         main(["train", "--config", str(tmp_path / "missing.toml")])
     assert exit_.value.code == 2 and "no configuration file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["train-embedder", "--workdir", str(tmp_path / "w"), "--from-weights", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "not a weights folder" in err and "Traceback" not in err
     with pytest.raises(DataError):
         main(["embed", "--workdir", str(tmp_path / "w"), "--source", "generic", "--debug"])
 

@@ -241,7 +241,8 @@ def test_train_embedder_three_stages_saves_loadable_weights_and_logs_to_mlflow(s
     cfg = Config.load(None, workdir=str(tmp_path))
     data = build(None, cfg.eval, None, synthetic_dir)
     assert data.sources["posters"] == "absent" and data.sources["fsdd"] == "absent"
-    tcfg = EmbedderTrainConfig(stage1_steps=6, stage2_steps=4, batch_size=16, val_every=3, soup_last=2)
+    tcfg = EmbedderTrainConfig(stage1_steps=6, stage2_steps=4, batch_size=16, val_every=3, soup_last=2,
+                               correction_steps=3, correction_batch=16)
     folder, test = train_embedder(data, tmp_path / "weights", cfg.tracking_uri, tcfg, cache_dir=tmp_path / "cache")
 
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -251,6 +252,8 @@ def test_train_embedder_three_stages_saves_loadable_weights_and_logs_to_mlflow(s
     stage3 = manifest["stages"]["3"]  # every candidate validated; the kept one is the best of them
     assert len(stage3["val_scores"]) == 2 + len(tcfg.interpolate) + 1
     assert stage3["val_scores"][stage3["kept"]] == max(stage3["val_scores"].values())
+    stage4 = manifest["stages"]["4"]  # the correction after them, its step chosen the same way
+    assert sorted(stage4["val_scores"]) == ["0", "3"] and stage4["val_scores"][str(stage4["kept_step"])] == max(stage4["val_scores"].values())
     assert 0 <= test["synthetic-caption/caption->media R@10"] <= 1 and test["synthetic-caption/chance R@10"] > 0
 
     run = mlflow.MlflowClient(cfg.tracking_uri).get_run(manifest["mlflow_run_id"])
@@ -302,21 +305,24 @@ def test_modality_centres_remove_each_signatures_offset_and_fall_back_by_parts()
 
 
 def test_modality_centres_learned_maps_apply_after_the_centre_fall_back_by_parts_and_survive_save_and_load(tmp_path):
-    """Stage 4's maps: x - c, then x + (x V) U^T, per signature (another task's map for the same parts); a
-    signature with no map is only centred; the centres file round-trips centres and maps alike."""
+    """Stage 4's maps: x - c, then x + (x V) U^T, per signature (the same task's nearest signature's map, never
+    another task's: a document never borrows a query's); a signature with no map is only centred; the centres
+    file round-trips centres and maps alike."""
     from recsys.embed.local import ModalityCentres
 
     rng = np.random.default_rng(0)
-    raw = rng.normal(size=(6, 16)).astype(np.float32)
+    raw = rng.normal(size=(8, 16)).astype(np.float32)
     c = {"query:text": rng.normal(size=16).astype(np.float32), "document:image+text": rng.normal(size=16).astype(np.float32)}
     v, u = rng.normal(size=(16, 3)).astype(np.float32), rng.normal(size=(16, 3)).astype(np.float32)
     mc = ModalityCentres(c).with_maps({"query:text": (v, u)})
-    sigs = ["query:text", "document:text", "document:image+text"] * 2
-    x = raw - np.stack([c["query:text"], c["query:text"], c["document:image+text"]] * 2)  # document:text -> query:text's centre
+    sigs = ["query:text", "document:text", "document:image+text", "query:image+text"] * 2
+    # document:text takes query:text's centre (the same parts), query:image+text document:image+text's
+    x = raw - np.stack([c["query:text"], c["query:text"], c["document:image+text"], c["document:image+text"]] * 2)
     want = x.copy()
-    want[[0, 1, 3, 4]] += (x[[0, 1, 3, 4]] @ v) @ u.T  # the same parts under another task borrow the map too
+    want[[0, 3, 4, 7]] += (x[[0, 3, 4, 7]] @ v) @ u.T  # queries only: query:image+text borrows query:text's map
     assert np.allclose(mc.correct(raw, sigs), want, atol=1e-5)
-    assert mc.map("document:image+text") is None and mc.map("document:text") is mc.maps["query:text"]
+    assert mc.map("document:image+text") is None and mc.map("document:text") is None
+    assert mc.map("query:image+text") is mc.maps["query:text"]
     mc.save(tmp_path / "c.npz")
     back = ModalityCentres.load(tmp_path / "c.npz")
     assert sorted(back.centres) == sorted(c) and sorted(back.maps) == ["query:text"]
@@ -356,7 +362,7 @@ def test_stage4_on_trained_weights_keeps_the_best_validated_step_and_saves_a_new
     import json
 
     from recsys.config import Config
-    from recsys.embed.local import DEFAULT_WEIGHTS, LocalEmbedder, load_fusion, signature
+    from recsys.embed.local import DEFAULT_WEIGHTS, LocalEmbedder, ModalityCentres, load_fusion, signature
     from training.embedder import EmbedderTrainConfig, correct_weights
     from training.embedder_data import EmbedderData, part_item_task
 
@@ -385,6 +391,16 @@ def test_stage4_on_trained_weights_keeps_the_best_validated_step_and_saves_a_new
     feats = local.featurizer.featurize([apply_task(item, "document")])
     want = local.centres.apply(local.encode([feats[0].segments]), [signature(item, "document")], 64)
     assert np.allclose(local.embed_many([item], "document", 64).vectors, want, atol=1e-5)
+    # queries move, documents (the item vectors recommendations use) keep their centred vectors
+    assert all(sig.startswith("query:") for sig in local.centres.maps)
+    plain = ModalityCentres(local.centres.centres)
+    assert np.allclose(want, plain.apply(local.encode([feats[0].segments]), [signature(item, "document")], 64))
+    # the weights' own data only: another dataset or split is refused before any work
+    from recsys.errors import DataError
+
+    data.provenance = {**load_fusion(DEFAULT_WEIGHTS)[1]["training_data"], "dataset_hash": "another"}
+    with pytest.raises(DataError, match="other data or another split"):
+        correct_weights(DEFAULT_WEIGHTS, data, tmp_path / "w2", cfg.tracking_uri, tcfg, tmp_path / "cache")
 
 
 def test_part_item_task_with_titles_of_poster_less_movies_never_holds_a_held_out_item(synthetic_dir, tmp_path):

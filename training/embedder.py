@@ -72,13 +72,19 @@ class EmbedderTrainConfig:
     # Stage 4, the learned modality-gap correction (fit_correction): rank of each signature's residual map
     # (0: centres only, the recipe before it), its steps, rate, decay, pairs per task batch and per task,
     # and the fixed temperature of its InfoNCE.
-    correction_rank: int = 16
-    correction_steps: int = 300
+    correction_rank: int = 64
+    correction_steps: int = 600
     correction_lr: float = 1e-3
     correction_weight_decay: float = 1e-2
     correction_batch: int = 512
     correction_pairs: int = 8000
     correction_temperature: float = 0.05
+    # the tasks whose signatures get a map: queries only, so item (document) vectors, what recommendations are
+    # built from, keep their geometry (maps on documents too cost LOO and COLD: fusion-85e575be45, 08b4b69)
+    correction_tasks: tuple[str, ...] = ("query",)
+    # the weight of the one-part query -> whole item task in stage 4's loss (every other task weighs 1): the
+    # text query map is shared with poster, genre, caption and digit-word queries, which pull it elsewhere
+    correction_search_weight: float = 16.0
     seed: int = 0
 
 
@@ -284,12 +290,14 @@ def fit_centres(model: FusionEncoder, tasks: list[PairTask], per_signature: int 
 
 def fit_correction(model: FusionEncoder, tasks: list[PairTask], centres: ModalityCentres, val: dict[str, PairTask],
                    cfg: EmbedderTrainConfig) -> tuple[ModalityCentres, dict]:
-    """Stage 4: a low-rank residual map per signature on the centred outputs of the frozen fusion model
-    (recsys.embed.local.ModalityCentres), chosen on validation.
+    """Stage 4: a low-rank residual map per query signature (``correction_tasks``) on the centred outputs of the
+    frozen fusion model (recsys.embed.local.ModalityCentres), chosen on validation. Documents keep their
+    centred vectors, so the item vectors recommendations are built from do not move.
 
     Centring removes each signature's mean, not the directions an item's poster adds and its title lacks: a
     title alone then sits nearer a poster-less item with a similar title than its own item. The maps learn,
-    on the training pairs of every task (at most ``correction_pairs`` each, every task counting the same),
+    on the training pairs of every task (at most ``correction_pairs`` each; every task weighs 1, the one-part
+    query -> item task ``correction_search_weight``),
     InfoNCE at every Matryoshka prefix; a one-part query is ranked against every training item's document
     (the pool of the item tasks' documents, its own item's masked), not only its batch. The maps start at
     the identity; validation every ``val_every`` steps keeps the best (step 0: centres alone).
@@ -311,19 +319,22 @@ def fit_correction(model: FusionEncoder, tasks: list[PairTask], centres: Modalit
                     if contents[i].item_id is not None:
                         pool.setdefault((contents[i].item_id, sigs[j]), enc[side][0][j])
         sides.append((task, enc, torch.from_numpy(task.groups[keep])))
-    names = sorted({s for _, enc, _ in sides for side in enc.values() for s in side[1]})
+    names = sorted({s for _, enc, _ in sides for side in enc.values() for s in side[1] if s.split(":", 1)[0] in cfg.correction_tasks})
     V = nn.Parameter(torch.randn(len(names), d, r) * 0.01)
     U = nn.Parameter(torch.zeros(len(names), d, r))  # x + (x V) U^T: the identity at the start
     col = {n: i for i, n in enumerate(names)}
+
+    def code(sig: str) -> int:  # the signature's map, -1 for none (a document's)
+        return col.get(sig, -1)
     pool_keys = list(pool)
     pool_x = torch.stack([pool[k] for k in pool_keys]) if pool else torch.zeros(0, d)
-    pool_sig = torch.tensor([col[s] for _, s in pool_keys], dtype=torch.long)
+    pool_sig = torch.tensor([code(s) for _, s in pool_keys], dtype=torch.long)
     item_code = {i: c for c, i in enumerate(sorted({i for i, _ in pool_keys}))}
     pool_item = torch.tensor([item_code[i] for i, _ in pool_keys], dtype=torch.long)
 
-    def mapped(x: torch.Tensor, sig_idx: torch.Tensor) -> torch.Tensor:  # (n, d), (n,) -> (n, d)
+    def mapped(x: torch.Tensor, sig_idx: torch.Tensor) -> torch.Tensor:  # (n, d), (n,) -> (n, d); -1: no map
         out = x.clone()
-        for i in sig_idx.unique().tolist():
+        for i in [i for i in sig_idx.unique().tolist() if i >= 0]:
             rows = sig_idx == i
             out[rows] = x[rows] + (x[rows] @ V[i]) @ U[i].T
         return out
@@ -341,14 +352,15 @@ def fit_correction(model: FusionEncoder, tasks: list[PairTask], centres: Modalit
         for task, enc, groups in sides:
             idx = torch.from_numpy(rng.choice(len(groups), size=min(cfg.correction_batch, len(groups)), replace=False))
             (xa, sa), (xb, sb) = enc["a"], enc["b"]
-            a = mapped(xa[idx], torch.tensor([col[sa[i]] for i in idx.tolist()]))
-            b = mapped(xb[idx], torch.tensor([col[sb[i]] for i in idx.tolist()]))
+            a = mapped(xa[idx], torch.tensor([code(sa[i]) for i in idx.tolist()]))
+            b = mapped(xb[idx], torch.tensor([code(sb[i]) for i in idx.tolist()]))
             if task.a_task == "query" and task.b_task == "document" and len(pool_keys):
-                loss = loss + _query_vs_pool(a, b, task, idx, mapped(pool_x, pool_sig), pool_item, item_code, dims, temperature)
+                loss = loss + cfg.correction_search_weight * _query_vs_pool(
+                    a, b, task, idx, mapped(pool_x, pool_sig), pool_item, item_code, dims, temperature)
             else:
                 loss = loss + info_nce(a, b, groups[idx], temperature, dims)
         opt.zero_grad()
-        (loss / len(sides)).backward()
+        loss.backward()
         opt.step()
         if step % cfg.val_every == 0 or step == cfg.correction_steps:
             with torch.no_grad():

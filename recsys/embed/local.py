@@ -80,8 +80,9 @@ class ModalityCentres:
     Centring leaves a spread: an item's poster adds directions its title does not have, so a title alone sits
     nearer a poster-less item with a similar title than its own item. The maps, fitted on the training pairs
     of every task against the whole training catalog (training/embedder.py ``fit_correction``), take that
-    out. A signature never seen in training takes the centre (and map) of the same parts under another task,
-    else the same task's with the most parts in common, else none.
+    out; they move queries only, so item vectors (what recommendations are built from) keep their geometry.
+    A signature never seen in training takes the centre of the same parts under another task, else the same
+    task's with the most parts in common, else none; a map comes from the same task only.
     """
 
     def __init__(self, centres: dict[str, np.ndarray], maps: dict[str, tuple[np.ndarray, np.ndarray]] | None = None):
@@ -100,13 +101,13 @@ class ModalityCentres:
         return ModalityCentres(self.centres, maps)
 
     @staticmethod
-    def _resolve(sig: str, known) -> str | None:
-        """Which known signature stands in for ``sig`` (itself, the same parts under another task, else the same
-        task's with the most parts in common)."""
+    def _resolve(sig: str, known, across_tasks: bool = True) -> str | None:
+        """Which known signature stands in for ``sig``: itself, the same parts under another task (``across_tasks``),
+        else the same task's with the most parts in common."""
         if sig in known:
             return sig
         task, kinds = sig.split(":", 1)
-        same_parts = [k for k in known if k.split(":", 1)[1] == kinds]
+        same_parts = [k for k in known if k.split(":", 1)[1] == kinds] if across_tasks else []
         if same_parts:
             return same_parts[0]
         want = set(kinds.split("+"))
@@ -123,7 +124,9 @@ class ModalityCentres:
         return None if key is None else self.centres[key]
 
     def map(self, sig: str) -> tuple[np.ndarray, np.ndarray] | None:
-        key = self._resolve(sig, self.maps)
+        """The map of ``sig``, else of the same task's nearest signature: never another task's (the maps are
+        learned for queries; a document borrowing one would move every item vector)."""
+        key = self._resolve(sig, self.maps, across_tasks=False)
         return None if key is None else self.maps[key]
 
     def correct(self, raw: np.ndarray, signatures: list[str]) -> np.ndarray:
