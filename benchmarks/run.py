@@ -164,7 +164,10 @@ def bench_part_search(args) -> dict:
     out = {}
     for label, folder in (("installed weights", None), *(("--weights " + w, w) for w in args.weights)):
         emb = LocalEmbedder(folder, cache_dir=cfg.cache_dir, default_dim=cfg.embedder.dim)
+        stage4 = emb.manifest.get("stages", {}).get("4")
         out[label] = {"model_version": emb.model_version, "centres": emb.centres is not None,
+                      "maps": sorted(emb.centres.maps) if emb.centres is not None else [],
+                      "stage4_kept_step": stage4["kept_step"] if stage4 else None,
                       "recipe": weights_recipe(folder), **part_to_item(emb, ds, cfg, cfg.embedder.dim)}
     out["reference"] = {"title alone, plain MiniLM vs the item's text": title_reference(emb.featurizer.backbones, ds, cfg)}
     return out
@@ -672,7 +675,9 @@ def render_part_search(blob: dict) -> list[str]:
         for q in ("poster alone", "title alone"):
             v = r[q]
             recipe = "; recipe vs installed: " + ", ".join(f"{k}={v}" for k, v in r["recipe"].items()) if r.get("recipe") else ""
-            lines.append(f"| {r['model_version']} ({label}{', modality centres' if r.get('centres') else ''}{recipe}) | {q} | "
+            maps = (f", stage 4 maps on {' '.join(r['maps'])} (step {r['stage4_kept_step']})" if r.get("maps")
+                    else ", no stage 4" if "maps" in r else "")
+            lines.append(f"| {r['model_version']} ({label}{', modality centres' if r.get('centres') else ''}{maps}{recipe}) | {q} | "
                          f"{v['R@1']:.3f} | {v['R@10']:.3f} | {v['held-out R@1']:.3f} | {v['held-out R@10']:.3f} | {v['median rank']:.0f} |")
     for q, v in blob["results"].get("reference", {}).items():
         lines.append(f"| reference: the text backbone before fusion | {q} | {v['R@1']:.3f} | {v['R@10']:.3f} | "
