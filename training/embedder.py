@@ -295,12 +295,12 @@ def fit_correction(model: FusionEncoder, tasks: list[PairTask], centres: Modalit
     centred vectors, so the item vectors recommendations are built from do not move.
 
     Centring removes each signature's mean, not the directions an item's poster adds and its title lacks: a
-    title alone then sits nearer a poster-less item with a similar title than its own item. The maps learn,
-    on the training pairs of every task (at most ``correction_pairs`` each; every task weighs 1, the one-part
-    query -> item task ``correction_search_weight``),
-    InfoNCE at every Matryoshka prefix; a one-part query is ranked against every training item's document
-    (the pool of the item tasks' documents, its own item's masked), not only its batch. The maps start at
-    the identity; validation every ``val_every`` steps keeps the best (step 0: centres alone).
+    title alone then sits nearer a poster-less item with a similar title than its own item. The maps learn
+    InfoNCE at every Matryoshka prefix on the training pairs of every task (at most ``correction_pairs``
+    each; every task weighs 1, the one-part query -> item task ``correction_search_weight``). A one-part
+    query is ranked against every training item's document (the pool of the document sides, co-engagement's
+    included; its own item's rows masked), not only its batch. The maps start at the identity; validation
+    every ``val_every`` steps keeps the best (step 0: centres alone).
 
     Returns:
         (centres with the kept maps, or without any; a report for the manifest)."""
@@ -326,6 +326,7 @@ def fit_correction(model: FusionEncoder, tasks: list[PairTask], centres: Modalit
 
     def code(sig: str) -> int:  # the signature's map, -1 for none (a document's)
         return col.get(sig, -1)
+
     pool_keys = list(pool)
     pool_x = torch.stack([pool[k] for k in pool_keys]) if pool else torch.zeros(0, d)
     pool_sig = torch.tensor([code(s) for _, s in pool_keys], dtype=torch.long)
