@@ -335,17 +335,13 @@ def test_one_part_queries_are_ranked_against_the_pool_with_their_own_items_docum
     import torch
 
     from training.embedder import _query_vs_pool
-    from training.embedder_data import PairTask
 
     torch.manual_seed(0)
-    task = PairTask("part-item", [Content.of("q", item_id=i) for i in "xy"], [Content.of("d", item_id=i) for i in "xy"],
-                    np.array([0, 1]), a_task="query", b_task="document")
     a, b, z = torch.randn(1, 8), torch.randn(1, 8), torch.randn(1, 8)  # query x, its item's document, item z's
-    codes = {"x": 0, "y": 1, "z": 2}
-    idx = torch.tensor([0])
+    own = torch.tensor([0])  # item codes: x 0, y 1, z 2
 
     def loss(pool, items):
-        return _query_vs_pool(a, b, task, idx, pool, torch.tensor(items), codes, (4, 8), 0.05)
+        return _query_vs_pool(a, b, own, pool, torch.tensor(items), (4, 8), 0.05)
 
     z_only = loss(z, [2])
     # the query's own vector in the pool as its own item's document (the item with tags, say): masked
@@ -374,7 +370,8 @@ def test_stage4_on_trained_weights_keeps_the_best_validated_step_and_saves_a_new
         t.distractors = [synthetic.catalog.content(r, cold=True) for r in range(len(synthetic.catalog)) if r not in own][:40]
         getattr(data, part)["part-item"] = t
     cfg = Config.load(None, workdir=str(tmp_path))
-    tcfg = EmbedderTrainConfig(correction_rank=4, correction_steps=6, val_every=3, correction_batch=16)
+    tcfg = EmbedderTrainConfig(correction_rank=4, correction_steps=6, val_every=3, correction_batch=16,
+                               correction_pairs=20)  # fewer than the task holds: a subset of its pairs
     folder, test_metrics = correct_weights(DEFAULT_WEIGHTS, data, tmp_path / "w", cfg.tracking_uri, tcfg, tmp_path / "cache")
 
     manifest = json.loads((folder / "manifest.json").read_text())

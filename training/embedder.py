@@ -318,8 +318,8 @@ def fit_correction(model: FusionEncoder, tasks: list[PairTask], centres: Modalit
                 for j, i in enumerate(keep):
                     if contents[i].item_id is not None:
                         pool.setdefault((contents[i].item_id, sigs[j]), enc[side][0][j])
-        sides.append((task, enc, torch.from_numpy(task.groups[keep])))
-    names = sorted({s for _, enc, _ in sides for side in enc.values() for s in side[1] if s.split(":", 1)[0] in cfg.correction_tasks})
+        sides.append((task, enc, torch.from_numpy(task.groups[keep]), [task.b[i].item_id for i in keep]))
+    names = sorted({s for _, enc, _, _ in sides for side in enc.values() for s in side[1] if s.split(":", 1)[0] in cfg.correction_tasks})
     V = nn.Parameter(torch.randn(len(names), d, r) * 0.01)
     U = nn.Parameter(torch.zeros(len(names), d, r))  # x + (x V) U^T: the identity at the start
     col = {n: i for i, n in enumerate(names)}
@@ -350,14 +350,15 @@ def fit_correction(model: FusionEncoder, tasks: list[PairTask], centres: Modalit
     dims = model.cfg.matryoshka_dims
     for step in tqdm(range(1, cfg.correction_steps + 1), desc="stage 4: modality-gap correction", unit="step"):
         loss = torch.zeros(())
-        for task, enc, groups in sides:
+        for task, enc, groups, b_items in sides:
             idx = torch.from_numpy(rng.choice(len(groups), size=min(cfg.correction_batch, len(groups)), replace=False))
             (xa, sa), (xb, sb) = enc["a"], enc["b"]
             a = mapped(xa[idx], torch.tensor([code(sa[i]) for i in idx.tolist()]))
             b = mapped(xb[idx], torch.tensor([code(sb[i]) for i in idx.tolist()]))
             if task.a_task == "query" and task.b_task == "document" and len(pool_keys):
+                own = torch.tensor([item_code.get(b_items[i], -1) for i in idx.tolist()])
                 loss = loss + cfg.correction_search_weight * _query_vs_pool(
-                    a, b, task, idx, mapped(pool_x, pool_sig), pool_item, item_code, dims, temperature)
+                    a, b, own, mapped(pool_x, pool_sig), pool_item, dims, temperature)
             else:
                 loss = loss + info_nce(a, b, groups[idx], temperature, dims)
         opt.zero_grad()
@@ -374,10 +375,10 @@ def fit_correction(model: FusionEncoder, tasks: list[PairTask], centres: Modalit
                   "signatures": sorted(kept.maps), "pool_documents": len(pool_keys)}
 
 
-def _query_vs_pool(a, b, task: PairTask, idx, pool, pool_item, item_code, dims, temperature) -> torch.Tensor:
-    """One-part queries (B, d) against their own items ``b`` (B, d) and every pool document (P, d); pool rows of
-    the query's own item are masked. Mean over Matryoshka prefixes of the cross-entropy."""
-    own = torch.tensor([item_code.get(task.b[i].item_id, -1) for i in idx.tolist()])
+def _query_vs_pool(a, b, own, pool, pool_item, dims, temperature) -> torch.Tensor:
+    """One-part queries (B, d) against their own items ``b`` (B, d) and every pool document (P, d); pool rows
+    whose item code (``pool_item``, (P,)) is the query's own (``own``, (B,); -1: none) are masked. Mean over
+    Matryoshka prefixes of the cross-entropy."""
     mask = pool_item[None, :] == own[:, None]  # (B, P)
     total = a.new_zeros(())
     for k in dims:
