@@ -316,6 +316,22 @@ def bench_cold_tower(args) -> dict:
     return train_variants(Path(args.workdir) / "cold-tower", variants, args.posters, protocols=("cold",))
 
 
+def bench_cold_content(args) -> dict:
+    """COLD (no newest slot, no ids, the demo's choice there): the two-tower trained on every item as a brand-new
+    item looks (no user tags: ``[train] cold_item_content = "new"``) vs with the tags of the training window
+    ("full"), on each item input. A cold item never has tags, so "full" trains on inputs the test never shows."""
+    from benchmarks.training_bench import ITEM_INPUTS, train_variants
+
+    variants, inputs = {}, {}
+    for label in ITEM_INPUTS:
+        for content in ("new", "full"):
+            name = f"{label}, {content}"
+            variants[name] = {"cold_item_content": content, "newest_items": 0, "id_embeddings": False}
+            inputs[name] = label
+    return train_variants(Path(args.workdir) / "cold-content", variants, args.posters, protocols=("cold",),
+                          inputs=inputs)
+
+
 def bench_learning_rate(args) -> dict:
     """LOO and COLD: the two-tower's learning rate, chosen on validation (summed over the protocols)."""
     from benchmarks.training_bench import train_variants
@@ -366,10 +382,10 @@ def bench_experiment(args) -> dict:
     return run(args)
 
 
-BENCHES = {"negatives": bench_negatives, "learning-rate": bench_learning_rate, "part-search": bench_part_search, "part-search-dims": bench_part_search_dims, "towers": bench_towers, "newest-items": bench_newest_items, "id-lr": bench_id_lr, "cold-tower": bench_cold_tower, "demo": bench_demo, "demo-fused": bench_demo_fused, "demo-newest": bench_demo_newest, "demo-ids": bench_demo_ids, "loo-shift": bench_loo_shift, "features": bench_features, "embedder": bench_embedder, "training": bench_training,
+BENCHES = {"negatives": bench_negatives, "learning-rate": bench_learning_rate, "part-search": bench_part_search, "part-search-dims": bench_part_search_dims, "towers": bench_towers, "newest-items": bench_newest_items, "id-lr": bench_id_lr, "cold-tower": bench_cold_tower, "cold-content": bench_cold_content, "demo": bench_demo, "demo-fused": bench_demo_fused, "demo-newest": bench_demo_newest, "demo-ids": bench_demo_ids, "loo-shift": bench_loo_shift, "features": bench_features, "embedder": bench_embedder, "training": bench_training,
            "cold-prior": bench_cold_prior, "inputs": bench_inputs, "embedder-recipe": bench_embedder_recipe,
            "serving": bench_serving, "nightly": bench_nightly, "experiment": bench_experiment}
-ORDER = ["demo", "demo-fused", "demo-newest", "demo-ids", "loo-shift", "learning-rate", "negatives", "inputs", "inputs-weights", "towers", "newest-items", "id-lr", "cold-tower", "part-search", "part-search-dims", "serving", "nightly", "experiment", "features", "embedder", "embedder-recipe", "training", "cold-prior"]
+ORDER = ["demo", "demo-fused", "demo-newest", "demo-ids", "loo-shift", "learning-rate", "negatives", "inputs", "inputs-weights", "towers", "newest-items", "id-lr", "cold-tower", "cold-content", "part-search", "part-search-dims", "serving", "nightly", "experiment", "features", "embedder", "embedder-recipe", "training", "cold-prior"]
 
 
 # Rendering --------------------------------------------------------------------------------------------
@@ -736,17 +752,23 @@ def render_variants(blob: dict) -> list[str]:
     else:
         lines_w = []
     if r.get("inputs"):
-        head = ("The same splits, features and `[train]` settings; item vectors per variant: " +
-                "; ".join(f"{k}: {v}" for k, v in r["inputs"].items()) + " (user tags limited to each protocol's training window).")
+        settings = {k: v for k, v in r["variants"].items() if v}
+        head = ("The same splits and features; item vectors per variant: " +
+                "; ".join(f"{k}: {v}" for k, v in r["inputs"].items()) + " (user tags limited to each protocol's training window)"
+                + ("; `[train]` settings per variant: " + "; ".join(f"{k}: `{v}`" for k, v in settings.items()) if settings
+                   else "; the same `[train]` settings") + ".")
     else:
         head = "The same splits, features and item vectors; `[train]` settings per variant: " + "; ".join(
             f"{k}: `{v}`" for k, v in r["variants"].items()) + "."
+    val_r50 = all("val Recall@50" in v for p in r["protocols"].values() for v in p["variants"].values())
     lines = lines_w + [head + " Test metrics, mean [95% bootstrap CI]:", "",
-             "| protocol | variant | val NDCG@10 | epochs | seconds | HR@10 | Recall@50 | NDCG@10 |", "|---|---|---|---|---|---|---|---|"]
+             "| protocol | variant | val NDCG@10 | " + ("val Recall@50 | " if val_r50 else "") + "epochs | seconds | HR@10 | Recall@50 | NDCG@10 |",
+             "|---|---|---|---|---|---|---|---|" + ("---|" if val_r50 else "")]
     for protocol, p in r["protocols"].items():
         for name, v in p["variants"].items():
             cells = [f"{v[m]['mean']:.3f} [{v[m]['low']:.3f}, {v[m]['high']:.3f}]" for m in ("HR@10", "Recall@50", "NDCG@10")]
-            lines.append(f"| {protocol} | {name} | {v['val NDCG@10']:.4f} | {v['epochs']} | {v['seconds']} | " + " | ".join(cells) + " |")
+            lines.append(f"| {protocol} | {name} | {v['val NDCG@10']:.4f} | " + (f"{v['val Recall@50']:.4f} | " if val_r50 else "")
+                         + f"{v['epochs']} | {v['seconds']} | " + " | ".join(cells) + " |")
     first = next(iter(r["variants"]))
     for protocol, p in r["protocols"].items():
         for name, d in p["minus_first"].items():
@@ -778,6 +800,8 @@ RENDER = {"demo": ("Demo: stage timings and metrics", render_demo),
           "newest-items": ("User tower: the newest recent items in their own slots, beside the pooling (issue: quality)", render_variants),
           "id-lr": ("Learned item ids and the id table's learning rate, LOO (issue: quality)", render_variants),
           "cold-tower": ("COLD: the towers' width and hard negatives (issue: quality)", render_variants),
+          "cold-content": ("COLD: the two-tower trained on items as new items look (no user tags) or with their tags (issue: quality)",
+                           render_variants),
           "learning-rate": ("Two-tower learning rate, chosen on validation (issue: quality)", render_variants),
           "negatives": ("Two-tower training: hidden ids and stats, uniform negatives, logQ, chosen on validation (issue: quality)", render_variants),
           "part-search": ("Search by one part of an item (issue: your own catalog)", render_part_search),

@@ -14,7 +14,7 @@ from recsys.eval import make_split
 from recsys.eval.baselines import EASE, ContentKNN, ItemKNN, Popularity
 from recsys.eval.evaluate import evaluate, score_topk
 from recsys.pipeline import (ItemVectors, ProtocolRun, build_features, console, embed_catalog, item_input_candidates,
-                             results_json, results_table, tags_in_training_window)
+                             protocol_vectors, results_json, results_table)
 
 ABLATION = {
     "in-batch only": {"logq_correction": False, "mixed_negatives": 0, "hard_negatives": 0},
@@ -184,7 +184,8 @@ def train_variants(workdir: Path, variants: dict[str, dict], posters: str | None
     Args:
         inputs: variant name -> its item vectors, one of ITEM_INPUTS (default "fused", the embedder's vectors of
             the whole item; "text-only": of its text parts alone; "concatenated": both side by side). Every
-            input has the user tags limited to the protocol's training window.
+            input has the user tags limited to the protocol's training window; on COLD the variant's
+            ``cold_item_content`` says whether items are read without them (recsys.pipeline.protocol_vectors).
         embedder_weights: a local-embedder weights folder to use instead of the installed one."""
     inputs = inputs or {}
     if bad := {v for v in inputs.values() if v not in ITEM_INPUTS}:
@@ -201,28 +202,28 @@ def train_variants(workdir: Path, variants: dict[str, dict], posters: str | None
     all_inputs = item_inputs(base, ds, iv) if set(inputs.values()) - {"fused"} else {"fused": iv}
     for protocol in protocols:
         split = make_split(protocol, ds, base.eval)
-        spaces = {}
-        for label, civ in all_inputs.items():
-            pds, spaces[label] = tags_in_training_window(base, ds, civ, split)
-        features: dict = {}  # item input -> (vectors, Feast repo), built once per protocol
-        for space in sorted({inputs.get(name, "fused") for name in variants}):
-            sv = spaces[space]
-            vec = sv.with_cold(split.cold_items) if protocol == "cold" else sv.vectors
-            features[space] = vec, build_features(base, pds, vec, sv, split.train, name=f"{protocol}_{space.replace('-', '')}",
-                                                  materialize=False)
-        caches: dict = {space: {} for space in features}  # training rows, one set per item input
+        features: dict = {}  # (item input, cold_item_content) -> (vectors, Feast repo, dataset), built once
+        caches: dict = {}  # training rows, one set per features key
         rows, tests, vals = {}, [], []
         for name, over in variants.items():
             cfg = Config.load(None, workdir=str(workdir), train=over, embedder=emb)
             space = inputs.get(name, "fused")
-            vectors, repo = features[space]
+            key = space, cfg.train.cold_item_content if protocol == "cold" else None
+            if key not in features:
+                pds, sv, vec = protocol_vectors(cfg, ds, all_inputs[space], split)
+                tag = "" if key[1] in (None, "new") else f"_{key[1]}"
+                features[key] = vec, build_features(base, pds, vec, sv, split.train, materialize=False,
+                                                    name=f"{protocol}_{space.replace('-', '')}{tag}"), pds
+                caches[key] = {}
+            vectors, repo, pds = features[key]
             t0 = time.time()
-            trained = fit_two_tower(cfg, pds.catalog, split, repo, vectors, name=name, rows_cache=caches[space])
+            trained = fit_two_tower(cfg, pds.catalog, split, repo, vectors, name=name, rows_cache=caches[key])
             test = trained.evaluate(split, pds.catalog, cfg, n_boot=base.eval.bootstrap, keep_topk=True)
             tests.append(test)
             vals.append(trained.evaluate(split, pds.catalog, cfg, part="val", n_boot=1, keep_topk=True))
             best_val = max(r.estimates["NDCG@10"].mean for r in trained.val_results)
-            rows[name] = {"val NDCG@10": best_val, "epochs": trained.epochs, "seconds": round(time.time() - t0, 1),
+            rows[name] = {"val NDCG@10": best_val, "val Recall@50": vals[-1].estimates["Recall@50"].mean,
+                          "epochs": trained.epochs, "seconds": round(time.time() - t0, 1),
                           **{m: {"mean": e.mean, "low": e.low, "high": e.high} for m, e in test.estimates.items()}}
             console.print(f"{protocol} {name}: val NDCG@10 {best_val:.4f}; test " +
                           ", ".join(f"{m} {e}" for m, e in test.estimates.items()))

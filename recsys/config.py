@@ -103,6 +103,12 @@ class TrainConfig(_Section):
     # (benchmarks, `fit_two_tower`) reads a list's first value.
     newest_items: int | list[int] = [0, 1]
     newest_skip: bool = False  # a linear path from the newest item's content to the user vector
+    # COLD: the item content the two-tower trains on. "new": every item as a brand-new item looks (its own
+    # content, no user-derived parts such as MovieLens tags), which is all a cold item has, so the item tower
+    # learns on the inputs it is scored with; "full": with the user tags of the training window (cold items
+    # still without). Tagged items are the popular ones, so under "full" the towers learn tag-bearing vectors
+    # and meet none at test (`python -m benchmarks.run cold-content`).
+    cold_item_content: Literal["new", "full"] = "new"
     max_epochs: int = 10
     # With several item inputs (embedder.item_input auto), each is first trained this many epochs; only the
     # best on validation NDCG@10 then continues to max_epochs (successive halving). 0: train each fully.

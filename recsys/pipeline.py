@@ -231,6 +231,34 @@ def tags_in_training_window(cfg: Config, ds: Dataset, iv: ItemVectors, split) ->
                             item_input=iv.item_input)
 
 
+def new_item_vectors(cfg: Config, ds: Dataset, iv: ItemVectors) -> np.ndarray:
+    """(n_items, D): every item as a brand-new item would look, its own content without user-derived parts (tags):
+    rows with such parts take their cold version (``iv.cold``, else embedded now), the others keep ``iv.vectors``."""
+    rows = [r for r, parts in enumerate(ds.catalog.items["parts"].to_list()) if any(p["source"] == "user" for p in parts)]
+    missing = [r for r in rows if r not in iv.cold]
+    vectors = with_cold(iv.vectors, iv.cold, np.array(rows, dtype=np.int64))
+    if missing:
+        res = item_embedder(cfg, iv.item_input).embed_many([ds.catalog.content(r, cold=True) for r in missing],
+                                                           task="document", dim=cfg.embedder.dim)
+        if res.errors:
+            raise EmbeddingFailures({e.item_id or str(e.index): f"without its user tags: {e.message}" for e in res.errors},
+                                    len(missing), 0.0)
+        vectors[missing] = res.vectors
+    return vectors
+
+
+def protocol_vectors(cfg: Config, ds: Dataset, iv: ItemVectors, split) -> tuple[Dataset, ItemVectors, np.ndarray]:
+    """What the two-tower reads on ``split``: the dataset and item vectors with user tags limited to the training
+    window (:func:`tags_in_training_window`) and the (n_items, D) matrix it trains and is scored on. On COLD the
+    cold items take their new-item version, and with ``train.cold_item_content`` "new" every item does."""
+    pds, tiv = tags_in_training_window(cfg, ds, iv, split)
+    if split.name != "cold":
+        return pds, tiv, tiv.vectors
+    if cfg.train.cold_item_content == "new":
+        return pds, tiv, new_item_vectors(cfg, ds, iv)
+    return pds, tiv, tiv.with_cold(split.cold_items)
+
+
 def check_embedder_overlap(cfg: Config, ds: Dataset, iv: ItemVectors, split) -> None:
     """Refuse (DataError) to evaluate ``split`` with local embedder weights that trained on its test items or
     interactions (recsys.embed.provenance); print what was checked."""
@@ -362,8 +390,7 @@ def run_protocol(cfg: Config, ds: Dataset, iv: ItemVectors, protocol: str, regis
     def fit(mode: str, k: int, use_ids: bool) -> float:
         """Train the (item input, newest_items, id_embeddings) variant; its best validation NDCG@10."""
         if mode not in inputs:
-            pds, civ = tags_in_training_window(cfg, ds, candidates[mode], split)
-            cvec = civ.with_cold(split.cold_items) if protocol == "cold" else civ.vectors
+            pds, civ, cvec = protocol_vectors(cfg, ds, candidates[mode], split)
             repo = build_features(cfg, pds, cvec, civ, split.train, materialize=False,
                                   name=protocol if len(candidates) == 1 or mode == "fused" else f"{protocol}_{mode}")
             inputs[mode] = pds, civ, cvec, repo, {}  # the training rows, shared by this input's variants
@@ -567,7 +594,8 @@ def results_json(runs: list[ProtocolRun]) -> list[dict]:
 
 def kept_two_tower(cfg: Config, ds: Dataset, iv: ItemVectors, split):
     """The two-tower checkpoint kept for ``split``'s protocol (:func:`keep_checkpoint`) with the item vectors it
-    was trained on: its item input, user tags in the training window, cold rows from ``iv.cold`` on COLD.
+    was trained on (:func:`protocol_vectors`): its item input, user tags in the training window, on COLD the
+    new-item versions (``train.cold_item_content``).
 
     Returns:
         (TrainedTwoTower, item input, the ItemVectors it reads)."""
@@ -578,8 +606,7 @@ def kept_two_tower(cfg: Config, ds: Dataset, iv: ItemVectors, split):
     mode_file = ckpt.parent / "item_input.json"
     mode = json.loads(mode_file.read_text())["item_input"] if mode_file.exists() else iv.item_input
     civ = iv if mode == iv.item_input else item_input_candidates(cfg.with_item_input("auto"), ds, iv)[mode]
-    _, tiv = tags_in_training_window(cfg, ds, civ, split)
-    tvec = tiv.with_cold(split.cold_items) if split.name == "cold" else tiv.vectors
+    _, tiv, tvec = protocol_vectors(cfg, ds, civ, split)
     return TrainedTwoTower("two-tower", TwoTowerModule.from_checkpoint(ckpt), tvec), mode, tiv
 
 
