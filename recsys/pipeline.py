@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from recsys.config import Config
+from recsys.content import ContentError
 from recsys.data import Dataset, load_dataset
 from recsys.embed import Embedder, item_embedder, make_embedder
 from recsys.embed.item_input import concat, input_version, weights_version
@@ -233,17 +234,26 @@ def tags_in_training_window(cfg: Config, ds: Dataset, iv: ItemVectors, split) ->
 
 def new_item_vectors(cfg: Config, ds: Dataset, iv: ItemVectors) -> np.ndarray:
     """(n_items, D): every item as a brand-new item would look, its own content without user-derived parts (tags):
-    rows with such parts take their cold version (``iv.cold``, else embedded now), the others keep ``iv.vectors``."""
+    rows with such parts take their cold version (``iv.cold``, else embedded now), the others keep ``iv.vectors``.
+    An item whose content without them does not embed (nothing but tags) keeps its vector, and is named."""
     rows = [r for r, parts in enumerate(ds.catalog.items["parts"].to_list()) if any(p["source"] == "user" for p in parts)]
     missing = [r for r in rows if r not in iv.cold]
     vectors = with_cold(iv.vectors, iv.cold, np.array(rows, dtype=np.int64))
-    if missing:
-        res = item_embedder(cfg, iv.item_input).embed_many([ds.catalog.content(r, cold=True) for r in missing],
-                                                           task="document", dim=cfg.embedder.dim)
-        if res.errors:
-            raise EmbeddingFailures({e.item_id or str(e.index): f"without its user tags: {e.message}" for e in res.errors},
-                                    len(missing), 0.0)
-        vectors[missing] = res.vectors
+    contents, kept = [], {}  # kept: item id -> why it keeps its tagged vector
+    for r in missing:
+        try:
+            contents.append((r, ds.catalog.content(r, cold=True)))
+        except ContentError as exc:  # nothing of its own but tags
+            kept[ds.catalog.ids[r]] = exc.problem
+    if contents:
+        res = item_embedder(cfg, iv.item_input).embed_many([c for _, c in contents], task="document",
+                                                           dim=cfg.embedder.dim)
+        done = np.array([r for r, _ in contents])[res.ok]
+        vectors[done] = res.vectors[res.ok]
+        kept |= {e.item_id or str(e.index): e.message for e in res.errors}
+    if kept:
+        console.print(f"[yellow]{len(kept)} item(s) have no content of their own that embeds without their user tags "
+                      f"and keep their tagged vectors[/yellow], e.g. " + "; ".join(f"{i}: {m}" for i, m in list(kept.items())[:5]))
     return vectors
 
 

@@ -356,3 +356,46 @@ def test_the_pipeline_chooses_the_item_input_on_validation_registers_it_and_ever
     own = run.trained.evaluate(run.split, ds.catalog, cfg, n_boot=10, keep_topk=True)
     shared = run.trained.evaluate(run.split, ds.catalog, cfg, n_boot=10, keep_topk=True, ranked=ranked)
     assert np.array_equal(own.topk, shared.topk) and own.per_user.equals(shared.per_user)
+
+
+def test_cold_trains_on_items_as_new_items_look_unless_told_to_keep_their_tags(synthetic, tmp_path, capsys):
+    """COLD scores cold items on their own content (no user tags): with ``cold_item_content`` "new" (the default)
+    the two-tower also reads every other item that way, with "full" the warm items keep their tags; an item that
+    is nothing but tags keeps its vector (and is named); LOO always reads the tags."""
+    import polars as pl
+
+    from recsys.data.types import Catalog
+    from recsys.embed import item_embedder
+    from recsys.eval import make_split
+    from recsys.pipeline import embed_catalog, new_item_vectors, protocol_vectors
+    from tests.conftest import small_config
+
+    cfg = small_config(tmp_path)
+    cold_items = make_split("cold", synthetic, cfg.eval).cold_items
+    warm = [r for r in range(len(synthetic.catalog)) if r not in set(cold_items.tolist())]
+    tags_only = next(r for r in warm if not synthetic.catalog.modalities[r, 1])  # no image: the COLD pool stays
+    tagged = [r for r in warm if r != tags_only][:3] + [int(cold_items[0])]
+    tag = {"kind": "text", "text": "tags: slow burn, great soundtrack", "path": None, "source": "user"}
+    parts = [[tag] if r == tags_only else (p + [tag] if r in tagged else p)
+             for r, p in enumerate(synthetic.catalog.items["parts"].to_list())]
+    items = synthetic.catalog.items.with_columns(pl.Series("parts", parts, dtype=synthetic.catalog.items.schema["parts"]))
+    ds = synthetic._like(Catalog(items), synthetic.interactions.frame)
+    iv, ds = embed_catalog(cfg, ds, cold=True, save=False)
+    split = make_split("cold", ds, cfg.eval)
+    assert np.array_equal(split.cold_items, cold_items)
+    emb = item_embedder(cfg, "fused")
+    own = emb.embed([ds.catalog.content(r, cold=True) for r in tagged], dim=cfg.embedder.dim)
+    capsys.readouterr()
+    _, _, new = protocol_vectors(cfg, ds, iv, split)
+    assert "keep their tagged vectors" in (said := capsys.readouterr().out) and ds.catalog.ids[tags_only] in said
+    _, _, full = protocol_vectors(cfg.with_train(cold_item_content="full"), ds, iv, split)
+    np.testing.assert_allclose(new[tagged], own, atol=1e-5)  # warm and cold tagged items, without their tags
+    np.testing.assert_allclose(full[tagged[:-1]], iv.vectors[tagged[:-1]])  # "full": warm items keep their tags...
+    np.testing.assert_allclose(full[tagged[-1]], own[-1], atol=1e-5)  # ... a cold item never has them
+    assert not np.allclose(new[tagged[0]], full[tagged[0]], atol=1e-3)
+    untouched = [r for r in range(len(ds.catalog)) if r not in tagged]
+    np.testing.assert_array_equal(new[untouched], iv.vectors[untouched])  # tags_only included: it keeps its vector
+    assert np.isfinite(new).all()
+    _, _, loo = protocol_vectors(cfg, ds, iv, make_split("loo", ds, cfg.eval))
+    np.testing.assert_array_equal(loo, iv.vectors)
+    assert np.array_equal(new_item_vectors(cfg, ds, iv), new)
