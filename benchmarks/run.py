@@ -317,16 +317,21 @@ def bench_cold_tower(args) -> dict:
 
 
 def bench_cold_content(args) -> dict:
-    """COLD (no newest slot, no ids, the demo's choice there): the two-tower trained on every item as a brand-new
-    item looks (no user tags: ``[train] cold_item_content = "new"``) vs with the tags of the training window
-    ("full"), on each item input. A cold item never has tags, so "full" trains on inputs the test never shows."""
+    """COLD (no newest slot, no ids, the demo's choice there), on each item input: the two-tower trained with the
+    tags of the training window and statistics hidden for half the examples (the defaults until 2026-12-06:
+    ``[train] cold_item_content = "full"``, ``cold_id_dropout = 0.5``), on every item as a brand-new item looks
+    (no user tags: "new"), and that with statistics hidden for every example (``cold_id_dropout = 1``, "no stats").
+    A cold item never has tags or statistics, so the first trains on inputs the test never shows."""
     from benchmarks.training_bench import ITEM_INPUTS, train_variants
 
     variants, inputs = {}, {}
+    settings = {"full": {"cold_item_content": "full", "cold_id_dropout": 0.5},
+                "new": {"cold_item_content": "new", "cold_id_dropout": 0.5},
+                "new, no stats": {"cold_item_content": "new", "cold_id_dropout": 1.0}}
     for label in ITEM_INPUTS:
-        for content in ("new", "full"):
-            name = f"{label}, {content}"
-            variants[name] = {"cold_item_content": content, "newest_items": 0, "id_embeddings": False}
+        for what, over in settings.items():
+            name = f"{label}, {what}"
+            variants[name] = {**over, "newest_items": 0, "id_embeddings": False}
             inputs[name] = label
     return train_variants(Path(args.workdir) / "cold-content", variants, args.posters, protocols=("cold",),
                           inputs=inputs)
@@ -345,9 +350,9 @@ def bench_negatives(args) -> dict:
     stats are hidden (cold items have neither), the uniform extra negatives, and the logQ correction."""
     from benchmarks.training_bench import train_variants
 
-    uniform = {"mixed_negatives": 1024}  # the default until this benchmark chose 0
+    uniform = {"mixed_negatives": 1024, "cold_id_dropout": 0.5}  # the defaults when this benchmark chose 0 negatives
     return train_variants(Path(args.workdir) / "negatives", {
-        "1,024 uniform negatives": uniform, "id/stats hidden 90%": {**uniform, "id_dropout": 0.9},
+        "1,024 uniform negatives": uniform, "id/stats hidden 90%": {**uniform, "id_dropout": 0.9, "cold_id_dropout": 0.9},
         "no uniform negatives": {"mixed_negatives": 0}, "no logQ correction": {**uniform, "logq_correction": False}},
         args.posters)
 
@@ -800,7 +805,7 @@ RENDER = {"demo": ("Demo: stage timings and metrics", render_demo),
           "newest-items": ("User tower: the newest recent items in their own slots, beside the pooling (issue: quality)", render_variants),
           "id-lr": ("Learned item ids and the id table's learning rate, LOO (issue: quality)", render_variants),
           "cold-tower": ("COLD: the towers' width and hard negatives (issue: quality)", render_variants),
-          "cold-content": ("COLD: the two-tower trained on items as new items look (no user tags) or with their tags (issue: quality)",
+          "cold-content": ("COLD: the two-tower trained on items as new items look (no user tags, no statistics) or not (issue: quality)",
                            render_variants),
           "learning-rate": ("Two-tower learning rate, chosen on validation (issue: quality)", render_variants),
           "negatives": ("Two-tower training: hidden ids and stats, uniform negatives, logQ, chosen on validation (issue: quality)", render_variants),

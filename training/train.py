@@ -176,7 +176,7 @@ def fit_two_tower(cfg: Config, catalog: Catalog, split: Split, repo: FeatureRepo
 def _two_tower_data(cfg: Config, catalog: Catalog, split: Split, repo: FeatureRepo, content_vectors: np.ndarray,
                     use_ids: bool | None, rows_cache: dict | None) -> tuple[TwoTowerData, TwoTowerModule]:
     """The training rows (from Feast), the validation inputs and a fresh model for :func:`fit_two_tower`."""
-    t, e = cfg.train, cfg.embedder
+    t, e = cfg.train.for_protocol(split.name), cfg.embedder
     dim = content_vectors.shape[1]
     key = (split.name, repo.views.item_embedding.name)
     if rows_cache is not None and key in rows_cache:
