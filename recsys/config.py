@@ -175,8 +175,11 @@ class TrainConfig(_Section):
 
     def for_protocol(self, protocol: str) -> "TrainConfig":
         """The settings a fit on ``protocol`` trains with: COLD hides ids and statistics for ``cold_id_dropout``
-        of the examples, the others for ``id_dropout``."""
-        return self.model_copy(update={"id_dropout": self.cold_id_dropout}) if protocol == "cold" else self
+        of the examples, the others for ``id_dropout``; with every one hidden there is no id table to learn."""
+        if protocol != "cold":
+            return self
+        update = {"id_dropout": self.cold_id_dropout} | ({"id_embeddings": False} if self.cold_id_dropout >= 1.0 else {})
+        return self.model_copy(update=update)
 
 
 class ServeConfig(_Section):

@@ -389,9 +389,7 @@ def run_protocol(cfg: Config, ds: Dataset, iv: ItemVectors, protocol: str, regis
     console.print(split.describe())
     check_embedder_overlap(cfg, ds, iv, split)
     candidates = candidates or {iv.item_input: iv}
-    newest, ids = cfg.train.newest_choices, cfg.train.id_choices
-    if protocol == "cold" and cfg.train.cold_id_dropout >= 1.0:  # ids always hidden in training: none to learn
-        ids = [False]
+    newest, ids = cfg.train.newest_choices, cfg.train.for_protocol(protocol).id_choices
     single = len(candidates) * len(newest) * len(ids) == 1
     # several variants: successive halving. Each trains select_epochs epochs; the best one on validation trains on.
     screen = cfg.train.select_epochs if not single and 0 < cfg.train.select_epochs < cfg.train.max_epochs else 0

@@ -424,4 +424,6 @@ def test_cold_training_hides_every_items_id_and_statistics_as_its_test_items_hav
         stats_hidden = (batch["p_stats"][:, :3] == 0).all(1).numpy()
         hidden[protocol] = stats_hidden.mean(), (~batch["p_id_mask"].numpy()).mean()
     assert hidden["cold"] == (1.0, 1.0)
+    assert cfg.with_train(id_embeddings=[False, True]).train.for_protocol("cold").id_choices == [False]  # nothing to screen
+    assert cfg.with_train(id_embeddings=[False, True], cold_id_dropout=0.5).train.for_protocol("cold").id_choices == [False, True]
     assert 0.3 < hidden["loo"][0] < 0.9 and 0.3 < hidden["loo"][1] < 0.9
