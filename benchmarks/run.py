@@ -337,6 +337,20 @@ def bench_cold_content(args) -> dict:
                           inputs=inputs)
 
 
+def bench_cold_recipe(args) -> dict:
+    """COLD with the item tower reading content alone (the defaults since 2026-12-06: no user tags, every id and
+    statistic hidden; fused input, no newest slot): the training recipe chosen before that, under ids and stats,
+    tried again: the towers' dropout, the learning rate, uniform extra negatives and the logQ correction."""
+    from benchmarks.training_bench import train_variants
+
+    variants = {"default": {}, "dropout 0.3": {"dropout": 0.3}, "dropout 0.5": {"dropout": 0.5},
+                "lr 1.5e-4": {"lr": 1.5e-4}, "1,024 uniform negatives": {"mixed_negatives": 1024},
+                "no logQ correction": {"logq_correction": False}}
+    for over in variants.values():
+        over |= {"newest_items": 0, "id_embeddings": False}
+    return train_variants(Path(args.workdir) / "cold-recipe", variants, args.posters, protocols=("cold",))
+
+
 def bench_learning_rate(args) -> dict:
     """LOO and COLD: the two-tower's learning rate, chosen on validation (summed over the protocols)."""
     from benchmarks.training_bench import train_variants
@@ -387,10 +401,10 @@ def bench_experiment(args) -> dict:
     return run(args)
 
 
-BENCHES = {"negatives": bench_negatives, "learning-rate": bench_learning_rate, "part-search": bench_part_search, "part-search-dims": bench_part_search_dims, "towers": bench_towers, "newest-items": bench_newest_items, "id-lr": bench_id_lr, "cold-tower": bench_cold_tower, "cold-content": bench_cold_content, "demo": bench_demo, "demo-fused": bench_demo_fused, "demo-newest": bench_demo_newest, "demo-ids": bench_demo_ids, "loo-shift": bench_loo_shift, "features": bench_features, "embedder": bench_embedder, "training": bench_training,
+BENCHES = {"negatives": bench_negatives, "learning-rate": bench_learning_rate, "part-search": bench_part_search, "part-search-dims": bench_part_search_dims, "towers": bench_towers, "newest-items": bench_newest_items, "id-lr": bench_id_lr, "cold-tower": bench_cold_tower, "cold-content": bench_cold_content, "cold-recipe": bench_cold_recipe, "demo": bench_demo, "demo-fused": bench_demo_fused, "demo-newest": bench_demo_newest, "demo-ids": bench_demo_ids, "loo-shift": bench_loo_shift, "features": bench_features, "embedder": bench_embedder, "training": bench_training,
            "cold-prior": bench_cold_prior, "inputs": bench_inputs, "embedder-recipe": bench_embedder_recipe,
            "serving": bench_serving, "nightly": bench_nightly, "experiment": bench_experiment}
-ORDER = ["demo", "demo-fused", "demo-newest", "demo-ids", "loo-shift", "learning-rate", "negatives", "inputs", "inputs-weights", "towers", "newest-items", "id-lr", "cold-tower", "cold-content", "part-search", "part-search-dims", "serving", "nightly", "experiment", "features", "embedder", "embedder-recipe", "training", "cold-prior"]
+ORDER = ["demo", "demo-fused", "demo-newest", "demo-ids", "loo-shift", "learning-rate", "negatives", "inputs", "inputs-weights", "towers", "newest-items", "id-lr", "cold-tower", "cold-content", "cold-recipe", "part-search", "part-search-dims", "serving", "nightly", "experiment", "features", "embedder", "embedder-recipe", "training", "cold-prior"]
 
 
 # Rendering --------------------------------------------------------------------------------------------
@@ -805,6 +819,7 @@ RENDER = {"demo": ("Demo: stage timings and metrics", render_demo),
           "newest-items": ("User tower: the newest recent items in their own slots, beside the pooling (issue: quality)", render_variants),
           "id-lr": ("Learned item ids and the id table's learning rate, LOO (issue: quality)", render_variants),
           "cold-tower": ("COLD: the towers' width and hard negatives (issue: quality)", render_variants),
+          "cold-recipe": ("COLD: the training recipe again, with the item tower reading content alone (issue: quality)", render_variants),
           "cold-content": ("COLD: the two-tower trained on items as new items look (no user tags, no statistics) or not (issue: quality)",
                            render_variants),
           "learning-rate": ("Two-tower learning rate, chosen on validation (issue: quality)", render_variants),

@@ -84,6 +84,7 @@ class TrainConfig(_Section):
 
     out_dim: int = 64
     hidden_dim: int = 256
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)  # in both towers' MLPs (and the sequential user encoder)
     # A learned id embedding per item, beside its content (the item tower's and the user tower's recent items').
     # A list: the pipeline screens the values on validation after the item input and newest_items are chosen
     # (one more select_epochs fit of the lead variant with the other value), because the protocols disagree:

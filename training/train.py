@@ -195,7 +195,8 @@ def _two_tower_data(cfg: Config, catalog: Catalog, split: Split, repo: FeatureRe
     seen = history_matrix(split.val.history, split.val.users, catalog.index, len(catalog))
     dm = TwoTowerData(rows, content_vectors, asof, known, ValidationData(split.val, vu, vi, vasof, seen), t)
     tower = TowerConfig(content_dim=dim, n_items=len(catalog), out_dim=t.out_dim, hidden_dim=t.hidden_dim,
-                        use_ids=t.id_choices[0] if use_ids is None else use_ids, recent=cfg.features.recent_items,
+                        dropout=t.dropout, use_ids=t.id_choices[0] if use_ids is None else use_ids,
+                        recent=cfg.features.recent_items,
                         user_encoder=t.user_encoder, newest_items=min(t.newest_choices[0], cfg.features.recent_items),
                         newest_skip=t.newest_skip)
     return dm, TwoTowerModule(tower, t, dm.log_q(), known)
