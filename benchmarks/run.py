@@ -348,7 +348,22 @@ def bench_cold_recipe(args) -> dict:
                 "no logQ correction": {"logq_correction": False}}
     for over in variants.values():
         over |= {"newest_items": 0, "id_embeddings": False}
-    return train_variants(Path(args.workdir) / "cold-recipe", variants, args.posters, protocols=("cold",))
+    return train_variants(Path(args.workdir) / "cold", variants, args.posters, protocols=("cold",))
+
+
+def bench_content_match(args) -> dict:
+    """COLD (new defaults: content alone, no newest slot, no ids), on the fused and concatenated inputs: the
+    two-tower with and without ``[train] content_match`` (the embedder's cosine between the user's history and
+    the item, with a learned weight, added to the towers' score: content-kNN's signal, which the towers' 64-wide
+    output cannot carry in full)."""
+    from benchmarks.training_bench import train_variants
+
+    variants, inputs = {}, {}
+    for label in ("fused", "concatenated"):
+        for what, on in (("towers", False), ("towers + content match", True)):
+            variants[f"{label}, {what}"] = {"content_match": on, "newest_items": 0, "id_embeddings": False}
+            inputs[f"{label}, {what}"] = label
+    return train_variants(Path(args.workdir) / "cold", variants, args.posters, protocols=("cold",), inputs=inputs)
 
 
 def bench_learning_rate(args) -> dict:
@@ -401,10 +416,10 @@ def bench_experiment(args) -> dict:
     return run(args)
 
 
-BENCHES = {"negatives": bench_negatives, "learning-rate": bench_learning_rate, "part-search": bench_part_search, "part-search-dims": bench_part_search_dims, "towers": bench_towers, "newest-items": bench_newest_items, "id-lr": bench_id_lr, "cold-tower": bench_cold_tower, "cold-content": bench_cold_content, "cold-recipe": bench_cold_recipe, "demo": bench_demo, "demo-fused": bench_demo_fused, "demo-newest": bench_demo_newest, "demo-ids": bench_demo_ids, "loo-shift": bench_loo_shift, "features": bench_features, "embedder": bench_embedder, "training": bench_training,
+BENCHES = {"negatives": bench_negatives, "learning-rate": bench_learning_rate, "part-search": bench_part_search, "part-search-dims": bench_part_search_dims, "towers": bench_towers, "newest-items": bench_newest_items, "id-lr": bench_id_lr, "cold-tower": bench_cold_tower, "cold-content": bench_cold_content, "cold-recipe": bench_cold_recipe, "content-match": bench_content_match, "demo": bench_demo, "demo-fused": bench_demo_fused, "demo-newest": bench_demo_newest, "demo-ids": bench_demo_ids, "loo-shift": bench_loo_shift, "features": bench_features, "embedder": bench_embedder, "training": bench_training,
            "cold-prior": bench_cold_prior, "inputs": bench_inputs, "embedder-recipe": bench_embedder_recipe,
            "serving": bench_serving, "nightly": bench_nightly, "experiment": bench_experiment}
-ORDER = ["demo", "demo-fused", "demo-newest", "demo-ids", "loo-shift", "learning-rate", "negatives", "inputs", "inputs-weights", "towers", "newest-items", "id-lr", "cold-tower", "cold-content", "cold-recipe", "part-search", "part-search-dims", "serving", "nightly", "experiment", "features", "embedder", "embedder-recipe", "training", "cold-prior"]
+ORDER = ["demo", "demo-fused", "demo-newest", "demo-ids", "loo-shift", "learning-rate", "negatives", "inputs", "inputs-weights", "towers", "newest-items", "id-lr", "cold-tower", "cold-content", "cold-recipe", "content-match", "part-search", "part-search-dims", "serving", "nightly", "experiment", "features", "embedder", "embedder-recipe", "training", "cold-prior"]
 
 
 # Rendering --------------------------------------------------------------------------------------------
@@ -820,6 +835,7 @@ RENDER = {"demo": ("Demo: stage timings and metrics", render_demo),
           "id-lr": ("Learned item ids and the id table's learning rate, LOO (issue: quality)", render_variants),
           "cold-tower": ("COLD: the towers' width and hard negatives (issue: quality)", render_variants),
           "cold-recipe": ("COLD: the training recipe again, with the item tower reading content alone (issue: quality)", render_variants),
+          "content-match": ("COLD: the embedder's own similarity beside the towers' (`[train] content_match`; issue: quality)", render_variants),
           "cold-content": ("COLD: the two-tower trained on items as new items look (no user tags, no statistics) or not (issue: quality)",
                            render_variants),
           "learning-rate": ("Two-tower learning rate, chosen on validation (issue: quality)", render_variants),

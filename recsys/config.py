@@ -100,6 +100,9 @@ class TrainConfig(_Section):
     # would never train). Validation NDCG@10 rose with it for every item input (`python -m benchmarks.run cold-content`).
     cold_id_dropout: float = Field(1.0, ge=0.0, le=1.0)
     user_encoder: Literal["attention", "sequential"] = "attention"  # how the user tower reads recent items
+    # Add the embedder's own similarity, cos(user history, item content), with a learned weight to the towers'
+    # score (training/towers.py: TowerConfig.content_match); the vectors served grow by the content width.
+    content_match: bool = False
     # The newest k recent items also enter the user tower each in its own slot, not only pooled. A list: the
     # pipeline screens the values jointly with the item inputs on validation and keeps the best (select_epochs
     # fits: every input with the first value, the better half of the inputs with the others), because the

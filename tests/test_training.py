@@ -76,10 +76,12 @@ def test_towers_shapes_and_unit_norm():
     assert (m.id_table.weight[10] == 0).all()
 
 
-@pytest.mark.parametrize("use_ids,item_bias", [(True, True), (False, True), (False, False)])
-def test_item_tower_with_fixed_parts_equals_the_full_pass_under_any_statistics(use_ids, item_bias):
+@pytest.mark.parametrize("use_ids,item_bias,content_match", [(True, True, False), (False, True, False), (False, False, False),
+                                                          (False, True, True), (True, False, True)])
+def test_item_tower_with_fixed_parts_equals_the_full_pass_under_any_statistics(use_ids, item_bias, content_match):
     torch.manual_seed(0)
-    cfg = TowerConfig(content_dim=32, n_items=50, out_dim=8, hidden_dim=24, use_ids=use_ids, item_bias=item_bias)
+    cfg = TowerConfig(content_dim=32, n_items=50, out_dim=8, hidden_dim=24, use_ids=use_ids, item_bias=item_bias,
+                      content_match=content_match)
     tower = TwoTower(cfg).item.eval()
     for p in tower.parameters():  # trained-looking weights: the LayerNorms' gains and shifts are not 1 and 0
         p.data.add_(0.3 * torch.randn_like(p))
@@ -211,6 +213,45 @@ def test_user_tower_reads_its_newest_items_in_their_own_slots_and_exports(tmp_pa
     for bad in ([], [-1], [1, 1]):
         with pytest.raises(ValueError, match="newest_items"):
             TrainConfig(newest_items=bad)
+
+
+def test_content_match_adds_the_learned_weight_times_the_embedders_cosine_and_serves_as_one_inner_product(tmp_path):
+    """With ``content_match`` the inner product of the two towers' outputs is the towers' cosine, plus the learned
+    weight times cos(user history, item content), plus the item's bias (still the last coordinate, which the
+    service's similar-items query sets to 1); the weight learns at its own rate; the user tower still exports."""
+    from recsys.config import TrainConfig
+    from training.module import MATCH_LR, TwoTowerModule
+    from training.train import export_user_tower
+
+    torch.manual_seed(0)
+    kw = dict(content_dim=8, n_items=10, out_dim=4, hidden_dim=16, use_ids=False, recent=4, dropout=0.0)
+    m = TwoTower(TowerConfig(**kw, content_match=True)).eval()
+    assert m.cfg.vector_dim == 4 + 8 + 1 and float(m.user.match.detach()) == 0.0  # starts as the towers alone
+    m.user.match.data.fill_(0.7)
+    content, stats = torch.randn(6, 8), torch.rand(6, 7)
+    rows, known = torch.arange(6), torch.ones(6, dtype=torch.bool)
+    with torch.no_grad():
+        v = m.item(content, stats, rows, known)
+        mask, recent, args = _user_inputs()
+        u = m.user(*args)
+        bias = m.item.bias(torch.cat([content, stats], -1))[:, 0]
+    history = args[0]
+    want = (u[:, :4] @ v[:, :4].T + 0.7 * F.normalize(history, dim=-1) @ F.normalize(content, dim=-1).T + bias)
+    torch.testing.assert_close(u @ v.T, want, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(v[:, -1], bias) and (u[:, -1] == 1).all()
+    program = torch.export.load(str(export_user_tower(m.user, tuple(a.numpy() for a in args), tmp_path / "u.pt2"))).module()
+    torch.testing.assert_close(program(*args), u, atol=1e-5, rtol=1e-5)
+    # its own optimizer group: the first AdamW step moves it by MATCH_LR, the towers by lr
+    module = TwoTowerModule(TowerConfig(**kw, content_match=True), TrainConfig(lr=1e-4, content_match=True),
+                            torch.zeros(10), np.ones(10, bool))
+    opt = module.configure_optimizers()
+    skip = module.model.item.skip.weight.detach().clone()
+    score = module.model.user(*args) @ module.model.item(content, stats, rows, known).T
+    opt.zero_grad()
+    score.sum().backward()
+    opt.step()
+    assert abs(float(module.model.user.match.detach())) == pytest.approx(MATCH_LR, rel=0.05)
+    assert float((module.model.item.skip.weight.detach() - skip).abs().max()) == pytest.approx(1e-4, rel=0.05)
 
 
 def test_the_id_table_learns_at_its_own_rate_when_id_lr_is_set():

@@ -24,6 +24,9 @@ from training.losses import sampled_softmax_loss
 from training.towers import TowerConfig, TwoTower, stats_encoder
 
 
+MATCH_LR = 1e-2  # the content-match weight's learning rate (towers.TowerConfig.content_match)
+
+
 class TwoTowerModule(L.LightningModule):
     def __init__(self, tower: TowerConfig, cfg: TrainConfig, log_q: torch.Tensor, known: np.ndarray):
         super().__init__()
@@ -114,14 +117,17 @@ class TwoTowerModule(L.LightningModule):
 
     def configure_optimizers(self):
         """AdamW; the id table in a group of its own at ``id_lr`` when set (its rows are each updated only when
-        their item is in the batch, and start near zero: the towers' rate leaves them there)."""
-        table = self.model.id_table
-        if table is None or self.cfg.id_lr is None:
-            return torch.optim.AdamW(self.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-        ids = {id(p) for p in table.parameters()}
-        rest = [p for p in self.parameters() if id(p) not in ids]
-        return torch.optim.AdamW([{"params": rest}, {"params": list(table.parameters()), "lr": self.cfg.id_lr}],
-                                 lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        their item is in the batch, and start near zero: the towers' rate leaves them there), the content-match
+        weight in one at MATCH_LR (a single scalar from zero: at the towers' rate it would barely move)."""
+        table, match = self.model.id_table, self.model.user.match
+        groups = []
+        if table is not None and self.cfg.id_lr is not None:
+            groups.append({"params": list(table.parameters()), "lr": self.cfg.id_lr})
+        if match is not None:
+            groups.append({"params": [match], "lr": MATCH_LR, "weight_decay": 0.0})
+        own = {id(p) for g in groups for p in g["params"]}
+        rest = [p for p in self.parameters() if id(p) not in own]
+        return torch.optim.AdamW([{"params": rest}, *groups], lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
 
 
 class RankingValidation(L.Callback):

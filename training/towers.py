@@ -39,6 +39,10 @@ class TowerConfig:
     recent: int = 20
     dropout: float = 0.1
     item_bias: bool = True  # the extra coordinate: a per-item prior from content and stats
+    # The embedder's own similarity beside the learned one: the item's unit content vector and the user's unit
+    # history vector times a learned weight, so the score adds weight * cos(history, content) (content-kNN's
+    # score), which the towers' out_dim bottleneck cannot carry in full
+    content_match: bool = False
     user_encoder: str = "attention"  # how the user tower reads its recent items: "attention" or "sequential"
     seq_layers: int = 2  # sequential: causal self-attention blocks
     seq_heads: int = 2
@@ -47,8 +51,8 @@ class TowerConfig:
 
     @property
     def vector_dim(self) -> int:
-        """Width of both towers' outputs (unit vector + the bias / constant coordinate)."""
-        return self.out_dim + (1 if self.item_bias else 0)
+        """Width of both towers' outputs: the unit vector, the content-match block, the bias / constant coordinate."""
+        return self.out_dim + (self.content_dim if self.content_match else 0) + (1 if self.item_bias else 0)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,7 +71,8 @@ class ItemTower(nn.Module):
         stats: (B, N_ITEM_STATS) as of the query time; zeros for a new item.
         ids: (B,) catalog rows; ``id_mask`` (B,) bool says which ids may be used (known, not dropped).
     Returns:
-        (B, vector_dim): a unit vector, then the item's bias when ``item_bias``.
+        (B, vector_dim): a unit vector, then the unit content vector when ``content_match``, then the item's
+        bias when ``item_bias`` (always the last coordinate).
     Example:
         >>> tower = ItemTower(TowerConfig(content_dim=256, n_items=1000), id_table)
         >>> v = tower(content, stats, ids, id_mask)
@@ -87,7 +92,12 @@ class ItemTower(nn.Module):
             parts.append(self.ids(ids) * id_mask.unsqueeze(-1).float())
         x = torch.cat(parts, -1)
         v = F.normalize(self.skip(content) + self.mlp(x), dim=-1)
-        return torch.cat([v, self.bias(x)], -1) if self.bias is not None else v
+        return self._out(v, content, self.bias(x) if self.bias is not None else None)
+
+    def _out(self, v: torch.Tensor, content: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """[v, unit content (content_match), bias (item_bias)]: (B, vector_dim)."""
+        parts = [v] + ([F.normalize(content, dim=-1)] if self.cfg.content_match else []) + ([bias] if bias is not None else [])
+        return torch.cat(parts, -1) if len(parts) > 1 else v
 
     @torch.no_grad()
     def with_fixed(self, content: torch.Tensor, ids: torch.Tensor, id_mask: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -131,7 +141,7 @@ class ItemTower(nn.Module):
                 h = torch.addmm(pick(fixed_part), s, w_stats).sub_(mu * w_sum).mul_(torch.rsqrt(var + eps).float()).add_(shift)
                 out.append(rest(h))
             v = F.normalize(pick(skip) + out[0], dim=-1)
-            return torch.cat([v, out[1]], -1) if self.bias is not None else v
+            return self._out(v, pick(content), out[1] if self.bias is not None else None)
 
         return encode
 
@@ -204,7 +214,8 @@ class UserTower(nn.Module):
             ``recent_id_mask`` (B, L) True where its id embedding may be used.
         stats: (B, N_USER_STATS).
     Returns:
-        (B, vector_dim): a unit vector, then 1 when the item tower has a bias coordinate.
+        (B, vector_dim): a unit vector, then the unit history vector times the learned ``match`` weight when
+        ``content_match``, then 1 when the item tower has a bias coordinate.
     """
 
     def __init__(self, cfg: TowerConfig, id_table: nn.Embedding | None):
@@ -223,6 +234,7 @@ class UserTower(nn.Module):
         self.mlp = _mlp(d_user, cfg.hidden_dim, cfg.out_dim, cfg.dropout)
         self.skip = nn.Linear(cfg.content_dim, cfg.out_dim, bias=False)
         self.newest_skip = nn.Linear(cfg.content_dim, cfg.out_dim, bias=False) if cfg.newest_skip else None
+        self.match = nn.Parameter(torch.zeros(())) if cfg.content_match else None  # starts as the towers alone
 
     def forward(self, history: torch.Tensor, recent_content: torch.Tensor, recent_ids: torch.Tensor,
                 recent_mask: torch.Tensor, recent_id_mask: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
@@ -246,7 +258,9 @@ class UserTower(nn.Module):
         if self.newest_skip is not None:
             s = s + self.newest_skip(recent_content[:, 0] * recent_mask[:, :1].float())
         u = F.normalize(s + self.mlp(x), dim=-1)
-        return torch.cat([u, torch.ones_like(u[:, :1])], -1) if self.cfg.item_bias else u
+        parts = [u] + ([self.match * F.normalize(history, dim=-1)] if self.match is not None else [])
+        parts += [torch.ones_like(u[:, :1])] if self.cfg.item_bias else []
+        return torch.cat(parts, -1) if len(parts) > 1 else u
 
 
 class TwoTower(nn.Module):

@@ -198,7 +198,7 @@ def _two_tower_data(cfg: Config, catalog: Catalog, split: Split, repo: FeatureRe
                         dropout=t.dropout, use_ids=t.id_choices[0] if use_ids is None else use_ids,
                         recent=cfg.features.recent_items,
                         user_encoder=t.user_encoder, newest_items=min(t.newest_choices[0], cfg.features.recent_items),
-                        newest_skip=t.newest_skip)
+                        newest_skip=t.newest_skip, content_match=t.content_match)
     return dm, TwoTowerModule(tower, t, dm.log_q(), known)
 
 
