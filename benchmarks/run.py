@@ -316,6 +316,17 @@ def bench_cold_tower(args) -> dict:
     return train_variants(Path(args.workdir) / "cold-tower", variants, args.posters, protocols=("cold",))
 
 
+def bench_content_match_loo(args) -> dict:
+    """LOO (the demo's choice there: concatenated input, newest_items 1, learned ids): the two-tower with and
+    without ``[train] content_match`` (see content-match)."""
+    from benchmarks.training_bench import train_variants
+
+    variants = {f"concatenated, {what}": {"content_match": on, "newest_items": 1, "id_embeddings": True}
+                for what, on in (("towers", False), ("towers + content match", True))}
+    return train_variants(Path(args.workdir) / "variants", variants, args.posters, protocols=("loo",),
+                          inputs={name: "concatenated" for name in variants})
+
+
 def bench_cold_content(args) -> dict:
     """COLD (no newest slot, no ids, the demo's choice there), on each item input: the two-tower trained with the
     tags of the training window and statistics hidden for half the examples (the defaults until 2026-12-06:
@@ -348,7 +359,7 @@ def bench_cold_recipe(args) -> dict:
                 "no logQ correction": {"logq_correction": False}}
     for over in variants.values():
         over |= {"newest_items": 0, "id_embeddings": False}
-    return train_variants(Path(args.workdir) / "cold", variants, args.posters, protocols=("cold",))
+    return train_variants(Path(args.workdir) / "variants", variants, args.posters, protocols=("cold",))
 
 
 def bench_content_match(args) -> dict:
@@ -363,7 +374,7 @@ def bench_content_match(args) -> dict:
         for what, on in (("towers", False), ("towers + content match", True)):
             variants[f"{label}, {what}"] = {"content_match": on, "newest_items": 0, "id_embeddings": False}
             inputs[f"{label}, {what}"] = label
-    return train_variants(Path(args.workdir) / "cold", variants, args.posters, protocols=("cold",), inputs=inputs)
+    return train_variants(Path(args.workdir) / "variants", variants, args.posters, protocols=("cold",), inputs=inputs)
 
 
 def bench_learning_rate(args) -> dict:
@@ -416,10 +427,10 @@ def bench_experiment(args) -> dict:
     return run(args)
 
 
-BENCHES = {"negatives": bench_negatives, "learning-rate": bench_learning_rate, "part-search": bench_part_search, "part-search-dims": bench_part_search_dims, "towers": bench_towers, "newest-items": bench_newest_items, "id-lr": bench_id_lr, "cold-tower": bench_cold_tower, "cold-content": bench_cold_content, "cold-recipe": bench_cold_recipe, "content-match": bench_content_match, "demo": bench_demo, "demo-fused": bench_demo_fused, "demo-newest": bench_demo_newest, "demo-ids": bench_demo_ids, "loo-shift": bench_loo_shift, "features": bench_features, "embedder": bench_embedder, "training": bench_training,
+BENCHES = {"negatives": bench_negatives, "learning-rate": bench_learning_rate, "part-search": bench_part_search, "part-search-dims": bench_part_search_dims, "towers": bench_towers, "newest-items": bench_newest_items, "id-lr": bench_id_lr, "cold-tower": bench_cold_tower, "cold-content": bench_cold_content, "cold-recipe": bench_cold_recipe, "content-match": bench_content_match, "content-match-loo": bench_content_match_loo, "demo": bench_demo, "demo-fused": bench_demo_fused, "demo-newest": bench_demo_newest, "demo-ids": bench_demo_ids, "loo-shift": bench_loo_shift, "features": bench_features, "embedder": bench_embedder, "training": bench_training,
            "cold-prior": bench_cold_prior, "inputs": bench_inputs, "embedder-recipe": bench_embedder_recipe,
            "serving": bench_serving, "nightly": bench_nightly, "experiment": bench_experiment}
-ORDER = ["demo", "demo-fused", "demo-newest", "demo-ids", "loo-shift", "learning-rate", "negatives", "inputs", "inputs-weights", "towers", "newest-items", "id-lr", "cold-tower", "cold-content", "cold-recipe", "content-match", "part-search", "part-search-dims", "serving", "nightly", "experiment", "features", "embedder", "embedder-recipe", "training", "cold-prior"]
+ORDER = ["demo", "demo-fused", "demo-newest", "demo-ids", "loo-shift", "learning-rate", "negatives", "inputs", "inputs-weights", "towers", "newest-items", "id-lr", "cold-tower", "cold-content", "cold-recipe", "content-match", "content-match-loo", "part-search", "part-search-dims", "serving", "nightly", "experiment", "features", "embedder", "embedder-recipe", "training", "cold-prior"]
 
 
 # Rendering --------------------------------------------------------------------------------------------
@@ -836,6 +847,7 @@ RENDER = {"demo": ("Demo: stage timings and metrics", render_demo),
           "cold-tower": ("COLD: the towers' width and hard negatives (issue: quality)", render_variants),
           "cold-recipe": ("COLD: the training recipe again, with the item tower reading content alone (issue: quality)", render_variants),
           "content-match": ("COLD: the embedder's own similarity beside the towers' (`[train] content_match`; issue: quality)", render_variants),
+          "content-match-loo": ("LOO: the embedder's own similarity beside the towers' (`[train] content_match`; issue: quality)", render_variants),
           "cold-content": ("COLD: the two-tower trained on items as new items look (no user tags, no statistics) or not (issue: quality)",
                            render_variants),
           "learning-rate": ("Two-tower learning rate, chosen on validation (issue: quality)", render_variants),
