@@ -311,8 +311,8 @@ def bench_cold_tower(args) -> dict:
 
     variants = {"default": {}, "hard negatives 4": {"hard_negatives": 4}, "out_dim 128": {"out_dim": 128},
                 "hidden_dim 512": {"hidden_dim": 512}}
-    for over in variants.values():
-        over |= {"newest_items": 0, "id_embeddings": False}
+    for over in variants.values():  # the defaults when its record was made: no content match
+        over |= {"newest_items": 0, "id_embeddings": False, "cold_content_match": False}
     return train_variants(Path(args.workdir) / "cold-tower", variants, args.posters, protocols=("cold",))
 
 
@@ -342,7 +342,7 @@ def bench_cold_content(args) -> dict:
     for label in ITEM_INPUTS:
         for what, over in settings.items():
             name = f"{label}, {what}"
-            variants[name] = {**over, "newest_items": 0, "id_embeddings": False}
+            variants[name] = {**over, "newest_items": 0, "id_embeddings": False, "cold_content_match": False}
             inputs[name] = label
     return train_variants(Path(args.workdir) / "cold-content", variants, args.posters, protocols=("cold",),
                           inputs=inputs)
@@ -357,8 +357,8 @@ def bench_cold_recipe(args) -> dict:
     variants = {"default": {}, "dropout 0.3": {"dropout": 0.3}, "dropout 0.5": {"dropout": 0.5},
                 "lr 1.5e-4": {"lr": 1.5e-4}, "1,024 uniform negatives": {"mixed_negatives": 1024},
                 "no logQ correction": {"logq_correction": False}}
-    for over in variants.values():
-        over |= {"newest_items": 0, "id_embeddings": False}
+    for over in variants.values():  # the defaults when its record was made: no content match
+        over |= {"newest_items": 0, "id_embeddings": False, "cold_content_match": False}
     return train_variants(Path(args.workdir) / "variants", variants, args.posters, protocols=("cold",))
 
 
@@ -372,7 +372,7 @@ def bench_content_match(args) -> dict:
     variants, inputs = {}, {}
     for label in ("fused", "concatenated"):
         for what, on in (("towers", False), ("towers + content match", True)):
-            variants[f"{label}, {what}"] = {"content_match": on, "newest_items": 0, "id_embeddings": False}
+            variants[f"{label}, {what}"] = {"cold_content_match": on, "newest_items": 0, "id_embeddings": False}
             inputs[f"{label}, {what}"] = label
     return train_variants(Path(args.workdir) / "variants", variants, args.posters, protocols=("cold",), inputs=inputs)
 

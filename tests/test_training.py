@@ -444,7 +444,8 @@ def test_cold_trains_on_items_as_new_items_look_unless_told_to_keep_their_tags(s
 
 def test_cold_training_hides_every_items_id_and_statistics_as_its_test_items_have_none(synthetic, tmp_path):
     """COLD trains with ``cold_id_dropout`` (1: every example's item id and statistics hidden, the item tower learns
-    from content alone, as every cold item is scored); LOO keeps ``id_dropout`` (a share hidden)."""
+    from content alone, as every cold item is scored); LOO keeps ``id_dropout`` (a share hidden). COLD's towers
+    add the embedder's similarity (``cold_content_match``), LOO's do not (``content_match``)."""
     from recsys.eval import make_split
     from recsys.pipeline import build_features, embed_catalog, protocol_vectors
     from tests.conftest import small_config
@@ -454,17 +455,21 @@ def test_cold_training_hides_every_items_id_and_statistics_as_its_test_items_hav
     cfg = small_config(tmp_path)
     assert cfg.train.cold_id_dropout == 1.0 and cfg.train.id_dropout == 0.5
     iv, ds = embed_catalog(cfg, synthetic, cold=True, save=False)
-    hidden = {}
+    hidden, matched = {}, {}
     for protocol in ("cold", "loo"):
         split = make_split(protocol, ds, cfg.eval)
         pds, piv, vec = protocol_vectors(cfg, ds, iv, split)
         repo = build_features(cfg, pds, vec, piv, split.train, name=protocol, materialize=False)
-        dm, _ = _two_tower_data(cfg, pds.catalog, split, repo, vec, True, None)
+        dm, module = _two_tower_data(cfg, pds.catalog, split, repo, vec, True, None)
         dm.epoch = 0
         batch = RandomBatches(dm)[0]
         stats_hidden = (batch["p_stats"][:, :3] == 0).all(1).numpy()
         hidden[protocol] = stats_hidden.mean(), (~batch["p_id_mask"].numpy()).mean()
+        matched[protocol] = module.model.user.match is not None
     assert hidden["cold"] == (1.0, 1.0)
+    assert matched == {"cold": True, "loo": False}  # either setting can be changed:
+    assert not cfg.with_train(cold_content_match=False).train.for_protocol("cold").content_match
+    assert cfg.with_train(content_match=True).train.for_protocol("loo").content_match
     assert cfg.with_train(id_embeddings=[False, True]).train.for_protocol("cold").id_choices == [False]  # nothing to screen
     assert cfg.with_train(id_embeddings=[False, True], cold_id_dropout=0.5).train.for_protocol("cold").id_choices == [False, True]
     assert 0.3 < hidden["loo"][0] < 0.9 and 0.3 < hidden["loo"][1] < 0.9
