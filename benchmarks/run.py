@@ -363,14 +363,14 @@ def bench_cold_recipe(args) -> dict:
 
 
 def bench_content_match(args) -> dict:
-    """COLD (new defaults: content alone, no newest slot, no ids), on the fused and concatenated inputs: the
-    two-tower with and without ``[train] content_match`` (the embedder's cosine between the user's history and
-    the item, with a learned weight, added to the towers' score: content-kNN's signal, which the towers' 64-wide
-    output cannot carry in full)."""
-    from benchmarks.training_bench import train_variants
+    """COLD (new defaults: content alone, no newest slot, no ids), on each item input: the two-tower with and
+    without the content match (``[train] cold_content_match``: the embedder's cosine between the user's history
+    and the item, with a learned weight, added to the towers' score: content-kNN's signal, which the towers'
+    64-wide output cannot carry in full)."""
+    from benchmarks.training_bench import ITEM_INPUTS, train_variants
 
     variants, inputs = {}, {}
-    for label in ("fused", "concatenated"):
+    for label in ITEM_INPUTS:
         for what, on in (("towers", False), ("towers + content match", True)):
             variants[f"{label}, {what}"] = {"cold_content_match": on, "newest_items": 0, "id_embeddings": False}
             inputs[f"{label}, {what}"] = label
