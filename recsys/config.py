@@ -84,7 +84,8 @@ class TrainConfig(_Section):
 
     out_dim: int = 64
     hidden_dim: int = 256
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)  # in both towers' MLPs (and the sequential user encoder)
+    # in both towers' MLPs (and the sequential user encoder); 0.3 and 0.5 were worse on COLD validation (`cold-recipe`)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
     # A learned id embedding per item, beside its content (the item tower's and the user tower's recent items').
     # A list: the pipeline screens the values on validation after the item input and newest_items are chosen
     # (one more select_epochs fit of the lead variant with the other value), because the protocols disagree:
@@ -105,8 +106,8 @@ class TrainConfig(_Section):
     # for the concatenated input). LOO, TEMPORAL; COLD reads cold_content_match.
     content_match: bool = False
     # COLD's content_match: content is all a cold item has, and the towers' 64-wide output does not carry all of the
-    # embedder's similarity; with it COLD validation NDCG@10 rose for the fused and concatenated inputs
-    # (`python -m benchmarks.run content-match`).
+    # embedder's similarity; with it COLD validation NDCG@10 rose for every item input
+    # (`python -m benchmarks.run content-match`); on LOO it fell (`content-match-loo`).
     cold_content_match: bool = True
     # The newest k recent items also enter the user tower each in its own slot, not only pooled. A list: the
     # pipeline screens the values jointly with the item inputs on validation and keeps the best (select_epochs
