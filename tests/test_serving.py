@@ -43,10 +43,16 @@ def trained(tmp_path_factory):
     pl.concat([frame, heavy.cast(frame.schema)]).write_csv(data / "interactions.csv")
     # the concatenated item input (fused and text-only vectors side by side, twice as wide): every online path,
     # search and the nightly job included, must work in a space other than the embedder's own (the demo's auto
-    # choice is tested in test_e2e)
+    # choice is tested in test_e2e); with the content match ([train] content_match, off by default on LOO: test_e2e
+    # serves that) the towers' vectors also carry the content block, so they must work at that width too
     cfg = small_config(root / "work", data={"source": "synthetic", "path": str(data)}, eval={"protocols": ["loo"]},
-                       embedder={"item_input": "concat"})
+                       embedder={"item_input": "concat"}, train={"content_match": True})
     run_demo(cfg, sample_users=1)
+    from serving.service import ModelBundle
+
+    served = ModelBundle.from_mlflow(cfg, published=False)
+    assert served.config["tower"]["content_match"]
+    assert served.item_vectors.shape[1] == cfg.train.out_dim + 2 * cfg.embedder.dim + 1 == served.queries.shape[1]
     return cfg
 
 
