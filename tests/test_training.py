@@ -465,6 +465,16 @@ def test_cold_training_hides_every_items_id_and_statistics_as_its_test_items_hav
         batch = RandomBatches(dm)[0]
         stats_hidden = (batch["p_stats"][:, :3] == 0).all(1).numpy()
         hidden[protocol] = stats_hidden.mean(), (~batch["p_id_mask"].numpy()).mean()
+        # mined hard negatives hide theirs at the same rate (never only the positives': the stats would tell them apart)
+        dm.hard = np.random.default_rng(0).integers(0, dm.n_items, (len(dm.rows.times), 3))
+        mined = RandomBatches(dm)[0]
+        dm.hard = None
+        shown = (mined["h_stats"][..., :3] != 0).any(-1).numpy()
+        known = dm.known[mined["h_rows"].numpy()]  # ids that could be shown
+        if protocol == "cold":
+            assert known.any() and not shown.any() and not mined["h_id_mask"].numpy().any()
+        else:
+            assert shown.any() and 0.3 < mined["h_id_mask"].numpy()[known].mean() < 0.7
         matched[protocol] = module.model.user.match is not None
     assert hidden["cold"] == (1.0, 1.0)
     assert matched == {"cold": True, "loo": False}  # either setting can be changed:

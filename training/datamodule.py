@@ -77,13 +77,15 @@ class RandomBatches(Dataset):
             n_stats[n_cold, :3] = 0.0
             batch.update(n_content=torch.from_numpy(dm.item_content[neg]), n_stats=torch.from_numpy(n_stats),
                          n_rows=torch.from_numpy(neg), n_id_mask=torch.from_numpy(dm.known[neg] & ~n_cold))
-        if dm.hard is not None:
+        if dm.hard is not None:  # hidden at the same rate: a negative that alone shows its stats is told apart by them
             hard = dm.hard[idx]  # (B, H) catalog rows
             flat = hard.ravel()
             h_stats = dm.asof.at(flat, t_batch)
+            h_cold = rng.random(len(flat)) < cfg.id_dropout
+            h_stats[h_cold, :3] = 0.0
             batch.update(h_content=torch.from_numpy(dm.item_content[flat]).view(*hard.shape, -1),
                          h_stats=torch.from_numpy(h_stats).view(*hard.shape, -1), h_rows=torch.from_numpy(hard),
-                         h_id_mask=torch.from_numpy(dm.known[flat]).view(hard.shape))
+                         h_id_mask=torch.from_numpy(dm.known[flat] & ~h_cold).view(hard.shape))
         return batch
 
 
