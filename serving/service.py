@@ -299,7 +299,11 @@ class Recommender:
         q = vectors[r:r + 1].astype(np.float32)
         if space != "content":  # the last coordinate is the item's bias; the query side is the unit part + 1
             q = q.copy()
-            q[0, -1] = 1.0 if snap.bundle.config["tower"].get("item_bias", True) else q[0, -1]
+            tower = snap.bundle.config["tower"]
+            q[0, -1] = 1.0 if tower.get("item_bias", True) else q[0, -1]
+            if tower.get("content_match"):  # its content block weighs as a user's history block does
+                o = tower["out_dim"]
+                q[0, o:o + tower["content_dim"]] *= snap.bundle.config.get("content_match_weight", 1.0)
         scores, rows = index.search(q, k, exclude=[{r}])
         return [Recommendation(snap.bundle.item_ids[j], snap.bundle.titles[j], float(s), float(s))
                 for s, j in zip(scores[0], rows[0]) if j >= 0], snap

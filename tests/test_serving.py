@@ -51,7 +51,7 @@ def trained(tmp_path_factory):
     from serving.service import ModelBundle
 
     served = ModelBundle.from_mlflow(cfg, published=False)
-    assert served.config["tower"]["content_match"]
+    assert served.config["tower"]["content_match"] and served.config["content_match_weight"] != 0.0  # it learned
     assert served.item_vectors.shape[1] == cfg.train.out_dim + 2 * cfg.embedder.dim + 1 == served.queries.shape[1]
     return cfg
 
@@ -170,10 +170,22 @@ def test_bad_input_is_4xx_with_a_reason(server):
 
 
 def test_similar_items_in_both_spaces(server):
+    from serving.service import ModelBundle
+
     cfg, client, _ = server
     for space in ("two-tower", "content"):
         r = client.get(f"/items/s00001/similar?k=10&space={space}").json()
         assert len(r["items"]) == 10 and "s00001" not in {i["item_id"] for i in r["items"]}
+    # in the two-tower space the query is the item's own vector as a user's would be: the bias coordinate 1, the
+    # content block times the learned content-match weight (this model has one: see ``trained``)
+    b = ModelBundle.from_mlflow(cfg)
+    t, row = b.config["tower"], b.item_ids.index("s00001")
+    q = b.item_vectors[row].astype(np.float64)
+    q[-1], q[t["out_dim"]:t["out_dim"] + t["content_dim"]] = 1.0, q[t["out_dim"]:-1] * b.config["content_match_weight"]
+    scores = b.item_vectors @ q
+    scores[row] = -np.inf
+    want = [b.item_ids[j] for j in np.argsort(-scores)[:10]]
+    assert [i["item_id"] for i in client.get("/items/s00001/similar?k=10").json()["items"]] == want
     assert client.get("/items/s00001/similar?space=nope").status_code == 422
 
 

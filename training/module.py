@@ -113,6 +113,8 @@ class TwoTowerModule(L.LightningModule):
         )
         self.log("train/loss", loss, prog_bar=True, batch_size=len(u))
         self.log("train/temperature", self.temperature, batch_size=len(u))
+        if self.model.user.match is not None:
+            self.log("train/content_match_weight", self.model.user.match, batch_size=len(u))
         return loss
 
     def configure_optimizers(self):

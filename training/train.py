@@ -249,10 +249,12 @@ def log_towers(trained: TrainedTwoTower, cfg: Config, catalog: Catalog, items: I
                                 temperature=float(m.temperature.detach()),
                                 queries=np.zeros((0, tc.vector_dim), np.float32) if queries is None else queries[:1000])
             export_user_tower(m.model.user, user_example, Path(tmp) / "user_tower.pt2")
+            match = m.model.user.match  # the learned content-match weight (serving's /similar reads it)
             (Path(tmp) / "two_tower.json").write_text(json.dumps({
                 "tower": tc.to_dict(), "embedder": cfg.embedder.backend, "embedder_version": embedder_version,
                 "dim": D, "embedder_dim": cfg.embedder.dim, "item_input": item_input,
-                "name": trained.name, "epochs": trained.epochs}, indent=2))
+                "name": trained.name, "epochs": trained.epochs,
+                **({"content_match_weight": float(match.detach())} if match is not None else {})}, indent=2))
             mlflow.log_artifacts(tmp, artifact_path="two_tower")
         mlflow.log_metric("train/examples_per_s", trained.examples_per_s)
         model_uri = f"runs:/{trained.run_id}/user_tower"
