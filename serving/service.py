@@ -303,7 +303,7 @@ class Recommender:
             q[0, -1] = 1.0 if tower.get("item_bias", True) else q[0, -1]
             if tower.get("content_match"):  # its content block weighs as a user's history block does
                 o = tower["out_dim"]
-                q[0, o:o + tower["content_dim"]] *= snap.bundle.config.get("content_match_weight", 1.0)
+                q[0, o:o + tower["content_dim"]] *= snap.bundle.config["content_match_weight"]  # logged with it
         scores, rows = index.search(q, k, exclude=[{r}])
         return [Recommendation(snap.bundle.item_ids[j], snap.bundle.titles[j], float(s), float(s))
                 for s, j in zip(scores[0], rows[0]) if j >= 0], snap
