@@ -420,6 +420,13 @@ def bench_nightly(args) -> dict:
     return run(args)
 
 
+def bench_loop(args) -> dict:
+    """The production loop: 10,000 concurrent pushes on 2 workers, nothing lost, the nightly folds them in."""
+    from benchmarks.loop_bench import run
+
+    return run(args)
+
+
 def bench_experiment(args) -> dict:
     """A champion-vs-challenger experiment simulated on ml-latest-small (A/B, A/A, interleaving, off-policy)."""
     from benchmarks.experiment_bench import run
@@ -429,8 +436,9 @@ def bench_experiment(args) -> dict:
 
 BENCHES = {"negatives": bench_negatives, "learning-rate": bench_learning_rate, "part-search": bench_part_search, "part-search-dims": bench_part_search_dims, "towers": bench_towers, "newest-items": bench_newest_items, "id-lr": bench_id_lr, "cold-tower": bench_cold_tower, "cold-content": bench_cold_content, "cold-recipe": bench_cold_recipe, "content-match": bench_content_match, "content-match-loo": bench_content_match_loo, "demo": bench_demo, "demo-fused": bench_demo_fused, "demo-newest": bench_demo_newest, "demo-ids": bench_demo_ids, "loo-shift": bench_loo_shift, "features": bench_features, "embedder": bench_embedder, "training": bench_training,
            "cold-prior": bench_cold_prior, "inputs": bench_inputs, "embedder-recipe": bench_embedder_recipe,
-           "serving": bench_serving, "nightly": bench_nightly, "experiment": bench_experiment}
-ORDER = ["demo", "demo-fused", "demo-newest", "demo-ids", "loo-shift", "learning-rate", "negatives", "inputs", "inputs-weights", "towers", "newest-items", "id-lr", "cold-tower", "cold-content", "cold-recipe", "content-match", "content-match-loo", "part-search", "part-search-dims", "serving", "nightly", "experiment", "features", "embedder", "embedder-recipe", "training", "cold-prior"]
+           "serving": bench_serving, "nightly": bench_nightly, "experiment": bench_experiment, "loop": bench_loop,
+           "loop-redis": lambda args: bench_loop(argparse.Namespace(**{**vars(args), "loop_store": "redis"}))}
+ORDER = ["demo", "demo-fused", "demo-newest", "demo-ids", "loo-shift", "learning-rate", "negatives", "inputs", "inputs-weights", "towers", "newest-items", "id-lr", "cold-tower", "cold-content", "cold-recipe", "content-match", "content-match-loo", "part-search", "part-search-dims", "serving", "loop", "loop-redis", "nightly", "experiment", "features", "embedder", "embedder-recipe", "training", "cold-prior"]
 
 
 # Rendering --------------------------------------------------------------------------------------------
@@ -680,6 +688,36 @@ def render_nightly(blob: dict) -> list[str]:
             "Stage times of the first run: " + ", ".join(f"{k} {v:.1f} s" for k, v in r["nightly_first"]["timings_s"].items())]
 
 
+def render_loop(blob: dict) -> list[str]:
+    r = blob["results"]
+    st, ev, an = r["storm"], r["events"], r["after_nightly"]
+    fivexx = sum(v for k, v in st["statuses"].items() if k.startswith("5"))
+    p, one = r["proportional"], r["proportional"]["one_item_changed"]
+    return [f"`recsys serve --workers 2` on the quick demo model (ml-latest-small, 9,742 items), {r['store']} online store "
+            f"and event log; the load generator (Python threads) shares the machine's 2 cores with the server.", "",
+            "| goal | measured |", "|---|---|",
+            f"| zero lost events: {st['requests']:,} POST /interactions, {st['clients']} clients, 100 users, "
+            f"{st['duplicates_sent']:,} repeated ids, {st['cut_mid_request']} cut mid-request then retried | "
+            f"statuses {st['statuses']} ({fivexx} 5xx), {st['req_per_s']} req/s; {ev['accepted_ids']:,} distinct accepted ids, "
+            f"{ev['in_log']:,} in the log ({ev['in_log_distinct']:,} distinct), {ev['accepted_missing_from_log']} missing; "
+            f"{ev['missing_from_seen_sets']} missing from the users' seen sets at once |",
+            f"| ... after the next nightly | {an['missing_from_offline_seen']} missing from the offline store's seen sets, "
+            f"{an['missing_from_online_rows']} from the online rows; watermark {an['events_until']} of {an['log_max_seq']}; "
+            f"{an['rows_still_folding_events']} of 100 users still folding events from the log |",
+            f"| push to visible < 50 ms p99 | p50 {r['push_to_visible']['ms']['p50']:.1f} ms, p99 {r['push_to_visible']['ms']['p99']:.1f} ms "
+            f"({r['push_to_visible']['samples']} pushes; the first /recommend after the 2xx always left the item out: "
+            f"{r['push_to_visible']['recommends_needed_max']} needed at most) |",
+            f"| proportional nightly: 1 changed item vs nothing changed | {one['seconds']} s vs {p['nothing_changed']['seconds']} s; "
+            f"{one['users_refreshed']} users refreshed ({p['users_of_the_item']} interactions with the item); rows written "
+            f"online {one['materialized']} |",
+            f"| side by side: /recommend p99 with a nightly running, within 2x | {r['recommend_beside_nightly']['ms']['p99']:.1f} ms vs "
+            f"{r['recommend_alone']['ms']['p99']:.1f} ms alone: {r['side_by_side_p99_ratio']}x (4 clients; "
+            f"{r['recommend_beside_nightly']['errors']} errors) |", "",
+            f"The nightly that folded the events in: {r['nightly_events']['seconds']} s, counts {r['nightly_events']['counts']}, "
+            f"{r['nightly_events']['users_refreshed']} users refreshed, stages "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in r["nightly_events"]["timings_s"].items())]
+
+
 def render_experiment(blob: dict) -> list[str]:
     r = blob["results"]
     arms = {a["arm"]: a for a in r["per_arm"]}
@@ -856,6 +894,8 @@ RENDER = {"demo": ("Demo: stage timings and metrics", render_demo),
           "part-search-dims": ("Search by one part of an item, by vector width (issue: your own catalog)", render_part_search_dims),
           "serving": ("Online retrieval at scale (issue: serving)", render_serving),
           "nightly": ("The nightly batch (issue: nightly)", render_nightly),
+          "loop": ("One loop: concurrent pushes, the event log, the nightly (issue: one loop)", render_loop),
+          "loop-redis": ("One loop on Redis: online store and event log (issue: one loop)", render_loop),
           "experiment": ("A/B experiment, simulated on ml-latest-small (issue: experiments)", render_experiment),
           "features": ("Feature store (issue: Feast)", render_features),
           "embedder": ("Embedder", render_embedder),
@@ -908,6 +948,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--parts", default=None, help="serving: latency,load,reload (the others kept from the last result)")
     p.add_argument("--weights", nargs="+", default=[], help="part-search: other local-embedder weights folders to compare; inputs: one folder to use instead of the installed weights")
     p.add_argument("--reuse", action="store_true", help="experiment: analyse the last run's logs again (no training, no simulation)")
+    p.add_argument("--loop-store", dest="loop_store", default="sqlite", choices=["sqlite", "redis"],
+                   help="loop: the online store and event log (loop-redis runs redis)")
     p.add_argument("--nightly-items", dest="nightly_items", type=int, default=2000, help="nightly: synthetic catalog size")
     args = p.parse_args(argv)
     args.argv = argv

@@ -51,8 +51,13 @@ def user_snapshots(interactions: pl.DataFrame, item_vectors: np.ndarray, index: 
         history: user_id, event_timestamp, history_vector (list[f32], unit), history_norm (its length before
             normalising, so a push can continue the decayed sum exactly), recent_item_ids (list[str]), history_count
         stats: user_id, event_timestamp, n_interactions, mean_value, user_first_seen
+        (with ``history_events_seq`` / ``stats_events_seq``: the highest event-log sequence folded in so far, 0 without a ``seq`` column)
     """
     f = interactions.sort(["user_id", "timestamp"], maintain_order=True)
+    # the event-log sequence folded into each snapshot (its running max; 0 for the dataset's own rows): serving
+    # folds a user's events above it (features.store.fold_events), so no event counts twice or is missed
+    seqs = f.select(pl.col("seq").fill_null(0).cum_max().over("user_id")).to_series().to_numpy() \
+        if "seq" in f.columns else np.zeros(f.height, np.int64)
     users = f["user_id"].to_numpy()
     items = f["item_id"].to_list()
     rows = np.fromiter((index[i] for i in items), dtype=np.int64, count=len(items))
@@ -85,9 +90,10 @@ def user_snapshots(interactions: pl.DataFrame, item_vectors: np.ndarray, index: 
         pl.Series("history_norm", norms[keep]),
         pl.Series("recent_item_ids", recent_ids, dtype=pl.List(pl.Utf8)),
         pl.Series("history_count", counts[keep]),
+        pl.Series("history_events_seq", seqs[keep], dtype=pl.Int64),
     )
     stats = base.with_columns(pl.Series("n_interactions", counts[keep]), pl.Series("mean_value", means[keep])).join(
-        first, on="user_id", how="left")
+        first, on="user_id", how="left").with_columns(pl.Series("stats_events_seq", seqs[keep], dtype=pl.Int64))
     return history, stats
 
 
@@ -117,8 +123,10 @@ def item_stats(interactions: pl.DataFrame, catalog: Catalog) -> pl.DataFrame:
 
 
 def user_seen(interactions: pl.DataFrame) -> pl.DataFrame:
-    """One row per user: every distinct item interacted with (newest first), stamped with the last time."""
+    """One row per user: every distinct item interacted with (newest first), stamped with the last time, and the
+    highest event-log sequence among them (``seen_events_seq``; 0 without a ``seq`` column)."""
+    seq = pl.col("seq").fill_null(0).max() if "seq" in interactions.columns else pl.lit(0)
     return (interactions.sort(["user_id", "timestamp"], descending=[False, True], maintain_order=True)
             .group_by("user_id", maintain_order=True)
             .agg(pl.col("timestamp").max().alias("event_timestamp"), pl.col("item_id").unique(maintain_order=True)
-                 .alias("seen_item_ids")))
+                 .alias("seen_item_ids"), seq.cast(pl.Int64).alias("seen_events_seq")))

@@ -20,6 +20,11 @@ from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSo
 from feast.types import Array, Float32, Int64, String, UnixTimestamp
 
 
+# Each user row records the event-log position it includes (<view>_events_seq: one name per view, as a feature
+# service's names must differ); serving folds the user's later events on top.
+SEQ = "highest event-log sequence (recsys/events.py) folded into this row; 0: the dataset's rows only"
+
+
 def version_tag(model_version: str, dim: int) -> str:
     """A name-safe suffix for views that hold one embedding space, e.g. ``local_fusion_ab12cd_d256``."""
     return f"{re.sub(r'[^A-Za-z0-9]+', '_', model_version).strip('_')}_d{dim}"
@@ -82,6 +87,7 @@ def repository(data: Path, backend: str, model_version: str, dim: int, recent_it
             Field(name="n_interactions", dtype=Int64),
             Field(name="mean_value", dtype=Float32, description="mean rating (0 when the data has none)"),
             Field(name="user_first_seen", dtype=UnixTimestamp),
+            Field(name="stats_events_seq", dtype=Int64, description=SEQ),
         ],
         source=user_stats_source,
     )
@@ -103,7 +109,8 @@ def repository(data: Path, backend: str, model_version: str, dim: int, recent_it
     )
 
     # The user's history as of each interaction: an exponentially decayed sum of the items' vectors, the ids
-    # of the most recent items, and the count. The push source lets a new interaction update it online.
+    # of the most recent items, and the count. Online, serving folds the user's newer events from the event log on
+    # top (features.store.fold_events); the push source stays for teams that push rows themselves.
     history_source = FileSource(name=f"user_history_source__{tag}", path=str(data / f"user_history__{tag}.parquet"),
                                 timestamp_field="event_timestamp")
     history_push = PushSource(name=f"user_history_push__{tag}", batch_source=history_source)
@@ -116,20 +123,22 @@ def repository(data: Path, backend: str, model_version: str, dim: int, recent_it
             Field(name="history_norm", dtype=Float32, description="length of the decayed sum before normalising"),
             Field(name="recent_item_ids", dtype=Array(String), description=f"up to {recent_items}, newest first"),
             Field(name="history_count", dtype=Int64),
+            Field(name="history_events_seq", dtype=Int64, description=SEQ),
         ],
         source=history_push,
         tags=tags,
     )
 
     # Every item the user has interacted with, one row per user (serving's seen filter: a user never gets back
-    # an item they already had, however long ago). Not a training input; the push source keeps it current online.
+    # an item they already had, however long ago). Not a training input; serving adds the event log's newer events.
     seen_source = FileSource(name="user_seen_source", path=str(data / "user_seen.parquet"), timestamp_field="event_timestamp")
     seen_push = PushSource(name="user_seen_push", batch_source=seen_source)
     user_seen = FeatureView(
         name="user_seen",
         entities=[user],
         ttl=timedelta(days=0),
-        schema=[Field(name="seen_item_ids", dtype=Array(String), description="every item interacted with, newest first")],
+        schema=[Field(name="seen_item_ids", dtype=Array(String), description="every item interacted with, newest first"),
+                Field(name="seen_events_seq", dtype=Int64, description=SEQ)],
         source=seen_push,
     )
 

@@ -20,6 +20,7 @@ Reads go to ``provider.online_read`` for the one view asked.
 from __future__ import annotations
 
 import struct
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Literal
@@ -76,6 +77,21 @@ class BulkSqliteOnlineStore(SqliteOnlineStore):
     def supports_encoded(self, config) -> bool:
         o = config.online_store
         return not (o.vector_enabled or getattr(o, "enable_openai_compatible_store", False))
+
+    def _get_conn(self, config):
+        """One connection per thread (Feast keeps one for the store, and a connection used by several request
+        threads at once failed with SystemError); WAL, so readers never wait for the nightly's writes."""
+        local = self.__dict__.setdefault("_thread_conns", threading.local())
+        conn = getattr(local, "conn", None)
+        if conn is None:
+            from feast.infra.online_stores.sqlite import _initialize_conn
+
+            conn = _initialize_conn(self._get_db_path(config))
+            conn.execute("PRAGMA busy_timeout = 30000")
+            conn.execute("PRAGMA journal_mode = WAL")
+            local.conn = conn
+            self._conn = self._conn or conn  # what Feast's teardown closes
+        return conn
 
     def write_encoded(self, config, table, rows: EncodedRows) -> None:
         conn = self._get_conn(config)
@@ -232,11 +248,15 @@ def float_list_bytes(matrix: np.ndarray) -> list[bytes]:
     return [head + row.tobytes() for row in m]
 
 
-def latest_rows(path, key: str, start: datetime, end: datetime) -> np.ndarray:
-    """Row numbers (in file order) of each entity's latest row with start < event_timestamp <= end."""
+def latest_rows(path, key: str, start: datetime, end: datetime, keys: set[str] | None = None) -> np.ndarray:
+    """Row numbers (in file order) of each entity's latest row with start < event_timestamp <= end (of the
+    entities in ``keys`` only, when given)."""
+    window = (pl.col("event_timestamp") > start) & (pl.col("event_timestamp") <= end)
+    if keys is not None:
+        window = window & pl.col(key).is_in(list(keys))
     picked = (
         pl.scan_parquet(path).select(key, "event_timestamp").with_row_index("row")
-        .filter((pl.col("event_timestamp") > start) & (pl.col("event_timestamp") <= end))
+        .filter(window)
         .sort("event_timestamp", "row").group_by(key).agg(pl.col("row").last())
         .collect()
     )
@@ -273,7 +293,7 @@ def _datetimes(col) -> list[datetime]:
 
 
 def stream_rows(store, fv, path, start: datetime, end: datetime, chunk_rows: int = 5000, progress: bool = False,
-                bulk: bool = True) -> int:
+                bulk: bool = True, keys: set[str] | None = None) -> int:
     """Materialize one view from its parquet file: the latest row per entity in (start, end], in chunks.
 
     With ``bulk`` (and a Bulk* online store) each chunk goes to ``write_encoded``; otherwise protos go to
@@ -281,7 +301,7 @@ def stream_rows(store, fv, path, start: datetime, end: datetime, chunk_rows: int
     import pyarrow.parquet as pq
 
     key = _join_key(store, fv)
-    rows = latest_rows(path, key, start, end)
+    rows = latest_rows(path, key, start, end, keys)
     if rows.size == 0:
         return 0
     features = [(f.name, f.dtype.to_value_type()) for f in fv.features]

@@ -19,7 +19,6 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 import yaml
-from tqdm.auto import tqdm
 
 from features.compute import CATALOG_TIME, item_stats, user_seen, user_snapshots
 from features.definitions import Repository, repository
@@ -48,7 +47,9 @@ def write_parquet(frame: pl.DataFrame, path: Path) -> None:
 
     table = frame.to_arrow()
     schema = pa.schema([pa.field(f.name, _plain_type(f.type)) for f in table.schema])
-    pq.write_table(table.cast(schema), path, use_compliant_nested_type=False, row_group_size=ROW_GROUP)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # a reader (or a kill) never meets half a file
+    pq.write_table(table.cast(schema), tmp, use_compliant_nested_type=False, row_group_size=ROW_GROUP)
+    os.replace(tmp, path)
 
 
 class FeatureValidationError(ValueError):
@@ -108,6 +109,61 @@ class OnlineUsers:
     mean_value: np.ndarray
     first_seen: np.ndarray  # unix seconds, 0 = unknown
     seen_item_ids: list[list[str]] = field(default_factory=list)  # every item each user had (empty: unknown)
+    # the event-log sequence each stored row already includes (history, stats, seen rows are written separately)
+    events_seq: dict[str, np.ndarray] = field(default_factory=dict)
+    events_folded: np.ndarray | None = None  # (n,) events from the log folded on top of the stored rows
+
+
+def fold_events(users: OnlineUsers, events: dict, item_vector, half_life: float, recent: int) -> OnlineUsers:
+    """The users' stored rows plus their newer events from the event log, as one feature set (in place).
+
+    Each stored row says up to which event-log sequence it is built (``events_seq``); the events above it are
+    folded on, in the order they happened: the decayed history sum continues exactly as the nightly computes it
+    (H = decay * H + v), the item goes first in the recent ids and the seen set, the count and mean move on.
+    An event older than the row's newest one is folded as the newest (online); the nightly rebuilds the row
+    in time order.
+
+    Args:
+        events: user id -> [(seq, Event)] in time order (recsys.events ``user_events``).
+        item_vector: item id -> (dim,) unit vector, or None for an item this space does not know (skipped for
+            the history; still seen).
+    """
+    from features.compute import history_decay
+
+    decay = history_decay(half_life)
+    folded = np.zeros(len(users.user_ids), np.int64)
+    for r, u in enumerate(users.user_ids):
+        evs = events.get(u)
+        if not evs:
+            continue
+        hist_after, stats_after, seen_after = (int(users.events_seq[k][r]) for k in ("history", "stats", "seen"))
+        total = users.history_norm[r] * users.history_vector[r].astype(np.float64)
+        recent_ids, seen = list(users.recent_item_ids[r]), list(users.seen_item_ids[r])
+        n, mean = int(users.n_interactions[r]), float(users.mean_value[r])
+        for seq, e in evs:
+            if seq > hist_after:
+                v = item_vector(e.item_id)
+                if v is not None:
+                    total = decay * total + v
+                    recent_ids = [e.item_id, *recent_ids][:recent]
+                    users.history_count[r] += 1
+            if seq > stats_after:
+                mean = (mean * n + float(e.value or 0.0)) / (n + 1)
+                n += 1
+                t = e.timestamp.timestamp()
+                users.first_seen[r] = min(users.first_seen[r], t) if users.first_seen[r] > 0 else t
+            if seq > seen_after:
+                seen = [e.item_id, *(i for i in seen if i != e.item_id)]
+            folded[r] += 1
+        norm = float(np.linalg.norm(total))
+        if norm > 0:
+            users.history_vector[r] = (total / norm).astype(np.float32)
+            users.history_norm[r] = norm
+            users.found[r] = True
+        users.recent_item_ids[r], users.seen_item_ids[r] = recent_ids, seen
+        users.n_interactions[r], users.mean_value[r] = n, mean
+    users.events_folded = folded
+    return users
 
 
 @dataclass
@@ -214,12 +270,14 @@ class FeatureRepo:
         validate_vectors(catalog.ids, item_vectors, self.dim, "item vectors for user histories")
         e = self.cfg.embedder
         mine = interactions if users is None else interactions.filter(pl.col("user_id").is_in(list(users)))
-        history, stats = user_snapshots(mine, item_vectors, catalog.index, self.cfg.features.recent_items,
-                                        e.history_half_life)
-        seen = user_seen(mine)
         items = item_stats(interactions, catalog)
         out = {}
-        for frame, view in ((history, self.views.user_history), (stats, self.views.user_stats), (seen, self.views.user_seen)):
+        frames = []
+        if mine.height or users is None:
+            history, stats = user_snapshots(mine, item_vectors, catalog.index, self.cfg.features.recent_items,
+                                            e.history_half_life)
+            frames = [(history, self.views.user_history), (stats, self.views.user_stats), (user_seen(mine), self.views.user_seen)]
+        for frame, view in frames:
             path = self._path(view)
             if users is not None and path.exists():
                 others = pl.read_parquet(path).filter(~pl.col("user_id").is_in(list(users)))
@@ -233,10 +291,11 @@ class FeatureRepo:
 
     # Materialization -------------------------------------------------------------------------------
     def materialize(self, end: datetime | None = None, incremental: bool = True, progress: bool = False,
-                    full: tuple[str, ...] = ()) -> MaterializeReport:
+                    full: tuple[str, ...] = (), only: set[str] | None = None) -> MaterializeReport:
         """Write the latest row per entity in (last run, end] of every view to the online store; views named
         in ``full`` take (epoch, end] (snapshots rebuilt with past timestamps, e.g. a user's history after
-        their items' vectors changed, are then written too).
+        their items' vectors changed, are then written too), and with ``only`` just those entities' rows: the
+        nightly rewrites the users it refreshed, not every user.
 
         Streams each parquet file (see features.online.stream_rows), so memory stays bounded by a chunk
         of ``features.write_chunk_rows``; the registry records the interval as Feast's materialize does.
@@ -256,7 +315,9 @@ class FeatureRepo:
             path = self._path(view)
             if not path.exists():
                 continue
-            report.rows[view.name] = stream_rows(self.store, fv, path, start, end, self.cfg.features.write_chunk_rows, progress)
+            keys = only if (only is not None and view.name in full) else None
+            report.rows[view.name] = stream_rows(self.store, fv, path, start, end, self.cfg.features.write_chunk_rows,
+                                                 progress, keys=keys)
             report.start[view.name] = start
             registry.apply_materialization(fv, project, start, end, commit=True)
         report.seconds = time.time() - t0
@@ -285,10 +346,13 @@ class FeatureRepo:
         from features.online import read_rows
 
         hist = read_rows(self.store, self._view(self.views.user_history.name), "user_id", user_ids,
-                         ["history_vector", "history_norm", "recent_item_ids", "history_count"])
+                         ["history_vector", "history_norm", "recent_item_ids", "history_count", "history_events_seq"])
         stats = read_rows(self.store, self._view(self.views.user_stats.name), "user_id", user_ids,
-                          ["n_interactions", "mean_value", "user_first_seen"])
-        seen = read_rows(self.store, self._view(self.views.user_seen.name), "user_id", user_ids, ["seen_item_ids"])
+                          ["n_interactions", "mean_value", "user_first_seen", "stats_events_seq"])
+        seen = read_rows(self.store, self._view(self.views.user_seen.name), "user_id", user_ids,
+                         ["seen_item_ids", "seen_events_seq"])
+        seqs = {k: np.array([s or 0 for s in f[f"{k}_events_seq"]], np.int64) for k, f in
+                (("history", hist), ("stats", stats), ("seen", seen))}
         vec = np.zeros((len(user_ids), self.dim), np.float32)
         for i, v in enumerate(hist["history_vector"]):
             if v is not None:
@@ -302,7 +366,19 @@ class FeatureRepo:
             np.array([m or 0.0 for m in stats["mean_value"]], np.float32),
             np.array([t.timestamp() if isinstance(t, datetime) else 0.0 for t in stats["user_first_seen"]]),
             [list(r) if r is not None else [] for r in seen["seen_item_ids"]],
+            seqs,
         )
+
+    def online_users_now(self, user_ids: list[str], log, item_vector) -> OnlineUsers:
+        """The users' online rows plus their events in ``log`` (recsys.events) that the rows do not include yet:
+        what serving reads. ``item_vector``: item id -> (dim,) unit vector or None (see fold_events)."""
+        users = self.online_users(user_ids)
+        after = {u: int(min(users.events_seq[k][r] for k in users.events_seq)) for r, u in enumerate(user_ids)}
+        events = log.user_events(user_ids, after)
+        if not events:
+            users.events_folded = np.zeros(len(user_ids), np.int64)
+            return users
+        return fold_events(users, events, item_vector, self.cfg.embedder.history_half_life, self.cfg.features.recent_items)
 
     def online_items(self, item_ids: list[str]) -> OnlineItems:
         from features.online import read_rows
@@ -321,42 +397,6 @@ class FeatureRepo:
             np.array([[x or 0 for x in st[k]] for k in ("has_text", "has_image", "has_audio", "has_video")]).T,
         )
 
-    # Push: a new interaction updates the user's online history without a materialization ------------------
-    def push_interaction(self, user_id: str, item_id: str, at: datetime, item_vector: np.ndarray,
-                         to_offline: bool = False) -> None:
-        """Fold one new interaction into the user's online history (the decayed sum continues exactly) and
-        recent ids, and push it to the online store (and the offline one with ``to_offline``).
-
-        Serving pushes online only: the offline snapshots are rebuilt from the interaction log by the nightly
-        job, and Feast's offline push rewrites the parquet source with list fields named "element", which its
-        own type map then rejects on the next push (Feast 0.67)."""
-        from feast.data_source import PushMode
-
-        from features.compute import history_decay
-
-        e = self.cfg.embedder
-        vec = validate_vectors([item_id], [item_vector], self.dim, "pushed item vector")[0]
-        current = self.online_users([user_id])
-        recent = [item_id, *current.recent_item_ids[0]][: self.cfg.features.recent_items]
-        total = history_decay(e.history_half_life) * current.history_norm[0] * current.history_vector[0] + vec
-        norm = float(np.linalg.norm(total))
-        h = total / max(norm, 1e-12)
-        import pandas as pd
-
-        frame = pd.DataFrame({  # plain lists: Feast's push maps list<float>, not polars' large_list
-            "user_id": [user_id],
-            "event_timestamp": [pd.Timestamp(at).tz_convert("UTC") if pd.Timestamp(at).tzinfo else pd.Timestamp(at, tz="UTC")],
-            "history_vector": [[float(x) for x in h]],
-            "history_norm": [norm],
-            "recent_item_ids": [recent],
-            "history_count": [int(current.history_count[0]) + 1],
-        })
-        mode = PushMode.ONLINE_AND_OFFLINE if to_offline else PushMode.ONLINE
-        self.store.push(self.views.user_history_push.name, frame, to=mode)
-        seen = [item_id, *(i for i in current.seen_item_ids[0] if i != item_id)]
-        self.store.push(self.views.user_seen_push.name, pd.DataFrame({
-            "user_id": [user_id], "event_timestamp": frame["event_timestamp"], "seen_item_ids": [seen]}), to=mode)
-
 
 __all__ = ["CATALOG_TIME", "FeatureRepo", "FeatureValidationError", "MaterializeReport", "OnlineItems", "OnlineUsers",
-           "validate_vectors"]
+           "fold_events", "validate_vectors"]

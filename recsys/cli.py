@@ -129,9 +129,13 @@ def features(
     from recsys.data import load_dataset
     from recsys.pipeline import aligned, build_features, load_item_vectors
 
+    from recsys.events import open_event_log, with_events
+
     cfg = _config(config, workdir, posters, data, source, online_store=online_store, redis=redis)
     iv = load_item_vectors(cfg)
-    ds = aligned(load_dataset(cfg), iv)
+    log = open_event_log(cfg)
+    ds, _ = with_events(aligned(load_dataset(cfg), iv), log)
+    log.close()
     build_features(cfg, ds, iv.vectors, iv, ds.interactions.frame, name="serve", materialize=True)
 
 
@@ -150,10 +154,16 @@ def train(
 
     from recsys.pipeline import save_config
 
+    from recsys.events import open_event_log, with_events
+
     cfg = _config(config, workdir, posters, data, source, max_users, epochs=epochs, protocols=protocols)
     save_config(cfg)
     iv = load_item_vectors(cfg)
-    ds = aligned(load_dataset(cfg), iv)
+    log = open_event_log(cfg)
+    ds, n_events = with_events(aligned(load_dataset(cfg), iv), log)  # what the service accepted trains too
+    log.close()
+    if n_events:
+        console.print(f"event log: {n_events:,} interactions the service accepted")
     feasible = feasible_protocols(cfg, ds)
     if "cold" in feasible:  # brand-new items are embedded without their user tags
         from recsys.pipeline import embed_catalog
@@ -246,7 +256,9 @@ def nightly(config: Optional[Path] = ConfigOpt, workdir: Optional[Path] = Workdi
             threshold: Optional[float] = typer.Option(None, help="Failure share that stops the publish (default 0.01).")):
     """The nightly batch job: embed only new/changed items (crash-safe, in committed batches), dead-letter the
     failures, write versioned vectors, refresh Feast incrementally, rebuild the index, publish one manifest
-    atomically. Exit codes: 0 done, 3 failures over the threshold (nothing published), 1 error."""
+    atomically; reads the dataset plus the service's event log. Exit codes: 0 done, 3 failures over the threshold
+    (nothing published), 4 another nightly holds the lock, 5 the output failed its checks (nothing published),
+    1 error."""
     from recsys.flows.nightly import run_nightly
 
     cfg = _config(config, workdir, posters, data, source)

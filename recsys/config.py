@@ -74,6 +74,16 @@ class FeatureConfig(_Section):
     write_chunk_rows: int = 5000  # rows per online write (bounds memory)
 
 
+class EventsConfig(_Section):
+    """The interaction event log (recsys/events.py): every event the service accepts, the nightly's input."""
+
+    backend: Literal["sqlite", "redis"] = "sqlite"  # redis: a Redis Stream, for services on several machines
+    path: Path | None = None  # sqlite: default <workdir>/events/events.db
+    sync: bool = True  # sqlite: fsync each append before the 2xx (synchronous=FULL); False: NORMAL (WAL)
+    redis_connection: str | None = None  # redis: default features.redis_connection
+    redis_prefix: str = "recsys:events"
+
+
 def _listed(v) -> list:
     """A setting that is one value or a list of values to screen, as a list."""
     return list(v) if isinstance(v, list) else [v]
@@ -229,6 +239,9 @@ class NightlyConfig(_Section):
     ray_address: str | None = None  # None: a local Ray; "ray://head:10001" or "auto" for a cluster
     ray_actors: int = 2  # embedder actors (each holds one embedder)
     keep_runs: int = 7  # versioned run folders kept (the published one is never removed)
+    # An item whose embedding fails this many runs in a row (same content) is quarantined: listed in the summary
+    # and the dead letters, not retried until its content changes, and not counted in the failure rate.
+    quarantine_after: int = Field(3, ge=1)
 
 
 class ArmConfig(_Section):
@@ -289,6 +302,7 @@ class Config(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     embedder: EmbedderConfig = Field(default_factory=EmbedderConfig)
     features: FeatureConfig = Field(default_factory=FeatureConfig)
+    events: EventsConfig = Field(default_factory=EventsConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     nightly: NightlyConfig = Field(default_factory=NightlyConfig)

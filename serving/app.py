@@ -4,8 +4,9 @@
     POST /recommend                         {user_id, k, exclude, modalities, rerank, recent_item_ids}
     GET  /items/{item_id}/similar?k=&space= item-to-item, in the two-tower space or the embedder's (content)
     POST /search                            multipart: text and/or image / audio / video files -> items
-    POST /interactions                      {user_id, item_id, timestamp?, request_id?}: updates the user's online
-                                            features and appends to the outcome log
+    POST /interactions                      {user_id, item_id, event_id?, timestamp?, request_id?}: appended to the
+                                            event log (durable before the 202; a repeated event_id or
+                                            Idempotency-Key is stored once); the user's next request reads it
     GET  /healthz  /readyz  /metrics        process up; model + index + feature store answering; Prometheus
     POST /admin/reload   GET /admin/status  load the version an alias points to now (or a given one), swap
 
@@ -35,6 +36,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
 
 from recsys.config import Config
+from recsys.events import Event
 from serving.experiments import ExperimentRouter
 from serving.metrics import Metrics
 from serving.service import NotReadyError, Recommender, UnknownItemError
@@ -87,6 +89,9 @@ class ItemsReply(BaseModel):
 class InteractionRequest(BaseModel):
     user_id: str = Field(**ID)
     item_id: str = Field(**ID)
+    event_id: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$",
+                                 description="idempotency key: a retry with the same id is stored once "
+                                             "(default: the Idempotency-Key header, else a new id)")
     timestamp: datetime | None = None
     request_id: str | None = Field(None, max_length=64, description="the /recommend reply this follows, if any")
     event: str = Field("click", min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_.-]+$")
@@ -171,6 +176,8 @@ class Loader:
                 self.metrics.loaded(snap, reload=not first)
         except Exception as exc:  # keep serving the previous snapshot; the reason shows in /admin/status
             self.rec.reload_error = f"{type(exc).__name__}: {exc}"
+            if self.metrics is not None and self.rec.snapshot is not None:
+                self.metrics.reload_failures.inc()
 
     def _run(self) -> None:
         if self.rec.snapshot is None:
@@ -325,10 +332,18 @@ def create_app(cfg: Config, recommender: Recommender | None = None) -> FastAPI:
                           timings_ms={"total_ms": (time.perf_counter() - t0) * 1000})
 
     @app.post("/interactions", status_code=202, dependencies=[Depends(require_key)])
-    def interactions(req: InteractionRequest) -> dict:
-        rec.record_interaction(req.user_id, req.item_id, req.timestamp)
-        router.outcome(req.user_id, req.item_id, req.request_id, req.event, req.value, req.timestamp)
-        return {"status": "accepted", "user_id": req.user_id, "item_id": req.item_id, "request_id": req.request_id}
+    def interactions(req: InteractionRequest, request: Request) -> dict:
+        key = req.event_id or request.headers.get("idempotency-key")
+        if key is not None and not (0 < len(key) <= 128):
+            raise HTTPException(422, "Idempotency-Key must be 1 to 128 characters")
+        event = Event.new(req.user_id, req.item_id, req.timestamp, event_id=key, event=req.event, value=req.value,
+                          request_id=req.request_id)
+        done = rec.record_interaction(event)  # durable in the event log before the reply
+        if done.new:
+            router.outcome(req.user_id, req.item_id, req.request_id, req.event, req.value, req.timestamp)
+        metrics.event(done.new)
+        return {"status": "accepted" if done.new else "duplicate", "event_id": event.event_id, "seq": done.seq,
+                "user_id": req.user_id, "item_id": req.item_id, "request_id": req.request_id}
 
     @app.post("/admin/reload", status_code=202, dependencies=[Depends(require_admin)])
     def admin_reload(req: ReloadRequest | None = None) -> dict:
@@ -341,6 +356,7 @@ def create_app(cfg: Config, recommender: Recommender | None = None) -> FastAPI:
         snap = rec.snapshot
         return {"model": snap.model if snap else None, "source": snap.bundle.source if snap else None,
                 "reloads": rec.reloads, "generation": loader.generation, "error": rec.reload_error,
+                "fallback": rec.fallback, "events_until": rec.events.max_seq(),
                 "loaded_at": snap.loaded_at if snap else None}
 
     return app

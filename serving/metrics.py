@@ -34,6 +34,9 @@ class Metrics:
                            **gauge, **r)
         self.index_items = Gauge("recsys_index_items", "Items in the candidate index", **gauge, **r)
         self.reloads = Counter("recsys_reloads_total", "Model reloads applied", **r)
+        self.reload_failures = Counter("recsys_reload_failures_total",
+                                       "Reloads refused (a snapshot that failed its checks; the previous one stays)", **r)
+        self.events = Counter("recsys_events_total", "Interactions accepted into the event log", ["kind"], **r)
         self.middleware = _middleware(self)
 
     def loaded(self, snap, reload: bool) -> None:
@@ -45,6 +48,9 @@ class Metrics:
         self.index_items.set(snap.n_items)
         if reload:
             self.reloads.inc()
+
+    def event(self, new: bool) -> None:
+        self.events.labels("new" if new else "duplicate").inc()
 
     def stages(self, timings_ms: dict[str, float]) -> None:
         for name, ms in timings_ms.items():

@@ -16,7 +16,6 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +23,11 @@ import torch
 
 from features.compute import history_sums
 from features.inputs import item_stat_matrix, recent_matrix, user_stat_matrix
-from features.store import FeatureRepo
+from features.store import FeatureRepo, OnlineUsers
 from recsys.config import Config
+from recsys.events import Appended, Event, EventLog, open_event_log
 from recsys.index import CandidateIndex, IndexInfo, build_index
-from recsys.manifest import read_published
+from recsys.manifest import SnapshotError, check_vectors, read_published, verify
 from recsys.rerank import Candidates, Reranker
 
 MODALITY_NAMES = ("text", "image", "audio", "video")
@@ -106,10 +106,14 @@ class ModelBundle:
         return bundle
 
     def use_published(self, cfg: Config) -> None:
-        """Take the item vectors and index the nightly job published for this model version, if any."""
+        """Take the item vectors and index the nightly job published for this model version, if any, once they
+        pass the manifest's checks (checksums, counts, finite vectors; SnapshotError otherwise)."""
         m = read_published(cfg.workdir)
         if m is None or not m.index or not m.model or str(m.model.get("version")) != self.version:
             return
+        problems = verify(m, cfg.workdir, parts=("index",))
+        if problems:
+            raise SnapshotError(f"published run {m.run_id}", problems)
         folder = cfg.workdir / m.index["path"]
         fresh = np.load(folder / "item_vectors.npz", allow_pickle=False)
         self.item_ids, self.titles = fresh["ids"].tolist(), fresh["titles"].tolist()
@@ -162,6 +166,14 @@ class Snapshot:
                                 use_gpu=s.use_gpu)
         content_index = build_index(bundle.content, None, kind=s.faiss_index, exact_below=s.exact_below,
                                     target_recall=s.target_recall, use_gpu=s.use_gpu)
+        problems = check_vectors(bundle.item_ids, bundle.item_vectors, "item vectors", dim=index.dim)
+        problems += check_vectors(bundle.item_ids, bundle.content, "content vectors")
+        if index.n != len(bundle.item_ids):
+            problems.append(f"index holds {index.n} items, the model {len(bundle.item_ids)}")
+        if len(bundle.queries) and bundle.queries.shape[1] != index.dim:
+            problems.append(f"the user tower's width {bundle.queries.shape[1]} is not the index's {index.dim}")
+        if problems:  # never swap in a snapshot that would answer wrongly
+            raise SnapshotError(f"model v{bundle.version} ({bundle.source})", problems)
         popular = np.lexsort((-item_stats[:, 0], -item_stats[:, 1]))
         _warm_up(bundle)
         content_table = np.vstack([bundle.content, np.zeros((1, bundle.content.shape[1]), np.float32)]).astype(np.float32)
@@ -190,9 +202,11 @@ class Recommender:
         self.snapshot = snapshot
         self.reloads = 0
         self.reload_error: str | None = None
+        self.fallback: str | None = None  # why the snapshot in use is not the published state, if it is not
         self._reload_lock = threading.Lock()
         self._embedder = None
         self._embed_lock = threading.Lock()
+        self._events: EventLog | None = None
 
     @classmethod
     def load(cls, cfg: Config, alias: str | None = None, version: str | None = None) -> "Recommender":
@@ -210,7 +224,16 @@ class Recommender:
         with self._reload_lock:
             if alias is None and version is None:
                 alias, version = self.alias, self.version
-            snap = Snapshot.build(self.cfg, ModelBundle.from_mlflow(self.cfg, alias=alias, version=version))
+            try:
+                snap = Snapshot.build(self.cfg, ModelBundle.from_mlflow(self.cfg, alias=alias, version=version))
+                self.fallback = None
+            except (SnapshotError, FileNotFoundError, OSError) as exc:
+                if self.snapshot is not None:
+                    raise  # keep serving what is in; the loader reports why
+                # a fresh worker: the registry's own artifacts for that version, rather than never becoming ready
+                snap = Snapshot.build(self.cfg, ModelBundle.from_mlflow(self.cfg, alias=alias, version=version,
+                                                                        published=False))
+                self.fallback = f"published state refused ({type(exc).__name__}: {exc}); serving the registry's artifacts"
             self.reloads += self.snapshot is not None  # the start-up load is not a reload
             self.snapshot = snap  # one reference assignment: requests in flight keep the snapshot they took
             return snap
@@ -234,7 +257,7 @@ class Recommender:
         k = k or self.cfg.serve.k
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
-        users = snap.repo.online_users([user_id])
+        users = self.user_features(snap, [user_id])
         timings["features_user_ms"] = (time.perf_counter() - t0) * 1000
         known_user = bool(users.found[0])
         recent_ids = users.recent_item_ids[0] if known_user else [i for i in (recent_item_ids or []) if i in snap.index_of]
@@ -323,13 +346,27 @@ class Recommender:
         return [Recommendation(snap.bundle.item_ids[j], snap.bundle.titles[j], float(s), float(s))
                 for s, j in zip(scores[0], rows[0]) if j >= 0], snap
 
-    def record_interaction(self, user_id: str, item_id: str, at: datetime | None = None) -> None:
-        """Fold a new interaction into the user's online features (Feast push), no materialization."""
+    @property
+    def events(self) -> EventLog:
+        """The interaction event log (recsys.events), opened on first use."""
+        if self._events is None:
+            with self._reload_lock:
+                if self._events is None:
+                    self._events = open_event_log(self.cfg)
+        return self._events
+
+    def user_features(self, snap: Snapshot, user_ids: list[str]) -> OnlineUsers:
+        """The users' online rows (Feast) plus their events the rows do not include yet (the event log)."""
+        content, index_of = snap.bundle.content, snap.index_of
+        return snap.repo.online_users_now(user_ids, self.events, lambda i: content[index_of[i]] if i in index_of else None)
+
+    def record_interaction(self, event: Event) -> Appended:
+        """Append an accepted interaction to the event log (durable when this returns); the user's next request
+        folds it in. Unknown items are refused before anything is written."""
         snap = self.current()
-        if item_id not in snap.index_of:
-            raise UnknownItemError(item_id)
-        at = at or datetime.now(timezone.utc)
-        snap.repo.push_interaction(user_id, item_id, at, snap.bundle.content[snap.index_of[item_id]])
+        if event.item_id not in snap.index_of:
+            raise UnknownItemError(event.item_id)
+        return self.events.append(event)
 
     def ready(self) -> tuple[bool, str]:
         """Model, index and feature store loaded and answering (one online read)."""

@@ -1,5 +1,5 @@
 """The Feast feature store, against SQLite and a real redis-server: point-in-time correctness,
-validation, explicit misses, push, incremental materialization, versioned views."""
+validation, explicit misses, the event log's fold, incremental materialization, versioned views."""
 
 from __future__ import annotations
 
@@ -94,7 +94,10 @@ def test_a_history_written_after_the_label_is_never_joined(repo, small):
     t = small.interactions.frame.filter(pl.col("user_id") == user)["timestamp"].max() + timedelta(days=1)
     future = pl.DataFrame({"user_id": [user], "item_id": [small.catalog.ids[5]], "timestamp": [t]})
     before = repo.training_set(future)["history_count"][0]
-    repo.push_interaction(user, small.catalog.ids[7], t + timedelta(hours=1), repo.V[7], to_offline=True)  # after the label
+    f = small.interactions.frame
+    later = pl.DataFrame({"user_id": [user], "item_id": [small.catalog.ids[7]], "timestamp": [t + timedelta(hours=1)],
+                          "value": [None]}, schema=f.schema)  # after the label
+    repo.write_interaction_features(pl.concat([f, later]), small.catalog, repo.V)
     after = repo.training_set(future)["history_count"][0]
     assert before == after
 
@@ -149,22 +152,61 @@ def test_incremental_materialization_writes_only_what_changed(repo, small):
     assert sum(first.rows.values()) > 2
 
 
-def test_push_updates_the_online_history(repo, small):
+def event_log(repo):
+    from recsys.events import SqliteEventLog
+
+    return SqliteEventLog(repo.cfg.workdir / "events" / "events.db")
+
+
+def now_features(repo, log, user):
+    return repo.online_users_now([user], log, lambda i: repo.V[repo.row[i]] if i in repo.row else None)
+
+
+def test_logged_events_are_in_the_online_features_at_once(repo, small):
+    from recsys.events import Event
+
     repo.materialize()
+    repo.row = small.catalog.index
+    log = event_log(repo)
     user = small.interactions.frame["user_id"][0]
     before = repo.online_users([user])
     item = small.catalog.ids[11]
-    repo.push_interaction(user, item, datetime.now(timezone.utc), repo.V[11])
-    repo.push_interaction(user, small.catalog.ids[12], datetime.now(timezone.utc), repo.V[12])  # the service pushes many
-    repo.push_interaction(user, item, datetime.now(timezone.utc), repo.V[11])
-    after = repo.online_users([user])
-    assert after.recent_item_ids[0][0] == item
+    for i in (item, small.catalog.ids[12], item):  # the service takes many
+        log.append(Event.new(user, i))
+    after = now_features(repo, log, user)
+    assert after.recent_item_ids[0][0] == item and after.events_folded[0] == 3
     assert after.history_count[0] == before.history_count[0] + 3
-    # the full seen set (serving's filter) holds every item the user ever had, and now the pushed one first
+    assert after.n_interactions[0] == before.n_interactions[0] + 3
+    # the full seen set (serving's filter) holds every item the user ever had, and now the new one first
     had = small.interactions.frame.filter(pl.col("user_id") == user)["item_id"].unique().to_list()
     assert sorted(before.seen_item_ids[0]) == sorted(had)
     assert after.seen_item_ids[0][0] == item and set(had) <= set(after.seen_item_ids[0])
     assert not np.allclose(after.history_vector[0], before.history_vector[0])
+    # a user the store has never seen becomes known through the log alone
+    new = now_features(repo, log, "brand-new") if log.append(Event.new("brand-new", item)).new else None
+    assert new.found[0] and new.seen_item_ids[0] == [item] and new.history_count[0] == 1
+
+
+def test_rows_rebuilt_with_the_events_are_not_folded_twice(repo, small):
+    """Once a rebuild (the nightly) includes the log's events, its rows carry their sequence and serving folds
+    only what came after: the features equal those of the rebuild plus the newer events, never counted twice."""
+    from recsys.events import Event, with_events
+
+    repo.row = small.catalog.index
+    log = event_log(repo)
+    user = small.interactions.frame["user_id"][0]
+    for i in (3, 4):
+        log.append(Event.new(user, small.catalog.ids[i]))
+    ds, n = with_events(small, log)
+    assert n == 2
+    repo.write_interaction_features(ds.interactions.frame, small.catalog, repo.V)
+    repo.materialize(full=(repo.views.user_history.name, repo.views.user_stats.name, repo.views.user_seen.name))
+    rebuilt = now_features(repo, log, user)
+    assert rebuilt.events_folded[0] == 0 and rebuilt.events_seq["seen"][0] == 2
+    assert rebuilt.history_count[0] == small.interactions.frame.filter(pl.col("user_id") == user).height + 2
+    log.append(Event.new(user, small.catalog.ids[5]))
+    later = now_features(repo, log, user)
+    assert later.events_folded[0] == 1 and later.history_count[0] == rebuilt.history_count[0] + 1
 
 
 def test_a_new_embedder_version_or_dim_gets_its_own_views(tmp_path):
@@ -179,17 +221,20 @@ def test_a_new_embedder_version_or_dim_gets_its_own_views(tmp_path):
         c.write_item_embeddings(["1"], [np.ones(16)])  # a 16-d vector never lands in the 32-d view
 
 
-def test_push_continues_the_decayed_history_exactly(repo, small):
-    """After a push, the online history equals what the offline snapshots compute with that event."""
+def test_folded_events_continue_the_decayed_history_exactly(repo, small):
+    """The online history with a logged event equals what the offline snapshots compute with that event."""
     from features.compute import user_snapshots
+    from recsys.events import Event
 
     repo.materialize()
+    repo.row = small.catalog.index
+    log = event_log(repo)
     f = small.interactions.frame
     user = f["user_id"][0]
     at = f["timestamp"].max() + timedelta(days=1)
     item = small.catalog.ids[13]
-    repo.push_interaction(user, item, at, repo.V[13], to_offline=False)
-    online = repo.online_users([user])
+    log.append(Event.new(user, item, at))
+    online = now_features(repo, log, user)
     extended = pl.concat([f.filter(pl.col("user_id") == user),
                           pl.DataFrame({"user_id": [user], "item_id": [item], "timestamp": [at], "value": [None]},
                                        schema=f.schema)])

@@ -1,5 +1,6 @@
-"""The nightly job as a scheduler meets it: publish, idempotent rerun, SIGKILL mid-embedding and before the
-publish, dead letters and the failure threshold's exit code, and the Ray engine's parity with the local one."""
+"""The nightly job as a scheduler meets it: publish, idempotent rerun, SIGKILL mid-embedding, in the feature writes
+and before the publish, the service's events folded in exactly once, dead letters, quarantine and the failure
+threshold's exit code, the lock, and the Ray engine's parity with the local one."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +141,99 @@ def test_failures_go_to_dead_letters_and_past_the_threshold_nothing_is_published
     v = vectors(cfg)
     assert v.height == 63 and broken["item_id"] not in v["item_id"].to_list()
     assert np.isfinite(v["vector"].to_numpy()).all()
+    # the third failure in a row quarantines it: not counted against the threshold, so the strict run publishes
+    # once the catalog changes elsewhere; after that it is not retried until its own content changes
+    other = next(i for i in items if i["item_id"] != broken["item_id"])
+    other["parts"] = [{"text": "a fresh description of mountain rivers"}]
+    (data / "items.jsonl").write_text("\n".join(json.dumps(i) for i in items) + "\n")
+    r = cli_nightly(cfg)
+    assert r.returncode == 0, r.stdout[-2000:]
+    dl = read_dead_letters(cfg)[broken["item_id"]]
+    assert dl["attempts"] == 3 and dl["quarantined"] and json.loads(_last_summary(cfg))["counts"]["quarantined"] == 1
+    r = cli_nightly(cfg)
+    summary = json.loads(_last_summary(cfg))
+    assert r.returncode == 0 and summary["counts"]["quarantined"] == 1 and summary["counts"]["embedded"] == 0
+    assert read_dead_letters(cfg)[broken["item_id"]]["attempts"] == 3  # not tried again
+    broken["parts"] = [{"text": "the same item, now with readable content"}]
+    (data / "items.jsonl").write_text("\n".join(json.dumps(i) for i in items) + "\n")
+    assert cli_nightly(cfg).returncode == 0
+    assert broken["item_id"] not in read_dead_letters(cfg) and vectors(cfg).height == 64
+
+
+def test_a_second_nightly_is_refused_while_one_holds_the_lock(catalog, tmp_path):
+    from recsys.flows.nightly import EXIT_LOCKED, NightlyLock
+
+    cfg = config(tmp_path / "w", catalog)
+    lock = NightlyLock(cfg)
+    assert lock.acquire() is None
+    try:
+        r = cli_nightly(cfg)
+        assert r.returncode == EXIT_LOCKED and "another nightly holds" in r.stdout + r.stderr
+        assert read_published(cfg.workdir) is None
+    finally:
+        lock.release()
+    assert cli_nightly(cfg).returncode == 0
+
+
+def online_now(cfg: Config, users: list[str]):
+    """What serving reads for ``users``: the published space's online rows plus the event log past them."""
+    from features.store import FeatureRepo
+    from recsys.events import open_event_log
+
+    m = read_published(cfg.workdir)
+    v = vectors(cfg)
+    row = {i: r for r, i in enumerate(v["item_id"].to_list())}
+    arr = v["vector"].to_numpy()
+    repo = FeatureRepo(cfg, m.embedder["backend"], m.embedder["model_version"], m.embedder["dim"], name="serve")
+    return repo.online_users_now(users, open_event_log(cfg), lambda i: arr[row[i]] if i in row else None)
+
+
+@pytest.mark.parametrize("kill_at", ["features:offline", "features", "verified"])
+def test_accepted_events_reach_the_nightly_and_a_kill_at_any_stage_counts_none_twice(catalog, tmp_path, kill_at):
+    """Events in the log (out of order, one retried) are in the users' features at once; a nightly killed at any
+    stage leaves the old manifest published and every user's features counting each event exactly once; the
+    rerun folds them into the offline store, the rows and the watermark, and rewrites only those users."""
+    from recsys.events import Event, open_event_log
+
+    cfg = config(tmp_path / "w", catalog)
+    assert cli_nightly(cfg).returncode == 0
+    before = read_published(cfg.workdir)
+    ids = vectors(cfg)["item_id"].to_list()
+    inter = pl.read_csv(catalog / "interactions.csv", schema_overrides={"user_id": pl.Utf8, "item_id": pl.Utf8})
+    users = sorted(inter["user_id"].unique().to_list())[:3]
+    counts = {u: inter.filter(pl.col("user_id") == u).height for u in users}
+    log = open_event_log(cfg)
+    t = datetime.now(timezone.utc)
+    sent = {u: [ids[-1 - k], ids[-5 - k]] for k, u in enumerate(users)}
+    for u in users:
+        log.append(Event.new(u, sent[u][0], t, event_id=f"{u}-a"))
+        log.append(Event.new(u, sent[u][1], t - timedelta(days=400), event_id=f"{u}-b"))  # an older client time
+        log.append(Event.new(u, sent[u][1], t - timedelta(days=400), event_id=f"{u}-b"))  # a retry: stored once
+
+    def check():
+        now = online_now(cfg, users)
+        for r, u in enumerate(users):
+            assert set(sent[u]) <= set(now.seen_item_ids[r])
+            assert now.history_count[r] == counts[u] + 2 and now.n_interactions[r] == counts[u] + 2
+
+    check()
+    r = cli_nightly(cfg, kill_at)
+    assert r.returncode == -9, r.stdout[-2000:] + r.stderr[-2000:]
+    assert read_published(cfg.workdir).run_id == before.run_id
+    check()  # whatever the kill left, no event is missing or counted twice
+    r = cli_nightly(cfg)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    after = read_published(cfg.workdir)
+    assert after.run_id != before.run_id and after.events_until == log.max_seq() and after.counts["events"] == 6
+    now = online_now(cfg, users)
+    assert (now.events_folded == 0).all()  # the rows include the events themselves now
+    check()
+    seen = pl.read_parquet(next((cfg.feast_dir / "serve" / "data").glob("user_seen.parquet")))
+    for u in users:
+        assert set(sent[u]) <= set(seen.filter(pl.col("user_id") == u)["seen_item_ids"][0].to_list())
+    # only the three users with events were rewritten online
+    assert {k: v for k, v in after.feast["materialized"].items() if k.startswith("user_")} == \
+        {k: 3 for k in after.feast["materialized"] if k.startswith("user_")}
 
 
 def test_embed_exits_non_zero_when_every_item_fails_and_stores_nothing(tmp_path, monkeypatch):

@@ -138,13 +138,15 @@ class Catalog:
 
 @dataclass
 class Interactions:
-    """(user, item, timestamp, optional value) rows, sorted by user then time."""
+    """(user, item, timestamp, optional value[, seq]) rows, sorted by user then time."""
 
     frame: pl.DataFrame
 
     def __post_init__(self) -> None:
+        # ``seq``: an event-log row's sequence (recsys.events; 0 for the dataset's own rows), kept when present
+        extra = [pl.col("seq").fill_null(0).cast(pl.Int64)] if "seq" in self.frame.columns else []
         self.frame = self.frame.select(
-            [pl.col(c).cast(t) for c, t in INTERACTION_SCHEMA.items()]
+            [pl.col(c).cast(t) for c, t in INTERACTION_SCHEMA.items()] + extra
         ).sort(["user_id", "timestamp"], maintain_order=True)  # ties keep the file's order
 
     def __len__(self) -> int:

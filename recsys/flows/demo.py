@@ -41,7 +41,7 @@ def run_demo(cfg: Config, sample_users: int = 3) -> dict:
         titles = dict(zip(ds.catalog.ids, ds.catalog.titles))
         for u in users:
             resp = rec.recommend(u, k=5)
-            online = rec.current().repo.online_users([u])
+            online = rec.user_features(rec.current(), [u])
             console.print(f"[bold]user {u}[/bold] recently: " + "; ".join(titles[i] for i in online.recent_item_ids[0][:3]))
             for r in resp.items:
                 console.print(f"   -> {r.title}  [dim]({r.score:.3f})[/dim]")

@@ -13,7 +13,17 @@ previous state intact and served. A run whose content would be identical publish
 Exit codes (``recsys nightly``; documented in the README for schedulers):
     0  done (published, or nothing changed)
     3  more items failed than ``nightly.failure_threshold`` allows: nothing published, dead letters written
+    4  another nightly run holds the lock on this work directory: nothing done
+    5  what the run built failed its checks (checksums, counts, widths, finite vectors): nothing published
     1  any other error (a traceback in the log)
+
+The run reads the dataset plus the interaction event log (recsys.events) up to the log's position when it
+starts, and records that position in the manifest (``events_until``) and on every user row it writes, so
+serving folds exactly the events a row does not include. Only the users with new events, new interactions or
+an item whose vector changed are rebuilt and written to the online store.
+
+An item whose embedding fails ``nightly.quarantine_after`` runs in a row with the same content is quarantined:
+listed in the summary and the dead letters, not counted in the failure rate, retried when its content changes.
 """
 
 from __future__ import annotations
@@ -37,10 +47,11 @@ from recsys.content import Content
 from recsys.data import Dataset, load_dataset
 from recsys.embed import item_embedder
 from recsys.embed.cache import embedding_key
-from recsys.manifest import Manifest, publish, read_published, sha256_file
+from recsys.events import open_event_log, with_events
+from recsys.manifest import Manifest, publish, read_published, sha256_file, vectors_digest, verify
 from recsys.pipeline import Timings, console
 
-EXIT_OK, EXIT_ERROR, EXIT_FAILURES = 0, 1, 3
+EXIT_OK, EXIT_ERROR, EXIT_FAILURES, EXIT_LOCKED, EXIT_UNVERIFIED = 0, 1, 3, 4, 5
 
 
 def checkpoint(name: str) -> None:
@@ -238,22 +249,102 @@ def read_dead_letters(cfg: Config) -> dict[str, dict]:
     return {d["item_id"]: d for d in (json.loads(line) for line in path.read_text().splitlines() if line.strip())}
 
 
-def write_dead_letters(cfg: Config, failed: dict[str, str], run_id: str, stage: str = "embed") -> Path:
-    """One line per failed item: id, stage, reason, attempts so far (items that now succeed drop out)."""
+def write_dead_letters(cfg: Config, failed: dict[str, str], run_id: str, stage: str = "embed",
+                       hashes: dict[str, str] | None = None, keep: dict[str, dict] | None = None) -> Path:
+    """One line per failed item: id, stage, reason, attempts in a row with this content, its content hash,
+    whether it is quarantined; ``keep``: quarantined items not retried this run (kept as they are). Items that
+    now succeed drop out."""
     old = read_dead_letters(cfg)
     path = dead_letter_path(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps({"item_id": i, "stage": stage, "reason": why, "attempts": old.get(i, {}).get("attempts", 0) + 1,
-                         "run_id": run_id, "at": datetime.now(timezone.utc).isoformat()}) for i, why in failed.items()]
+    rows = dict(keep or {})
+    for i, why in failed.items():
+        prev = old.get(i, {})
+        h = (hashes or {}).get(i)
+        attempts = (prev.get("attempts", 0) if prev.get("content_hash") in (None, h) else 0) + 1
+        rows[i] = {"item_id": i, "stage": stage, "reason": why, "attempts": attempts, "content_hash": h,
+                   "quarantined": attempts >= cfg.nightly.quarantine_after, "run_id": run_id,
+                   "at": datetime.now(timezone.utc).isoformat()}
     from recsys.index import atomic_write_text
 
+    lines = [json.dumps(r) for r in rows.values()]
     atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""))
     return path
 
 
+def quarantined(cfg: Config, ids: list[str], hashes: list[str], rows: list[int]) -> dict[str, dict]:
+    """The dead letters of ``rows`` that are quarantined with the content they have now (not retried)."""
+    dead = read_dead_letters(cfg)
+    out = {}
+    for r in rows:
+        d = dead.get(ids[r])
+        if d and d.get("quarantined") and d.get("content_hash") == hashes[r]:
+            out[ids[r]] = d
+    return out
+
+
+class NightlyLock:
+    """One nightly per work directory: an exclusive ``flock`` on ``<workdir>/nightly/lock`` (released by the
+    kernel when the process dies, so a killed run never leaves it held)."""
+
+    def __init__(self, cfg: Config):
+        self.path = cfg.workdir / "nightly" / "lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> str | None:
+        """None when taken; else who holds it."""
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+            os.close(fd)
+            return holder or "another process"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} since {datetime.now(timezone.utc).isoformat(timespec='seconds')}".encode(), 0)
+        self.fd = fd
+        return None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 # The job -----------------------------------------------------------------------------------------------------
 def run_nightly(cfg: Config, engine: str | None = None, dry_run: bool = False) -> NightlySummary:
-    """Run every stage; returns the summary (``exit_code`` says what a scheduler should see)."""
+    """Run every stage under the work directory's lock; returns the summary (``exit_code`` says what a
+    scheduler should see). A second run while one holds the lock returns at once with EXIT_LOCKED."""
+    lock = NightlyLock(cfg)
+    holder = None if dry_run else lock.acquire()
+    if holder is not None:
+        summary = NightlySummary("-", exit_code=EXIT_LOCKED,
+                                 message=f"another nightly holds {lock.path} ({holder}); nothing done")
+        console.print(f"[red]error:[/red] {summary.message}")
+        return summary
+    try:
+        return _run(cfg, engine, dry_run)
+    finally:
+        lock.release()
+
+
+def _finish(cfg: Config, summary: NightlySummary, timings: Timings, message: str | None = None,
+            exit_code: int | None = None) -> NightlySummary:
+    """Close a run that publishes nothing: its message and exit code, the MLflow record, the table."""
+    if message is not None:
+        summary.message = message
+    if exit_code is not None:
+        summary.exit_code = exit_code
+    summary.timings_s = timings.stages
+    _log_mlflow(cfg, summary)
+    console.print(summary.table())
+    return summary
+
+
+def _run(cfg: Config, engine: str | None, dry_run: bool) -> NightlySummary:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     engine = engine or cfg.nightly.engine
     cfg = with_item_input(cfg, served_item_input(cfg))
@@ -262,6 +353,8 @@ def run_nightly(cfg: Config, engine: str | None = None, dry_run: bool = False) -
     timings = Timings()
     work = cfg.workdir / "nightly" / "runs" / run_id
     previous = read_published(cfg.workdir)
+    log = open_event_log(cfg)
+    events_until = log.max_seq()  # this run folds the events accepted before it started
     with timings.stage("snapshot + diff"):
         ds = load_dataset(cfg)
         console.print(ds.report.render())
@@ -273,42 +366,48 @@ def run_nightly(cfg: Config, engine: str | None = None, dry_run: bool = False) -
         if previous is not None and previous.embedder == {"backend": backend, "model_version": version, "dim": cfg.embedder.item_dim}:
             prev_vectors = pl.read_parquet(cfg.workdir / previous.vectors["path"])
         d = diff(ds.catalog.ids, hashes, prev_vectors)
+    held = quarantined(cfg, ds.catalog.ids, hashes, d.todo)
+    todo = [r for r in d.todo if ds.catalog.ids[r] not in held]
     summary.counts = {"new": len(d.new), "changed": len(d.changed), "unchanged": len(d.unchanged), "removed": len(d.removed)}
+    if held:
+        summary.counts["quarantined"] = len(held)
     if dry_run:
         summary.timings_s, summary.message = timings.stages, "dry run"
         console.print(summary.table())
         return summary
     checkpoint("snapshot")
-    with timings.stage(f"embed ({engine} engine): {len(d.todo):,} new or changed"):
-        emb = embed_ray(cfg, ds, d.todo, work) if engine == "ray" and d.todo else embed_local(cfg, contents, d.todo)
+    with timings.stage(f"embed ({engine} engine): {len(todo):,} new or changed"):
+        emb = embed_ray(cfg, ds, todo, work) if engine == "ray" and todo else embed_local(cfg, contents, todo)
     failed = {ds.catalog.ids[r]: why for r, why in emb.failed.items()}
     summary.counts.update(failed=len(failed), embedded=len(emb.vectors), cache_hits=emb.cache_hits, retries=emb.retries)
     if emb.budget:  # the shared request budget across Ray actors
         summary.counts.update({f"budget_{k}": v for k, v in emb.budget.items() if k in ("max_in_flight", "waits", "pauses")})
-    write_dead_letters(cfg, failed, run_id)
-    rate = len(failed) / max(1, len(d.todo))
-    if failed and rate > cfg.nightly.failure_threshold:
-        summary.exit_code = EXIT_FAILURES
-        summary.message = (f"{len(failed)} of {len(d.todo)} items failed ({rate:.1%} > {cfg.nightly.failure_threshold:.1%}); "
-                           f"see {dead_letter_path(cfg)}")
-        summary.timings_s = timings.stages
-        _log_mlflow(cfg, summary)
-        console.print(summary.table())
-        return summary
+    write_dead_letters(cfg, failed, run_id, hashes={ds.catalog.ids[r]: hashes[r] for r in emb.failed}, keep=held)
+    now_held = {i for i, dl in read_dead_letters(cfg).items() if dl.get("quarantined") and i in failed}
+    if now_held:
+        summary.counts["quarantined"] = len(held) + len(now_held)
+    counted = len(failed) - len(now_held)  # a quarantined item no longer counts
+    rate = counted / max(1, len(todo) - len(now_held))
+    if counted and rate > cfg.nightly.failure_threshold:
+        return _finish(cfg, summary, timings, exit_code=EXIT_FAILURES, message=(
+            f"{counted} of {len(todo) - len(now_held)} items failed ({rate:.1%} > {cfg.nightly.failure_threshold:.1%}); "
+            f"see {dead_letter_path(cfg)}"))
     checkpoint("embedded")
     vectors, keep_rows = _merge(cfg, ds, d, emb, prev_vectors, hashes)
     served = ds.without_items(set(ds.catalog.ids) - {ds.catalog.ids[r] for r in keep_rows},
                               "items without a vector yet (failed; retried next run)")
+    served, n_events = with_events(served, log, events_until)
+    log.close()
+    summary.counts["events"] = n_events
     inter = served.interactions.frame
+    if "seq" not in inter.columns:
+        inter = inter.with_columns(pl.lit(0, pl.Int64).alias("seq"))
     until = inter["timestamp"].max() if inter.height else None
-    users = _users_to_refresh(inter, previous, {ds.catalog.ids[r] for r in d.changed}, prev_vectors is None)
+    # users of changed items, and of new ones (their interactions were left out while the item had no vector)
+    users = _users_to_refresh(inter, previous, {ds.catalog.ids[r] for r in d.todo}, prev_vectors is None)
     if (previous is not None and prev_vectors is not None and not emb.vectors and not d.removed and not users
             and (previous.model or {}).get("version") == _champion_version(cfg)):
-        summary.message = f"nothing changed since {previous.run_id}"
-        summary.timings_s = timings.stages
-        _log_mlflow(cfg, summary)
-        console.print(summary.table())
-        return summary
+        return _finish(cfg, summary, timings, message=f"nothing changed since {previous.run_id}")
     with timings.stage("versioned vectors"):
         work.mkdir(parents=True, exist_ok=True)
         vec_path = work / "vectors.parquet"
@@ -322,9 +421,12 @@ def run_nightly(cfg: Config, engine: str | None = None, dry_run: bool = False) -
         changed_rows = repo.write_item_embeddings(served.catalog.ids, vectors)
         counts = repo.write_interaction_features(inter, served.catalog, vectors, users=users)
         repo.apply()
+        checkpoint("features:offline")
         user_views = () if users is None else (repo.views.user_history.name, repo.views.user_stats.name,
                                                 repo.views.user_seen.name)
-        report = repo.materialize(progress=True, full=user_views)
+        # each user row carries the event-log position it includes, so a reader meets either a user's old row
+        # (plus the log's events past it) or the new one, never events counted twice; only refreshed users are written
+        report = repo.materialize(progress=True, full=user_views, only=users)
         summary.users_refreshed = counts["users_refreshed"]
         summary.materialized = {"item vectors written": changed_rows, **{k.split("__")[0]: v for k, v in report.rows.items()}}
     checkpoint("features")
@@ -334,10 +436,17 @@ def run_nightly(cfg: Config, engine: str | None = None, dry_run: bool = False) -
     manifest = Manifest(
         run_id=run_id, created_at=datetime.now(timezone.utc).isoformat(),
         embedder={"backend": backend, "model_version": version, "dim": cfg.embedder.item_dim},
-        vectors={"path": str(vec_path.relative_to(cfg.workdir)), "items": len(keep_rows), "sha256": _vectors_digest(vectors, served)},
+        vectors={"path": str(vec_path.relative_to(cfg.workdir)), "items": len(keep_rows),
+                 "sha256": vectors_digest(served.catalog.ids, vectors)},
         feast={"repo": "serve", "item_view": repo.views.item_embedding.name, "materialized": report.rows},
         model=model, index=index, counts=dict(summary.counts), previous=previous.run_id if previous else None,
-        interactions_until=until.isoformat() if until is not None else None)
+        interactions_until=until.isoformat() if until is not None else None, events_until=events_until)
+    with timings.stage("verify"):
+        problems = verify(manifest, cfg.workdir, min_recall=cfg.serve.target_recall - 0.05)
+    if problems:
+        return _finish(cfg, summary, timings, exit_code=EXIT_UNVERIFIED,
+                       message="the run's output failed its checks, nothing published: " + "; ".join(problems))
+    checkpoint("verified")
     if previous is not None and previous.content_key() == manifest.content_key():
         summary.message = f"nothing changed since {previous.run_id}"
     else:
@@ -351,12 +460,14 @@ def run_nightly(cfg: Config, engine: str | None = None, dry_run: bool = False) -
 
 
 def _users_to_refresh(inter: pl.DataFrame, previous: Manifest | None, changed_items: set[str], first: bool) -> set[str] | None:
-    """Users whose features must be rebuilt: those with interactions after the last run's watermark, and those
-    who had an item whose vector changed. None (everyone) on a first run or a new embedding space."""
+    """Users whose features must be rebuilt: those with interactions or events after the last run's watermarks, and those
+    who had an item whose vector is new or changed. None (everyone) on a first run or a new embedding space."""
     if first or previous is None or previous.interactions_until is None:
         return None
     since = datetime.fromisoformat(previous.interactions_until)
-    new = inter.filter(pl.col("timestamp") > since)["user_id"].unique().to_list()
+    # new rows of the dataset (by time) and events the log took since the last run (by sequence: an event may
+    # carry an older time than the watermark)
+    new = inter.filter((pl.col("timestamp") > since) | (pl.col("seq") > previous.events_until))["user_id"].unique().to_list()
     touched = inter.filter(pl.col("item_id").is_in(list(changed_items)))["user_id"].unique().to_list() if changed_items else []
     return set(new) | set(touched)
 
@@ -422,14 +533,6 @@ def _merge(cfg: Config, ds: Dataset, d: Diff, emb: Embedded, prev: pl.DataFrame 
     return arr, rows
 
 
-def _vectors_digest(vectors: np.ndarray, ds: Dataset) -> str:
-    import hashlib
-
-    h = hashlib.sha256("\0".join(ds.catalog.ids).encode())
-    h.update(np.ascontiguousarray(vectors, np.float32).tobytes())
-    return h.hexdigest()
-
-
 def _index(cfg: Config, ds: Dataset, vectors: np.ndarray, embedder_version: str, work: Path):
     """Item-tower vectors of the champion model for today's catalog, and its index (recsys.index, the same
     build serving does). None when no model is registered or it reads another embedding space."""
@@ -473,7 +576,7 @@ def _index(cfg: Config, ds: Dataset, vectors: np.ndarray, embedder_version: str,
     return ({"name": cfg.train.registered_model, "version": bundle.version, "alias": cfg.serve.model_alias},
             {"path": str(folder.relative_to(cfg.workdir)), "kind": info["kind"], "recall_at_100": info["recall_at_100"],
              "params": info["params"], "items": len(vecs), "sha256": sha256_file(folder / "items.faiss"),
-             "vectors_sha256": _vectors_digest(vecs, ds)})
+             "vectors_sha256": vectors_digest(ds.catalog.ids, vecs)})
 
 
 def _cleanup(cfg: Config, keep: set[str]) -> None:
