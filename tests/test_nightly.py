@@ -188,7 +188,7 @@ def online_now(cfg: Config, users: list[str]):
     return repo.online_users_now(users, open_event_log(cfg), lambda i: arr[row[i]] if i in row else None)
 
 
-@pytest.mark.parametrize("kill_at", ["features:offline", "features", "verified"])
+@pytest.mark.parametrize("kill_at", ["features:offline", "verified", "features:online"])
 def test_accepted_events_reach_the_nightly_and_a_kill_at_any_stage_counts_none_twice(catalog, tmp_path, kill_at):
     """Events in the log (out of order, one retried) are in the users' features at once; a nightly killed at any
     stage leaves the old manifest published and every user's features counting each event exactly once; the

@@ -2,13 +2,18 @@
 
     snapshot catalog -> diff by content hash (new / changed / unchanged / removed) -> embed only those
     (committed in batches to the embedding cache: a killed run resumes without redoing finished batches)
-    -> dead letters + failure threshold -> new versioned vectors (parquet) -> Feast (append changed
-    vectors, user features, incremental materialize) -> item-tower vectors + index (recsys.index, the code
-    serving uses) -> PUBLISH: one manifest, written to a temporary file and renamed into place.
+    -> dead letters + failure threshold -> the dataset plus the event log -> new versioned vectors (parquet)
+    -> Feast offline (append changed vectors, rebuild the affected users' features) -> item-tower vectors + index
+    (recsys.index, the code serving uses) -> VERIFY (checksums, counts, widths, finite vectors, recall) -> Feast
+    online (the affected users' rows, incremental) -> PUBLISH: one manifest, written to a temporary file and
+    renamed into place.
 
-Everything a run writes goes to ``<workdir>/nightly/runs/<run id>/`` first; the published manifest
-(``recsys.manifest``) is the only thing serving reads, so a crash anywhere before the rename leaves the
-previous state intact and served. A run whose content would be identical publishes nothing.
+Vectors, item-tower vectors and the index go to ``<workdir>/nightly/runs/<run id>/``; the published manifest
+(``recsys.manifest``) is what serving loads them from, so a crash anywhere before the rename leaves the previous
+state served. Feast's files are written in place, each atomically (offline parquet through a rename), and the
+online rows only after the run's output is verified; each user row records the event-log position it includes,
+so a reader meets a user's old row or the new one, each with exactly the events it lacks folded on top. A run
+whose content would be identical publishes nothing.
 
 Exit codes (``recsys nightly``; documented in the README for schedulers):
     0  done (published, or nothing changed)
@@ -30,7 +35,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -48,17 +52,13 @@ from recsys.data import Dataset, load_dataset
 from recsys.embed import item_embedder
 from recsys.embed.cache import embedding_key
 from recsys.events import open_event_log, with_events
+from recsys.flows.nightly_embed import Embedded, embed_local, embed_ray
+from recsys.flows.nightly_guards import (NightlyLock, checkpoint, dead_letter_path, quarantined, read_dead_letters,
+                                         write_dead_letters)
 from recsys.manifest import Manifest, publish, read_published, sha256_file, vectors_digest, verify
 from recsys.pipeline import Timings, console
 
 EXIT_OK, EXIT_ERROR, EXIT_FAILURES, EXIT_LOCKED, EXIT_UNVERIFIED = 0, 1, 3, 4, 5
-
-
-def checkpoint(name: str) -> None:
-    """A named point between stages. ``RECSYS_NIGHTLY_KILL_AT=name`` SIGKILLs the process there (the
-    crash tests use it to kill the job at an exact stage; nothing else reads it)."""
-    if os.environ.get("RECSYS_NIGHTLY_KILL_AT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -115,203 +115,6 @@ def diff(ids: list[str], hashes: list[str], previous: pl.DataFrame | None) -> Di
         (new if i not in prev else unchanged if prev[i] == h else changed).append(r)
     current = set(ids)
     return Diff(new, changed, unchanged, [i for i in prev if i not in current])
-
-
-# Stage 3: embed ----------------------------------------------------------------------------------------------
-@dataclass
-class Embedded:
-    vectors: dict[int, np.ndarray]  # catalog row -> vector
-    failed: dict[int, str]  # catalog row -> reason
-    cache_hits: int = 0
-    retries: int = 0
-    budget: dict = field(default_factory=dict)  # the shared request budget's counters (Ray with gemini)
-
-
-def embed_local(cfg: Config, contents: list[Content], rows: list[int]) -> Embedded:
-    """Embed ``rows`` in batches of ``nightly.batch_items``; each batch is committed to the cache as it
-    finishes, so a rerun after a kill finds finished batches as cache hits."""
-    if not rows:
-        console.print("nothing new or changed to embed")
-        return Embedded({}, {})
-    embedder = item_embedder(cfg)
-    out = Embedded({}, {})
-    step = cfg.nightly.batch_items
-    bar = tqdm(total=len(rows), desc=f"embed[{embedder.name}]", unit="item")
-    for b, start in enumerate(range(0, len(rows), step)):
-        chunk = rows[start:start + step]
-        res = embedder.embed_many([contents[r] for r in chunk], task="document", dim=cfg.embedder.dim)
-        bad = {e.index: e.message for e in res.errors}
-        for j, r in enumerate(chunk):
-            if j in bad:
-                out.failed[r] = bad[j]
-            else:
-                out.vectors[r] = res.vectors[j]
-        out.cache_hits += res.cache_hits
-        bar.update(len(chunk))
-        bar.set_postfix(cached=out.cache_hits, failed=len(out.failed))
-        checkpoint(f"embed:{b + 1}")
-    bar.close()
-    out.retries = int(getattr(embedder, "stats", {}).get("retries", 0))
-    return out
-
-
-class _RayEmbedActor:
-    """One embedder per Ray actor; ``__call__`` embeds one batch of rows (item_id, row, parts as JSON)."""
-
-    def __init__(self, cfg_json: str, budget_actor=None):
-        from recsys.embed.budget import RayBudget
-
-        cfg = Config.model_validate_json(cfg_json)
-        # every actor spends one request budget (concurrency, contents per minute, 429 pauses) held by one
-        # actor; each actor's own thread pool may use all of it when the others are idle
-        budget = RayBudget(budget_actor) if budget_actor is not None else None
-        self.cfg, self.embedder = cfg, item_embedder(cfg, budget=budget)
-
-    def __call__(self, batch: dict) -> dict:
-        from recsys.content import Part
-
-        contents = []
-        for item_id, parts in zip(batch["item_id"], batch["parts"]):
-            ps = [Part.of_text(p["text"], source=p["source"] or "content") if p["kind"] == "text"
-                  else Part(p["kind"], path=p["path"], source=p["source"] or "content") for p in json.loads(parts)]
-            contents.append(Content(tuple(ps), item_id=str(item_id)))
-        stats = getattr(self.embedder, "stats", {})
-        retries_before = stats.get("retries", 0)
-        res = self.embedder.embed_many(contents, task="document", dim=self.cfg.embedder.dim)
-        bad = {e.index: e.message for e in res.errors}
-        n = len(contents)
-        if n == 0:
-            return {"row": batch["row"], "vector": [], "error": [], "cache_hits": [], "retries": []}
-        # per-batch counters ride on the batch's first row (the driver sums the columns)
-        return {"row": batch["row"], "vector": [v.tolist() if j not in bad else None for j, v in enumerate(res.vectors)],
-                "error": [bad.get(j, "") for j in range(n)], "cache_hits": [res.cache_hits] + [0] * (n - 1),
-                "retries": [stats.get("retries", 0) - retries_before] + [0] * (n - 1)}
-
-
-def embed_ray(cfg: Config, ds: Dataset, rows: list[int], work: Path) -> Embedded:
-    """The embedding stage on Ray Data: the rows to embed are written as parquet, read by Ray, embedded by
-    ``map_batches`` over an actor pool holding the embedder, written back as parquet and read here.
-    Locally (``nightly.ray_address`` None) Ray starts in this process; on a cluster, media paths must be
-    readable from every node (a shared filesystem or object store mount)."""
-    import ray
-
-    n = cfg.nightly.ray_actors
-    src, dst = work / "ray-in", work / "ray-out"
-    src.mkdir(parents=True, exist_ok=True)
-    items = ds.catalog.items
-    parts = [json.dumps(items["parts"][r].to_list()) for r in rows]
-    pl.DataFrame({"row": rows, "item_id": [ds.catalog.ids[r] for r in rows], "parts": parts},
-                 schema={"row": pl.Int64, "item_id": pl.Utf8, "parts": pl.Utf8}).write_parquet(src / "todo.parquet")
-    if not ray.is_initialized():
-        # locally: one logical CPU per actor plus two for reading and writing (else the actors take every CPU
-        # and the read tasks wait for them forever)
-        ray.init(address=cfg.nightly.ray_address, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False, **({} if cfg.nightly.ray_address else {"num_cpus": n + 2}))
-    budget, remote_args = None, {}
-    if cfg.embedder.backend == "gemini":
-        # the actors read the API key from the driver's environment (a cluster's workers do not have it)
-        keys = {k: os.environ[k] for k in ("GEMINI_API_KEY", "GOOGLE_API_KEY") if os.environ.get(k)}
-        remote_args = {"runtime_env": {"env_vars": keys}} if keys else {}
-        from recsys.embed.budget import RequestBudget
-
-        budget = ray.remote(RequestBudget).options(num_cpus=0).remote(cfg.embedder.gemini_concurrency,
-                                                                     cfg.embedder.gemini_items_per_minute)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True
-    blocks = max(n, -(-len(rows) // cfg.nightly.batch_items))  # enough blocks to keep every actor busy
-    (ray.data.read_parquet(str(src)).repartition(blocks)
-     .map_batches(_RayEmbedActor, fn_constructor_args=(cfg.model_dump_json(), budget), batch_size=cfg.nightly.batch_items,
-                  concurrency=n, num_cpus=1, batch_format="numpy", **remote_args)
-     .write_parquet(str(dst)))
-    frame = pl.read_parquet(dst / "*.parquet")
-    out = Embedded({}, {}, cache_hits=int(frame["cache_hits"].sum()) if frame.height else 0,
-                   retries=int(frame["retries"].sum()) if frame.height else 0)
-    if budget is not None:
-        out.budget = ray.get(budget.snapshot.remote())
-        ray.kill(budget)
-    for r, v, err in zip(frame["row"].to_list(), frame["vector"].to_list(), frame["error"].to_list()):
-        if err:
-            out.failed[int(r)] = err
-        else:
-            out.vectors[int(r)] = np.asarray(v, np.float32)
-    return out
-
-
-# Dead letters ------------------------------------------------------------------------------------------------
-def dead_letter_path(cfg: Config) -> Path:
-    return cfg.workdir / "nightly" / "dead_letters.jsonl"
-
-
-def read_dead_letters(cfg: Config) -> dict[str, dict]:
-    path = dead_letter_path(cfg)
-    if not path.exists():
-        return {}
-    return {d["item_id"]: d for d in (json.loads(line) for line in path.read_text().splitlines() if line.strip())}
-
-
-def write_dead_letters(cfg: Config, failed: dict[str, str], run_id: str, stage: str = "embed",
-                       hashes: dict[str, str] | None = None, keep: dict[str, dict] | None = None) -> Path:
-    """One line per failed item: id, stage, reason, attempts in a row with this content, its content hash,
-    whether it is quarantined; ``keep``: quarantined items not retried this run (kept as they are). Items that
-    now succeed drop out."""
-    old = read_dead_letters(cfg)
-    path = dead_letter_path(cfg)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows = dict(keep or {})
-    for i, why in failed.items():
-        prev = old.get(i, {})
-        h = (hashes or {}).get(i)
-        attempts = (prev.get("attempts", 0) if prev.get("content_hash") in (None, h) else 0) + 1
-        rows[i] = {"item_id": i, "stage": stage, "reason": why, "attempts": attempts, "content_hash": h,
-                   "quarantined": attempts >= cfg.nightly.quarantine_after, "run_id": run_id,
-                   "at": datetime.now(timezone.utc).isoformat()}
-    from recsys.index import atomic_write_text
-
-    lines = [json.dumps(r) for r in rows.values()]
-    atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""))
-    return path
-
-
-def quarantined(cfg: Config, ids: list[str], hashes: list[str], rows: list[int]) -> dict[str, dict]:
-    """The dead letters of ``rows`` that are quarantined with the content they have now (not retried)."""
-    dead = read_dead_letters(cfg)
-    out = {}
-    for r in rows:
-        d = dead.get(ids[r])
-        if d and d.get("quarantined") and d.get("content_hash") == hashes[r]:
-            out[ids[r]] = d
-    return out
-
-
-class NightlyLock:
-    """One nightly per work directory: an exclusive ``flock`` on ``<workdir>/nightly/lock`` (released by the
-    kernel when the process dies, so a killed run never leaves it held)."""
-
-    def __init__(self, cfg: Config):
-        self.path = cfg.workdir / "nightly" / "lock"
-        self.fd: int | None = None
-
-    def acquire(self) -> str | None:
-        """None when taken; else who holds it."""
-        import fcntl
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
-            os.close(fd)
-            return holder or "another process"
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} since {datetime.now(timezone.utc).isoformat(timespec='seconds')}".encode(), 0)
-        self.fd = fd
-        return None
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
 
 
 # The job -----------------------------------------------------------------------------------------------------
@@ -421,15 +224,8 @@ def _run(cfg: Config, engine: str | None, dry_run: bool) -> NightlySummary:
         changed_rows = repo.write_item_embeddings(served.catalog.ids, vectors)
         counts = repo.write_interaction_features(inter, served.catalog, vectors, users=users)
         repo.apply()
-        checkpoint("features:offline")
-        user_views = () if users is None else (repo.views.user_history.name, repo.views.user_stats.name,
-                                                repo.views.user_seen.name)
-        # each user row carries the event-log position it includes, so a reader meets either a user's old row
-        # (plus the log's events past it) or the new one, never events counted twice; only refreshed users are written
-        report = repo.materialize(progress=True, full=user_views, only=users)
         summary.users_refreshed = counts["users_refreshed"]
-        summary.materialized = {"item vectors written": changed_rows, **{k.split("__")[0]: v for k, v in report.rows.items()}}
-    checkpoint("features")
+    checkpoint("features:offline")
     with timings.stage("item-tower vectors + index"):
         model, index = _index(cfg, served, vectors, version, work)
     checkpoint("indexed")
@@ -438,7 +234,7 @@ def _run(cfg: Config, engine: str | None, dry_run: bool) -> NightlySummary:
         embedder={"backend": backend, "model_version": version, "dim": cfg.embedder.item_dim},
         vectors={"path": str(vec_path.relative_to(cfg.workdir)), "items": len(keep_rows),
                  "sha256": vectors_digest(served.catalog.ids, vectors)},
-        feast={"repo": "serve", "item_view": repo.views.item_embedding.name, "materialized": report.rows},
+        feast={"repo": "serve", "item_view": repo.views.item_embedding.name},
         model=model, index=index, counts=dict(summary.counts), previous=previous.run_id if previous else None,
         interactions_until=until.isoformat() if until is not None else None, events_until=events_until)
     with timings.stage("verify"):
@@ -447,6 +243,17 @@ def _run(cfg: Config, engine: str | None, dry_run: bool) -> NightlySummary:
         return _finish(cfg, summary, timings, exit_code=EXIT_UNVERIFIED,
                        message="the run's output failed its checks, nothing published: " + "; ".join(problems))
     checkpoint("verified")
+    with timings.stage("online features (Feast, incremental)"):
+        # only once the run's output is verified; each user row carries the event-log position it includes, so a
+        # reader meets a user's old row (plus the log's events past it) or the new one, never an event counted
+        # twice; only the refreshed users are written
+        # (every user on a first run: a row whose newest interaction predates the last materialization may have
+        # gained an event with an old time)
+        user_views = (repo.views.user_history.name, repo.views.user_stats.name, repo.views.user_seen.name)
+        report = repo.materialize(progress=True, full=user_views, only=users)
+        summary.materialized = {"item vectors written": changed_rows, **{k.split("__")[0]: v for k, v in report.rows.items()}}
+        manifest.feast["materialized"] = report.rows
+    checkpoint("features:online")
     if previous is not None and previous.content_key() == manifest.content_key():
         summary.message = f"nothing changed since {previous.run_id}"
     else:

@@ -246,6 +246,8 @@ def simulate(cfg: Config, name: str, arms: list[ArmConfig], mode: str = "ab", ex
     logs = folder / "logs"
     if logs.exists():
         shutil.rmtree(logs)
+    for old in folder.glob("events.db*"):
+        old.unlink()
     run = SimulationRun(name, logs, users.height)
     sim_cfg = cfg.model_copy(deep=True)
     if url is None:
@@ -263,6 +265,8 @@ def simulate(cfg: Config, name: str, arms: list[ArmConfig], mode: str = "ab", ex
             **store_cfg.model_dump(mode="json"),
             "serve": {**cfg.serve.model_dump(mode="json"), "feature_repo": repo_name,
                       "model_alias": arms[0].alias or cfg.serve.model_alias, "rerank": False},
+            # its own event log, fresh each run: a replay's clicks never reach the work directory's real log
+            "events": {"backend": "sqlite", "path": str(folder / "events.db")},
             "experiment": {"name": name, "arms": [a.model_dump(mode="json") for a in arms], "mode": mode,
                            "explore": explore, "temperature": temperature, "salt": salt or f"sim-{name}",
                            "log": True, "log_dir": str(logs), "flush_s": 1.0}})
