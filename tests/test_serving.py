@@ -397,3 +397,22 @@ def test_the_online_path_imports_nothing_from_training(trained):
             "print('TRAINING', sorted(m for m in sys.modules if m.split('.')[0] == 'training'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert "TRAINING []" in out.stdout, out.stdout[-1000:] + out.stderr[-2000:]
+
+
+def test_train_again_reads_what_the_service_accepted(server):
+    """The loop's last step: `recsys train` on the served work directory reads the dataset plus the event log
+    (the pushes the earlier tests made), trains and registers a new version."""
+    import mlflow
+
+    from recsys.events import open_event_log
+
+    cfg, client, _ = server
+    n = open_event_log(cfg).read().height
+    assert n >= 6  # the loop test's pushes at least
+    r = subprocess.run([sys.executable, "-m", "recsys.cli", "train", "--workdir", str(cfg.workdir), "--epochs", "1",
+                        "--protocols", "loo", "--alias", "retrained"], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"event log: {n:,} interactions the service accepted" in r.stdout
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    mv = mlflow.tracking.MlflowClient().get_model_version_by_alias(cfg.train.registered_model, "retrained")
+    assert int(mv.version) >= 2
