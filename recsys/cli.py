@@ -213,6 +213,7 @@ def serve(config: Optional[Path] = ConfigOpt, workdir: Optional[Path] = WorkdirO
 
     cfg = _config(config, workdir)
     host, port, workers = host or cfg.serve.host, port or cfg.serve.port, workers or cfg.serve.workers
+    cfg = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"host": host, "port": port, "workers": workers})})
     try:
         check_host(cfg, host)
     except SystemExit as exc:

@@ -212,7 +212,7 @@ class ServeConfig(_Section):
     workers: int = 1  # uvicorn worker processes (each loads the model; see README for how many)
     candidates: int = 200  # FAISS candidates the reranker reads (max(candidates, k) are fetched)
     k: int = 10
-    max_k: int = 500
+    max_k: int = Field(500, ge=1, le=10_000)  # the largest k a request may ask
     rerank: bool = True
     faiss_index: Literal["auto", "flat", "hnsw", "ivf"] = "auto"  # auto: exact up to exact_below items, else IVF
     exact_below: int = 50_000
@@ -228,6 +228,12 @@ class ServeConfig(_Section):
     max_upload_bytes: int = 20 << 20  # one /search upload (the whole multipart body may hold a few)
     max_uploads: int = 4
     reload_poll_s: float = 1.0  # how often each worker looks for a reload request
+    # Back-pressure: requests one worker takes at once; beyond, 503 + Retry-After at once (counted in /metrics as
+    # recsys_shed_total) rather than a queue whose latency grows without bound. 0: no limit.
+    max_in_flight: int = Field(64, ge=0)
+    max_searches: int = Field(4, ge=1)  # /search requests one worker takes at once (their own pool); beyond: 503
+    search_workers: int = Field(1, ge=1)  # threads embedding /search queries (one embedder lock: more would wait)
+    open_docs: bool = False  # /docs and /openapi.json without a key (with keys configured they need one otherwise)
 
 
 class NightlyConfig(_Section):

@@ -21,38 +21,44 @@ or RECSYS_API_KEYS / RECSYS_ADMIN_KEYS (comma-separated) and are compared in con
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Path as PathParam, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StringConstraints
 
 from recsys.config import Config
+from recsys.embed.base import EmbeddingError
 from recsys.events import Event
 from serving.experiments import ExperimentRouter
 from serving.metrics import Metrics
 from serving.service import NotReadyError, Recommender, UnknownItemError
 
 ID = dict(min_length=1, max_length=256)
+AnId = Annotated[str, StringConstraints(min_length=1, max_length=256)]  # one id inside a list
+K_CAP = 10_000  # the schema's bound; serve.max_k is the one in force
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 RETRY_LOAD_S = 10.0
+OPEN_PATHS = ("/healthz", "/readyz", "/metrics")  # never shed, never behind a key
 
 
 class RecommendRequest(BaseModel):
     user_id: str = Field(**ID)
-    k: int = Field(10, ge=1, le=500)
-    exclude: list[str] = Field(default_factory=list, max_length=10_000)
+    k: int = Field(10, ge=1, le=K_CAP)
+    exclude: list[AnId] = Field(default_factory=list, max_length=10_000)
     modalities: list[Literal["text", "image", "audio", "video"]] = Field(default_factory=list)
     rerank: bool | None = None
-    recent_item_ids: list[str] = Field(default_factory=list, max_length=200,
+    recent_item_ids: list[AnId] = Field(default_factory=list, max_length=200,
                                        description="newest first; used when the store does not know the user yet")
     at: datetime | None = Field(None, description="event time for the exposure log (replays); default: now")
 
@@ -110,8 +116,9 @@ def configured_keys(cfg: Config) -> tuple[list[str], list[str]]:
     return [*cfg.serve.api_keys, *env("RECSYS_API_KEYS")], [*cfg.serve.admin_keys, *env("RECSYS_ADMIN_KEYS")]
 
 
-def check_host(cfg: Config, host: str) -> None:
-    """Refuse to serve a non-loopback host without an API key."""
+def check_host(cfg: Config, host: str | None = None) -> None:
+    """Refuse to serve a non-loopback host (``host``, default serve.host) without an API key."""
+    host = host or cfg.serve.host
     api, _ = configured_keys(cfg)
     if host not in LOOPBACK and not api:
         raise SystemExit(f"refusing to listen on {host} without an API key: set RECSYS_API_KEYS "
@@ -211,6 +218,7 @@ def create_app(cfg: Config, recommender: Recommender | None = None) -> FastAPI:
     from recsys.quiet import silence
 
     silence()
+    check_host(cfg)  # here too, not only in the CLI: `uvicorn --factory` must not bypass it
     single_threaded()
     rec = recommender or Recommender(cfg)
     metrics = Metrics()
@@ -226,12 +234,17 @@ def create_app(cfg: Config, recommender: Recommender | None = None) -> FastAPI:
         yield
         for ld in loaders:
             ld.stop.set()
+        searches.shutdown(wait=False, cancel_futures=True)
         router.close()  # the logs' last rows
 
-    app = FastAPI(title="recsys", version="0.2.0", description=__doc__, lifespan=lifespan)
+    docs = {} if cfg.serve.open_docs or not (api_keys or admin_keys) else {"docs_url": None, "redoc_url": None,
+                                                                         "openapi_url": None}
+    app = FastAPI(title="recsys", version="0.2.0", description=__doc__, lifespan=lifespan, **docs)
     app.state.recommender, app.state.loader, app.state.router = rec, loader, router
     app.add_middleware(metrics.middleware, limits={"/search": cfg.serve.max_uploads * cfg.serve.max_upload_bytes + (64 << 10)},
-                       default_limit=cfg.serve.max_body_bytes)
+                       default_limit=cfg.serve.max_body_bytes, max_in_flight=cfg.serve.max_in_flight, open_paths=OPEN_PATHS)
+    searches = ThreadPoolExecutor(cfg.serve.search_workers, thread_name_prefix="recsys-search")
+    search_slots = {"busy": 0}  # touched on the event loop only
 
     def require_key(request: Request) -> None:
         if api_keys and not (_matches(_presented(request), api_keys) or _matches(_presented(request), admin_keys)):
@@ -241,6 +254,17 @@ def create_app(cfg: Config, recommender: Recommender | None = None) -> FastAPI:
     def require_admin(request: Request) -> None:
         if (api_keys or admin_keys) and not _matches(_presented(request), admin_keys):
             raise HTTPException(403 if _presented(request) else 401, "this needs the admin key")
+
+    if docs:  # the API description, behind the key like the API itself (serve.open_docs = true opens it)
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_key)])
+        def openapi() -> JSONResponse:
+            return JSONResponse(app.openapi())
+
+        @app.get("/docs", include_in_schema=False, dependencies=[Depends(require_key)])
+        def swagger():
+            return get_swagger_ui_html(openapi_url="/openapi.json", title="recsys")
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):
@@ -253,6 +277,11 @@ def create_app(cfg: Config, recommender: Recommender | None = None) -> FastAPI:
     @app.exception_handler(NotReadyError)
     async def not_ready(_: Request, exc: NotReadyError):
         return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "1"})
+
+    @app.exception_handler(EmbeddingError)
+    async def not_embeddable(_: Request, exc: EmbeddingError):
+        """The query itself cannot be embedded (what the client sent): a 4xx with the embedder's reason."""
+        return JSONResponse({"detail": f"the query could not be embedded: {exc}"}, status_code=422)
 
     @app.exception_handler(UnknownItemError)
     async def unknown_item(_: Request, exc: UnknownItemError):
@@ -269,6 +298,8 @@ def create_app(cfg: Config, recommender: Recommender | None = None) -> FastAPI:
                               timings_ms=r.timings_ms, reranked=r.reranked, items=items)
 
     def check_k(k: int) -> None:
+        if k > cfg.serve.max_k:
+            raise HTTPException(422, f"k={k} is over this service's limit of {cfg.serve.max_k} (serve.max_k)")
         n = rec.current().n_items
         if k > n:
             raise HTTPException(422, f"k={k} is more than the {n} items in the catalog")
@@ -299,7 +330,7 @@ def create_app(cfg: Config, recommender: Recommender | None = None) -> FastAPI:
         return PlainTextResponse(body, media_type=content_type)
 
     @app.get("/recommend/{user_id}", response_model=RecommendReply, dependencies=[Depends(require_key)])
-    def recommend_get(user_id: str = PathParam(**ID), k: int = Query(10, ge=1, le=500)) -> RecommendReply:
+    def recommend_get(user_id: str = PathParam(**ID), k: int = Query(10, ge=1, le=K_CAP)) -> RecommendReply:
         check_k(k)
         return reply(router.recommend(user_id, k))
 
@@ -311,7 +342,7 @@ def create_app(cfg: Config, recommender: Recommender | None = None) -> FastAPI:
                                       recent_item_ids=req.recent_item_ids or None))
 
     @app.get("/items/{item_id}/similar", response_model=ItemsReply, dependencies=[Depends(require_key)])
-    def similar(item_id: str = PathParam(**ID), k: int = Query(10, ge=1, le=500),
+    def similar(item_id: str = PathParam(**ID), k: int = Query(10, ge=1, le=K_CAP),
                 space: Literal["two-tower", "content"] = "two-tower") -> ItemsReply:
         check_k(k)
         t0 = time.perf_counter()
@@ -320,14 +351,21 @@ def create_app(cfg: Config, recommender: Recommender | None = None) -> FastAPI:
                           timings_ms={"total_ms": (time.perf_counter() - t0) * 1000})
 
     @app.post("/search", response_model=ItemsReply, dependencies=[Depends(require_key)])
-    async def search(text: str | None = Form(None, max_length=20_000), k: int = Form(10, ge=1, le=500),
+    async def search(text: str | None = Form(None, max_length=20_000), k: int = Form(10, ge=1, le=K_CAP),
                      files: list[UploadFile] = File(default_factory=list)) -> ItemsReply:
-        from starlette.concurrency import run_in_threadpool
-
         check_k(k)
-        content = await query_content(text, files, cfg)
-        t0 = time.perf_counter()
-        items, snap = await run_in_threadpool(rec.search, content, k)
+        if search_slots["busy"] >= cfg.serve.max_searches:  # searches queue in their own pool, never in /recommend's
+            metrics.shed.labels("/search").inc()
+            raise HTTPException(503, f"{cfg.serve.max_searches} searches in progress; retry shortly",
+                                headers={"Retry-After": "1"})
+        search_slots["busy"] += 1
+        try:
+            uploads = await read_uploads(text, files, cfg)
+            t0 = time.perf_counter()
+            loop = asyncio.get_running_loop()
+            items, snap = await loop.run_in_executor(searches, lambda: rec.search(query_content(text, uploads, cfg), k))
+        finally:
+            search_slots["busy"] -= 1
         return ItemsReply(model=snap.model, space="content", items=[Item(**vars(i)) for i in items],
                           timings_ms={"total_ms": (time.perf_counter() - t0) * 1000})
 
@@ -367,17 +405,15 @@ KIND_OF_MIME = {"image": ("image/jpeg", "image/png", "image/webp", "image/gif", 
                 "video": ("video/mp4", "video/mpeg", "video/webm", "video/quicktime")}
 
 
-async def query_content(text: str | None, files: list[UploadFile], cfg: Config):
-    """The query as one Content: text first, then each upload, checked for type, size and decodability."""
-    from recsys.content import Content, ContentError, Part
-    from recsys.media import decode_image, probe_duration
-
+async def read_uploads(text: str | None, files: list[UploadFile], cfg: Config) -> list[tuple[str, str, str, bytes]]:
+    """The uploads as (filename, kind, mime, bytes), checked for count, type and size (on the event loop: no
+    decoding here)."""
     files = [f for f in files if f.filename or f.size]
     if not (text and text.strip()) and not files:
         raise HTTPException(422, "a search needs text, an uploaded file, or both")
     if len(files) > cfg.serve.max_uploads:
         raise HTTPException(413, f"{len(files)} files: at most {cfg.serve.max_uploads} per query")
-    parts = [Part.of_text(text.strip())] if text and text.strip() else []
+    out = []
     for f in files:
         mime = (f.content_type or "").split(";")[0].strip().lower()
         kind = next((k for k, mimes in KIND_OF_MIME.items() if mime in mimes), None)
@@ -389,15 +425,35 @@ async def query_content(text: str | None, files: list[UploadFile], cfg: Config):
             raise HTTPException(413, f"{f.filename!r} is over the {cfg.serve.max_upload_bytes >> 20} MiB upload limit")
         if not data:
             raise HTTPException(422, f"{f.filename!r} is empty")
+        out.append((f.filename, kind, mime, data))
+    return out
+
+
+def query_content(text: str | None, uploads: list[tuple[str, str, str, bytes]], cfg: Config):
+    """The query as one Content: text first, then each upload, checked for decodability and for the embedder's
+    limits (a 3-hour recording is refused from its header, before anything is decoded). Runs in the search pool."""
+    from recsys.content import Content, ContentError, Part
+    from recsys.embed import Limits
+    from recsys.media import decode_image, probe_duration
+
+    limits = Limits()
+    longest = {"audio": limits.max_audio_s, "video": limits.max_video_s}
+    parts = [Part.of_text(text.strip())] if text and text.strip() else []
+    for name, kind, mime, data in uploads:
         try:
             if kind == "image":
                 decode_image(data)
-            else:
-                probe_duration(data, kind)
+            elif (seconds := probe_duration(data, kind)) > longest[kind]:
+                raise HTTPException(413, f"{name!r} is {seconds:.0f} s of {kind}: at most {longest[kind]:.0f} s per query")
         except (ContentError, OSError, ValueError) as exc:
-            raise HTTPException(422, f"{f.filename!r} does not decode as {kind}: {getattr(exc, 'problem', exc)}")
+            raise HTTPException(422, f"{name!r} does not decode as {kind}: {getattr(exc, 'problem', exc)}")
         parts.append(Part(kind, data=data, mime_type=mime))
-    return Content.of(*parts, item_id="query")
+    content = Content.of(*parts, item_id="query")
+    try:
+        limits.check(content)
+    except ContentError as exc:
+        raise HTTPException(422, f"the query breaks the embedder's limits: {getattr(exc, 'problem', exc)}")
+    return content
 
 
 def app_from_env() -> FastAPI:

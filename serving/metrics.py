@@ -36,6 +36,8 @@ class Metrics:
         self.reloads = Counter("recsys_reloads_total", "Model reloads applied", **r)
         self.reload_failures = Counter("recsys_reload_failures_total",
                                        "Reloads refused (a snapshot that failed its checks; the previous one stays)", **r)
+        self.shed = Counter("recsys_shed_total", "Requests refused at once with 503 (over the worker's in-flight "
+                            "limit, or the search pool full)", ["endpoint"], **r)
         self.events = Counter("recsys_events_total", "Interactions accepted into the event log", ["kind"], **r)
         self.middleware = _middleware(self)
 
@@ -69,29 +71,56 @@ class Metrics:
 
 def _middleware(metrics: Metrics):
     class MetricsAndLimits:
-        """Pure ASGI: rejects bodies over the route's limit with 413 (by Content-Length, and while streaming
-        for chunked bodies), then records the request's count and latency under its route template."""
+        """Pure ASGI: sheds a request at once with 503 + Retry-After when the worker already has ``max_in_flight``
+        requests in progress (back-pressure: a bounded queue instead of latency that grows without bound; the
+        health and metrics paths are never shed), rejects bodies over the route's limit with 413 (by
+        Content-Length, and while streaming for chunked bodies), then records the request's count and latency
+        under its route template."""
 
-        def __init__(self, app, limits: dict[str, int], default_limit: int):
+        def __init__(self, app, limits: dict[str, int], default_limit: int, max_in_flight: int = 0,
+                     open_paths: tuple[str, ...] = ()):
             self.app, self.limits, self.default = app, limits, default_limit
+            self.max_in_flight, self.open_paths = max_in_flight, open_paths
+            self.in_flight = 0  # on the event loop only: no lock needed
 
         async def __call__(self, scope, receive, send):
             if scope["type"] != "http":
                 return await self.app(scope, receive, send)
+            if self.max_in_flight and scope["path"] not in self.open_paths and self.in_flight >= self.max_in_flight:
+                metrics.shed.labels("in-flight limit").inc()
+                metrics.requests.labels("shed", scope.get("method", ""), "503").inc()
+                body = b'{"detail":"over capacity: %d requests in progress; retry shortly"}' % self.in_flight
+                await send({"type": "http.response.start", "status": 503,
+                            "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1"),
+                                        (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+            self.in_flight += 1
+            try:
+                await self._handle(scope, receive, send)
+            finally:
+                self.in_flight -= 1
+
+        async def _handle(self, scope, receive, send):
             t0 = time.perf_counter()
             limit = self.limits.get(scope["path"], self.default)
-            status = {"code": 500, "started": False}
+            status = {"code": 500, "started": False, "over": False}
             length = dict(scope.get("headers") or []).get(b"content-length")
 
             async def send_wrapper(message):
+                if status["over"]:  # the body went over the limit: our 413, not the app's parse error
+                    if message["type"] == "http.response.start" and not status["started"]:
+                        await too_large()
+                    return
                 if message["type"] == "http.response.start":
                     status["code"], status["started"] = message["status"], True
                 await send(message)
 
             async def too_large():
                 body = b'{"detail":"request body over the %d-byte limit"}' % limit
-                await send_wrapper({"type": "http.response.start", "status": 413,
-                                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                status["code"], status["started"] = 413, True
+                await send({"type": "http.response.start", "status": 413,
+                            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
                 await send({"type": "http.response.body", "body": body})
 
             seen = {"n": 0}
@@ -101,6 +130,7 @@ def _middleware(metrics: Metrics):
                 if message["type"] == "http.request":
                     seen["n"] += len(message.get("body", b""))
                     if seen["n"] > limit:
+                        status["over"] = True
                         raise _TooLarge()
                 return message
 

@@ -416,3 +416,100 @@ def test_train_again_reads_what_the_service_accepted(server):
     mlflow.set_tracking_uri(cfg.tracking_uri)
     mv = mlflow.tracking.MlflowClient().get_model_version_by_alias(cfg.train.registered_model, "retrained")
     assert int(mv.version) >= 2
+
+
+@pytest.fixture(scope="module")
+def tight(trained):
+    """The same model behind `uvicorn --factory` with tight limits: 3 requests in flight, k <= 50, one search."""
+    cfg = trained.model_copy(update={"serve": trained.serve.model_copy(update={"max_in_flight": 3, "max_k": 50,
+                                                                               "max_searches": 1})})
+    port = free_port()
+    env = {**os.environ, "RECSYS_API_KEYS": KEY, "RECSYS_SERVE_CONFIG": cfg.model_dump_json()}
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "serving.app:app_from_env", "--port", str(port),
+                             "--log-level", "warning"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(900):
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    client = httpx.Client(base_url=base, headers={"X-API-Key": KEY}, timeout=60)
+    yield cfg, client
+    client.close()
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_over_capacity_is_shed_at_once_with_503_and_retry_after(tight):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    cfg, client = tight
+    with ThreadPoolExecutor(32) as pool:
+        replies = list(pool.map(lambda i: client.get(f"/recommend/u00{10 + i % 40}?k=10"), range(128)))
+    codes = [r.status_code for r in replies]
+    assert set(codes) <= {200, 503} and codes.count(503) > 0 and codes.count(200) > 0, codes
+    shed = [r for r in replies if r.status_code == 503]
+    assert all(r.headers["retry-after"] == "1" and "over capacity" in r.json()["detail"] for r in shed)
+    assert httpx.get(f"{client.base_url}/healthz").status_code == 200  # never shed
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{client.base_url}/metrics").text)}
+    assert sum(s.value for s in families["recsys_shed"].samples if s.name == "recsys_shed_total") >= len(shed)
+
+
+def test_limits_on_k_ids_and_bodies(tight, server):
+    cfg, client = tight
+    assert client.get("/recommend/u0001?k=50").status_code == 200
+    r = client.get("/recommend/u0001?k=51")
+    assert r.status_code == 422 and "serve.max_k" in r.json()["detail"]
+    assert client.post("/recommend", json={"user_id": "u0001", "exclude": ["x" * 300]}).status_code == 422
+    assert client.post("/recommend", json={"user_id": "u0001", "recent_item_ids": [""]}).status_code == 422
+
+    def chunks():  # a chunked body (no Content-Length) over the 1 MiB limit
+        yield b'{"user_id": "u0001", "exclude": ['
+        for _ in range(2000):
+            yield b'"' + b"y" * 600 + b'",'
+        yield b'"z"]}'
+
+    _, main, _ = server
+    r = main.post("/recommend", content=chunks(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413, r.text
+    # the API description needs the key when keys are configured
+    assert httpx.get(f"{main.base_url}/openapi.json").status_code == 401
+    assert httpx.get(f"{main.base_url}/docs").status_code == 401
+    assert main.get("/docs").status_code == 200
+
+
+def _tone(seconds: float, rate: int = 8000) -> bytes:
+    import soundfile as sf
+
+    t = np.arange(int(seconds * rate)) / rate
+    buf = io.BytesIO()
+    sf.write(buf, (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), rate, format="WAV", subtype="PCM_U8")
+    return buf.getvalue()
+
+
+def test_a_recording_over_the_limit_is_refused_before_decoding_and_searches_have_their_own_bounded_pool(tight):
+    cfg, client = tight
+    long = _tone(3 * 3600, rate=800)  # 3 hours (8.6 MB at 800 Hz, 8 bits)
+    t0 = time.perf_counter()
+    r = client.post("/search", files={"files": ("3h.wav", long, "audio/wav")})
+    assert r.status_code == 413 and "10800 s of audio" in r.json()["detail"], r.text
+    assert time.perf_counter() - t0 < 5
+    clip = _tone(150)
+    with ThreadPoolExecutor(6) as pool:
+        replies = list(pool.map(lambda i: client.post("/search", files={"files": (f"c{i}.wav", clip, "audio/wav")}), range(6)))
+    codes = [r.status_code for r in replies]
+    assert set(codes) <= {200, 503} and 200 in codes and 503 in codes, codes
+    why = [r.json()["detail"] for r in replies if r.status_code == 503]  # the search pool's, or the worker's limit
+    assert any("searches in progress" in w for w in why) and all("searches in progress" in w or "over capacity" in w
+                                                                 for w in why), why
+
+
+def test_the_app_factory_refuses_a_public_host_without_a_key(trained):
+    cfg = trained.model_copy(update={"serve": trained.serve.model_copy(update={"host": "0.0.0.0"})})
+    env = {k: v for k, v in os.environ.items() if k not in ("RECSYS_API_KEYS", "RECSYS_ADMIN_KEYS")}
+    env["RECSYS_SERVE_CONFIG"] = cfg.model_dump_json()
+    r = subprocess.run([sys.executable, "-c", "from serving.app import app_from_env; app_from_env()"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "refusing to listen on 0.0.0.0 without an API key" in r.stdout + r.stderr
