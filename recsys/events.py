@@ -284,12 +284,26 @@ def _from_json(m: bytes) -> Event:
                  _dt(e["received_at"]))
 
 
-def open_event_log(cfg) -> EventLog:
-    """The event log ``cfg.events`` names (a :class:`recsys.config.Config`)."""
+def log_spec(cfg) -> dict:
+    """Where ``cfg.events`` puts the log, resolved (an absolute path, the Redis connection): what a reader in
+    another process or folder needs to open it (e.g. the experiment report, through the logs' events.json)."""
     ev = cfg.events
     if ev.backend == "redis":
-        return RedisEventLog(ev.redis_connection or cfg.features.redis_connection, ev.redis_prefix)
-    return SqliteEventLog(ev.path or cfg.workdir / "events" / "events.db", sync=ev.sync)
+        return {"backend": "redis", "redis_connection": ev.redis_connection or cfg.features.redis_connection,
+                "redis_prefix": ev.redis_prefix}
+    return {"backend": "sqlite", "path": str(Path(ev.path or cfg.workdir / "events" / "events.db").resolve()), "sync": ev.sync}
+
+
+def open_log(spec: dict) -> EventLog:
+    """The event log a :func:`log_spec` describes."""
+    if spec["backend"] == "redis":
+        return RedisEventLog(spec["redis_connection"], spec["redis_prefix"])
+    return SqliteEventLog(spec["path"], sync=spec.get("sync", True))
+
+
+def open_event_log(cfg) -> EventLog:
+    """The event log ``cfg.events`` names (a :class:`recsys.config.Config`)."""
+    return open_log(log_spec(cfg))
 
 
 def as_interactions(events: pl.DataFrame, items: set[str] | None = None) -> tuple[pl.DataFrame, int]:

@@ -11,8 +11,8 @@
     POST /admin/reload   GET /admin/status  load the version an alias points to now (or a given one), swap
 
 With ``[experiment]`` configured, each user is served by their arm (serving/experiments.py) and every
-/recommend reply carries a request id, the experiment and the arm; replies and interactions are appended to
-the exposure and outcome logs (recsys/experiments/logs.py).
+/recommend reply carries a request id, the experiment and the arm; replies are appended to the exposure log
+(recsys/experiments/logs.py), and an interaction that quotes a request id is that reply's outcome (the event log).
 
 Authentication: an API key in ``X-API-Key`` or ``Authorization: Bearer`` on everything but /healthz,
 /readyz and /metrics; an admin key for /admin/*. Keys come from ``serve.api_keys`` / ``serve.admin_keys``
@@ -376,9 +376,7 @@ def create_app(cfg: Config, recommender: Recommender | None = None) -> FastAPI:
             raise HTTPException(422, "Idempotency-Key must be 1 to 128 characters")
         event = Event.new(req.user_id, req.item_id, req.timestamp, event_id=key, event=req.event, value=req.value,
                           request_id=req.request_id)
-        done = rec.record_interaction(event)  # durable in the event log before the reply
-        if done.new:
-            router.outcome(req.user_id, req.item_id, req.request_id, req.event, req.value, req.timestamp)
+        done = rec.record_interaction(event)  # durable in the event log before the reply (an outcome too, by request_id)
         metrics.event(done.new)
         return {"status": "accepted" if done.new else "duplicate", "event_id": event.event_id, "seq": done.seq,
                 "user_id": req.user_id, "item_id": req.item_id, "request_id": req.request_id}

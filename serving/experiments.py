@@ -16,7 +16,8 @@ from datetime import datetime
 import numpy as np
 
 from recsys.config import Config
-from recsys.experiments.logs import LogWriter, as_utc
+from recsys.events import log_spec
+from recsys.experiments.logs import LogWriter, as_utc, write_event_log_pointer
 from recsys.experiments.policy import assign, request_rng, softmax_sample, team_draft
 from serving.service import RecommendResponse, Recommender
 
@@ -45,6 +46,8 @@ class ExperimentRouter:
             same = arm.version is None and alias == cfg.serve.model_alias
             self.arms[arm.name] = control if same else Recommender(cfg, alias=alias, version=arm.version)
         self.writer = LogWriter(cfg.experiment_logs, cfg.experiment.flush_rows, cfg.experiment.flush_s) if self.e.log else None
+        if self.writer is not None:  # outcomes are the event log's events that quote a request id
+            write_event_log_pointer(cfg.experiment_logs, log_spec(cfg))
 
     @property
     def recommenders(self) -> list[Recommender]:
@@ -106,12 +109,6 @@ class ExperimentRouter:
             "pool_items": [i.item_id for i in pool.items] if pool is not None else None,
             "pool_scores": [float(i.score) for i in pool.items] if pool is not None else None,
             "temperature": self.e.temperature if pool is not None else None})
-
-    def outcome(self, user_id: str, item_id: str, request_id: str | None, event: str, value: float | None,
-                at: datetime | None) -> None:
-        if self.writer is not None:
-            self.writer.append("outcomes", {"request_id": request_id, "ts": as_utc(at), "user_id": user_id,
-                                            "item_id": item_id, "event": event, "value": value})
 
     def close(self) -> None:
         if self.writer is not None:

@@ -3,7 +3,9 @@
 never waits on a disk.
 
     <logs>/exposures/date=YYYY-MM-DD/part-<pid>-<n>-<uuid>.parquet
-    <logs>/outcomes/date=YYYY-MM-DD/part-<pid>-<n>-<uuid>.parquet
+    <logs>/outcomes/date=YYYY-MM-DD/part-<pid>-<n>-<uuid>.parquet   (logs from before the event log)
+    <logs>/events.json   where the service's interaction event log is: its events that quote a request id are
+                         the outcomes (recsys/events.py)
 
 A part file appears complete or not at all (written to a temporary name, then renamed). Several worker
 processes write side by side (the pid is in the name). A full queue drops rows and counts them (``dropped``)
@@ -12,6 +14,7 @@ rather than block a request.
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import threading
@@ -118,9 +121,38 @@ def as_utc(at: datetime | None) -> datetime:
 
 
 def read_logs(root: str | Path, kind: str) -> pl.DataFrame:
-    """Every part file of one kind (``exposures`` or ``outcomes``) as one frame (empty with the schema if none)."""
+    """Every part file of one kind (``exposures`` or ``outcomes``) as one frame (empty with the schema if none).
+
+    Outcomes are the interaction event log's events that quote a request id (recsys.events: one mechanism for
+    interactions and outcomes, each event once, nothing dropped), found through ``<root>/events.json``, which the
+    service writes beside its exposure logs; logs written before that also hold outcome part files."""
     folder = Path(root) / kind
     files = sorted(folder.glob("date=*/part-*.parquet"))
-    if not files:
+    frames = [pl.read_parquet(f) for f in files]
+    if kind == "outcomes" and (Path(root) / "events.json").exists():
+        frames.append(outcomes_from_events(json.loads((Path(root) / "events.json").read_text())))
+    if not frames:
         return pl.DataFrame(schema=KINDS[kind])
-    return pl.concat([pl.read_parquet(f) for f in files], how="vertical_relaxed").select(list(KINDS[kind]))
+    return pl.concat(frames, how="vertical_relaxed").select(list(KINDS[kind]))
+
+
+def outcomes_from_events(spec: dict) -> pl.DataFrame:
+    """The event log's events that quote a request id, as outcome rows (OUTCOME_SCHEMA)."""
+    from recsys.events import open_log
+
+    log = open_log(spec)
+    try:
+        ev = log.read()
+    finally:
+        log.close()
+    return (ev.filter(pl.col("request_id").is_not_null())
+            .select("request_id", pl.col("timestamp").alias("ts"), "user_id", "item_id", "event", pl.col("value").cast(pl.Float64))
+            .cast(OUTCOME_SCHEMA))
+
+
+def write_event_log_pointer(root: str | Path, spec: dict) -> None:
+    """``<root>/events.json``: where this service's event log is, so the report reads its outcomes there."""
+    from recsys.index import atomic_write_text
+
+    Path(root).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(root) / "events.json", json.dumps(spec))
