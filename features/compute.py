@@ -49,7 +49,7 @@ def user_snapshots(interactions: pl.DataFrame, item_vectors: np.ndarray, index: 
 
     Returns:
         history: user_id, event_timestamp, history_vector (list[f32], unit), history_norm (its length before
-            normalising, so a push can continue the decayed sum exactly), recent_item_ids (list[str]), history_count
+            normalising, so serving can continue the decayed sum exactly with newer events), recent_item_ids (list[str]), history_count
         stats: user_id, event_timestamp, n_interactions, mean_value, user_first_seen
         (with ``history_events_seq`` / ``stats_events_seq``: the highest event-log sequence folded in so far, 0 without a ``seq`` column)
     """

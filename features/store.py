@@ -1,5 +1,6 @@
 """The feature store in use: write offline parquet (polars), apply the definitions, materialize to the
-online store (SQLite or Redis, same code), build point-in-time training sets, read online, push.
+online store (SQLite or Redis, same code), build point-in-time training sets, read online (plus the event
+log's newer events: ``online_users_now``).
 
 ``FeatureRepo`` wraps one Feast repository under ``<workdir>/feast`` and one embedding space (backend,
 model version, dim). Validation happens before anything is written: NaN, infinite or wrong-length
