@@ -78,36 +78,57 @@ class BulkSqliteOnlineStore(SqliteOnlineStore):
         o = config.online_store
         return not (o.vector_enabled or getattr(o, "enable_openai_compatible_store", False))
 
-    def _get_conn(self, config):
-        """One connection per thread (Feast keeps one for the store, and a connection used by several request
-        threads at once failed with SystemError); WAL, so readers never wait for the nightly's writes."""
-        local = self.__dict__.setdefault("_thread_conns", threading.local())
-        conn = getattr(local, "conn", None)
-        if conn is None:
-            from feast.infra.online_stores.sqlite import _initialize_conn
+    # One connection per store, used by one thread at a time: Feast keeps one connection for the store, and request
+    # threads using it at once failed with SystemError. Reads take ~0.1 ms, so taking turns costs nothing that
+    # matters, and a retired snapshot's store closes exactly one connection.
+    @property
+    def _lock(self) -> threading.RLock:
+        return self.__dict__.setdefault("_conn_lock", threading.RLock())
 
-            conn = _initialize_conn(self._get_db_path(config))
-            conn.execute("PRAGMA busy_timeout = 30000")
-            conn.execute("PRAGMA journal_mode = WAL")
-            local.conn = conn
-            self._conn = self._conn or conn  # what Feast's teardown closes
-        return conn
+    def _get_conn(self, config):
+        """Feast's connection, in WAL mode (readers never wait for the nightly's writes) with a busy timeout."""
+        with self._lock:
+            if not self._conn:
+                conn = super()._get_conn(config)
+                conn.execute("PRAGMA busy_timeout = 30000")
+                conn.execute("PRAGMA journal_mode = WAL")
+            return self._conn
+
+    def online_read(self, *args, **kwargs):
+        with self._lock:
+            return super().online_read(*args, **kwargs)
+
+    def online_write_batch(self, *args, **kwargs):
+        with self._lock:
+            return super().online_write_batch(*args, **kwargs)
+
+    def update(self, *args, **kwargs):
+        with self._lock:
+            return super().update(*args, **kwargs)
 
     def write_encoded(self, config, table, rows: EncodedRows) -> None:
-        conn = self._get_conn(config)
-        name = compute_table_id(config.project, table, config.registry.enable_online_feature_view_versioning)
-        # as Feast's registered sqlite3 adapter writes a datetime, once per distinct time
-        epoch = {t: _sqlite_time(t) for t in set(rows.event_ts)}
-        stamps = [epoch[t] for t in rows.event_ts]
-        created = _sqlite_time(rows.created_ts)
-        sql = (f"INSERT INTO {_quote_id(name)} (entity_key, feature_name, value, value_text, event_ts, created_ts) "
-               "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(entity_key, feature_name) DO UPDATE SET "
-               "value = excluded.value, value_text = excluded.value_text, event_ts = excluded.event_ts, "
-               "created_ts = excluded.created_ts;")
-        with conn:
-            for feature, values in rows.values.items():
-                conn.executemany(sql, zip(rows.entity_keys, [feature] * len(rows), values, rows.texts[feature],
-                                          stamps, [created] * len(rows)))
+        with self._lock:
+            conn = self._get_conn(config)
+            name = compute_table_id(config.project, table, config.registry.enable_online_feature_view_versioning)
+            # as Feast's registered sqlite3 adapter writes a datetime, once per distinct time
+            epoch = {t: _sqlite_time(t) for t in set(rows.event_ts)}
+            stamps = [epoch[t] for t in rows.event_ts]
+            created = _sqlite_time(rows.created_ts)
+            sql = (f"INSERT INTO {_quote_id(name)} (entity_key, feature_name, value, value_text, event_ts, created_ts) "
+                   "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(entity_key, feature_name) DO UPDATE SET "
+                   "value = excluded.value, value_text = excluded.value_text, event_ts = excluded.event_ts, "
+                   "created_ts = excluded.created_ts;")
+            with conn:
+                for feature, values in rows.values.items():
+                    conn.executemany(sql, zip(rows.entity_keys, [feature] * len(rows), values, rows.texts[feature],
+                                              stamps, [created] * len(rows)))
+
+    def close_all(self) -> None:
+        """Close the connection (a retired snapshot's store: nothing reads it any more)."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
 
 
 class BulkRedisOnlineStoreConfig(RedisOnlineStoreConfig):

@@ -216,6 +216,16 @@ class FeatureRepo:
 
         return FeatureStore(repo_path=str(self.dir))
 
+    def close(self) -> None:
+        """Close the online store's connections (SQLite: every thread's; Redis: the client's pool)."""
+        if "store" not in self.__dict__:
+            return
+        online = self.store._get_provider().online_store
+        if hasattr(online, "close_all"):
+            online.close_all()
+        elif getattr(online, "_client", None) is not None:
+            online._client.close()
+
     def apply(self) -> None:
         """Register entities, views and services (idempotent)."""
         self.store.apply(self.views.objects)

@@ -17,7 +17,8 @@ picks the kind by catalog size:
 
 Exclusions (a user's seen items) are applied inside FAISS with an ID selector on the CPU, so a user
 with thousands of seen items still gets exactly ``k`` unseen results; GPU indexes, which take no
-selectors, over-fetch by the number of exclusions instead.
+selectors, over-fetch by the number of exclusions instead, up to faiss-gpu's k limit (``GPU_MAX_K``); a user
+past it is searched with the selector on a CPU copy of the index (made once, on the first such user).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from scipy import sparse
 
 EXACT_BELOW = 50_000
 EF_GRID = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+GPU_MAX_K = 2048  # the largest k faiss-gpu searches
 
 
 def gpu_count() -> int:
@@ -78,6 +80,7 @@ class CandidateIndex:
         self.rows = np.arange(self.n) if rows is None else np.asarray(rows, np.int64)
         self._identity = rows is None or np.array_equal(self.rows, np.arange(self.n))
         self._pos = None  # catalog row -> position, built on first exclusion when rows is a subset
+        self._cpu = None  # a CPU copy of a GPU index, for searches past the GPU's k limit
         p = dict(params or {})
         t0 = time.perf_counter()
         kind = "flat" if kind == "auto" else kind  # "auto" is build_index's choice; a direct index is exact
@@ -180,23 +183,46 @@ class CandidateIndex:
         rest = [i for i in range(len(q)) if len(excl[i])]
         if not rest:
             return out_s, out_r
-        if not self.on_gpu:  # exclusions inside FAISS: exactly k unseen results
-            for i in rest:
-                pos = self._positions(excl[i])
-                want = min(self.n - len(pos), k)
-                s, j = self.index.search(q[i:i + 1], want or 1, params=self._search_params(pos))
-                widen = dict(self.params)
-                while (j[0][:want] < 0).any() and self._widen(widen):  # approximate: the probed part ran dry
-                    s, j = self.index.search(q[i:i + 1], want, params=self._search_params(pos, widen))
-                self._fill(out_s, out_r, [i], s, j)
-            return out_s, out_r
-        for i in rest:  # GPU: over-fetch by the number of exclusions, then filter
-            skip = set(int(r) for r in excl[i])
-            s, j = self.index.search(q[i:i + 1], min(self.n, k + len(skip)))
-            keep = [(a, b) for a, b in zip(s[0], j[0]) if b >= 0 and int(self.rows[b]) not in skip][:k]
-            for c, (a, b) in enumerate(keep):
-                out_s[i, c], out_r[i, c] = a, self.rows[b]
+        limit = self.fetch_limit
+        for i in rest:
+            if limit is not None and min(self.n, k + len(excl[i])) <= limit:
+                # a GPU index takes no selector: over-fetch by the number of exclusions, then filter
+                skip = set(int(r) for r in excl[i])
+                s, j = self.index.search(q[i:i + 1], min(self.n, k + len(skip)))
+                keep = [(a, b) for a, b in zip(s[0], j[0]) if b >= 0 and int(self.rows[b]) not in skip][:k]
+                for c, (a, b) in enumerate(keep):
+                    out_s[i, c], out_r[i, c] = a, self.rows[b]
+                continue
+            # exclusions inside FAISS: exactly k unseen results (on a CPU copy past the GPU's k limit)
+            index = self._cpu_index()
+            pos = self._positions(excl[i])
+            want = min(self.n - len(pos), k)
+            s, j = index.search(q[i:i + 1], want or 1, params=self._search_params(pos))
+            widen = dict(self.params)
+            while (j[0][:want] < 0).any() and self._widen(widen):  # approximate: the probed part ran dry
+                s, j = index.search(q[i:i + 1], want, params=self._search_params(pos, widen))
+            self._fill(out_s, out_r, [i], s, j)
         return out_s, out_r
+
+    @property
+    def fetch_limit(self) -> int | None:
+        """The most results one search may fetch before filtering (GPU: faiss-gpu's k limit; CPU: none, the
+        selector needs no over-fetch). Settable, so the GPU path runs on a CPU with a small limit (tests)."""
+        return getattr(self, "_fetch_limit", GPU_MAX_K if self.on_gpu else None)
+
+    @fetch_limit.setter
+    def fetch_limit(self, value: int | None) -> None:
+        self._fetch_limit = value
+
+    def _cpu_index(self):
+        """The index itself on a CPU; a GPU index's CPU copy (made once)."""
+        if not self.on_gpu:
+            return self.index
+        if self._cpu is None:
+            import faiss
+
+            self._cpu = faiss.index_gpu_to_cpu(self.index)
+        return self._cpu
 
     def _fill(self, out_s, out_r, which, s, j) -> None:
         ok = j >= 0
@@ -232,7 +258,7 @@ class CandidateIndex:
         out.n, out.dim, out.kind, out.params = index.ntotal, index.d, meta["kind"], dict(meta.get("params") or {})
         out._identity = bool(meta.get("rows_identity", True))
         out.rows = np.arange(out.n) if out._identity else np.load(folder / "rows.npy")
-        out._pos = None
+        out._pos, out._cpu = None, None
         out.on_gpu = bool(gpu_count() > 0 if use_gpu is None else use_gpu) and out.kind != "hnsw"
         out.index = faiss.index_cpu_to_all_gpus(index) if out.on_gpu else index
         out.set_search_params(out.params)

@@ -207,6 +207,7 @@ class Recommender:
         self._embedder = None
         self._embed_lock = threading.Lock()
         self._events: EventLog | None = None
+        self._retired: Snapshot | None = None  # the snapshot the last reload replaced; closed at the next one
 
     @classmethod
     def load(cls, cfg: Config, alias: str | None = None, version: str | None = None) -> "Recommender":
@@ -235,6 +236,9 @@ class Recommender:
                                                                         published=False))
                 self.fallback = f"published state refused ({type(exc).__name__}: {exc}); serving the registry's artifacts"
             self.reloads += self.snapshot is not None  # the start-up load is not a reload
+            if self._retired is not None:  # retired one reload ago: no request reads it any more
+                self._retired.repo.close()
+            self._retired = self.snapshot
             self.snapshot = snap  # one reference assignment: requests in flight keep the snapshot they took
             return snap
 

@@ -42,6 +42,22 @@ def test_exclusions_return_exactly_k_unseen_items():
         assert np.all(np.diff(scores[0]) <= 1e-6)
 
 
+def test_the_gpu_path_with_a_small_fetch_limit_gives_the_selector_paths_answers():
+    """The over-fetch path a GPU index takes (no selectors there), run on the CPU with a k limit of 64 instead of
+    faiss-gpu's 2048: a user with few exclusions is over-fetched and filtered, one past the limit is searched with
+    the selector; both give exactly what the CPU path gives (the GPU path once answered 500 past the limit)."""
+    x, q = clustered(3000)
+    for index in (build_index(x, kind="flat"), build_index(x, q, exact_below=100)):
+        top = index.search(q[:2], 600)[1]
+        few, many = set(top[0, :20].tolist()), set(top[1, :550].tolist())
+        expected = index.search(q[:2], 30, exclude=[few, many])
+        index.fetch_limit = 64  # 30 + 20 fits: over-fetch; 30 + 550 does not: the selector
+        got = index.search(q[:2], 30, exclude=[few, many])
+        np.testing.assert_array_equal(got[1], expected[1])
+        np.testing.assert_allclose(got[0], expected[0], rtol=1e-5)
+        assert not few & set(got[1][0].tolist()) and not many & set(got[1][1].tolist()) and (got[1] >= 0).all()
+
+
 def test_subset_rows_and_padding_when_the_catalog_is_small():
     x, q = clustered(100)
     rows = np.arange(0, 200, 2)

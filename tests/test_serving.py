@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -21,6 +22,7 @@ import pytest
 from tests.conftest import small_config
 
 KEY, ADMIN = "test-key-123", "admin-key-456"
+SERVER: dict = {}  # the module server's pid
 pytestmark = pytest.mark.slow
 
 
@@ -81,6 +83,7 @@ def server(trained):
         proc.kill()
         raise RuntimeError(proc.stdout.read().decode()[-3000:])
     client = httpx.Client(base_url=base, headers={"X-API-Key": KEY}, timeout=30)
+    SERVER["pid"] = proc.pid
     yield cfg, client, ready_seen
     client.close()
     proc.terminate()
@@ -273,6 +276,30 @@ def test_reload_under_load_has_no_failures(server):
     assert s["reloads"] == before["reloads"] + 1 and s["error"] is None
     assert done[0] > 20 and errors == []
     assert client.post("/admin/reload", headers=admin, json={"version": "x1"}).status_code == 422
+
+
+def test_reloads_close_the_replaced_snapshots_store_connections(server):
+    """Each reload builds a new snapshot with its own feature-store connection; the one it replaced is closed at
+    the next reload, so at most two stay open however often it reloads (each reload leaked one before)."""
+    cfg, client, _ = server
+    admin = {"X-API-Key": ADMIN}
+
+    def open_stores() -> int:
+        fds = Path(f"/proc/{SERVER['pid']}/fd")
+        return sum(1 for f in fds.iterdir() if os.readlink(f).endswith("online_store.db"))
+
+    counts = []
+    for _ in range(5):
+        before = client.get("/admin/status", headers=admin).json()["reloads"]
+        assert client.post("/admin/reload", headers=admin, json={"version": "1"}).status_code == 202
+        for _ in range(300):
+            if client.get("/admin/status", headers=admin).json()["reloads"] > before:
+                break
+            time.sleep(0.1)
+        with ThreadPoolExecutor(8) as pool:  # requests on several threads: each opens its connection
+            assert all(r.status_code == 200 for r in pool.map(lambda u: client.get(f"/recommend/u00{u:02d}"), range(16)))
+        counts.append(open_stores())
+    assert counts[-1] <= counts[1] <= 3, counts  # two snapshots (+ one descriptor SQLite closes late)
 
 
 def test_gpu_index_when_a_gpu_is_seen():
