@@ -32,6 +32,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_ready(base: str, proc: subprocess.Popen, in_a_row: int = 1, timeout_s: float = 180) -> list[int]:
+    """Poll /readyz until it answers 200 ``in_a_row`` times running; the statuses seen. A server that never gets
+    there is killed and its output raised."""
+    seen, ok, deadline = [], 0, time.time() + timeout_s
+    while ok < in_a_row:
+        if time.time() > deadline:
+            proc.kill()
+            raise RuntimeError(proc.stdout.read().decode()[-3000:])
+        try:
+            seen.append(httpx.get(f"{base}/readyz", timeout=2).status_code)
+            ok = ok + 1 if seen[-1] == 200 else 0
+        except httpx.TransportError:
+            ok = 0
+        if ok < in_a_row:
+            time.sleep(0.1)
+    return seen
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     from recsys.data.synthetic import SyntheticSpec, generate
@@ -67,21 +85,7 @@ def server(trained):
     proc = subprocess.Popen([sys.executable, "-m", "recsys.cli", "serve", "--workdir", str(cfg.workdir), "--port", str(port)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
-    ready_seen = []
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            r = httpx.get(f"{base}/readyz", timeout=2)
-            ready_seen.append(r.status_code)
-            if r.status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.2)
-            continue
-        time.sleep(0.2)
-    else:
-        proc.kill()
-        raise RuntimeError(proc.stdout.read().decode()[-3000:])
+    ready_seen = wait_ready(base, proc)
     client = httpx.Client(base_url=base, headers={"X-API-Key": KEY}, timeout=30)
     SERVER["pid"] = proc.pid
     yield cfg, client, ready_seen
@@ -393,15 +397,7 @@ def test_concurrent_pushes_on_two_workers_all_land(trained):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         base = f"http://127.0.0.1:{port}"
-        ready = 0
-        for _ in range(1200):  # both workers: readiness answered by whichever took the probe, 20 times in a row
-            try:
-                ready = ready + 1 if httpx.get(f"{base}/readyz", timeout=2).status_code == 200 else 0
-            except httpx.TransportError:
-                ready = 0
-            if ready >= 20:
-                break
-            time.sleep(0.1)
+        wait_ready(base, proc, in_a_row=20)  # both workers: each probe lands on either
         log = open_event_log(cfg)
         start = log.max_seq()
         items = [f"s{i:05d}" for i in range(540, 588)]  # 48 items none of these users had
@@ -460,13 +456,7 @@ def tight(trained):
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "serving.app:app_from_env", "--port", str(port),
                              "--log-level", "warning"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
-    for _ in range(900):
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
+    wait_ready(base, proc)
     client = httpx.Client(base_url=base, headers={"X-API-Key": KEY}, timeout=60)
     yield cfg, client
     client.close()

@@ -136,7 +136,7 @@ def run_nightly(cfg: Config, engine: str | None = None, dry_run: bool = False) -
 
 def _finish(cfg: Config, summary: NightlySummary, timings: Timings, message: str | None = None,
             exit_code: int | None = None) -> NightlySummary:
-    """Close a run that publishes nothing: its message and exit code, the MLflow record, the table."""
+    """Close a run (every exit after the snapshot): its message and exit code, the MLflow record, the table."""
     if message is not None:
         summary.message = message
     if exit_code is not None:
@@ -156,8 +156,9 @@ def _run(cfg: Config, engine: str | None, dry_run: bool) -> NightlySummary:
     timings = Timings()
     work = cfg.workdir / "nightly" / "runs" / run_id
     previous = read_published(cfg.workdir)
-    log = open_event_log(cfg)
-    events_until = log.max_seq()  # this run folds the events accepted before it started
+    start = open_event_log(cfg)
+    events_until = start.max_seq()  # this run folds the events accepted before it started
+    start.close()
     with timings.stage("snapshot + diff"):
         ds = load_dataset(cfg)
         console.print(ds.report.render())
@@ -199,6 +200,7 @@ def _run(cfg: Config, engine: str | None, dry_run: bool) -> NightlySummary:
     vectors, keep_rows = _merge(cfg, ds, d, emb, prev_vectors, hashes)
     served = ds.without_items(set(ds.catalog.ids) - {ds.catalog.ids[r] for r in keep_rows},
                               "items without a vector yet (failed; retried next run)")
+    log = open_event_log(cfg)
     served, n_events = with_events(served, log, events_until)
     log.close()
     summary.counts["events"] = n_events
@@ -259,11 +261,8 @@ def _run(cfg: Config, engine: str | None, dry_run: bool) -> NightlySummary:
     else:
         with timings.stage("publish"):
             summary.published = str(publish(manifest, cfg.workdir))
-    summary.timings_s = timings.stages
     _cleanup(cfg, keep={run_id, previous.run_id if previous else "", (read_published(cfg.workdir) or manifest).run_id})
-    _log_mlflow(cfg, summary)
-    console.print(summary.table())
-    return summary
+    return _finish(cfg, summary, timings)
 
 
 def _users_to_refresh(inter: pl.DataFrame, previous: Manifest | None, changed_items: set[str], first: bool) -> set[str] | None:
