@@ -231,6 +231,10 @@ class ServeConfig(_Section):
     # Back-pressure: requests one worker takes at once; beyond, 503 + Retry-After at once (counted in /metrics as
     # recsys_shed_total) rather than a queue whose latency grows without bound. 0: no limit.
     max_in_flight: int = Field(64, ge=0)
+    # Dynamic batching of /recommend (serving/batching.py): one model thread serves what has queued, up to
+    # max_batch at a time; batch_wait_ms > 0 holds a small batch that long for more (0: never wait)
+    max_batch: int = Field(32, ge=1, le=1024)
+    batch_wait_ms: float = Field(0.0, ge=0, le=50)
     max_searches: int = Field(4, ge=1)  # /search requests one worker takes at once (their own pool); beyond: 503
     search_workers: int = Field(1, ge=1)  # threads embedding /search queries (one embedder lock: more would wait)
     open_docs: bool = False  # /docs and /openapi.json without a key (with keys configured they need one otherwise)

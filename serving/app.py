@@ -22,6 +22,7 @@ or RECSYS_API_KEYS / RECSYS_ADMIN_KEYS (comma-separated) and are compared in con
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import json
 import os
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Path as PathParam, Query, Request, UploadFile
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, Field, StringConstraints
 
 from recsys.config import Config
@@ -42,7 +43,8 @@ from recsys.embed.base import EmbeddingError
 from recsys.events import Event
 from serving.experiments import ExperimentRouter
 from serving.metrics import Metrics
-from serving.service import NotReadyError, Recommender, UnknownItemError
+from serving.batching import Batcher
+from serving.service import NotReadyError, Query as RecommendQuery, Recommender, UnknownItemError
 
 ID = dict(min_length=1, max_length=256)
 AnId = Annotated[str, StringConstraints(min_length=1, max_length=256)]  # one id inside a list
@@ -179,6 +181,7 @@ class Loader:
             first = self.rec.snapshot is None
             snap = self.rec.reload(alias=None if self.pinned else alias, version=None if self.pinned else version)
             self.rec.reload_error = None
+            settle_heap()
             if self.metrics is not None:
                 self.metrics.loaded(snap, reload=not first)
         except Exception as exc:  # keep serving the previous snapshot; the reason shows in /admin/status
@@ -187,10 +190,13 @@ class Loader:
                 self.metrics.reload_failures.inc()
 
     def _run(self) -> None:
+        single_threaded()
         if self.rec.snapshot is None:
             self._load()
-        elif self.metrics is not None:
-            self.metrics.loaded(self.rec.snapshot, reload=False)
+        else:
+            settle_heap()
+            if self.metrics is not None:
+                self.metrics.loaded(self.rec.snapshot, reload=False)
         last_try = time.monotonic()
         while not self.stop.wait(self.cfg.serve.reload_poll_s):
             req = self._read()
@@ -200,6 +206,14 @@ class Loader:
             elif self.rec.snapshot is None and time.monotonic() - last_try > RETRY_LOAD_S:
                 last_try = time.monotonic()  # started before any model was registered: keep trying
                 self._load()
+
+
+def settle_heap() -> None:
+    """Move everything alive now (the libraries' modules, the snapshot: about a million objects) out of the
+    garbage collector's reach. A full collection walked them all and stalled every request for 300-450 ms
+    every few seconds under load (BENCHMARKS.md); what requests allocate is still collected as usual."""
+    gc.collect()
+    gc.freeze()
 
 
 def single_threaded() -> None:
@@ -226,32 +240,37 @@ def create_app(cfg: Config, recommender: Recommender | None = None) -> FastAPI:
     router = ExperimentRouter(cfg, rec)
     loaders = [loader, *(Loader(cfg, r, None) for r in router.recommenders[1:])]
     api_keys, admin_keys = configured_keys(cfg)
+    # /recommend: one model thread serving whatever has queued, in batches (serving/batching.py)
+    batcher = Batcher(lambda items: router.recommend_many([q for q, _ in items], [at for _, at in items]),
+                      max_batch=cfg.serve.max_batch, max_wait_s=cfg.serve.batch_wait_ms / 1000, init=single_threaded)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         for ld in loaders:
             ld.thread.start()
+        batcher.start()
         yield
         for ld in loaders:
             ld.stop.set()
+        batcher.stop()
         searches.shutdown(wait=False, cancel_futures=True)
         router.close()  # the logs' last rows
 
     docs = {} if cfg.serve.open_docs or not (api_keys or admin_keys) else {"docs_url": None, "redoc_url": None,
                                                                          "openapi_url": None}
     app = FastAPI(title="recsys", version="0.2.0", description=__doc__, lifespan=lifespan, **docs)
-    app.state.recommender, app.state.loader, app.state.router = rec, loader, router
+    app.state.recommender, app.state.loader, app.state.router, app.state.batcher = rec, loader, router, batcher
     app.add_middleware(metrics.middleware, limits={"/search": cfg.serve.max_uploads * cfg.serve.max_upload_bytes + (64 << 10)},
-                       default_limit=cfg.serve.max_body_bytes, max_in_flight=cfg.serve.max_in_flight, open_paths=OPEN_PATHS)
-    searches = ThreadPoolExecutor(cfg.serve.search_workers, thread_name_prefix="recsys-search")
-    search_slots = {"busy": 0}  # touched on the event loop only
+                       default_limit=cfg.serve.max_body_bytes, max_in_flight=cfg.serve.max_in_flight, open_paths=OPEN_PATHS,
+                       path_in_flight={"/search": cfg.serve.max_searches})
+    searches = ThreadPoolExecutor(cfg.serve.search_workers, thread_name_prefix="recsys-search", initializer=single_threaded)
 
-    def require_key(request: Request) -> None:
+    async def require_key(request: Request) -> None:  # async: a few compares, no thread-pool hop
         if api_keys and not (_matches(_presented(request), api_keys) or _matches(_presented(request), admin_keys)):
             raise HTTPException(401, "missing or wrong API key (X-API-Key or Authorization: Bearer)",
                                 headers={"WWW-Authenticate": "Bearer"})
 
-    def require_admin(request: Request) -> None:
+    async def require_admin(request: Request) -> None:
         if (api_keys or admin_keys) and not _matches(_presented(request), admin_keys):
             raise HTTPException(403 if _presented(request) else 401, "this needs the admin key")
 
@@ -287,15 +306,17 @@ def create_app(cfg: Config, recommender: Recommender | None = None) -> FastAPI:
     async def unknown_item(_: Request, exc: UnknownItemError):
         return JSONResponse({"detail": f"unknown item_id {exc.args[0]!r}"}, status_code=404)
 
-    def reply(s) -> RecommendReply:
+    def reply(s) -> dict:
+        """A Served (serving/experiments.py) as the RecommendReply's JSON object."""
         r = s.response
-        metrics.stages(r.timings_ms)
+        metrics.stages({n: v for n, v in r.timings_ms.items() if n != "batch"})
+        metrics.batch_size.observe(r.timings_ms.get("batch", 1))
         explored = s.pool is not None or s.arm == "interleaved"
-        items = [Item(**vars(i), team=t if s.experiment else None, propensity=p if explored else None)
+        items = [{**vars(i), "team": t if s.experiment else None, "propensity": p if explored else None}
                  for i, t, p in zip(r.items, s.teams, s.propensities)]
-        return RecommendReply(request_id=s.request_id, experiment=s.experiment, arm=s.arm, user_id=r.user_id,
-                              known_user=r.known_user, fallback=r.fallback, model=r.model,
-                              timings_ms=r.timings_ms, reranked=r.reranked, items=items)
+        return {"request_id": s.request_id, "experiment": s.experiment, "arm": s.arm, "user_id": r.user_id,
+                "known_user": r.known_user, "fallback": r.fallback, "model": r.model, "items": items,
+                "timings_ms": r.timings_ms, "reranked": r.reranked}
 
     def check_k(k: int) -> None:
         if k > cfg.serve.max_k:
@@ -329,17 +350,24 @@ def create_app(cfg: Config, recommender: Recommender | None = None) -> FastAPI:
         body, content_type = metrics.render()
         return PlainTextResponse(body, media_type=content_type)
 
+    async def serve_recommendation(query: Query, at: datetime | None = None) -> Response:
+        """One /recommend through the dynamic batcher (serving/batching.py), answered as JSON bytes built here:
+        the reply is already typed (RecommendReply documents it), so FastAPI's re-validation is skipped."""
+        check_k(query.k)
+        served, queued_ms, size = await batcher.submit((query, at))
+        served.response.timings_ms["queue_ms"] = queued_ms
+        served.response.timings_ms["batch"] = size
+        return Response(json.dumps(reply(served), separators=(",", ":")).encode(), media_type="application/json")
+
     @app.get("/recommend/{user_id}", response_model=RecommendReply, dependencies=[Depends(require_key)])
-    def recommend_get(user_id: str = PathParam(**ID), k: int = Query(10, ge=1, le=K_CAP)) -> RecommendReply:
-        check_k(k)
-        return reply(router.recommend(user_id, k))
+    async def recommend_get(user_id: str = PathParam(**ID), k: int = Query(10, ge=1, le=K_CAP)):
+        return await serve_recommendation(RecommendQuery(user_id, k))
 
     @app.post("/recommend", response_model=RecommendReply, dependencies=[Depends(require_key)])
-    def recommend_post(req: RecommendRequest) -> RecommendReply:
-        check_k(req.k)
-        return reply(router.recommend(req.user_id, req.k, at=req.at, exclude=req.exclude,
-                                      modalities=req.modalities or None, rerank=req.rerank,
-                                      recent_item_ids=req.recent_item_ids or None))
+    async def recommend_post(req: RecommendRequest):
+        return await serve_recommendation(RecommendQuery(req.user_id, req.k, exclude=req.exclude,
+                                                         modalities=req.modalities or None, rerank=req.rerank,
+                                                         recent_item_ids=req.recent_item_ids or None), req.at)
 
     @app.get("/items/{item_id}/similar", response_model=ItemsReply, dependencies=[Depends(require_key)])
     def similar(item_id: str = PathParam(**ID), k: int = Query(10, ge=1, le=K_CAP),
@@ -353,19 +381,11 @@ def create_app(cfg: Config, recommender: Recommender | None = None) -> FastAPI:
     @app.post("/search", response_model=ItemsReply, dependencies=[Depends(require_key)])
     async def search(text: str | None = Form(None, max_length=20_000), k: int = Form(10, ge=1, le=K_CAP),
                      files: list[UploadFile] = File(default_factory=list)) -> ItemsReply:
-        check_k(k)
-        if search_slots["busy"] >= cfg.serve.max_searches:  # searches queue in their own pool, never in /recommend's
-            metrics.shed.labels("/search").inc()
-            raise HTTPException(503, f"{cfg.serve.max_searches} searches in progress; retry shortly",
-                                headers={"Retry-After": "1"})
-        search_slots["busy"] += 1
-        try:
-            uploads = await read_uploads(text, files, cfg)
-            t0 = time.perf_counter()
-            loop = asyncio.get_running_loop()
-            items, snap = await loop.run_in_executor(searches, lambda: rec.search(query_content(text, uploads, cfg), k))
-        finally:
-            search_slots["busy"] -= 1
+        check_k(k)  # at most serve.max_searches get here at once (the middleware sheds the rest unread)
+        uploads = await read_uploads(text, files, cfg)
+        t0 = time.perf_counter()
+        loop = asyncio.get_running_loop()  # decoding and embedding in the search pool, never in /recommend's thread
+        items, snap = await loop.run_in_executor(searches, lambda: rec.search(query_content(text, uploads, cfg), k))
         return ItemsReply(model=snap.model, space="content", items=[Item(**vars(i)) for i in items],
                           timings_ms={"total_ms": (time.perf_counter() - t0) * 1000})
 

@@ -9,7 +9,7 @@ log format is ``recsys.experiments.logs``.
 
 from __future__ import annotations
 
-import uuid
+import os
 from dataclasses import dataclass, replace
 from datetime import datetime
 
@@ -19,7 +19,7 @@ from recsys.config import Config
 from recsys.events import log_spec
 from recsys.experiments.logs import LogWriter, as_utc, write_event_log_pointer
 from recsys.experiments.policy import assign, request_rng, softmax_sample, team_draft
-from serving.service import RecommendResponse, Recommender
+from serving.service import Query, RecommendResponse, Recommender
 
 
 @dataclass
@@ -65,31 +65,49 @@ class ExperimentRouter:
 
     def recommend(self, user_id: str, k: int, at: datetime | None = None, **kw) -> Served:
         """The reply for ``user_id`` as its arm (or the interleaved pair) serves it; logged unless off."""
-        request_id = uuid.uuid4().hex
-        if self.e.name and self.e.mode == "interleave":
-            served = self._interleaved(user_id, k, request_id, **kw)
-        else:
-            arm = self.arm_of(user_id)
-            served = self._one_arm(arm, self.arms.get(arm, self.control), user_id, k, request_id, **kw)
-        if self.writer is not None:
-            self._log(served, at)
-        return served
+        return self.recommend_many([Query(user_id, k, **kw)], [at])[0]
 
-    def _one_arm(self, arm: str, rec: Recommender, user_id: str, k: int, request_id: str, **kw) -> Served:
+    def recommend_many(self, queries: list[Query], ats: list[datetime | None] | None = None) -> list[Served]:
+        """Replies for a batch of queries (the service's dynamic batcher): each recommender serves its share
+        of the batch in one call; each reply is then shaped (sampled, interleaved) and logged on its own."""
+        raw = os.urandom(16 * len(queries)).hex()  # random request ids, one system call per batch
+        ids = [raw[32 * i:32 * (i + 1)] for i in range(len(queries))]
+        plan: list[list[tuple[Recommender, Query]]] = []  # per query: the lists it needs, in order
+        for q in queries:
+            if self.e.name and self.e.mode == "interleave":
+                plan.append([(r, q) for r in list(self.arms.values())[:2]])
+            else:
+                rec = self.arms.get(self.arm_of(q.user_id), self.control)
+                explore = self.e.explore == "softmax"
+                plan.append([(rec, replace(q, k=max(q.k, self.e.explore_pool)) if explore else q)])
+        got: dict[tuple[int, int], RecommendResponse] = {}
+        for rec in {id(r): r for p in plan for r, _ in p}.values():
+            mine = [(i, j, q) for i, p in enumerate(plan) for j, (r, q) in enumerate(p) if r is rec]
+            for (i, j, _), resp in zip(mine, rec.recommend_many([q for _, _, q in mine])):
+                got[i, j] = resp
+        out = []
+        for i, q in enumerate(queries):
+            if self.e.name and self.e.mode == "interleave":
+                served = self._interleaved(got[i, 0], got[i, 1], q.k, ids[i])
+            else:
+                served = self._one_arm(self.arm_of(q.user_id), got[i, 0], q.k, ids[i])
+            if self.writer is not None:
+                self._log(served, (ats or [None] * len(queries))[i])
+            out.append(served)
+        return out
+
+    def _one_arm(self, arm: str, pool: RecommendResponse, k: int, request_id: str) -> Served:
         if self.e.explore == "softmax":
-            pool = rec.recommend(user_id, k=max(k, self.e.explore_pool), **kw)
             scores = np.array([i.score for i in pool.items])
             if len(scores) > k:
                 order, props = softmax_sample(scores, k, self.e.temperature, request_rng(request_id))
                 shown = replace(pool, items=[pool.items[j] for j in order])
                 return Served(shown, request_id, self.e.name, arm, [arm] * len(order), props.tolist(), pool)
             return Served(pool, request_id, self.e.name, arm, [arm] * len(pool.items), [1.0] * len(pool.items))
-        r = rec.recommend(user_id, k=k, **kw)
-        return Served(r, request_id, self.e.name, arm, [arm] * len(r.items), [1.0] * len(r.items))
+        return Served(pool, request_id, self.e.name, arm, [arm] * len(pool.items), [1.0] * len(pool.items))
 
-    def _interleaved(self, user_id: str, k: int, request_id: str, **kw) -> Served:
-        (na, ra), (nb, rb) = list(self.arms.items())[:2]
-        a, b = ra.recommend(user_id, k=k, **kw), rb.recommend(user_id, k=k, **kw)
+    def _interleaved(self, a: RecommendResponse, b: RecommendResponse, k: int, request_id: str) -> Served:
+        na, nb = list(self.arms)[:2]
         by_id = {i.item_id: i for i in [*b.items, *a.items]}
         merged = team_draft([i.item_id for i in a.items], [i.item_id for i in b.items], k, request_rng(request_id))
         items = [by_id[i] for i, _ in merged]

@@ -29,6 +29,8 @@ class Metrics:
                                  buckets=BUCKETS, **r)
         self.stage = Histogram("recsys_stage_latency_seconds", "Latency of one stage of /recommend", ["stage"],
                                buckets=BUCKETS, **r)
+        self.batch_size = Histogram("recsys_batch_size", "Requests served together in one batch (dynamic batching)",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128), **r)
         gauge = {"multiprocess_mode": "liveall"} if self.multiprocess else {}
         self.model = Gauge("recsys_model_info", "The model version being served (value 1)", ["version", "source", "index"],
                            **gauge, **r)
@@ -78,28 +80,44 @@ def _middleware(metrics: Metrics):
         under its route template."""
 
         def __init__(self, app, limits: dict[str, int], default_limit: int, max_in_flight: int = 0,
-                     open_paths: tuple[str, ...] = ()):
+                     open_paths: tuple[str, ...] = (), path_in_flight: dict[str, int] | None = None):
+            """``path_in_flight``: a smaller in-flight limit of its own for a path (/search: its pool), checked
+            before the body is read, so a flood of uploads is refused without reading them."""
             self.app, self.limits, self.default = app, limits, default_limit
             self.max_in_flight, self.open_paths = max_in_flight, open_paths
+            self.path_limits = path_in_flight or {}
             self.in_flight = 0  # on the event loop only: no lock needed
+            self.path_busy = {p: 0 for p in self.path_limits}
 
         async def __call__(self, scope, receive, send):
             if scope["type"] != "http":
                 return await self.app(scope, receive, send)
-            if self.max_in_flight and scope["path"] not in self.open_paths and self.in_flight >= self.max_in_flight:
-                metrics.shed.labels("in-flight limit").inc()
-                metrics.requests.labels("shed", scope.get("method", ""), "503").inc()
-                body = b'{"detail":"over capacity: %d requests in progress; retry shortly"}' % self.in_flight
-                await send({"type": "http.response.start", "status": 503,
-                            "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1"),
-                                        (b"content-length", str(len(body)).encode())]})
-                await send({"type": "http.response.body", "body": body})
-                return
+            path = scope["path"]
+            if self.max_in_flight and path not in self.open_paths and self.in_flight >= self.max_in_flight:
+                return await self._shed(send, scope, "in-flight limit",
+                                        b"over capacity: %d requests in progress; retry shortly" % self.in_flight)
+            own = self.path_limits.get(path)
+            if own is not None and self.path_busy[path] >= own:
+                return await self._shed(send, scope, path, b"%d searches in progress; retry shortly" % own)
             self.in_flight += 1
+            if own is not None:
+                self.path_busy[path] += 1
             try:
                 await self._handle(scope, receive, send)
             finally:
                 self.in_flight -= 1
+                if own is not None:
+                    self.path_busy[path] -= 1
+
+        async def _shed(self, send, scope, why: str, detail: bytes) -> None:
+            """503 + Retry-After at once, before the body is read (counted in recsys_shed_total)."""
+            metrics.shed.labels(why).inc()
+            metrics.requests.labels("shed", scope.get("method", ""), "503").inc()
+            body = b'{"detail":"%s"}' % detail
+            await send({"type": "http.response.start", "status": 503,
+                        "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1"),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
 
         async def _handle(self, scope, receive, send):
             t0 = time.perf_counter()

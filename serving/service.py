@@ -16,6 +16,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,18 @@ class UnknownItemError(KeyError):
 
 class NotReadyError(RuntimeError):
     pass
+
+
+@dataclass
+class Query:
+    """One /recommend request (see :meth:`Recommender.recommend`)."""
+
+    user_id: str
+    k: int | None = None  # default serve.k
+    exclude: list[str] | None = None
+    modalities: list[str] | None = None
+    rerank: bool | None = None
+    recent_item_ids: list[str] | None = None
 
 
 @dataclass
@@ -243,11 +256,11 @@ class Recommender:
             return snap
 
     # Recommendations ---------------------------------------------------------------------------------
-    @torch.inference_mode()
     def recommend(self, user_id: str, k: int | None = None, exclude: list[str] | None = None,
                   modalities: list[str] | None = None, rerank: bool | None = None,
                   recent_item_ids: list[str] | None = None) -> RecommendResponse:
-        """Top-k items for ``user_id``, never one they interacted with.
+        """Top-k items for ``user_id``, never one they interacted with (one :class:`Query`; see
+        :meth:`recommend_many`).
 
         Args:
             exclude: item ids never to return (everything the user has seen is always excluded).
@@ -257,66 +270,108 @@ class Recommender:
             the reply; ``fallback`` says when the answer is popularity (unknown user, no recent items) or
             built from the request's recent items.
         """
+        return self.recommend_many([Query(user_id, k, exclude, modalities, rerank, recent_item_ids)])[0]
+
+    @torch.inference_mode()
+    def recommend_many(self, queries: list[Query]) -> list[RecommendResponse]:
+        """Serve a batch of queries in one pass: one online read (store + event log) for all users, one
+        user-tower forward of shape (B, ...) for those the tower serves, one FAISS call per distinct fetch
+        size. Every reply is what :meth:`recommend` would give for its query alone; the stage timings are the
+        batch's (``batch`` in them says how many shared it)."""
         snap = self.current()
-        k = k or self.cfg.serve.k
         t0 = time.perf_counter()
-        timings: dict[str, float] = {}
-        users = self.user_features(snap, [user_id])
-        timings["features_user_ms"] = (time.perf_counter() - t0) * 1000
-        known_user = bool(users.found[0])
-        recent_ids = users.recent_item_ids[0] if known_user else [i for i in (recent_item_ids or []) if i in snap.index_of]
-        skip = {snap.index_of[i] for i in [*users.seen_item_ids[0], *recent_ids, *(recent_item_ids or []), *(exclude or [])]
-                if i in snap.index_of}
-        if modalities:
-            want = [MODALITY_NAMES.index(m) for m in modalities]
-            skip |= set(np.flatnonzero(~snap.modalities[:, want].all(1)).tolist())
+        users = self.user_features(snap, [q.user_id for q in queries])
+        t_features = (time.perf_counter() - t0) * 1000
         model = f"{self.cfg.train.registered_model}/{snap.model}"
-        if not known_user and not recent_ids:
-            allowed = np.ones(snap.n_items, bool)
-            allowed[list(skip)] = False
-            rows = snap.popular[allowed[snap.popular]][:k].tolist()  # vectorised: no Python loop over the catalog
-            timings["total_ms"] = (time.perf_counter() - t0) * 1000
-            out = [Recommendation(snap.bundle.item_ids[r], snap.bundle.titles[r], float(snap.item_stats[r, 1]),
-                                  float(snap.item_stats[r, 1])) for r in rows]
-            return RecommendResponse(user_id, out, False, model, timings, False, fallback="popularity")
-        if known_user:
-            history, stats = users.history_vector, user_stat_matrix(users.n_interactions, users.mean_value,
-                                                                    users.first_seen, time.time())
-        else:  # the request's recent items stand in for the features the store does not have yet
-            chron = np.array([snap.index_of[i] for i in recent_ids[::-1]], np.int64)
-            h = history_sums(chron, snap.content_table, self.cfg.embedder.history_half_life)[-1]
-            history = (h / max(float(np.linalg.norm(h)), 1e-12))[None].astype(np.float32)
-            stats = user_stat_matrix([len(recent_ids)], [0.0], [0.0], time.time())
-        rows, mask = recent_matrix([recent_ids], snap.index_of, snap.recent, snap.n_items)
+        now = time.time()
+        known_stats = user_stat_matrix(users.n_interactions, users.mean_value, users.first_seen, now)
+        out: list[RecommendResponse | None] = [None] * len(queries)
+        tower: list[int] = []  # queries the user tower serves
+        recents, histories, stats, skips = [], [], [], {}
+        for b, q in enumerate(queries):
+            known = bool(users.found[b])
+            asked = q.recent_item_ids or []
+            recent_ids = users.recent_item_ids[b] if known else [i for i in asked if i in snap.index_of]
+            skip = set(map(snap.index_of.get, chain(users.seen_item_ids[b], recent_ids, asked, q.exclude or ())))
+            skip.discard(None)  # ids the catalog does not hold
+            if q.modalities:
+                want = [MODALITY_NAMES.index(m) for m in q.modalities]
+                skip |= set(np.flatnonzero(~snap.modalities[:, want].all(1)).tolist())
+            if not known and not recent_ids:
+                out[b] = self._popular(snap, q, skip, model, {"features_user_ms": t_features}, t0)
+                continue
+            if known:
+                histories.append(users.history_vector[b])
+                stats.append(known_stats[b])
+            else:  # the request's recent items stand in for the features the store does not have yet
+                chron = np.array([snap.index_of[i] for i in recent_ids[::-1]], np.int64)
+                h = history_sums(chron, snap.content_table, self.cfg.embedder.history_half_life)[-1]
+                histories.append((h / max(float(np.linalg.norm(h)), 1e-12)).astype(np.float32))
+                stats.append(user_stat_matrix([len(recent_ids)], [0.0], [0.0], now)[0])
+            tower.append(b)
+            recents.append(recent_ids)
+            skips[b] = skip
+        if not tower:
+            return out
+        rows, mask = recent_matrix(recents, snap.index_of, snap.recent, snap.n_items)
+        history, stat = np.stack(histories).astype(np.float32), np.stack(stats).astype(np.float32)
         t1 = time.perf_counter()
-        vec = snap.bundle.user_tower(
-            torch.from_numpy(np.ascontiguousarray(history, np.float32)), torch.from_numpy(snap.content_table[rows]),
-            torch.from_numpy(rows), torch.from_numpy(mask), torch.from_numpy(mask & snap.known[rows]),
-            torch.from_numpy(stats)).numpy()
-        timings["user_tower_ms"] = (time.perf_counter() - t1) * 1000
+        vecs = snap.bundle.user_tower(
+            torch.from_numpy(history), torch.from_numpy(snap.content_table[rows]), torch.from_numpy(rows),
+            torch.from_numpy(mask), torch.from_numpy(mask & snap.known[rows]), torch.from_numpy(stat)).numpy()
+        t_tower = (time.perf_counter() - t1) * 1000
         reranker = snap.bundle.reranker
-        use_reranker = bool(reranker is not None and reranker.fitted
-                            and (rerank if rerank is not None else self.cfg.serve.rerank and reranker.helps))
-        fetch = max(self.cfg.serve.candidates, k) if use_reranker else k
+        fitted = bool(reranker is not None and reranker.fitted)
+        uses = [fitted and (queries[b].rerank if queries[b].rerank is not None else self.cfg.serve.rerank and reranker.helps)
+                for b in tower]
+        fetches = [max(self.cfg.serve.candidates, self._k(queries[b])) if u else self._k(queries[b])
+                   for b, u in zip(tower, uses)]
+        found: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         t2 = time.perf_counter()
-        scores, cand = snap.index.search(vec, fetch, exclude=[skip])
-        timings["faiss_ms"] = (time.perf_counter() - t2) * 1000
-        keep = cand[0] >= 0
-        cand, scores = cand[:, keep], scores[:, keep]
-        if use_reranker and cand.shape[1]:
-            c = Candidates(cand, scores, history, stats, snap.item_stats[cand[0]][None], snap.bundle.content[cand[0]][None])
-            t3 = time.perf_counter()
-            top, top_scores = reranker.rerank(c, k)
-            timings["rerank_ms"] = (time.perf_counter() - t3) * 1000
-        else:
-            use_reranker = False
-            top, top_scores = cand[:, :k], scores[:, :k]
-        retrieval = dict(zip(cand[0].tolist(), scores[0].tolist()))
-        out = [Recommendation(snap.bundle.item_ids[r], snap.bundle.titles[r], float(s), float(retrieval.get(int(r), s)))
-               for r, s in zip(top[0], top_scores[0]) if r >= 0]
-        timings["total_ms"] = (time.perf_counter() - t0) * 1000
-        return RecommendResponse(user_id, out, known_user, model, timings, reranked=use_reranker,
-                                 fallback=None if known_user else "request_history")
+        for fetch in sorted(set(fetches)):  # one FAISS call per fetch size (usually one for the whole batch)
+            at = [t for t, f in enumerate(fetches) if f == fetch]
+            scores, cand = snap.index.search(vecs[at], fetch, exclude=[skips[tower[t]] for t in at])
+            for j, t in enumerate(at):
+                found[t] = (scores[j:j + 1], cand[j:j + 1])
+        t_faiss = (time.perf_counter() - t2) * 1000
+        for t, b in enumerate(tower):
+            q, (scores, cand) = queries[b], found[t]
+            k = self._k(q)
+            timings = {"features_user_ms": t_features, "user_tower_ms": t_tower, "faiss_ms": t_faiss}
+            keep = cand[0] >= 0
+            cand, scores = cand[:, keep], scores[:, keep]
+            use = uses[t] and cand.shape[1] > 0
+            if use:
+                c = Candidates(cand, scores, history[t:t + 1], stat[t:t + 1], snap.item_stats[cand[0]][None],
+                               snap.bundle.content[cand[0]][None])
+                t3 = time.perf_counter()
+                top, top_scores = reranker.rerank(c, k)
+                timings["rerank_ms"] = (time.perf_counter() - t3) * 1000
+            else:
+                top, top_scores = cand[:, :k], scores[:, :k]
+            retrieval = dict(zip(cand[0].tolist(), scores[0].tolist()))
+            items = [Recommendation(snap.bundle.item_ids[r], snap.bundle.titles[r], float(s), float(retrieval.get(int(r), s)))
+                     for r, s in zip(top[0], top_scores[0]) if r >= 0]
+            timings["total_ms"] = (time.perf_counter() - t0) * 1000
+            known = bool(users.found[b])
+            out[b] = RecommendResponse(q.user_id, items, known, model, timings, reranked=bool(use),
+                                       fallback=None if known else "request_history")
+        return out
+
+    def _k(self, q: Query) -> int:
+        return q.k or self.cfg.serve.k
+
+    def _popular(self, snap: Snapshot, q: Query, skip: set[int], model: str, timings: dict, t0: float
+                 ) -> RecommendResponse:
+        """An unknown user with no recent items: the most popular items they may see (vectorised: no Python
+        loop over the catalog)."""
+        allowed = np.ones(snap.n_items, bool)
+        allowed[list(skip)] = False
+        rows = snap.popular[allowed[snap.popular]][:self._k(q)].tolist()
+        out = [Recommendation(snap.bundle.item_ids[r], snap.bundle.titles[r], float(snap.item_stats[r, 1]),
+                              float(snap.item_stats[r, 1])) for r in rows]
+        return RecommendResponse(q.user_id, out, False, model, {**timings, "total_ms": (time.perf_counter() - t0) * 1000},
+                                 False, fallback="popularity")
 
     def similar(self, item_id: str, k: int, space: str = "two-tower") -> tuple[list[Recommendation], Snapshot]:
         """Items nearest to ``item_id`` in the two-tower space (item-tower vectors) or the embedder's."""
@@ -345,7 +400,9 @@ class Recommender:
         mode = snap.bundle.config.get("item_input", "fused")  # the item space the model reads: queries join it
         with self._embed_lock:
             if self._embedder is None or getattr(self._embedder, "mode", "fused") != mode:
-                self._embedder = item_embedder(self.cfg, mode)
+                # no embedding cache for queries: every query would stay on disk, unbounded
+                cfg = self.cfg.model_copy(update={"embedder": self.cfg.embedder.model_copy(update={"cache": False})})
+                self._embedder = item_embedder(cfg, mode)
             q = self._embedder.embed([content], task="query",
                                      dim=int(snap.bundle.config.get("embedder_dim", snap.bundle.content.shape[1])))
         scores, rows = snap.content_index.search(q, k)

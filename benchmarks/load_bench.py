@@ -1,0 +1,360 @@
+"""Serving under concurrency, overload, a reload and a search flood: real uvicorn processes, loaded from other
+processes on loopback by wrk (C; Debian's ``wrk`` package) and, where each reply's status and time matter, by
+a few Python probe threads (httpx). The load generator's own CPU is measured (its user + system seconds per
+wall second) and reported beside every figure: it shares this machine's cores with the server.
+
+Parts (``--parts``, default all):
+- ``steps``: /recommend at 1, 4, 16, 32, 64 in flight, 1 and 2 workers, 100k items; beside it a trivial
+  FastAPI endpoint (a sync handler returning ten items) served by the same uvicorn the same way.
+- ``overload``: 256 in flight on one worker: how fast the excess is shed and what the accepted requests see.
+- ``reload``: `recsys serve` on the demo model, /admin/reload under load: p99 during the swap vs before.
+- ``flood``: 32 concurrent /search uploads of distinct 170 s audio clips beside /recommend at 16 in flight;
+  a 3-hour recording's refusal time.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.serving_bench import _rss_mb, _tree, _wait_ready, demo_workdir
+
+KEY = "bench"
+STEPS = (1, 4, 16, 32, 64)
+WRK_SCRIPT = """
+math.randomseed(%(seed)d)
+request = function()
+  return wrk.format("GET", "/recommend/" .. math.random(1, 610) .. "?k=10", {["X-API-Key"] = "%(key)s"})
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("RESULT %%d %%d %%d %%d %%.3f %%.3f %%.3f %%.3f\\n", summary.requests, summary.duration,
+    e.connect + e.read + e.write + e.timeout, e.status, latency:percentile(50) / 1000, latency:percentile(99) / 1000,
+    latency.max / 1000, latency.mean / 1000))
+end
+"""
+
+
+def trivial_app():
+    """(uvicorn factory) The framework alone: a sync handler returning ten items, the same route shape."""
+    from fastapi import FastAPI
+
+    app = FastAPI()
+    items = [{"item_id": str(i), "title": f"item {i}", "score": 1.0 / (i + 1)} for i in range(10)]
+
+    @app.get("/recommend/{user_id}")
+    def recommend(user_id: str, k: int = 10) -> dict:
+        return {"user_id": user_id, "items": items[:k]}
+
+    @app.get("/readyz")
+    def readyz() -> dict:
+        return {"ready": True}
+
+    return app
+
+
+def _cpu_s(pids: list[int]) -> float:
+    """User + system CPU seconds of these processes so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError):
+            pass
+    return total
+
+
+def wrk(base: str, connections: int, seconds: float, server_pid: int | None = None, seed: int = 0) -> dict:
+    """wrk, one thread, closed loop (``connections`` requests in flight), random users -> throughput, errors
+    (sockets; non-2xx statuses), latency percentiles (ms), and the CPU cores wrk and the server used."""
+    if not shutil.which("wrk"):
+        raise SystemExit("the load benchmark needs wrk: apt-get install wrk")
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(WRK_SCRIPT % {"seed": seed, "key": KEY})
+    pids = _tree(server_pid) if server_pid else []
+    before, server_before, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), _cpu_s(pids), time.perf_counter()
+    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{int(seconds)}s", "--timeout", "5s", "-s", f.name, base],
+                         capture_output=True, text=True).stdout
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    os.unlink(f.name)
+    line = next(x for x in out.splitlines() if x.startswith("RESULT"))
+    n, dur_us, sock, status, p50, p99, mx, mean = line.split()[1:]
+    r = {"connections": connections, "seconds": seconds, "requests": int(n), "rps": round(int(n) / (int(dur_us) / 1e6), 1),
+         "socket_errors": int(sock), "non_2xx": int(status), "p50": float(p50), "p99": float(p99), "max": float(mx),
+         "mean": round(float(mean), 3),
+         "wrk_cores": round((after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime) / wall, 2)}
+    if pids:
+        r["server_cores"] = round((_cpu_s(pids) - server_before) / wall, 2)
+    print(json.dumps(r), flush=True)
+    return r
+
+
+class Probe:
+    """``threads`` Python clients, each sending one request after another and recording (start time, ms,
+    status): the per-request view wrk does not give (which replies were shed, and when)."""
+
+    def __init__(self, base: str, threads: int = 4, path=lambda rng: f"/recommend/{rng.integers(1, 611)}?k=10"):
+        self.base, self.threads, self.path = base, threads, path
+        self.records: list[tuple[float, float, int]] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._workers = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
+
+    def _run(self, seed: int) -> None:
+        import httpx
+
+        rng = np.random.default_rng(seed)
+        with httpx.Client(base_url=self.base, headers={"X-API-Key": KEY}, timeout=10) as c:
+            while not self._stop.is_set():
+                t0 = time.time()
+                s = time.perf_counter()
+                try:
+                    code = c.get(self.path(rng)).status_code
+                except httpx.HTTPError:
+                    code = 0
+                with self._lock:
+                    self.records.append((t0, (time.perf_counter() - s) * 1000, code))
+
+    def __enter__(self) -> "Probe":
+        for w in self._workers:
+            w.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for w in self._workers:
+            w.join(15)
+
+    def summary(self, since: float = 0.0, until: float = float("inf")) -> dict:
+        rec = [r for r in self.records if since <= r[0] <= until]
+        out: dict = {"requests": len(rec), "statuses": {}}
+        for code in sorted({c for _, _, c in rec}):
+            ms = np.array([m for _, m, c in rec if c == code])
+            out["statuses"][str(code)] = {"n": int(len(ms)), "p50": round(float(np.percentile(ms, 50)), 2),
+                                          "p99": round(float(np.percentile(ms, 99)), 2), "max": round(float(ms.max()), 2)}
+        return out
+
+
+@contextmanager
+def served(app: str, port: int, workers: int = 1, env: dict | None = None, cli: list[str] | None = None):
+    """A uvicorn server (``app`` a factory path, or ``cli`` a `recsys serve` command line), ready."""
+    base = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "RECSYS_API_KEYS": KEY, "RECSYS_ADMIN_KEYS": f"{KEY}-admin", **(env or {})}
+    if workers > 1:
+        env["PROMETHEUS_MULTIPROC_DIR"], env["RECSYS_METRICS_MULTIPROC"] = tempfile.mkdtemp(prefix="recsys-metrics-"), "1"
+    cmd = cli or [sys.executable, "-m", "uvicorn", app, "--factory", "--host", "127.0.0.1", "--port", str(port),
+                  "--workers", str(workers), "--log-level", "error"]
+    server = subprocess.Popen(cmd, env=env)
+    try:
+        _wait_ready(base)
+        time.sleep(3 * workers)  # every worker in (readyz answers from whichever worker took the probe)
+        wrk(base, 4, 3, server.pid)  # warm-up, not recorded
+        yield base, server
+    finally:
+        server.terminate()
+        server.wait(60)
+
+
+def _snapshot_env(workdir: Path, n: int) -> dict:
+    return {"RECSYS_BENCH_WORKDIR": str(workdir), "RECSYS_BENCH_ITEMS": str(n)}
+
+
+def steps(workdir: Path, n: int = 100_000, step_s: float = 15) -> dict:
+    """Throughput and latency as in-flight requests rise: the service with 1 and 2 workers, the trivial app."""
+    out = {}
+    for name, app, workers in (("service_1_worker", "benchmarks.serving_bench:snapshot_app", 1),
+                               ("service_2_workers", "benchmarks.serving_bench:snapshot_app", 2),
+                               ("trivial_1_worker", "benchmarks.load_bench:trivial_app", 1)):
+        with served(app, 8770, workers, _snapshot_env(workdir, n)) as (base, server):
+            out[name] = [wrk(base, c, step_s, server.pid) for c in STEPS]
+    for name in ("service_1_worker", "service_2_workers"):
+        peak = max(r["rps"] for r in out[name])
+        out[f"{name}_no_collapse"] = {str(c): round(next(r["rps"] for r in out[name] if r["connections"] == c) / peak, 3)
+                                      for c in (32, 64)}
+    at16 = {name: next(r["rps"] for r in out[name] if r["connections"] == 16) for name in ("service_1_worker", "trivial_1_worker")}
+    out["per_worker_vs_trivial_at_16"] = round(at16["service_1_worker"] / at16["trivial_1_worker"], 3)
+    ok = [r for r in out["service_2_workers"] if r["p99"] < 50 and r["socket_errors"] + r["non_2xx"] == 0]
+    out["two_workers_best_under_50ms"] = max(ok, key=lambda r: r["rps"]) if ok else None
+    return out
+
+
+def _metric_sum(base: str, name: str, label: str | None = None) -> float:
+    import httpx
+
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and (label is None or label in line):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def overload(workdir: Path, n: int = 100_000, connections: int = 256, seconds: float = 20) -> dict:
+    """256 in flight on one worker: wrk holds 248 connections, 8 probe threads time each of their replies."""
+    with served("benchmarks.serving_bench:snapshot_app", 8771, 1, _snapshot_env(workdir, n)) as (base, server):
+        shed_before = _metric_sum(base, "recsys_shed_total")
+        with Probe(base, threads=8) as probe:
+            run = wrk(base, connections - 8, seconds, server.pid)
+        shed = _metric_sum(base, "recsys_shed_total") - shed_before
+        statuses = probe.summary()
+    codes = statuses["statuses"]
+    return {"items": n, "in_flight": connections, "wrk": run, "probe": statuses, "shed_total_server": shed,
+            "shed_ms_p99": codes.get("503", {}).get("p99"), "accepted_ms_p99": codes.get("200", {}).get("p99"),
+            "other_errors": sum(v["n"] for k, v in codes.items() if k not in ("200", "503")) + run["socket_errors"]}
+
+
+def reload_under_load(workdir: Path, connections: int = 16, seconds: float = 45) -> dict:
+    """`recsys serve` on the demo model: wrk at ``connections`` in flight, 4 probe threads timing every reply;
+    /admin/reload a third of the way in. p99 in the swap window (request to swapped) vs before it."""
+    import httpx
+
+    cli = [sys.executable, "-m", "recsys.cli", "serve", "--workdir", str(workdir), "--port", "8772"]
+    with served("", 8772, cli=cli) as (base, server):
+        admin = {"X-API-Key": f"{KEY}-admin"}
+        marks: dict = {}
+
+        def trigger():
+            time.sleep(seconds / 3)
+            marks["start"] = time.time()
+            httpx.post(f"{base}/admin/reload", headers=admin, json={}, timeout=10)
+            while httpx.get(f"{base}/admin/status", headers=admin, timeout=10).json()["reloads"] < 1:
+                time.sleep(0.05)
+            marks["swapped"] = time.time()
+
+        t = threading.Thread(target=trigger)
+        with Probe(base, threads=4) as probe:
+            t.start()
+            run = wrk(base, connections, seconds, server.pid)
+            t.join()
+        t_begin = min(r[0] for r in probe.records)
+    before = probe.summary(t_begin + 3, marks["start"])
+    during = probe.summary(marks["start"], marks["swapped"] + 1)
+    p99 = lambda s: s["statuses"].get("200", {}).get("p99")  # noqa: E731
+    return {"items": 9742, "wrk": run, "swap_s": round(marks["swapped"] - marks["start"], 2), "before": before,
+            "during_swap": during, "p99_ratio": round(p99(during) / p99(before), 2) if p99(during) and p99(before) else None,
+            "failed": sum(v["n"] for k, v in probe.summary()["statuses"].items() if k != "200") + run["socket_errors"] + run["non_2xx"]}
+
+
+def _clip(seconds: float, seed: int, rate: int = 16000) -> bytes:
+    """A distinct recording: a tone and noise, 16-bit WAV."""
+    import soundfile as sf
+
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    x = 0.2 * np.sin(2 * np.pi * (200 + 7 * seed) * t) + 0.05 * rng.normal(size=len(t))
+    buf = io.BytesIO()
+    sf.write(buf, x.astype(np.float32), rate, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def flood(workdir: Path, searches: int = 32, connections: int = 16, seconds: float = 30) -> dict:
+    """/recommend at ``connections`` in flight alone, then beside ``searches`` clients each uploading distinct
+    170 s clips one after another; then a 3-hour file alone."""
+    import httpx
+
+    clips = [_clip(170, i) for i in range(searches * 2)]
+    cli = [sys.executable, "-m", "recsys.cli", "serve", "--workdir", str(workdir), "--port", "8773"]
+    with served("", 8773, cli=cli) as (base, server):
+        alone = wrk(base, connections, seconds, server.pid)
+        rss_peak = [_rss_mb(_tree(server.pid))]
+        results: list[tuple[float, int]] = []
+        stop = threading.Event()
+        lock = threading.Lock()
+
+        def searcher(i: int) -> None:
+            j = i
+            with httpx.Client(base_url=base, headers={"X-API-Key": KEY}, timeout=60) as c:
+                while not stop.is_set():
+                    s = time.perf_counter()
+                    code = c.post("/search", files={"files": (f"clip{j}.wav", clips[j % len(clips)], "audio/wav")}).status_code
+                    with lock:
+                        results.append(((time.perf_counter() - s) * 1000, code))
+                    j += searches
+                    if code == 503:
+                        time.sleep(0.2)  # a client honouring Retry-After loosely; the flood stays at `searches`
+
+        def watch() -> None:
+            while not stop.is_set():
+                rss_peak.append(_rss_mb(_tree(server.pid)))
+                time.sleep(0.5)
+
+        threads = [threading.Thread(target=searcher, args=(i,)) for i in range(searches)] + [threading.Thread(target=watch)]
+        for th in threads:
+            th.start()
+        time.sleep(2)
+        beside = wrk(base, connections, seconds, server.pid)
+        stop.set()
+        for th in threads:
+            th.join(120)
+        long = _clip_3h()
+        s = time.perf_counter()
+        r = httpx.post(f"{base}/search", headers={"X-API-Key": KEY}, files={"files": ("3h.wav", long, "audio/wav")}, timeout=60)
+        long_ms = (time.perf_counter() - s) * 1000
+    ok = [ms for ms, c in results if c == 200]
+    shed = [ms for ms, c in results if c == 503]
+    return {"items": 9742, "recommend_alone": alone, "recommend_beside_searches": beside,
+            "p99_ratio": round(beside["p99"] / alone["p99"], 2), "rss_mb_peak": max(rss_peak),
+            "searches": {"answered": len(ok), "answered_ms_max": round(max(ok), 1) if ok else None,
+                         "answered_ms_p50": round(float(np.median(ok)), 1) if ok else None,
+                         "refused_503": len(shed), "refused_ms_max": round(max(shed), 1) if shed else None,
+                         "other": sorted({c for _, c in results} - {200, 503})},
+            "three_hours": {"status": r.status_code, "ms": round(long_ms, 1), "bytes": len(long),
+                            "detail": r.json().get("detail")}}
+
+
+def _clip_3h() -> bytes:
+    import soundfile as sf
+
+    rate = 800
+    t = np.arange(3 * 3600 * rate) / rate
+    buf = io.BytesIO()
+    sf.write(buf, (0.3 * np.sin(2 * np.pi * 110 * t)).astype(np.float32), rate, format="WAV", subtype="PCM_U8")
+    return buf.getvalue()
+
+
+def run(args) -> dict:
+    wd = demo_workdir(Path(args.workdir))
+    parts = (getattr(args, "parts", None) or "steps,overload,reload,flood").split(",")
+    previous = Path(__file__).resolve().parent / "results" / "load.json"
+    out = json.loads(previous.read_text())["results"] if previous.exists() else {}
+    if "steps" in parts:
+        out["steps"] = steps(wd)
+    if "overload" in parts:
+        out["overload"] = overload(wd)
+    if "reload" in parts:
+        out["reload"] = reload_under_load(wd)
+    if "flood" in parts:
+        out["flood"] = flood(wd)
+    out["parts_rerun"] = parts
+    out["load_generator"] = "wrk 4.1 (one thread) plus Python probe threads (httpx), on the same machine"
+    from recsys.config import Config
+
+    cfg = Config.model_validate_json((wd / "config.json").read_text()).serve.model_dump()
+    out["serve_settings"] = {k: cfg.get(k) for k in ("max_in_flight", "max_batch", "batch_wait_ms", "max_searches",
+                                                      "search_workers")}
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", default="work/bench")
+    p.add_argument("--parts", default=None)
+    print(json.dumps(run(p.parse_args()), indent=2))
+
