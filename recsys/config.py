@@ -228,6 +228,7 @@ class ServeConfig(_Section):
     max_upload_bytes: int = 20 << 20  # one /search upload (the whole multipart body may hold a few)
     max_uploads: int = 4
     reload_poll_s: float = 1.0  # how often each worker looks for a reload request
+    reload_in_child: bool = True  # build a reload's snapshot in a nice-19 child process (serving/prepare.py)
     # Back-pressure: requests one worker takes at once; beyond, 503 + Retry-After at once (counted in /metrics as
     # recsys_shed_total) rather than a queue whose latency grows without bound. 0: no limit.
     max_in_flight: int = Field(64, ge=0)

@@ -82,7 +82,7 @@ class SnapshotError(ValueError):
     """A published state (or a snapshot built from it) failed its checks; ``problems`` says which."""
 
     def __init__(self, what: str, problems: list[str]):
-        self.problems = problems
+        self.what, self.problems = what, problems
         super().__init__(f"{what}: {'; '.join(problems)}")
 
 

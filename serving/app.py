@@ -412,7 +412,7 @@ def create_app(cfg: Config, recommender: Recommender | None = None) -> FastAPI:
         snap = rec.snapshot
         return {"model": snap.model if snap else None, "source": snap.bundle.source if snap else None,
                 "reloads": rec.reloads, "generation": loader.generation, "error": rec.reload_error,
-                "fallback": rec.fallback, "events_until": rec.events.max_seq(),
+                "fallback": rec.fallback, "events_until": rec.events.max_seq(), "last_load": rec.last_load,
                 "loaded_at": snap.loaded_at if snap else None}
 
     return app
