@@ -44,7 +44,7 @@ from recsys.events import Event
 from serving.experiments import ExperimentRouter
 from serving.metrics import Metrics
 from serving.batching import Batcher
-from serving.service import NotReadyError, Query as RecommendQuery, Recommender, UnknownItemError
+from serving.service import NoModelError, NotReadyError, Query as RecommendQuery, Recommender, UnknownItemError
 
 ID = dict(min_length=1, max_length=256)
 AnId = Annotated[str, StringConstraints(min_length=1, max_length=256)]  # one id inside a list
@@ -301,6 +301,10 @@ def create_app(cfg: Config, recommender: Recommender | None = None) -> FastAPI:
     async def not_embeddable(_: Request, exc: EmbeddingError):
         """The query itself cannot be embedded (what the client sent): a 4xx with the embedder's reason."""
         return JSONResponse({"detail": f"the query could not be embedded: {exc}"}, status_code=422)
+
+    @app.exception_handler(NoModelError)
+    async def no_model(_: Request, exc: NoModelError):
+        return JSONResponse({"detail": str(exc)}, status_code=409)
 
     @app.exception_handler(UnknownItemError)
     async def unknown_item(_: Request, exc: UnknownItemError):

@@ -42,6 +42,13 @@ class NotReadyError(RuntimeError):
     pass
 
 
+class NoModelError(RuntimeError):
+    """A two-tower answer was asked of a service that has only the catalog's embeddings (content only)."""
+
+
+CONTENT_ONLY = "content-only"  # the version name of a bundle with no trained model
+
+
 @dataclass
 class Query:
     """One /recommend request (see :meth:`Recommender.recommend`)."""
@@ -79,7 +86,7 @@ class ModelBundle:
 
     version: str
     run_id: str
-    user_tower: torch.nn.Module  # a torch.export program's module
+    user_tower: torch.nn.Module | None  # a torch.export program's module; None: content only (no trained model)
     item_ids: list[str]
     titles: list[str]
     item_vectors: np.ndarray  # (n, vector_dim) item-tower outputs
@@ -118,6 +125,26 @@ class ModelBundle:
         if published:
             bundle.use_published(cfg)
         return bundle
+
+    @classmethod
+    def content_only(cls, cfg: Config) -> "ModelBundle":
+        """No registered model, only the catalog's embeddings (`recsys demo` on a catalog too sparse to train
+        on): the content vectors serve /search and content similarity; /recommend answers popularity."""
+        import polars as pl
+
+        from recsys.data import load_dataset
+
+        folder = cfg.workdir / "embeddings"
+        m = json.loads((folder / "manifest.json").read_text())
+        frame = pl.read_parquet(folder / "items.parquet")
+        ids = frame["item_id"].to_list()
+        vecs = np.stack(frame["vector"].to_list()).astype(np.float32)
+        catalog = load_dataset(cfg).catalog
+        title = dict(zip(catalog.ids, catalog.titles))
+        config = {"embedder": m["backend"], "embedder_version": m["model_version"], "dim": int(m["dim"]),
+                  "embedder_dim": int(m["dim"]), "item_input": m.get("item_input", "fused"), "tower": {"recent": 1}}
+        return cls(CONTENT_ONLY, "", None, ids, [title.get(i, i) for i in ids], vecs, vecs, np.zeros(len(ids), bool),
+                   config, None, np.zeros((0, vecs.shape[1]), np.float32), source="embeddings (no trained model)")
 
     def use_published(self, cfg: Config) -> None:
         """Take the item vectors and index the nightly job published for this model version, if any, once they
@@ -158,7 +185,7 @@ class Snapshot:
 
     @property
     def model(self) -> str:
-        return f"v{self.bundle.version}"
+        return f"v{self.bundle.version}" if self.bundle.user_tower is not None else CONTENT_ONLY
 
     @classmethod
     def build(cls, cfg: Config, bundle: ModelBundle, repo: FeatureRepo | None = None,
@@ -178,8 +205,9 @@ class Snapshot:
             index = build_index(bundle.item_vectors, bundle.queries if len(bundle.queries) else None,
                                 kind=s.faiss_index, exact_below=s.exact_below, target_recall=s.target_recall,
                                 use_gpu=s.use_gpu)
-        content_index = build_index(bundle.content, None, kind=s.faiss_index, exact_below=s.exact_below,
-                                    target_recall=s.target_recall, use_gpu=s.use_gpu)
+        content_index = index if bundle.user_tower is None else build_index(  # content only: one space
+            bundle.content, None, kind=s.faiss_index, exact_below=s.exact_below, target_recall=s.target_recall,
+            use_gpu=s.use_gpu)
         problems = check_vectors(bundle.item_ids, bundle.item_vectors, "item vectors", dim=index.dim)
         problems += check_vectors(bundle.item_ids, bundle.content, "content vectors")
         if index.n != len(bundle.item_ids):
@@ -189,11 +217,17 @@ class Snapshot:
         if problems:  # never swap in a snapshot that would answer wrongly
             raise SnapshotError(f"model v{bundle.version} ({bundle.source})", problems)
         popular = np.lexsort((-item_stats[:, 0], -item_stats[:, 1]))
-        _warm_up(bundle)
+        if bundle.user_tower is not None:
+            _warm_up(bundle)
         content_table = np.vstack([bundle.content, np.zeros((1, bundle.content.shape[1]), np.float32)]).astype(np.float32)
         return cls(bundle, repo, index, content_index, item_stats.astype(np.float32), np.asarray(modalities, bool),
                    popular, {i: r for r, i in enumerate(bundle.item_ids)}, content_table, np.append(bundle.known, False),
                    now, int(bundle.config["tower"]["recent"]))
+
+
+def _no_model(exc: BaseException) -> bool:
+    """The registry has no such model or alias (MLflow's RESOURCE_DOES_NOT_EXIST)."""
+    return getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
 
 
 def _warm_up(bundle: ModelBundle) -> None:
@@ -250,21 +284,31 @@ class Recommender:
                 else:
                     snap = Snapshot.build(self.cfg, ModelBundle.from_mlflow(self.cfg, alias=alias, version=version))
                 self.fallback = None
-            except (SnapshotError, FileNotFoundError, OSError) as exc:
-                if self.snapshot is not None:
+            except Exception as exc:
+                if self.snapshot is not None or not (isinstance(exc, (SnapshotError, OSError)) or _no_model(exc)):
                     raise  # keep serving what is in; the loader reports why
+                if _no_model(exc):  # nothing registered: the catalog's embeddings alone, if there are any
+                    if not (self.cfg.workdir / "embeddings" / "manifest.json").exists():
+                        raise
+                    snap = Snapshot.build(self.cfg, ModelBundle.content_only(self.cfg))
+                    self.fallback = (f"no registered model ({exc}); serving the catalog's embeddings alone: /search, "
+                                     "similar items by content, popularity")
+                    return self._swap(snap, child=False, wall=wall, cpu=cpu)
                 # a fresh worker: the registry's own artifacts for that version, rather than never becoming ready
                 snap = Snapshot.build(self.cfg, ModelBundle.from_mlflow(self.cfg, alias=alias, version=version,
                                                                         published=False))
                 self.fallback = f"published state refused ({type(exc).__name__}: {exc}); serving the registry's artifacts"
-            self.last_load = {"built_in": "child" if child else "this process", "seconds": round(time.perf_counter() - wall, 2),
-                              "cpu_s_here": round(time.thread_time() - cpu, 3)}  # CPU this serving process spent
-            self.reloads += self.snapshot is not None  # the start-up load is not a reload
-            if self._retired is not None:  # retired one reload ago: no request reads it any more
-                self._retired.repo.close()
-            self._retired = self.snapshot
-            self.snapshot = snap  # one reference assignment: requests in flight keep the snapshot they took
-            return snap
+            return self._swap(snap, child, wall, cpu)
+
+    def _swap(self, snap: Snapshot, child: bool, wall: float, cpu: float) -> Snapshot:
+        self.last_load = {"built_in": "child" if child else "this process", "seconds": round(time.perf_counter() - wall, 2),
+                          "cpu_s_here": round(time.thread_time() - cpu, 3)}  # CPU this serving process spent
+        self.reloads += self.snapshot is not None  # the start-up load is not a reload
+        if self._retired is not None:  # retired one reload ago: no request reads it any more
+            self._retired.repo.close()
+        self._retired = self.snapshot
+        self.snapshot = snap  # one reference assignment: requests in flight keep the snapshot they took
+        return snap
 
     # Recommendations ---------------------------------------------------------------------------------
     def recommend(self, user_id: str, k: int | None = None, exclude: list[str] | None = None,
@@ -308,8 +352,8 @@ class Recommender:
             if q.modalities:
                 want = [MODALITY_NAMES.index(m) for m in q.modalities]
                 skip |= set(np.flatnonzero(~snap.modalities[:, want].all(1)).tolist())
-            if not known and not recent_ids:
-                out[b] = self._popular(snap, q, skip, model, {"features_user_ms": t_features}, t0)
+            if (not known and not recent_ids) or snap.bundle.user_tower is None:
+                out[b] = self._popular(snap, q, skip, model, {"features_user_ms": t_features}, t0, known)
                 continue
             if known:
                 histories.append(users.history_vector[b])
@@ -372,16 +416,16 @@ class Recommender:
     def _k(self, q: Query) -> int:
         return q.k or self.cfg.serve.k
 
-    def _popular(self, snap: Snapshot, q: Query, skip: set[int], model: str, timings: dict, t0: float
-                 ) -> RecommendResponse:
-        """An unknown user with no recent items: the most popular items they may see (vectorised: no Python
-        loop over the catalog)."""
+    def _popular(self, snap: Snapshot, q: Query, skip: set[int], model: str, timings: dict, t0: float,
+                 known: bool = False) -> RecommendResponse:
+        """An unknown user with no recent items, or any user of a content-only service: the most popular items
+        they may see (vectorised: no Python loop over the catalog)."""
         allowed = np.ones(snap.n_items, bool)
         allowed[list(skip)] = False
         rows = snap.popular[allowed[snap.popular]][:self._k(q)].tolist()
         out = [Recommendation(snap.bundle.item_ids[r], snap.bundle.titles[r], float(snap.item_stats[r, 1]),
                               float(snap.item_stats[r, 1])) for r in rows]
-        return RecommendResponse(q.user_id, out, False, model, {**timings, "total_ms": (time.perf_counter() - t0) * 1000},
+        return RecommendResponse(q.user_id, out, known, model, {**timings, "total_ms": (time.perf_counter() - t0) * 1000},
                                  False, fallback="popularity")
 
     def similar(self, item_id: str, k: int, space: str = "two-tower") -> tuple[list[Recommendation], Snapshot]:
@@ -390,6 +434,8 @@ class Recommender:
         if item_id not in snap.index_of:
             raise UnknownItemError(item_id)
         r = snap.index_of[item_id]
+        if space != "content" and snap.bundle.user_tower is None:
+            raise NoModelError("no two-tower model is trained on this catalog (content only): use space=content")
         index, vectors = (snap.content_index, snap.bundle.content) if space == "content" else (snap.index, snap.bundle.item_vectors)
         q = vectors[r:r + 1].astype(np.float32)
         if space != "content":  # the last coordinate is the item's bias; the query side is the unit part + 1

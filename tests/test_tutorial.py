@@ -34,8 +34,9 @@ def run(cmd: str, cwd, **kw) -> subprocess.CompletedProcess:
                           timeout=1800, **kw)
 
 
-def serve_and_ask(cmd: str, cwd, paths: list[str]) -> list[dict]:
-    """Start ``recsys serve ...`` as its own process on a free port, wait until ready, GET each path."""
+def serve_and_ask(cmd: str, cwd, paths: list) -> list:
+    """Start ``recsys serve ...`` as its own process on a free port, wait until ready, GET each path (a str:
+    its JSON back) or send each (method, path, httpx keywords) request (its response back)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -52,7 +53,8 @@ def serve_and_ask(cmd: str, cwd, paths: list[str]) -> list[dict]:
             time.sleep(0.5)
         else:
             raise AssertionError(f"`{cmd}` never became ready")
-        return [httpx.get(base + path, timeout=30).json() for path in paths]
+        return [httpx.get(base + p, timeout=30).json() if isinstance(p, str) else
+                httpx.request(p[0], base + p[1], timeout=60, **p[2]) for p in paths]
     finally:
         proc.terminate()
         proc.wait(30)
@@ -103,6 +105,40 @@ def test_a_sparse_catalog_runs_through_check_demo_evaluate_and_serve(tmp_path):
                                   ["/recommend/c300?k=5", "/recommend/somebody-new?k=5"])
     assert len(once["items"]) == 5 and once["known_user"]
     assert len(unknown["items"]) == 5 and not unknown["known_user"] and unknown["fallback"] == "popularity"
+
+
+def test_a_catalog_too_sparse_to_train_on_still_gets_search_similar_items_and_flagged_popularity(tmp_path):
+    """Every customer bought once: no protocol can be formed, so nothing is trained; `recsys demo` embeds the
+    catalog and writes the serving store anyway, and `recsys serve` answers from the embeddings alone."""
+    import json
+
+    import polars as pl
+
+    data = tmp_path / "once"
+    data.mkdir()
+    kinds = ["kettle", "bike", "lamp", "chair", "tent"]
+    (data / "items.jsonl").write_text("\n".join(json.dumps(
+        {"item_id": f"p{i:02d}", "title": f"{kinds[i % 5]} model {i}", "parts": [{"text": f"a {kinds[i % 5]}, model {i}"}]})
+        for i in range(40)) + "\n")
+    rows = [(f"c{u:03d}", f"p{(u * 7) % 40 if u % 3 else 0:02d}", 1_700_000_000 + 3600 * u) for u in range(150)]  # p00 sells best
+    pl.DataFrame(rows, schema=["user_id", "item_id", "timestamp"], orient="row").write_csv(data / "interactions.csv")
+    opts = "--source generic --data once --workdir work-once"
+    assert run(f"recsys data check {opts}", tmp_path).returncode == 2  # no protocol can be formed
+    demo = run(f"recsys demo {opts}", tmp_path)
+    assert demo.returncode == 0 and "Traceback" not in demo.stderr, (demo.stdout[-3000:], demo.stderr[-3000:])
+    assert "no evaluation protocol can be formed" in demo.stdout and "content only: 40 items embedded" in demo.stdout
+    assert json.loads((tmp_path / "work-once" / "report" / "demo.json").read_text())["content_only"]
+    known, nobody, similar, two_tower, search = serve_and_ask("recsys serve --workdir work-once", tmp_path, [
+        "/recommend/c001?k=5", "/recommend/somebody-new?k=5", "/items/p03/similar?k=5&space=content",
+        ("GET", "/items/p03/similar?k=5", {}), ("POST", "/search", {"data": {"text": "a lamp", "k": "5"}})])
+    assert known["fallback"] == "popularity" and known["known_user"] and known["model"].endswith("content-only")
+    assert nobody["fallback"] == "popularity" and not nobody["known_user"] and nobody["items"][0]["item_id"] == "p00"
+    assert "p07" not in [i["item_id"] for i in known["items"]]  # what c001 bought is never offered back
+    assert len(similar["items"]) == 5 and "p03" not in [i["item_id"] for i in similar["items"]]
+    assert similar["items"][0]["title"].startswith("chair")  # p03 is a chair: the nearest by content, another
+    assert two_tower.status_code == 409 and "content only" in two_tower.json()["detail"]
+    assert search.status_code == 200, search.text
+    assert [i["title"].split()[0] for i in search.json()["items"][:3]] == ["lamp"] * 3, search.json()
 
 
 def test_a_wrong_folder_in_the_tutorial_is_one_clear_line(tmp_path):

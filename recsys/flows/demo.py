@@ -10,6 +10,7 @@ from rich.table import Table
 
 from recsys.config import Config
 from recsys.data import load_dataset
+from recsys.errors import DataError
 from recsys.pipeline import (Timings, console, differences_table, embed_catalog, feasible_protocols, item_input_candidates,
                              results_json, results_table, run_protocol, save_config, serve_features)
 
@@ -22,7 +23,10 @@ def run_demo(cfg: Config, sample_users: int = 3) -> dict:
     with timings.stage("load data"):
         ds = load_dataset(cfg)
         console.print(ds.report.render())
-        protocols = feasible_protocols(cfg, ds)
+        try:
+            protocols = feasible_protocols(cfg, ds)
+        except DataError as exc:  # too sparse to train or evaluate on: the catalog can still be searched
+            return content_only(cfg, ds, timings, str(exc))
     with timings.stage("embed catalog"):
         iv, ds = embed_catalog(cfg, ds, cold="cold" in protocols)
         candidates = item_input_candidates(cfg, ds, iv)  # auto: fused, text-only, concatenated
@@ -63,4 +67,25 @@ def run_demo(cfg: Config, sample_users: int = 3) -> dict:
         t.add_row(k, f"{v:.1f}")
     t.add_row("total", f"{report['total_s']:.1f}")
     console.print(t)
+    return report
+
+
+def content_only(cfg: Config, ds, timings: Timings, reason: str) -> dict:
+    """A catalog too sparse to train on: embed it and write the serving store anyway, so that `recsys serve`
+    answers /search, content similarity and (flagged) popularity from the embeddings alone."""
+    console.print(f"[yellow]{reason}[/yellow]")
+    console.print("[yellow]Nothing is trained or registered. Serving the catalog from its embeddings alone.[/yellow]")
+    with timings.stage("embed catalog"):
+        iv, ds = embed_catalog(cfg, ds)
+    with timings.stage("features (serving store: all interactions, materialized)"):
+        serve_features(cfg, ds, {iv.item_input: iv}, None)
+    report = {"timings_s": timings.stages, "total_s": round(sum(timings.stages.values()), 1), "results": [],
+              "content_only": reason, "data": ds.report.loaded,
+              "embedder": {"backend": iv.backend, "model_version": iv.model_version, "dim": iv.dim, "failed": len(iv.failed)}}
+    out = cfg.workdir / "report"
+    out.mkdir(exist_ok=True)
+    (out / "demo.json").write_text(json.dumps(report, indent=2, default=str))
+    console.print(f"content only: {len(iv.ids):,} items embedded. `recsys serve --workdir {cfg.workdir}` answers /search "
+                  "and /items/{id}/similar?space=content, and /recommend with the most popular items "
+                  "(flagged fallback=popularity) until there is enough data to train on.")
     return report
