@@ -204,18 +204,31 @@ def _metric_sum(base: str, name: str, label: str | None = None) -> float:
     return total
 
 
-def overload(workdir: Path, n: int = 100_000, connections: int = 256, seconds: float = 20) -> dict:
-    """256 in flight on one worker: wrk holds 248 connections, 8 probe threads time each of their replies."""
+def load_client(base: str, clients: int, seconds: float, backoff: bool = True) -> dict:
+    """benchmarks/load_client.py as its own process (clients that honour Retry-After, or a retry storm)."""
+    cmd = [sys.executable, "-m", "benchmarks.load_client", "--url", base, "--clients", str(clients),
+           "--seconds", str(seconds), "--key", KEY] + ([] if backoff else ["--no-backoff"])
+    out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def overload(workdir: Path, n: int = 100_000, clients: int = 256, seconds: float = 20) -> dict:
+    """256 clients on one worker, each with one request in flight: those the worker cannot take get 503 at
+    once and wait what Retry-After says (the contract); then the same 256 retrying at once (a retry storm)."""
     with served("benchmarks.serving_bench:snapshot_app", 8771, 1, _snapshot_env(workdir, n)) as (base, server):
         shed_before = _metric_sum(base, "recsys_shed_total")
-        with Probe(base, threads=8) as probe:
-            run = wrk(base, connections - 8, seconds, server.pid)
+        cpu0 = _cpu_s(_tree(server.pid))
+        polite = load_client(base, clients, seconds)
+        server_cores = round((_cpu_s(_tree(server.pid)) - cpu0) / seconds, 2)
         shed = _metric_sum(base, "recsys_shed_total") - shed_before
-        statuses = probe.summary()
-    codes = statuses["statuses"]
-    return {"items": n, "in_flight": connections, "wrk": run, "probe": statuses, "shed_total_server": shed,
-            "shed_ms_p99": codes.get("503", {}).get("p99"), "accepted_ms_p99": codes.get("200", {}).get("p99"),
-            "other_errors": sum(v["n"] for k, v in codes.items() if k not in ("200", "503")) + run["socket_errors"]}
+        storm = load_client(base, clients, seconds, backoff=False)
+    codes = polite["statuses"]
+    return {"items": n, "in_flight": clients, "honouring_retry_after": polite, "server_cores": server_cores,
+            "shed_total_server": shed, "shed_ms_p99": codes.get("503", {}).get("p99"),
+            "accepted_ms_p99": codes.get("200", {}).get("p99"), "accepted_per_s": codes.get("200", {}).get("per_s"),
+            "other_errors": sum(v["n"] for k, v in codes.items() if k not in ("200", "503")),
+            "retry_storm": storm}
 
 
 def reload_under_load(workdir: Path, connections: int = 16, seconds: float = 45) -> dict:
@@ -264,55 +277,46 @@ def _clip(seconds: float, seed: int, rate: int = 16000) -> bytes:
 
 def flood(workdir: Path, searches: int = 32, connections: int = 16, seconds: float = 30) -> dict:
     """/recommend at ``connections`` in flight alone, then beside ``searches`` clients each uploading distinct
-    170 s clips one after another; then a 3-hour file alone."""
+    170 s clips one after another (benchmarks/load_client.py, its own process); then a 3-hour file alone."""
     import httpx
 
-    clips = [_clip(170, i) for i in range(searches * 2)]
+    clips = Path(tempfile.mkdtemp(prefix="recsys-clips-"))
+    for i in range(searches * 3):
+        (clips / f"clip{i:03d}.wav").write_bytes(_clip(170, i))
     cli = [sys.executable, "-m", "recsys.cli", "serve", "--workdir", str(workdir), "--port", "8773"]
-    with served("", 8773, cli=cli) as (base, server):
-        alone = wrk(base, connections, seconds, server.pid)
-        rss_peak = [_rss_mb(_tree(server.pid))]
-        results: list[tuple[float, int]] = []
-        stop = threading.Event()
-        lock = threading.Lock()
+    try:
+        with served("", 8773, cli=cli) as (base, server):
+            alone = wrk(base, connections, seconds, server.pid)
+            rss_peak = [_rss_mb(_tree(server.pid))]
+            stop = threading.Event()
 
-        def searcher(i: int) -> None:
-            j = i
-            with httpx.Client(base_url=base, headers={"X-API-Key": KEY}, timeout=60) as c:
+            def watch() -> None:
                 while not stop.is_set():
-                    s = time.perf_counter()
-                    code = c.post("/search", files={"files": (f"clip{j}.wav", clips[j % len(clips)], "audio/wav")}).status_code
-                    with lock:
-                        results.append(((time.perf_counter() - s) * 1000, code))
-                    j += searches
-                    if code == 503:
-                        time.sleep(0.2)  # a client honouring Retry-After loosely; the flood stays at `searches`
+                    rss_peak.append(_rss_mb(_tree(server.pid)))
+                    time.sleep(0.5)
 
-        def watch() -> None:
-            while not stop.is_set():
-                rss_peak.append(_rss_mb(_tree(server.pid)))
-                time.sleep(0.5)
-
-        threads = [threading.Thread(target=searcher, args=(i,)) for i in range(searches)] + [threading.Thread(target=watch)]
-        for th in threads:
-            th.start()
-        time.sleep(2)
-        beside = wrk(base, connections, seconds, server.pid)
-        stop.set()
-        for th in threads:
-            th.join(120)
-        long = _clip_3h()
-        s = time.perf_counter()
-        r = httpx.post(f"{base}/search", headers={"X-API-Key": KEY}, files={"files": ("3h.wav", long, "audio/wav")}, timeout=60)
-        long_ms = (time.perf_counter() - s) * 1000
-    ok = [ms for ms, c in results if c == 200]
-    shed = [ms for ms, c in results if c == 503]
+            cmd = [sys.executable, "-m", "benchmarks.load_client", "--url", base, "--clients", str(searches),
+                   "--seconds", str(seconds + 4), "--key", KEY, "--search-clips", str(clips)]
+            watcher = threading.Thread(target=watch)
+            watcher.start()
+            flooder = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+            time.sleep(2)
+            beside = wrk(base, connections, seconds, server.pid)
+            searched = json.loads(flooder.communicate(timeout=300)[0].strip().splitlines()[-1])
+            stop.set()
+            watcher.join()
+            long = _clip_3h()
+            s = time.perf_counter()
+            r = httpx.post(f"{base}/search", headers={"X-API-Key": KEY}, files={"files": ("3h.wav", long, "audio/wav")},
+                           timeout=60)
+            long_ms = (time.perf_counter() - s) * 1000
+    finally:
+        shutil.rmtree(clips, ignore_errors=True)
+    st = searched["statuses"]
     return {"items": 9742, "recommend_alone": alone, "recommend_beside_searches": beside,
-            "p99_ratio": round(beside["p99"] / alone["p99"], 2), "rss_mb_peak": max(rss_peak),
-            "searches": {"answered": len(ok), "answered_ms_max": round(max(ok), 1) if ok else None,
-                         "answered_ms_p50": round(float(np.median(ok)), 1) if ok else None,
-                         "refused_503": len(shed), "refused_ms_max": round(max(shed), 1) if shed else None,
-                         "other": sorted({c for _, c in results} - {200, 503})},
+            "p99_ratio": round(beside["p99"] / alone["p99"], 2), "rss_mb_peak": max(rss_peak), "searches": searched,
+            "answered_ms_max": st.get("200", {}).get("max"), "refused_ms_p99": st.get("503", {}).get("p99"),
+            "other_statuses": sorted(set(st) - {"200", "503"}),
             "three_hours": {"status": r.status_code, "ms": round(long_ms, 1), "bytes": len(long),
                             "detail": r.json().get("detail")}}
 

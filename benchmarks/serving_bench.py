@@ -153,6 +153,8 @@ def snapshot_app():
 
     workdir, n = os.environ["RECSYS_BENCH_WORKDIR"], int(os.environ["RECSYS_BENCH_ITEMS"])
     cfg = Config.model_validate_json((Path(workdir) / "config.json").read_text())
+    if os.environ.get("RECSYS_BENCH_SERVE"):  # serve settings to try, as JSON (e.g. {"max_in_flight": 32})
+        cfg = cfg.model_copy(update={"serve": cfg.serve.model_copy(update=json.loads(os.environ["RECSYS_BENCH_SERVE"]))})
     snap, _ = synthetic_snapshot(cfg, n)
     return create_app(cfg, Recommender(cfg, snap))
 

@@ -236,7 +236,7 @@ class ServeConfig(_Section):
     # max_batch at a time; batch_wait_ms > 0 holds a small batch that long for more (0: never wait)
     max_batch: int = Field(32, ge=1, le=1024)
     batch_wait_ms: float = Field(0.0, ge=0, le=50)
-    max_searches: int = Field(4, ge=1)  # /search requests one worker takes at once (their own pool); beyond: 503
+    max_searches: int = Field(2, ge=1)  # /search requests one worker takes at once (their own pool); beyond: 503
     search_workers: int = Field(1, ge=1)  # threads embedding /search queries (one embedder lock: more would wait)
     open_docs: bool = False  # /docs and /openapi.json without a key (with keys configured they need one otherwise)
 

@@ -21,14 +21,12 @@ or RECSYS_API_KEYS / RECSYS_ADMIN_KEYS (comma-separated) and are compared in con
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import hmac
 import json
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
@@ -37,6 +35,7 @@ from typing import Annotated, Literal
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Path as PathParam, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, Field, StringConstraints
+from starlette.formparsers import MultiPartParser
 
 from recsys.config import Config
 from recsys.embed.base import EmbeddingError
@@ -44,6 +43,7 @@ from recsys.events import Event
 from serving.experiments import ExperimentRouter
 from serving.metrics import Metrics
 from serving.batching import Batcher
+from serving.search import SearchPool
 from serving.service import NoModelError, NotReadyError, Query as RecommendQuery, Recommender, UnknownItemError
 
 ID = dict(min_length=1, max_length=256)
@@ -253,7 +253,7 @@ def create_app(cfg: Config, recommender: Recommender | None = None) -> FastAPI:
         for ld in loaders:
             ld.stop.set()
         batcher.stop()
-        searches.shutdown(wait=False, cancel_futures=True)
+        searches.shutdown()
         router.close()  # the logs' last rows
 
     docs = {} if cfg.serve.open_docs or not (api_keys or admin_keys) else {"docs_url": None, "redoc_url": None,
@@ -263,7 +263,10 @@ def create_app(cfg: Config, recommender: Recommender | None = None) -> FastAPI:
     app.add_middleware(metrics.middleware, limits={"/search": cfg.serve.max_uploads * cfg.serve.max_upload_bytes + (64 << 10)},
                        default_limit=cfg.serve.max_body_bytes, max_in_flight=cfg.serve.max_in_flight, open_paths=OPEN_PATHS,
                        path_in_flight={"/search": cfg.serve.max_searches})
-    searches = ThreadPoolExecutor(cfg.serve.search_workers, thread_name_prefix="recsys-search", initializer=single_threaded)
+    searches = SearchPool(cfg, cfg.serve.search_workers)
+    # uploads stay in memory while the form is parsed (at most serve.max_searches at once): spooled to disk past
+    # 1 MiB, each 64 KiB chunk went through a thread-pool hop on the event loop
+    MultiPartParser.spool_max_size = cfg.serve.max_upload_bytes + (1 << 20)
 
     async def require_key(request: Request) -> None:  # async: a few compares, no thread-pool hop
         if api_keys and not (_matches(_presented(request), api_keys) or _matches(_presented(request), admin_keys)):
@@ -388,8 +391,9 @@ def create_app(cfg: Config, recommender: Recommender | None = None) -> FastAPI:
         check_k(k)  # at most serve.max_searches get here at once (the middleware sheds the rest unread)
         uploads = await read_uploads(text, files, cfg)
         t0 = time.perf_counter()
-        loop = asyncio.get_running_loop()  # decoding and embedding in the search pool, never in /recommend's thread
-        items, snap = await loop.run_in_executor(searches, lambda: rec.search(query_content(text, uploads, cfg), k))
+        mode, dim = rec.query_space()
+        q = await searches.embed(text, uploads, mode, dim)  # decoded and embedded in the search process
+        items, snap = rec.search_vector(q, k)
         return ItemsReply(model=snap.model, space="content", items=[Item(**vars(i)) for i in items],
                           timings_ms={"total_ms": (time.perf_counter() - t0) * 1000})
 
@@ -449,33 +453,6 @@ async def read_uploads(text: str | None, files: list[UploadFile], cfg: Config) -
             raise HTTPException(422, f"{f.filename!r} is empty")
         out.append((f.filename, kind, mime, data))
     return out
-
-
-def query_content(text: str | None, uploads: list[tuple[str, str, str, bytes]], cfg: Config):
-    """The query as one Content: text first, then each upload, checked for decodability and for the embedder's
-    limits (a 3-hour recording is refused from its header, before anything is decoded). Runs in the search pool."""
-    from recsys.content import Content, ContentError, Part
-    from recsys.embed import Limits
-    from recsys.media import decode_image, probe_duration
-
-    limits = Limits()
-    longest = {"audio": limits.max_audio_s, "video": limits.max_video_s}
-    parts = [Part.of_text(text.strip())] if text and text.strip() else []
-    for name, kind, mime, data in uploads:
-        try:
-            if kind == "image":
-                decode_image(data)
-            elif (seconds := probe_duration(data, kind)) > longest[kind]:
-                raise HTTPException(413, f"{name!r} is {seconds:.0f} s of {kind}: at most {longest[kind]:.0f} s per query")
-        except (ContentError, OSError, ValueError) as exc:
-            raise HTTPException(422, f"{name!r} does not decode as {kind}: {getattr(exc, 'problem', exc)}")
-        parts.append(Part(kind, data=data, mime_type=mime))
-    content = Content.of(*parts, item_id="query")
-    try:
-        limits.check(content)
-    except ContentError as exc:
-        raise HTTPException(422, f"the query breaks the embedder's limits: {getattr(exc, 'problem', exc)}")
-    return content
 
 
 def app_from_env() -> FastAPI:

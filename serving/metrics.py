@@ -8,11 +8,13 @@ every worker's files through prometheus-client's multiprocess collector.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+RETRY_AFTER_S = 1  # what a shed reply asks the client to wait (whole seconds: the header's unit)
 BUCKETS = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -87,12 +89,21 @@ def _middleware(metrics: Metrics):
             self.max_in_flight, self.open_paths = max_in_flight, open_paths
             self.path_limits = path_in_flight or {}
             self.in_flight = 0  # on the event loop only: no lock needed
+            # (client host, port) of a connection just shed -> when its Retry-After ends. A client that retries at
+            # once (a retry storm) has its retry held until then, at no cost to anyone else: without this, 248
+            # closed-loop connections retrying at once made 9,800 503s a second and starved the accepted
+            # requests of the GIL (161 answered a second instead of 714; BENCHMARKS.md: load)
+            self.told_to_wait: dict = {}
             self.path_busy = {p: 0 for p in self.path_limits}
 
         async def __call__(self, scope, receive, send):
             if scope["type"] != "http":
                 return await self.app(scope, receive, send)
             path = scope["path"]
+            if self.told_to_wait:  # this connection was shed and retries before its Retry-After: held until then
+                until = self.told_to_wait.pop(scope.get("client"), 0.0)
+                if until > time.monotonic():
+                    await asyncio.sleep(until - time.monotonic())
             if self.max_in_flight and path not in self.open_paths and self.in_flight >= self.max_in_flight:
                 return await self._shed(send, scope, "in-flight limit",
                                         b"over capacity: %d requests in progress; retry shortly" % self.in_flight)
@@ -102,24 +113,35 @@ def _middleware(metrics: Metrics):
             self.in_flight += 1
             if own is not None:
                 self.path_busy[path] += 1
+            held = [True]
+
+            def release() -> None:  # as the reply's last byte goes out: the client's next request finds the slot free
+                if held[0]:
+                    held[0] = False
+                    self.in_flight -= 1
+                    if own is not None:
+                        self.path_busy[path] -= 1
+
             try:
-                await self._handle(scope, receive, send)
+                await self._handle(scope, receive, send, release)
             finally:
-                self.in_flight -= 1
-                if own is not None:
-                    self.path_busy[path] -= 1
+                release()
 
         async def _shed(self, send, scope, why: str, detail: bytes) -> None:
             """503 + Retry-After at once, before the body is read (counted in recsys_shed_total)."""
             metrics.shed.labels(why).inc()
-            metrics.requests.labels("shed", scope.get("method", ""), "503").inc()
+            metrics.requests.labels("shed", scope["method"], "503").inc()
+            if len(self.told_to_wait) > 100_000:  # connections long gone
+                now = time.monotonic()
+                self.told_to_wait = {c: t for c, t in self.told_to_wait.items() if t > now}
+            self.told_to_wait[scope.get("client")] = time.monotonic() + RETRY_AFTER_S
             body = b'{"detail":"%s"}' % detail
             await send({"type": "http.response.start", "status": 503,
-                        "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1"),
+                        "headers": [(b"content-type", b"application/json"), (b"retry-after", b"%d" % RETRY_AFTER_S),
                                     (b"content-length", str(len(body)).encode())]})
             await send({"type": "http.response.body", "body": body})
 
-        async def _handle(self, scope, receive, send):
+        async def _handle(self, scope, receive, send, release):
             t0 = time.perf_counter()
             limit = self.limits.get(scope["path"], self.default)
             status = {"code": 500, "started": False, "over": False}
@@ -132,6 +154,8 @@ def _middleware(metrics: Metrics):
                     return
                 if message["type"] == "http.response.start":
                     status["code"], status["started"] = message["status"], True
+                elif not message.get("more_body", False):
+                    release()
                 await send(message)
 
             async def too_large():

@@ -449,19 +449,29 @@ class Recommender:
         return [Recommendation(snap.bundle.item_ids[j], snap.bundle.titles[j], float(s), float(s))
                 for s, j in zip(scores[0], rows[0]) if j >= 0], snap
 
+    def query_space(self) -> tuple[str, int]:
+        """(item input mode, width) of the content vectors /search queries must be embedded into."""
+        snap = self.current()
+        return (snap.bundle.config.get("item_input", "fused"),
+                int(snap.bundle.config.get("embedder_dim", snap.bundle.content.shape[1])))
+
     def search(self, content, k: int) -> tuple[list[Recommendation], Snapshot]:
-        """A multimodal query (a Content), embedded with the query task, over the catalog's content vectors."""
+        """A multimodal query (a Content), embedded here with the query task, over the catalog's content vectors
+        (the service embeds in its search process instead: serving/search.py)."""
         from recsys.embed import item_embedder
 
-        snap = self.current()
-        mode = snap.bundle.config.get("item_input", "fused")  # the item space the model reads: queries join it
+        mode, dim = self.query_space()
         with self._embed_lock:
             if self._embedder is None or getattr(self._embedder, "mode", "fused") != mode:
                 # no embedding cache for queries: every query would stay on disk, unbounded
                 cfg = self.cfg.model_copy(update={"embedder": self.cfg.embedder.model_copy(update={"cache": False})})
                 self._embedder = item_embedder(cfg, mode)
-            q = self._embedder.embed([content], task="query",
-                                     dim=int(snap.bundle.config.get("embedder_dim", snap.bundle.content.shape[1])))
+            q = self._embedder.embed([content], task="query", dim=dim)
+        return self.search_vector(q, k)
+
+    def search_vector(self, q: np.ndarray, k: int) -> tuple[list[Recommendation], Snapshot]:
+        """The ``k`` items whose content vectors are nearest the (1, D) query vector ``q``."""
+        snap = self.current()
         scores, rows = snap.content_index.search(q, k)
         return [Recommendation(snap.bundle.item_ids[j], snap.bundle.titles[j], float(s), float(s))
                 for s, j in zip(scores[0], rows[0]) if j >= 0], snap
