@@ -413,6 +413,13 @@ def bench_serving(args) -> dict:
     return run(args)
 
 
+def bench_load(args) -> dict:
+    """Serving under concurrency, overload, a reload and a search flood (wrk + probe clients, real uvicorn)."""
+    from benchmarks.load_bench import run
+
+    return run(args)
+
+
 def bench_nightly(args) -> dict:
     """The nightly job: overhead vs the embedder alone, unchanged rerun, 1% changed, Ray vs local."""
     from benchmarks.nightly_bench import run
@@ -436,9 +443,9 @@ def bench_experiment(args) -> dict:
 
 BENCHES = {"negatives": bench_negatives, "learning-rate": bench_learning_rate, "part-search": bench_part_search, "part-search-dims": bench_part_search_dims, "towers": bench_towers, "newest-items": bench_newest_items, "id-lr": bench_id_lr, "cold-tower": bench_cold_tower, "cold-content": bench_cold_content, "cold-recipe": bench_cold_recipe, "content-match": bench_content_match, "content-match-loo": bench_content_match_loo, "demo": bench_demo, "demo-fused": bench_demo_fused, "demo-newest": bench_demo_newest, "demo-ids": bench_demo_ids, "loo-shift": bench_loo_shift, "features": bench_features, "embedder": bench_embedder, "training": bench_training,
            "cold-prior": bench_cold_prior, "inputs": bench_inputs, "embedder-recipe": bench_embedder_recipe,
-           "serving": bench_serving, "nightly": bench_nightly, "experiment": bench_experiment, "loop": bench_loop,
+           "serving": bench_serving, "load": bench_load, "nightly": bench_nightly, "experiment": bench_experiment, "loop": bench_loop,
            "loop-redis": lambda args: bench_loop(argparse.Namespace(**{**vars(args), "loop_store": "redis"}))}
-ORDER = ["demo", "demo-fused", "demo-newest", "demo-ids", "loo-shift", "learning-rate", "negatives", "inputs", "inputs-weights", "towers", "newest-items", "id-lr", "cold-tower", "cold-content", "cold-recipe", "content-match", "content-match-loo", "part-search", "part-search-dims", "serving", "loop", "loop-redis", "nightly", "experiment", "features", "embedder", "embedder-recipe", "training", "cold-prior"]
+ORDER = ["demo", "demo-fused", "demo-newest", "demo-ids", "loo-shift", "learning-rate", "negatives", "inputs", "inputs-weights", "towers", "newest-items", "id-lr", "cold-tower", "cold-content", "cold-recipe", "content-match", "content-match-loo", "part-search", "part-search-dims", "serving", "load", "loop", "loop-redis", "nightly", "experiment", "features", "embedder", "embedder-recipe", "training", "cold-prior"]
 
 
 # Rendering --------------------------------------------------------------------------------------------
@@ -688,6 +695,58 @@ def render_nightly(blob: dict) -> list[str]:
             "Stage times of the first run: " + ", ".join(f"{k} {v:.1f} s" for k, v in r["nightly_first"]["timings_s"].items())]
 
 
+def render_load(blob: dict) -> list[str]:
+    r = blob["results"]
+    out = [f"Load generator: {r['load_generator']}; its CPU (cores busy) is shown beside each figure. Serve settings: "
+           f"{r['serve_settings']}."]
+    st = r.get("steps")
+    if st:
+        rows = {name: {x["connections"]: x for x in st[name]} for name in ("service_1_worker", "service_2_workers", "trivial_1_worker")}
+        out += ["", "Closed loop (wrk, one thread, random users, 100k items; the trivial endpoint: a sync FastAPI handler "
+                "returning ten items, same uvicorn): req/s, p50 / p99 ms, server cores, wrk cores.", "",
+                "| in flight | service, 1 worker | service, 2 workers | trivial endpoint, 1 worker |", "|---|---|---|---|"]
+        cell = lambda x: (f"{x['rps']:,.0f} req/s, {x['p50']:.1f} / {x['p99']:.1f} ms, {x.get('server_cores', '-')} / "  # noqa: E731
+                          f"{x['wrk_cores']} cores" + (f", {x['non_2xx']} non-2xx" if x["non_2xx"] else ""))
+        for c in sorted(rows["service_1_worker"]):
+            out.append(f"| {c} | " + " | ".join(cell(rows[n][c]) for n in rows) + " |")
+    g = ["", "| goal | measured |", "|---|---|"]
+    if st:
+        best = st["two_workers_best_under_50ms"]
+        g += [f"| no collapse: req/s at 32 and 64 in flight >= 95% of the peak | 1 worker: {st['service_1_worker_no_collapse']}, "
+              f"2 workers: {st['service_2_workers_no_collapse']} (share of each one's peak) |",
+              "| >= 600 req/s with 2 workers at p99 < 50 ms | " + (f"{best['rps']:,.0f} req/s at {best['connections']} in flight, "
+              f"p99 {best['p99']:.1f} ms (wrk {best['wrk_cores']} cores)" if best else "none under 50 ms") + " |",
+              f"| per worker at 16 in flight >= 0.20 of the trivial endpoint | {st['per_worker_vs_trivial_at_16']} |"]
+    o = r.get("overload")
+    if o:
+        storm = o["retry_storm"]["statuses"]
+        g += [f"| overload, {o['in_flight']} clients on 1 worker: excess shed within 5 ms | 503 p50 "
+              f"{o['honouring_retry_after']['statuses'].get('503', {}).get('p50')} ms, p99 {o['shed_ms_p99']} ms "
+              f"({o['shed_total_server']:.0f} shed; clients honour Retry-After with jitter, "
+              f"{o['honouring_retry_after']['client_cores']} cores) |",
+              f"| ... accepted p99 < 100 ms, 0 other errors | p99 {o['accepted_ms_p99']} ms at {o['accepted_per_s']} req/s; "
+              f"{o['other_errors']} other errors |",
+              f"| ... the same clients retrying at once (a retry storm) | {storm.get('200', {}).get('per_s')} answered/s "
+              f"(p99 {storm.get('200', {}).get('p99')} ms), {storm.get('503', {}).get('per_s')} shed/s |"]
+    rl = r.get("reload")
+    if rl:
+        g += [f"| reload under load: p99 during the swap within 2x of steady, 0 failed | {rl['during_swap']['statuses'].get('200', {}).get('p99')} "
+              f"ms vs {rl['before']['statuses'].get('200', {}).get('p99')} ms: {rl['p99_ratio']}x; {rl['failed']} failed; "
+              f"swap {rl['swap_s']} s after the request ({rl['items']:,} items, wrk at {rl['wrk']['connections']} + 4 probes) |"]
+    f = r.get("flood")
+    if f:
+        g += [f"| search flood: /recommend p99 (16 in flight) within 1.5x | {f['recommend_beside_searches']['p99']:.1f} ms vs "
+              f"{f['recommend_alone']['p99']:.1f} ms alone: {f['p99_ratio']}x ({f['recommend_beside_searches']['rps']:,.0f} vs "
+              f"{f['recommend_alone']['rps']:,.0f} req/s) |",
+              f"| ... server RSS < 2 GB | peak {f['rss_mb_peak']:,.0f} MB (the service and its search process) |",
+              f"| ... each search < 2 s or refused with 503 at once | answered {f['searches']['statuses'].get('200', {}).get('n')}, "
+              f"max {f['answered_ms_max']} ms; refused {f['searches']['statuses'].get('503', {}).get('n')}, p50 "
+              f"{f['searches']['statuses'].get('503', {}).get('p50')} ms, p99 {f['refused_ms_p99']} ms (to the status line) |",
+              f"| ... a 3-hour file gets a 4xx in < 100 ms | {f['three_hours']['status']} in {f['three_hours']['ms']} ms "
+              f"({f['three_hours']['bytes'] / 2**20:.1f} MiB) |"]
+    return out + g
+
+
 def render_loop(blob: dict) -> list[str]:
     r = blob["results"]
     st, ev, an = r["storm"], r["events"], r["after_nightly"]
@@ -893,6 +952,7 @@ RENDER = {"demo": ("Demo: stage timings and metrics", render_demo),
           "part-search": ("Search by one part of an item (issue: your own catalog)", render_part_search),
           "part-search-dims": ("Search by one part of an item, by vector width (issue: your own catalog)", render_part_search_dims),
           "serving": ("Online retrieval at scale (issue: serving)", render_serving),
+          "load": ("Serving under concurrency, overload, a reload and a search flood (issue: serving under load)", render_load),
           "nightly": ("The nightly batch (issue: nightly)", render_nightly),
           "loop": ("One loop: concurrent pushes, the event log, the nightly (issue: one loop)", render_loop),
           "loop-redis": ("One loop on Redis: online store and event log (issue: one loop)", render_loop),
@@ -945,7 +1005,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--render", action="store_true", help="only rebuild BENCHMARKS.md")
     p.add_argument("--sizes", default=None, help="serving: catalog sizes, comma-separated (default 10000,100000,1000000)")
     p.add_argument("--hold-s", dest="hold_s", type=float, default=180, help="serving: seconds to hold the best rate")
-    p.add_argument("--parts", default=None, help="serving: latency,load,reload (the others kept from the last result)")
+    p.add_argument("--parts", default=None, help="serving: latency,load,reload; load: steps,overload,reload,flood "
+                   "(the others kept from the last result)")
     p.add_argument("--weights", nargs="+", default=[], help="part-search: other local-embedder weights folders to compare; inputs: one folder to use instead of the installed weights")
     p.add_argument("--reuse", action="store_true", help="experiment: analyse the last run's logs again (no training, no simulation)")
     p.add_argument("--loop-store", dest="loop_store", default="sqlite", choices=["sqlite", "redis"],

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from features.compute import history_sums
-from features.inputs import item_stat_matrix, recent_matrix, user_stat_matrix
+from features.inputs import UserInputs, item_stat_matrix, recent_matrix, user_stat_matrix
 from features.store import FeatureRepo, OnlineUsers
 from recsys.config import Config
 from recsys.events import Appended, Event, EventLog, open_event_log
@@ -370,10 +370,9 @@ class Recommender:
             return out
         rows, mask = recent_matrix(recents, snap.index_of, snap.recent, snap.n_items)
         history, stat = np.stack(histories).astype(np.float32), np.stack(stats).astype(np.float32)
+        inputs = UserInputs(history, rows, mask, stat)  # assembled as training and evaluation assemble them
         t1 = time.perf_counter()
-        vecs = snap.bundle.user_tower(
-            torch.from_numpy(history), torch.from_numpy(snap.content_table[rows]), torch.from_numpy(rows),
-            torch.from_numpy(mask), torch.from_numpy(mask & snap.known[rows]), torch.from_numpy(stat)).numpy()
+        vecs = snap.bundle.user_tower(*inputs.tensors(snap.content_table, snap.known)).numpy()
         t_tower = (time.perf_counter() - t1) * 1000
         reranker = snap.bundle.reranker
         fitted = bool(reranker is not None and reranker.fitted)
