@@ -207,9 +207,7 @@ def serve(config: Optional[Path] = ConfigOpt, workdir: Optional[Path] = WorkdirO
     /readyz, /metrics, /admin/reload. API keys: RECSYS_API_KEYS, RECSYS_ADMIN_KEYS (comma-separated)."""
     import tempfile
 
-    # one OpenMP thread in every thread of every worker (requests bring the concurrency): set before torch and
-    # faiss load, so threads the service does not start itself (uvicorn's thread pool) inherit it too
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch/faiss load: every thread of every worker inherits it
     import uvicorn
 
     from serving.app import check_host, create_app

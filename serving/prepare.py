@@ -29,7 +29,7 @@ ERROR = "error.json"
 
 def save(snap, folder: Path) -> Path:
     """Write a built Snapshot's parts to ``folder`` (what :func:`load` reads)."""
-    from serving.service import Snapshot
+    from serving.snapshot import Snapshot
 
     assert isinstance(snap, Snapshot)
     b = snap.bundle
@@ -55,7 +55,7 @@ def load(cfg: Config, folder: Path):
     from features.store import FeatureRepo
     from recsys.index import CandidateIndex
     from recsys.rerank import Reranker
-    from serving.service import ModelBundle, Snapshot, _warm_up
+    from serving.snapshot import ModelBundle, Snapshot, _warm_up
 
     meta = json.loads((folder / META).read_text())
     a = np.load(folder / ARRAYS, allow_pickle=False)
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)
-    from serving.service import ModelBundle, Snapshot
+    from serving.snapshot import ModelBundle, Snapshot
 
     cfg = Config.model_validate_json(os.environ["RECSYS_SERVE_CONFIG"])
     out = Path(args.out)

@@ -1,35 +1,35 @@
 """The online path: request(user) -> Feast online (the user's features only) -> user tower -> FAISS top-N
 (seen items excluded inside FAISS) -> reranker -> top-k.
 
-Everything that changes only daily is loaded once per model version into a :class:`Snapshot` (the user
-tower, item vectors, the index, item statistics and modalities, the popularity order) and swapped
-atomically on reload: a request takes the current snapshot when it starts and finishes on it, whatever
-a reload does meanwhile. The item vectors and index come from the nightly job's published manifest when
-it was built for this model version (``recsys.manifest``), else from the registered run's artifacts.
+Everything that changes only daily is loaded once per model version into a Snapshot (serving/snapshot.py)
+and swapped atomically on reload: a request takes the current snapshot when it starts and finishes on it,
+whatever a reload does meanwhile; a reload's snapshot is built in a low-priority child (serving/prepare.py).
+Requests arrive in batches (serving/batching.py): :meth:`Recommender.recommend_many` serves a batch in one pass.
 Nothing here imports ``training/``: the user tower is a ``torch.export`` program.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import threading
 import time
 from dataclasses import dataclass, field
 from itertools import chain
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from features.compute import history_sums
-from features.inputs import UserInputs, item_stat_matrix, recent_matrix, user_stat_matrix
-from features.store import FeatureRepo, OnlineUsers
+from features.inputs import UserInputs, recent_matrix, user_stat_matrix
+from features.store import OnlineUsers
 from recsys.config import Config
 from recsys.events import Appended, Event, EventLog, open_event_log
-from recsys.index import CandidateIndex, IndexInfo, build_index
-from recsys.manifest import SnapshotError, check_vectors, read_published, verify
-from recsys.rerank import Candidates, Reranker
+from recsys.index import IndexInfo
+from recsys.manifest import SnapshotError
+from recsys.rerank import Candidates
+from serving.snapshot import CONTENT_ONLY, ModelBundle, Snapshot, _no_model
+
+__all__ = ["CONTENT_ONLY", "ModelBundle", "NoModelError", "NotReadyError", "Query", "RecommendResponse", "Recommendation",
+           "Recommender", "Snapshot", "UnknownItemError"]
 
 MODALITY_NAMES = ("text", "image", "audio", "video")
 
@@ -44,9 +44,6 @@ class NotReadyError(RuntimeError):
 
 class NoModelError(RuntimeError):
     """A two-tower answer was asked of a service that has only the catalog's embeddings (content only)."""
-
-
-CONTENT_ONLY = "content-only"  # the version name of a bundle with no trained model
 
 
 @dataclass
@@ -78,164 +75,6 @@ class RecommendResponse:
     timings_ms: dict[str, float] = field(default_factory=dict)
     reranked: bool = False  # whether the reranker ordered these (else: the retrieval order)
     fallback: str | None = None  # "popularity" (unknown user) or "request_history" (the request's recent items)
-
-
-@dataclass
-class ModelBundle:
-    """What one registered two-tower version needs online."""
-
-    version: str
-    run_id: str
-    user_tower: torch.nn.Module | None  # a torch.export program's module; None: content only (no trained model)
-    item_ids: list[str]
-    titles: list[str]
-    item_vectors: np.ndarray  # (n, vector_dim) item-tower outputs
-    content: np.ndarray  # (n, D) embedder vectors
-    known: np.ndarray  # (n,) ids the model was trained on
-    config: dict
-    reranker: Reranker | None
-    queries: np.ndarray  # (Q, vector_dim) user-tower outputs on validation users: what the index tunes on
-    source: str = "registry"  # or "published:<nightly run id>"
-    index_dir: Path | None = None  # a prebuilt index for these vectors (published by the nightly job)
-    artifacts: Path | None = None  # the registered run's files (the exported tower), where they were read from
-
-    @classmethod
-    def from_mlflow(cls, cfg: Config, alias: str | None = None, version: str | None = None,
-                    published: bool = True) -> "ModelBundle":
-        """The registered version (by alias, or ``version``); with ``published``, the nightly job's published
-        item vectors and index for that version replace the ones logged at training time."""
-        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-        import mlflow
-
-        mlflow.set_tracking_uri(cfg.tracking_uri)
-        client = mlflow.tracking.MlflowClient()
-        name = cfg.train.registered_model
-        mv = client.get_model_version(name, version) if version else \
-            client.get_model_version_by_alias(name, alias or cfg.serve.model_alias)
-        folder = Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="two_tower"))
-        if not (folder / "user_tower.pt2").exists():
-            raise FileNotFoundError(f"model {name} v{mv.version} has no exported user tower (retrain it)")
-        tower = torch.export.load(str(folder / "user_tower.pt2")).module()
-        arrays = np.load(folder / "item_vectors.npz", allow_pickle=False)
-        reranker = Reranker.load(folder / "reranker.joblib") if (folder / "reranker.joblib").exists() else None
-        queries = arrays["queries"] if "queries" in arrays.files else np.zeros((0, arrays["vectors"].shape[1]), np.float32)
-        bundle = cls(str(mv.version), mv.run_id, tower, arrays["ids"].tolist(), arrays["titles"].tolist(),
-                     arrays["vectors"], arrays["content"], arrays["known"],
-                     json.loads((folder / "two_tower.json").read_text()), reranker, queries, artifacts=folder)
-        if published:
-            bundle.use_published(cfg)
-        return bundle
-
-    @classmethod
-    def content_only(cls, cfg: Config) -> "ModelBundle":
-        """No registered model, only the catalog's embeddings (`recsys demo` on a catalog too sparse to train
-        on): the content vectors serve /search and content similarity; /recommend answers popularity."""
-        import polars as pl
-
-        from recsys.data import load_dataset
-
-        folder = cfg.workdir / "embeddings"
-        m = json.loads((folder / "manifest.json").read_text())
-        frame = pl.read_parquet(folder / "items.parquet")
-        ids = frame["item_id"].to_list()
-        vecs = np.stack(frame["vector"].to_list()).astype(np.float32)
-        catalog = load_dataset(cfg).catalog
-        title = dict(zip(catalog.ids, catalog.titles))
-        config = {"embedder": m["backend"], "embedder_version": m["model_version"], "dim": int(m["dim"]),
-                  "embedder_dim": int(m["dim"]), "item_input": m.get("item_input", "fused"), "tower": {"recent": 1}}
-        return cls(CONTENT_ONLY, "", None, ids, [title.get(i, i) for i in ids], vecs, vecs, np.zeros(len(ids), bool),
-                   config, None, np.zeros((0, vecs.shape[1]), np.float32), source="embeddings (no trained model)")
-
-    def use_published(self, cfg: Config) -> None:
-        """Take the item vectors and index the nightly job published for this model version, if any, once they
-        pass the manifest's checks (checksums, counts, finite vectors; SnapshotError otherwise)."""
-        m = read_published(cfg.workdir)
-        if m is None or not m.index or not m.model or str(m.model.get("version")) != self.version:
-            return
-        problems = verify(m, cfg.workdir, parts=("index",))
-        if problems:
-            raise SnapshotError(f"published run {m.run_id}", problems)
-        folder = cfg.workdir / m.index["path"]
-        fresh = np.load(folder / "item_vectors.npz", allow_pickle=False)
-        self.item_ids, self.titles = fresh["ids"].tolist(), fresh["titles"].tolist()
-        self.item_vectors, self.content, self.known = fresh["vectors"], fresh["content"], fresh["known"]
-        self.source, self.index_dir = f"published:{m.run_id}", folder
-
-
-@dataclass
-class Snapshot:
-    """One model version and everything derived from it, immutable once built."""
-
-    bundle: ModelBundle
-    repo: FeatureRepo
-    index: CandidateIndex  # two-tower space
-    content_index: CandidateIndex  # embedder space (similar items by content, /search)
-    item_stats: np.ndarray  # (n, 7) as of load time
-    modalities: np.ndarray  # (n, 4) bool
-    popular: np.ndarray  # catalog rows, most popular (last 30 days, then all time) first
-    index_of: dict[str, int]
-    content_table: np.ndarray  # (n + 1, D), last row zeros (padding)
-    known: np.ndarray  # (n + 1,)
-    loaded_at: float
-    recent: int
-
-    @property
-    def n_items(self) -> int:
-        return len(self.bundle.item_ids)
-
-    @property
-    def model(self) -> str:
-        return f"v{self.bundle.version}" if self.bundle.user_tower is not None else CONTENT_ONLY
-
-    @classmethod
-    def build(cls, cfg: Config, bundle: ModelBundle, repo: FeatureRepo | None = None,
-              item_stats: np.ndarray | None = None, modalities: np.ndarray | None = None) -> "Snapshot":
-        """Load item statistics once (one bulk online read), build or load both indexes."""
-        e = bundle.config
-        repo = repo or FeatureRepo(cfg, e["embedder"], e["embedder_version"], int(e["dim"]), name=cfg.serve.feature_repo)
-        now = time.time()
-        if item_stats is None:
-            items = repo.online_items(bundle.item_ids)
-            modalities = items.modalities.astype(bool)
-            item_stats = item_stat_matrix(items.pop_all, items.pop_30d, items.first_seen, now, modalities)
-        s = cfg.serve
-        if bundle.index_dir is not None and (bundle.index_dir / "items.faiss").exists():
-            index = CandidateIndex.load(bundle.index_dir, use_gpu=s.use_gpu)
-        else:
-            index = build_index(bundle.item_vectors, bundle.queries if len(bundle.queries) else None,
-                                kind=s.faiss_index, exact_below=s.exact_below, target_recall=s.target_recall,
-                                use_gpu=s.use_gpu)
-        content_index = index if bundle.user_tower is None else build_index(  # content only: one space
-            bundle.content, None, kind=s.faiss_index, exact_below=s.exact_below, target_recall=s.target_recall,
-            use_gpu=s.use_gpu)
-        problems = check_vectors(bundle.item_ids, bundle.item_vectors, "item vectors", dim=index.dim)
-        problems += check_vectors(bundle.item_ids, bundle.content, "content vectors")
-        if index.n != len(bundle.item_ids):
-            problems.append(f"index holds {index.n} items, the model {len(bundle.item_ids)}")
-        if len(bundle.queries) and bundle.queries.shape[1] != index.dim:
-            problems.append(f"the user tower's width {bundle.queries.shape[1]} is not the index's {index.dim}")
-        if problems:  # never swap in a snapshot that would answer wrongly
-            raise SnapshotError(f"model v{bundle.version} ({bundle.source})", problems)
-        popular = np.lexsort((-item_stats[:, 0], -item_stats[:, 1]))
-        if bundle.user_tower is not None:
-            _warm_up(bundle)
-        content_table = np.vstack([bundle.content, np.zeros((1, bundle.content.shape[1]), np.float32)]).astype(np.float32)
-        return cls(bundle, repo, index, content_index, item_stats.astype(np.float32), np.asarray(modalities, bool),
-                   popular, {i: r for r, i in enumerate(bundle.item_ids)}, content_table, np.append(bundle.known, False),
-                   now, int(bundle.config["tower"]["recent"]))
-
-
-def _no_model(exc: BaseException) -> bool:
-    """The registry has no such model or alias (MLflow's RESOURCE_DOES_NOT_EXIST)."""
-    return getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
-
-
-def _warm_up(bundle: ModelBundle) -> None:
-    """One forward pass before the snapshot goes live: the first request should not pay for lazy set-up."""
-    L, D = int(bundle.config["tower"]["recent"]), bundle.content.shape[1]
-    with torch.inference_mode():
-        bundle.user_tower(torch.zeros(1, D), torch.zeros(1, L, D), torch.zeros(1, L, dtype=torch.int64),
-                          torch.zeros(1, L, dtype=torch.bool), torch.zeros(1, L, dtype=torch.bool), torch.zeros(1, 3))
 
 
 class Recommender:
