@@ -123,7 +123,7 @@ class SearchPool:
                                 headers={"Retry-After": "1"}) from None
 
     def shutdown(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.pool.shutdown(wait=True, cancel_futures=True)  # joined: no semaphore left for the resource tracker
 
 
 def query_content(text: str | None, uploads: list[tuple[str, str, str, bytes]], cfg: Config):
