@@ -353,6 +353,11 @@ def run(args) -> dict:
     if "flood" in parts:
         out["flood"] = flood(wd)
     out["parts_rerun"] = parts
+    from benchmarks.run import _code_version
+
+    previous_code = json.loads(previous.read_text()).get("code") if previous.exists() else None
+    out["parts_code"] = {**{k: previous_code for k in ("steps", "overload", "reload", "flood") if k in out},
+                         **out.get("parts_code", {}), **{k: _code_version() for k in parts}}  # which commit each part ran
     out["load_generator"] = "wrk 4.1 (one thread) plus Python probe threads (httpx), on the same machine"
     from recsys.config import Config
 

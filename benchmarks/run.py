@@ -697,8 +697,10 @@ def render_nightly(blob: dict) -> list[str]:
 
 def render_load(blob: dict) -> list[str]:
     r = blob["results"]
-    out = [f"Load generator: {r['load_generator']}; its CPU (cores busy) is shown beside each figure. Serve settings: "
-           f"{r['serve_settings']}."]
+    out = [f"Load generator: {r['load_generator']}; its CPU (cores busy) is shown beside each figure. Serve settings "
+           f"(the demo work directory's configuration): {r['serve_settings']}."]
+    if r.get("parts_code"):
+        out[0] += " Code of each part: " + ", ".join(f"{k} {v}" for k, v in r["parts_code"].items()) + "."
     st = r.get("steps")
     if st:
         rows = {name: {x["connections"]: x for x in st[name]} for name in ("service_1_worker", "service_2_workers", "trivial_1_worker")}

@@ -19,6 +19,7 @@ from recsys.config import Config
 
 _CFG: Config | None = None
 _EMBEDDERS: dict = {}
+_MALLOC_TRIM = None  # glibc's malloc_trim, once looked up (False: not available)
 
 
 class QueryRefused(Exception):
@@ -93,6 +94,23 @@ def embed_query(text: str | None, uploads: list[tuple[str, str, str, bytes]], mo
         return _embedder(mode).embed([content], task="query", dim=dim)
     except EmbeddingError as exc:
         raise QueryRefused(422, f"the query could not be embedded: {exc}") from None
+    finally:
+        _trim()
+
+
+def _trim() -> None:
+    """Give the decoded media's memory back to the system after each query (glibc keeps freed memory otherwise:
+    the process grew by 230 MB during a flood of 170 s recordings)."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            import ctypes
+
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
 
 
 class SearchPool:
