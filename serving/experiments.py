@@ -17,7 +17,7 @@ import numpy as np
 
 from recsys.config import Config
 from recsys.events import log_spec
-from recsys.experiments.logs import LogWriter, as_utc, write_event_log_pointer
+from recsys.experiments.logs import LogWriter, as_utc, design_of, record_design, write_event_log_pointer
 from recsys.experiments.policy import assign, request_rng, softmax_sample, team_draft
 from serving.service import Query, RecommendResponse, Recommender
 
@@ -46,8 +46,10 @@ class ExperimentRouter:
             same = arm.version is None and alias == cfg.serve.model_alias
             self.arms[arm.name] = control if same else Recommender(cfg, alias=alias, version=arm.version)
         self.writer = LogWriter(cfg.experiment_logs, cfg.experiment.flush_rows, cfg.experiment.flush_s) if self.e.log else None
+        self.design_id = None
         if self.writer is not None:  # outcomes are the event log's events that quote a request id
             write_event_log_pointer(cfg.experiment_logs, log_spec(cfg))
+            self.design_id = record_design(cfg.experiment_logs, design_of(self.e))  # the shares the split uses
 
     @property
     def recommenders(self) -> list[Recommender]:
@@ -126,7 +128,7 @@ class ExperimentRouter:
             "scores": [float(i.score) for i in r.items], "propensities": s.propensities, "teams": s.teams,
             "pool_items": [i.item_id for i in pool.items] if pool is not None else None,
             "pool_scores": [float(i.score) for i in pool.items] if pool is not None else None,
-            "temperature": self.e.temperature if pool is not None else None})
+            "temperature": self.e.temperature if pool is not None else None, "design_id": self.design_id})
 
     def close(self) -> None:
         if self.writer is not None:

@@ -593,3 +593,52 @@ def test_the_app_factory_refuses_a_public_host_without_a_key(trained):
     r = subprocess.run([sys.executable, "-c", "from serving.app import app_from_env; app_from_env()"], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "refusing to listen on 0.0.0.0 without an API key" in r.stdout + r.stderr
+
+
+def _serve_once(cfg, users: list[str]) -> None:
+    """``uvicorn --factory`` on ``cfg``: one /recommend per user, then SIGTERM (the logs' last rows are written)."""
+    port = free_port()
+    env = {**os.environ, "RECSYS_API_KEYS": KEY, "RECSYS_SERVE_CONFIG": cfg.model_dump_json()}
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "serving.app:app_from_env", "--port", str(port),
+                             "--log-level", "warning"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, proc)
+        with httpx.Client(base_url=base, headers={"X-API-Key": KEY}, timeout=30) as c:
+            assert all(c.get(f"/recommend/{u}?k=5").status_code == 200 for u in users)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_experiment_logs_carry_their_design_so_an_unequal_split_reads_right_and_a_change_is_reported(trained, tmp_path):
+    """A 90/10 split served for real: the logs record the shares (the split check uses them, not equal shares), an
+    arm is listed whatever its size, a changed salt mid-run is reported, and a one-arm log is a clear error."""
+    from recsys.experiments.analysis import design_changes, load, srm, per_user
+    from recsys.experiments.report import write_report
+
+    logs = tmp_path / "logs"
+    exp = {"name": "ninety-ten", "salt": "s1", "log_dir": str(logs), "flush_s": 0.5,
+           "arms": [{"name": "control", "share": 0.9}, {"name": "small", "share": 0.1}]}
+    cfg = trained.model_copy(update={"experiment": trained.experiment.model_validate(exp)})
+    _serve_once(cfg, [f"visitor{i}" for i in range(400)])
+    d = load(logs)
+    assert d.shares == {"control": 0.9, "small": 0.1} and d.arms == ["control", "small"]
+    split = srm(per_user(d), d.shares)
+    assert split.ok and 20 < split.observed["small"] < 70, split  # about 40 of 400; equal shares would cry mismatch
+    assert not srm(per_user(d), {"control": 0.5, "small": 0.5}).ok
+    assert d.exposures["design_id"].n_unique() == 1 and design_changes(d) == []
+    report = write_report(d, tmp_path / "report").read_text()
+    assert "SAMPLE RATIO MISMATCH" not in report.upper() and "0.9" in report
+    cfg2 = cfg.model_copy(update={"experiment": cfg.experiment.model_copy(update={"salt": "s2"})})
+    _serve_once(cfg2, [f"visitor{i}" for i in range(400, 450)])
+    d = load(logs)
+    changes = design_changes(d)
+    assert len(changes) == 1 and "salt changed" in changes[0], changes
+    assert d.exposures["design_id"].n_unique() == 2
+    assert "the design changed mid-run" in write_report(d, tmp_path / "report2").read_text()
+    one = tmp_path / "one-arm"
+    _serve_once(trained.model_copy(update={"experiment": trained.experiment.model_validate(
+        {"log_dir": str(one), "flush_s": 0.5})}), ["u0001", "u0002"])
+    with pytest.raises(ValueError, match="one arm .* nothing to compare"):
+        write_report(load(one), tmp_path / "report3")

@@ -17,7 +17,7 @@ import numpy as np
 import polars as pl
 from scipy import stats
 
-from recsys.experiments.logs import read_logs
+from recsys.experiments.logs import read_designs, read_logs
 from recsys.experiments.policy import assign, inclusion_probs, request_rng
 
 SRM_ALPHA = 0.001  # the usual threshold: a split this unlikely is broken, whatever the metrics say
@@ -61,7 +61,22 @@ def load(folder: str | Path) -> ExperimentData:
         raise FileNotFoundError(f"no exposure log under {logs} (expected exposures/date=*/part-*.parquet)")
     read = lambda name: pl.read_parquet(root / name) if (root / name).exists() else None  # noqa: E731
     meta = json.loads((root / "simulation.json").read_text()) if (root / "simulation.json").exists() else {}
+    designs = read_designs(logs)
+    if designs and not meta.get("arms"):  # a service's logs: the design it recorded (shares, salt, mode)
+        last = designs[-1]
+        meta = {**meta, "name": last["experiment"] or root.name, "mode": last["mode"], "salt": last["salt"],
+                "temperature": last.get("temperature"), "arms": [{"name": a["name"], "share": a["share"]} for a in last["arms"]]}
+    meta["designs"] = designs
     return ExperimentData(root, exposures, read_logs(logs, "outcomes"), read("users.parquet"), read("items.parquet"), meta)
+
+
+def design_changes(d: ExperimentData) -> list[str]:
+    """Each time the recorded design changed while these logs were written, in words ([] when it never did)."""
+    out, designs = [], d.meta.get("designs") or []
+    for before, after in zip(designs, designs[1:]):
+        what = [k for k in ("experiment", "mode", "salt", "arms", "explore", "temperature") if before.get(k) != after.get(k)]
+        out.append(f"{after['since']}: {', '.join(what)} changed ({before['design_id']} -> {after['design_id']})")
+    return out
 
 
 # Per request and per user ---------------------------------------------------------------------------------

@@ -6,6 +6,9 @@ never waits on a disk.
     <logs>/outcomes/date=YYYY-MM-DD/part-<pid>-<n>-<uuid>.parquet   (logs from before the event log)
     <logs>/events.json   where the service's interaction event log is: its events that quote a request id are
                          the outcomes (recsys/events.py)
+    <logs>/designs.jsonl the experiment's design (name, mode, salt, arms and shares, exploration) each time the
+                         service started with a new one; every exposure row names its ``design_id``, so the
+                         analysis reads the shares the split was made with, and sees a design changed mid-run
 
 A part file appears complete or not at all (written to a temporary name, then renamed). Several worker
 processes write side by side (the pid is in the name). A full queue drops rows and counts them (``dropped``)
@@ -14,6 +17,7 @@ rather than block a request.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import queue
@@ -36,7 +40,9 @@ EXPOSURE_SCHEMA = {
     "pool_items": pl.List(pl.Utf8),  # exploration: the candidates it sampled from, with their scores
     "pool_scores": pl.List(pl.Float64),
     "temperature": pl.Float64,  # exploration's softmax temperature (null: greedy)
+    "design_id": pl.Utf8,  # the design (designs.jsonl) in force when the reply was made (null: older logs)
 }
+DESIGNS = "designs.jsonl"
 OUTCOME_SCHEMA = {
     "request_id": pl.Utf8, "ts": pl.Datetime("us", "UTC"), "user_id": pl.Utf8, "item_id": pl.Utf8,
     "event": pl.Utf8, "value": pl.Float64,
@@ -120,6 +126,38 @@ def as_utc(at: datetime | None) -> datetime:
     return at.replace(tzinfo=timezone.utc) if at.tzinfo is None else at.astimezone(timezone.utc)
 
 
+def design_of(e) -> dict:
+    """What decides who sees what (an ExperimentConfig): no experiment is one arm, ``control``, with everyone."""
+    arms = [{"name": a.name, "share": a.share, "alias": a.alias, "version": a.version} for a in e.arms] if e.name else \
+        [{"name": "control", "share": 1.0, "alias": None, "version": None}]
+    return {"experiment": e.name, "mode": e.mode if e.name else "none", "salt": e.salt if e.name else None, "arms": arms,
+            "explore": e.explore, "temperature": e.temperature if e.explore != "none" else None}
+
+
+def record_design(root: str | Path, design: dict) -> str:
+    """Append ``design`` to ``<root>/designs.jsonl`` unless it is the last one recorded; returns its id. One
+    short line appended in one write (O_APPEND): workers starting together cannot interleave their lines."""
+    design_id = hashlib.sha256(json.dumps(design, sort_keys=True).encode()).hexdigest()[:12]
+    known = read_designs(root)
+    if not known or known[-1]["design_id"] != design_id:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        line = json.dumps({"design_id": design_id, "since": datetime.now(timezone.utc).isoformat(), **design}) + "\n"
+        fd = os.open(Path(root) / DESIGNS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+    return design_id
+
+
+def read_designs(root: str | Path) -> list[dict]:
+    """The designs recorded beside the logs, oldest first ([] for logs from before design records)."""
+    path = Path(root) / DESIGNS
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def read_logs(root: str | Path, kind: str) -> pl.DataFrame:
     """Every part file of one kind (``exposures`` or ``outcomes``) as one frame (empty with the schema if none).
 
@@ -133,7 +171,7 @@ def read_logs(root: str | Path, kind: str) -> pl.DataFrame:
         frames.append(outcomes_from_events(json.loads((Path(root) / "events.json").read_text())))
     if not frames:
         return pl.DataFrame(schema=KINDS[kind])
-    return pl.concat(frames, how="vertical_relaxed").select(list(KINDS[kind]))
+    return pl.concat(frames, how="diagonal_relaxed").select(list(KINDS[kind]))  # older parts: fewer columns
 
 
 def outcomes_from_events(spec: dict) -> pl.DataFrame:

@@ -107,11 +107,21 @@ def write_report(d: A.ExperimentData, out: Path, control: str | None = None,
     control = control or arms[0]
     if control not in arms:
         raise ValueError(f"control arm {control!r} is not one of {arms}")
-    treatment = next(a for a in arms if a != control)
+    others = [a for a in arms if a != control]
+    if not others:
+        raise ValueError(f"these logs hold one arm ({control!r}: the service ran without an [experiment]), so there "
+                         "is nothing to compare; configure an [experiment] with two or more arms and serve with it")
+    treatment = others[0]
+    if d.meta.get("mode") == "interleave":
+        raise ValueError(f"these logs are an interleaved run of {arms}: pass them as --interleaving beside an A/B run")
     users = A.per_user(d)
     lines = [f"# Experiment report: {d.meta.get('name', d.folder.name)}", "",
              f"Logs: `{d.folder}`; {d.exposures.height:,} exposures (replies), {d.outcomes.height:,} outcomes, "
-             f"{users['user_id'].n_unique():,} users; arms {arms} (control {control!r}).", ""]
+             f"{users['user_id'].n_unique():,} users; arms {arms} (control {control!r}) at shares "
+             f"{d.shares}{' (recorded with the logs)' if d.meta.get('designs') else ''}.", ""]
+    for change in A.design_changes(d):
+        lines += [f"**Warning: the design changed mid-run** ({change}). The split check and the metrics mix "
+                  "periods served under different designs: read each period on its own.", ""]
     split = A.srm(users, d.shares)
     lines += ["## 1. Split check (sample-ratio mismatch)", "", str(split), ""]
     if not split.ok:
