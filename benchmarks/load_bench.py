@@ -29,22 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.serving_bench import _rss_mb, _tree, _wait_ready, demo_workdir
+from benchmarks.serving_bench import WRK_SCRIPT, _rss_mb, _tree, _wait_ready, demo_workdir
 
 KEY = "bench"
 STEPS = (1, 4, 16, 32, 64)
-WRK_SCRIPT = """
-math.randomseed(%(seed)d)
-request = function()
-  return wrk.format("GET", "/recommend/" .. math.random(1, 610) .. "?k=10", {["X-API-Key"] = "%(key)s"})
-end
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format("RESULT %%d %%d %%d %%d %%.3f %%.3f %%.3f %%.3f\\n", summary.requests, summary.duration,
-    e.connect + e.read + e.write + e.timeout, e.status, latency:percentile(50) / 1000, latency:percentile(99) / 1000,
-    latency.max / 1000, latency.mean / 1000))
-end
-"""
 
 
 def trivial_app():

@@ -138,9 +138,9 @@ request = function()
 end
 done = function(summary, latency, requests)
   local e = summary.errors
-  io.write(string.format("RESULT %%d %%d %%d %%d %%.3f %%.3f %%.3f\\n", summary.requests, summary.duration,
+  io.write(string.format("RESULT %%d %%d %%d %%d %%.3f %%.3f %%.3f %%.3f\\n", summary.requests, summary.duration,
     e.connect + e.read + e.write + e.timeout, e.status, latency:percentile(50) / 1000, latency:percentile(99) / 1000,
-    latency.max / 1000))
+    latency.max / 1000, latency.mean / 1000))
 end
 """
 
@@ -171,7 +171,7 @@ def wrk(base: str, connections: int, seconds: float, key: str = "bench", seed: i
     out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{int(seconds)}s", "--timeout", "5s", "-s", f.name, base],
                          capture_output=True, text=True).stdout
     line = next(x for x in out.splitlines() if x.startswith("RESULT"))
-    n, dur_us, socket_errors, status_errors, p50, p99, mx = line.split()[1:]
+    n, dur_us, socket_errors, status_errors, p50, p99, mx = line.split()[1:8]
     r = {"connections": connections, "seconds": seconds, "requests": int(n),
          "rps": round(int(n) / (int(dur_us) / 1e6), 1), "errors": int(socket_errors) + int(status_errors),
          "p50": float(p50), "p99": float(p99), "max": float(mx)}
