@@ -61,11 +61,7 @@ def synthetic_snapshot(cfg, n: int, seed: int = 0):
     repo_snap = Snapshot.build(cfg, ModelBundle.from_mlflow(cfg))  # the real store and statistics
     stats = np.vstack([repo_snap.item_stats[: min(n, real)], repo_snap.item_stats[base]])
     mods = np.vstack([repo_snap.modalities[: min(n, real)], repo_snap.modalities[base]])
-    popular = np.lexsort((-stats[:, 0], -stats[:, 1]))
-    table = np.vstack([content, np.zeros((1, content.shape[1]), np.float32)])
-    snap = Snapshot(bundle, repo_snap.repo, index, index, stats, mods, popular,
-                    {i: r for r, i in enumerate(bundle.item_ids)}, table, np.append(bundle.known, False), time.time(),
-                    int(bundle.config["tower"]["recent"]))
+    snap = Snapshot.assemble(bundle, repo_snap.repo, index, index, stats, mods, time.time())
     return snap, build_s
 
 

@@ -357,7 +357,7 @@ def create_app(cfg: Config, recommender: Recommender | None = None) -> FastAPI:
         body, content_type = metrics.render()
         return PlainTextResponse(body, media_type=content_type)
 
-    async def serve_recommendation(query: Query, at: datetime | None = None) -> Response:
+    async def serve_recommendation(query: RecommendQuery, at: datetime | None = None) -> Response:
         """One /recommend through the dynamic batcher (serving/batching.py), answered as JSON bytes built here:
         the reply is already typed (RecommendReply documents it), so FastAPI's re-validation is skipped."""
         check_k(query.k)

@@ -29,14 +29,11 @@ ERROR = "error.json"
 
 def save(snap, folder: Path) -> Path:
     """Write a built Snapshot's parts to ``folder`` (what :func:`load` reads)."""
-    from serving.snapshot import Snapshot
-
-    assert isinstance(snap, Snapshot)
     b = snap.bundle
     folder.mkdir(parents=True, exist_ok=True)
     np.savez(folder / ARRAYS, ids=np.array(b.item_ids), titles=np.array(b.titles), vectors=b.item_vectors,
              content=b.content, known=b.known, queries=b.queries, item_stats=snap.item_stats,
-             modalities=snap.modalities, popular=snap.popular)
+             modalities=snap.modalities)
     snap.index.save(folder / "index")
     snap.content_index.save(folder / "content")
     for name in ("user_tower.pt2", "reranker.joblib"):
@@ -55,7 +52,7 @@ def load(cfg: Config, folder: Path):
     from features.store import FeatureRepo
     from recsys.index import CandidateIndex
     from recsys.rerank import Reranker
-    from serving.snapshot import ModelBundle, Snapshot, _warm_up
+    from serving.snapshot import ModelBundle, Snapshot
 
     meta = json.loads((folder / META).read_text())
     a = np.load(folder / ARRAYS, allow_pickle=False)
@@ -65,13 +62,9 @@ def load(cfg: Config, folder: Path):
                          reranker, a["queries"], source=meta["source"])
     e = bundle.config
     repo = FeatureRepo(cfg, e["embedder"], e["embedder_version"], int(e["dim"]), name=cfg.serve.feature_repo)
-    _warm_up(bundle)
-    content = bundle.content.astype(np.float32)
-    return Snapshot(bundle, repo, CandidateIndex.load(folder / "index", use_gpu=cfg.serve.use_gpu),
-                    CandidateIndex.load(folder / "content", use_gpu=cfg.serve.use_gpu), a["item_stats"],
-                    a["modalities"].astype(bool), a["popular"], {i: r for r, i in enumerate(bundle.item_ids)},
-                    np.vstack([content, np.zeros((1, content.shape[1]), np.float32)]), np.append(bundle.known, False),
-                    float(meta["loaded_at"]), int(e["tower"]["recent"]))
+    return Snapshot.assemble(bundle, repo, CandidateIndex.load(folder / "index", use_gpu=cfg.serve.use_gpu),
+                             CandidateIndex.load(folder / "content", use_gpu=cfg.serve.use_gpu), a["item_stats"],
+                             a["modalities"], float(meta["loaded_at"]))
 
 
 def prepare_in_child(cfg: Config, alias: str | None, version: str | None, timeout_s: float = 1800):

@@ -26,7 +26,7 @@ from recsys.events import Appended, Event, EventLog, open_event_log
 from recsys.index import IndexInfo
 from recsys.manifest import SnapshotError
 from recsys.rerank import Candidates
-from serving.snapshot import CONTENT_ONLY, ModelBundle, Snapshot, _no_model
+from serving.snapshot import CONTENT_ONLY, ModelBundle, Snapshot, no_model_registered
 
 __all__ = ["CONTENT_ONLY", "ModelBundle", "NoModelError", "NotReadyError", "Query", "RecommendResponse", "Recommendation",
            "Recommender", "Snapshot", "UnknownItemError"]
@@ -92,8 +92,6 @@ class Recommender:
         self.last_load: dict | None = None  # where the last snapshot was built, and what it cost this process
         self.fallback: str | None = None  # why the snapshot in use is not the published state, if it is not
         self._reload_lock = threading.Lock()
-        self._embedder = None
-        self._embed_lock = threading.Lock()
         self._events: EventLog | None = None
         self._retired: Snapshot | None = None  # the snapshot the last reload replaced; closed at the next one
 
@@ -124,9 +122,9 @@ class Recommender:
                     snap = Snapshot.build(self.cfg, ModelBundle.from_mlflow(self.cfg, alias=alias, version=version))
                 self.fallback = None
             except Exception as exc:
-                if self.snapshot is not None or not (isinstance(exc, (SnapshotError, OSError)) or _no_model(exc)):
+                if self.snapshot is not None or not (isinstance(exc, (SnapshotError, OSError)) or no_model_registered(exc)):
                     raise  # keep serving what is in; the loader reports why
-                if _no_model(exc):  # nothing registered: the catalog's embeddings alone, if there are any
+                if no_model_registered(exc):  # nothing registered: the catalog's embeddings alone, if there are any
                     if not (self.cfg.workdir / "embeddings" / "manifest.json").exists():
                         raise
                     snap = Snapshot.build(self.cfg, ModelBundle.content_only(self.cfg))
@@ -292,20 +290,6 @@ class Recommender:
         snap = self.current()
         return (snap.bundle.config.get("item_input", "fused"),
                 int(snap.bundle.config.get("embedder_dim", snap.bundle.content.shape[1])))
-
-    def search(self, content, k: int) -> tuple[list[Recommendation], Snapshot]:
-        """A multimodal query (a Content), embedded here with the query task, over the catalog's content vectors
-        (the service embeds in its search process instead: serving/search.py)."""
-        from recsys.embed import item_embedder
-
-        mode, dim = self.query_space()
-        with self._embed_lock:
-            if self._embedder is None or getattr(self._embedder, "mode", "fused") != mode:
-                # no embedding cache for queries: every query would stay on disk, unbounded
-                cfg = self.cfg.model_copy(update={"embedder": self.cfg.embedder.model_copy(update={"cache": False})})
-                self._embedder = item_embedder(cfg, mode)
-            q = self._embedder.embed([content], task="query", dim=dim)
-        return self.search_vector(q, k)
 
     def search_vector(self, q: np.ndarray, k: int) -> tuple[list[Recommendation], Snapshot]:
         """The ``k`` items whose content vectors are nearest the (1, D) query vector ``q``."""

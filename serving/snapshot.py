@@ -163,16 +163,23 @@ class Snapshot:
             problems.append(f"the user tower's width {bundle.queries.shape[1]} is not the index's {index.dim}")
         if problems:  # never swap in a snapshot that would answer wrongly
             raise SnapshotError(f"model v{bundle.version} ({bundle.source})", problems)
-        popular = np.lexsort((-item_stats[:, 0], -item_stats[:, 1]))
+        return cls.assemble(bundle, repo, index, content_index, item_stats, modalities, now)
+
+    @classmethod
+    def assemble(cls, bundle: ModelBundle, repo: FeatureRepo, index: CandidateIndex, content_index: CandidateIndex,
+                 item_stats: np.ndarray, modalities: np.ndarray, loaded_at: float) -> "Snapshot":
+        """The snapshot of checked parts: what derives from them (popularity order, id -> row, the padded
+        content table) is computed here only, then one warm-up forward pass."""
         if bundle.user_tower is not None:
             _warm_up(bundle)
-        content_table = np.vstack([bundle.content, np.zeros((1, bundle.content.shape[1]), np.float32)]).astype(np.float32)
-        return cls(bundle, repo, index, content_index, item_stats.astype(np.float32), np.asarray(modalities, bool),
-                   popular, {i: r for r, i in enumerate(bundle.item_ids)}, content_table, np.append(bundle.known, False),
-                   now, int(bundle.config["tower"]["recent"]))
+        content = np.asarray(bundle.content, np.float32)
+        return cls(bundle, repo, index, content_index, np.asarray(item_stats, np.float32), np.asarray(modalities, bool),
+                   np.lexsort((-item_stats[:, 0], -item_stats[:, 1])), {i: r for r, i in enumerate(bundle.item_ids)},
+                   np.vstack([content, np.zeros((1, content.shape[1]), np.float32)]), np.append(bundle.known, False),
+                   loaded_at, int(bundle.config["tower"]["recent"]))
 
 
-def _no_model(exc: BaseException) -> bool:
+def no_model_registered(exc: BaseException) -> bool:
     """The registry has no such model or alias (MLflow's RESOURCE_DOES_NOT_EXIST)."""
     return getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
 

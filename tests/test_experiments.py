@@ -163,3 +163,30 @@ def test_off_policy_estimators_match_hand_computed_values():
     dm = terms["dm"].to_numpy()
     # DR = DM + weighted residuals; r1 adds nothing (weight 0), r2 adds 2 * (1 - r_hat(x))
     assert est["DR"] == pytest.approx(dm.mean() + (2 * (1 - terms["dm"][1])) / 2, abs=1e-9)
+
+
+def _record(args):
+    from recsys.experiments.logs import record_design
+
+    root, salt = args
+    return record_design(root, {"experiment": "e", "mode": "ab", "salt": salt,
+                                "arms": [{"name": "a", "share": 0.9}, {"name": "b", "share": 0.1}]})
+
+
+def test_workers_recording_the_design_at_once_leave_whole_lines_and_no_false_change(tmp_path):
+    """Every worker of a service records the design as it starts: 16 processes at once write only whole lines,
+    one id, and no 'design changed' report; a new salt afterwards is exactly one change."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from recsys.experiments.analysis import ExperimentData, design_changes
+    from recsys.experiments.logs import read_designs
+
+    with ProcessPoolExecutor(8) as pool:
+        ids = set(pool.map(_record, [(str(tmp_path), "s1")] * 16))
+    designs = read_designs(tmp_path)  # every line parses
+    assert len(ids) == 1 and 1 <= len(designs) <= 16 and {d["design_id"] for d in designs} == ids
+    meta = lambda: {"designs": read_designs(tmp_path)}  # noqa: E731
+    assert design_changes(ExperimentData(tmp_path, pl.DataFrame(), pl.DataFrame(), meta=meta())) == []
+    _record((str(tmp_path), "s2"))
+    changes = design_changes(ExperimentData(tmp_path, pl.DataFrame(), pl.DataFrame(), meta=meta()))
+    assert len(changes) == 1 and "salt changed" in changes[0], changes

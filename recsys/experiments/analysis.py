@@ -74,6 +74,8 @@ def design_changes(d: ExperimentData) -> list[str]:
     """Each time the recorded design changed while these logs were written, in words ([] when it never did)."""
     out, designs = [], d.meta.get("designs") or []
     for before, after in zip(designs, designs[1:]):
+        if before["design_id"] == after["design_id"]:  # workers starting together may each record the same one
+            continue
         what = [k for k in ("experiment", "mode", "salt", "arms", "explore", "temperature") if before.get(k) != after.get(k)]
         out.append(f"{after['since']}: {', '.join(what)} changed ({before['design_id']} -> {after['design_id']})")
     return out
