@@ -12,7 +12,7 @@ FAISS    := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 # The local CPU wheel of torch where this machine has one; otherwise uv picks the PyTorch build for the hardware.
 TORCH_SRC := $(if $(wildcard /opt/wheels/torch-2.13.0*),--find-links /opt/wheels,--torch-backend=auto)
 
-.PHONY: demo test bench env clean
+.PHONY: demo test test-fast bench env clean
 env: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -26,6 +26,11 @@ demo: env
 
 test: env
 	$(BIN)/python -m pytest -q tests
+
+# The development loop: unit and contract tests, no demo and no whole-stage runs (`-m "not slow"`); `make test`
+# (and CI) runs everything.
+test-fast: env
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 FSDD     ?= $(if $(wildcard $(SHARED)/fsdd/recordings),$(SHARED)/fsdd/recordings,)
 

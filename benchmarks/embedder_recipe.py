@@ -28,9 +28,9 @@ def image_path_ablation(workdir: Path, posters: str, steps: int = 400, val_every
     from recsys.data.movielens import load_movielens
     from recsys.embed.backbones import Backbones, Featurizer
     from recsys.embed.fusion import FusionConfig
-    from training import embedder_data as ed
-    from training.embedder import (EmbedderTrainConfig, FusionModule, _fit, evaluate_tasks, featurize_tasks,
-                                  init_from_data)
+    from recsys.embed import tasks as ed
+    from training.embedder import EmbedderTrainConfig, FusionModule, _fit, featurize_tasks, init_from_data
+    from training.embedder_eval import evaluate_tasks
 
     cfg = Config.load(None, workdir=str(workdir), data={"posters": posters})
     ds = load_movielens(posters=posters)

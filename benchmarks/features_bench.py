@@ -189,7 +189,6 @@ def online_latency(calls: int = 1000, candidates: int = 200) -> list[dict]:
 def pit_build() -> dict:
     """Point-in-time training set for all of ml-latest-small (100,836 labels), ASOF store vs Feast's stock
     DuckDB store (the stock one on a 5,000-label sample, extrapolated linearly, as it grows faster than linear)."""
-    import polars as pl
     import yaml
 
     from features.store import FeatureRepo

@@ -186,7 +186,8 @@ def bench_loo_shift(args) -> dict:
     from recsys.eval.baselines import EASE, Popularity
     from recsys.eval.evaluate import evaluate
     from recsys.eval.splits import make_split
-    from recsys.pipeline import aligned, kept_two_tower, load_item_vectors
+    from recsys.embed.catalog import aligned, load_item_vectors
+    from recsys.flows.saved import kept_two_tower
     from training.module import validate
 
     work = Path(args.workdir) / "demo"

@@ -13,8 +13,11 @@ from recsys.data import load_movielens
 from recsys.eval import make_split
 from recsys.eval.baselines import EASE, ContentKNN, ItemKNN, Popularity
 from recsys.eval.evaluate import evaluate, score_topk
-from recsys.pipeline import (ItemVectors, ProtocolRun, build_features, console, embed_catalog, item_input_candidates,
-                             protocol_vectors, results_json, results_table)
+from recsys.embed.catalog import embed_catalog, item_input_candidates, ItemVectors
+from recsys.eval.compare import ProtocolRun, results_json, results_table
+from recsys.eval.inputs import protocol_vectors
+from recsys.flows.features import build_features
+from recsys.progress import console
 
 ABLATION = {
     "in-batch only": {"logq_correction": False, "mixed_negatives": 0, "hard_negatives": 0},
@@ -61,7 +64,6 @@ def run(workdir: Path, posters: str | None = None, protocols=("loo", "cold", "te
         repo = build_features(base, ds, vectors, iv, split.train, name=protocol, materialize=False)
         idx = ds.catalog.index
         results = []
-        t0 = time.time()
         main = fit_two_tower(base, ds.catalog, split, repo, vectors, name="two-tower", rows_cache=cache)
         throughput[protocol] = {"examples": main.examples, "epochs": main.epochs, "train_s": round(main.seconds, 1),
                                 "epoch_s": round(main.seconds / max(main.epochs, 1), 1),
@@ -185,7 +187,7 @@ def train_variants(workdir: Path, variants: dict[str, dict], posters: str | None
         inputs: variant name -> its item vectors, one of ITEM_INPUTS (default "fused", the embedder's vectors of
             the whole item; "text-only": of its text parts alone; "concatenated": both side by side). Every
             input has the user tags limited to the protocol's training window; on COLD the variant's
-            ``cold_item_content`` says whether items are read without them (recsys.pipeline.protocol_vectors).
+            ``cold_item_content`` says whether items are read without them (recsys.eval.inputs.protocol_vectors).
         embedder_weights: a local-embedder weights folder to use instead of the installed one."""
     inputs = inputs or {}
     if bad := {v for v in inputs.values() if v not in ITEM_INPUTS}:
@@ -208,7 +210,7 @@ def train_variants(workdir: Path, variants: dict[str, dict], posters: str | None
         for name, over in variants.items():
             cfg = Config.load(None, workdir=str(workdir), train=over, embedder=emb)
             space = inputs.get(name, "fused")
-            key = space, cfg.train.cold_item_content if protocol == "cold" else None
+            key = space, cfg.train.cold.item_content if protocol == "cold" else None
             if key not in features:
                 pds, sv, vec = protocol_vectors(cfg, ds, all_inputs[space], split)
                 tag = "" if key[1] in (None, "new") else f"_{key[1]}"

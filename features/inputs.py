@@ -12,6 +12,8 @@ import polars as pl
 import torch
 
 from features.compute import item_stats, user_snapshots
+from recsys.content import KINDS
+from recsys.contract import ITEM_INPUTS, ITEM_STATS, USER_INPUTS, USER_STATS
 from recsys.data.types import Catalog
 
 DAY = 86400.0
@@ -22,13 +24,14 @@ class ItemInputs:
     """Item-tower inputs for N items. ``rows`` are catalog rows (the id table's index)."""
 
     content: np.ndarray  # (N, D) float32
-    stats: np.ndarray  # (N, 7) float32
+    stats: np.ndarray  # (N, len(ITEM_STATS)) float32
     rows: np.ndarray  # (N,) int64
     known: np.ndarray  # (N,) bool: the item had interactions when the model was trained (its id is usable)
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return (torch.from_numpy(self.content), torch.from_numpy(self.stats), torch.from_numpy(self.rows),
-                torch.from_numpy(self.known))
+        """The item tower's inputs in contract order (recsys.contract.ITEM_INPUTS)."""
+        named = {"content": self.content, "stats": self.stats, "ids": self.rows, "id_mask": self.known}
+        return tuple(torch.from_numpy(named[k]) for k in ITEM_INPUTS)
 
 
 @dataclass
@@ -38,31 +41,43 @@ class UserInputs:
     history: np.ndarray  # (N, D)
     recent_rows: np.ndarray  # (N, L) int64, padding = n_items
     recent_mask: np.ndarray  # (N, L) bool
-    stats: np.ndarray  # (N, 3)
+    stats: np.ndarray  # (N, len(USER_STATS))
+
+    @classmethod
+    def empty(cls, n: int, recent: int, dim: int, n_items: int) -> "UserInputs":
+        """``n`` users with no history, no recent items and zero statistics (warm-up passes, examples)."""
+        return cls(np.zeros((n, dim), np.float32), np.full((n, recent), n_items, np.int64), np.zeros((n, recent), bool),
+                   np.zeros((n, len(USER_STATS)), np.float32))
 
     def tensors(self, item_content: np.ndarray, known: np.ndarray) -> tuple[torch.Tensor, ...]:
-        """Gather the recent items' vectors from ``item_content`` (n_items + 1 rows, last = zeros)."""
-        rc = item_content[self.recent_rows]
-        id_mask = self.recent_mask & known[self.recent_rows]
-        return (torch.from_numpy(self.history), torch.from_numpy(rc), torch.from_numpy(self.recent_rows),
-                torch.from_numpy(self.recent_mask), torch.from_numpy(id_mask), torch.from_numpy(self.stats))
+        """The user tower's inputs in contract order (recsys.contract.USER_INPUTS), the recent items' vectors
+        gathered from ``item_content`` (n_items + 1 rows, last = zeros) and their id mask from ``known``."""
+        named = {"history": self.history, "recent_content": item_content[self.recent_rows], "recent_ids": self.recent_rows,
+                 "recent_mask": self.recent_mask, "recent_id_mask": self.recent_mask & known[self.recent_rows],
+                 "stats": self.stats}
+        return tuple(torch.from_numpy(named[k]) for k in USER_INPUTS)
 
 
 def item_stat_matrix(pop_all, pop_30d, first_seen_s, at_s, modalities) -> np.ndarray:
-    """(N, 7): log1p counts, log1p age in days (0 if never seen), modality flags."""
-    pop_all = np.asarray(pop_all, np.float64)
+    """(N, len(ITEM_STATS)), columns by name (recsys.contract): log1p counts, log1p age in days (0 if never
+    seen), modality flags."""
     first = np.asarray(first_seen_s, np.float64)
     age = np.where(first > 0, np.maximum(np.asarray(at_s, np.float64) - first, 0) / DAY, 0.0)
-    cols = [np.log1p(pop_all) / 5, np.log1p(np.asarray(pop_30d, np.float64)) / 5, np.log1p(age) / 8]
-    return np.column_stack([*cols, np.asarray(modalities, np.float64)]).astype(np.float32)
+    mods = np.asarray(modalities, np.float64).reshape(len(first), -1)
+    cols = {"log_pop_all": np.log1p(np.asarray(pop_all, np.float64)) / 5,
+            "log_pop_30d": np.log1p(np.asarray(pop_30d, np.float64)) / 5, "log_age_days": np.log1p(age) / 8,
+            **{f"has_{m}": mods[:, j] for j, m in enumerate(KINDS)}}
+    return np.column_stack([cols[k] for k in ITEM_STATS]).astype(np.float32)
 
 
 def user_stat_matrix(n, mean_value, first_seen_s, at_s) -> np.ndarray:
-    """(N, 3): log1p count, mean value / 5, log1p days since the first interaction."""
+    """(N, len(USER_STATS)), columns by name (recsys.contract): log1p count, mean value / 5, log1p days since
+    the first interaction."""
     first = np.asarray(first_seen_s, np.float64)
     days = np.where(first > 0, np.maximum(np.asarray(at_s, np.float64) - first, 0) / DAY, 0.0)
-    return np.column_stack([np.log1p(np.asarray(n, np.float64)) / 5, np.asarray(mean_value, np.float64) / 5,
-                            np.log1p(days) / 8]).astype(np.float32)
+    cols = {"log_n_interactions": np.log1p(np.asarray(n, np.float64)) / 5,
+            "mean_value": np.asarray(mean_value, np.float64) / 5, "log_days_since_first": np.log1p(days) / 8}
+    return np.column_stack([cols[k] for k in USER_STATS]).astype(np.float32)
 
 
 def recent_matrix(recent_ids: list, index: dict[str, int], length: int, n_items: int) -> tuple[np.ndarray, np.ndarray]:
@@ -147,7 +162,7 @@ class ItemStatsAsOf:
         self.starts = np.searchsorted(self.rows, np.arange(self.n + 1))
 
     def at(self, items: np.ndarray, t: float) -> np.ndarray:
-        """(len(items), 7) stats of ``items`` (catalog rows) as of time ``t`` (unix seconds)."""
+        """(len(items), len(ITEM_STATS)) stats of ``items`` (catalog rows) as of time ``t`` (unix seconds)."""
         items = np.asarray(items, np.int64)
         q = items * self.span + min(max(t - self.t0, 0.0), self.span - 1)
         j = np.searchsorted(self.keys, q, side="left") - 1

@@ -25,6 +25,7 @@ from features.compute import CATALOG_TIME, item_stats, user_seen, user_snapshots
 from features.definitions import Repository, repository
 from recsys.config import Config
 from recsys.data.types import Catalog
+from recsys.errors import FeatureValidationError
 
 TEMPLATE = Path(__file__).resolve().parent / "feature_store.yaml"
 ROW_GROUP = 10_000  # rows per parquet row group: what one streamed read holds in memory
@@ -51,16 +52,6 @@ def write_parquet(frame: pl.DataFrame, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # a reader (or a kill) never meets half a file
     pq.write_table(table.cast(schema), tmp, use_compliant_nested_type=False, row_group_size=ROW_GROUP)
     os.replace(tmp, path)
-
-
-class FeatureValidationError(ValueError):
-    """A batch was rejected before writing; ``ids`` names the offending entities."""
-
-    def __init__(self, what: str, problems: dict[str, list[str]]):
-        self.problems = problems
-        self.ids = sorted({i for ids in problems.values() for i in ids})
-        detail = "; ".join(f"{p}: {', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''} ({len(ids)})" for p, ids in problems.items())
-        super().__init__(f"{what}: batch rejected, nothing written ({detail})")
 
 
 def validate_vectors(ids: list[str], vectors: list | np.ndarray, dim: int, what: str) -> np.ndarray:
@@ -236,6 +227,10 @@ class FeatureRepo:
         if name not in self._registered:
             self._registered[name] = self.store.get_feature_view(name, allow_registry_cache=True)
         return self._registered[name]
+
+    def item_stats_snapshots(self) -> pl.DataFrame:
+        """Every item-statistics snapshot of the offline store (what features.inputs.ItemStatsAsOf reads)."""
+        return pl.read_parquet(self._path(self.views.item_stats))
 
     def _path(self, view) -> Path:
         return Path(view.batch_source.path)

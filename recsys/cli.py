@@ -1,16 +1,23 @@
-"""``recsys``: one verb per stage of the flow, plus the demo that runs them all.
+"""recsys: one verb per stage of the flow, plus the demo that runs them all.
 
-    recsys embed      catalog -> vectors (or --query / --image: an ad-hoc query -> nearest items)
-    recsys features   vectors + interactions -> Feast (offline parquet, online SQLite/Redis)
-    recsys train      two-tower per protocol + baselines, MLflow, registered model; prints the table
-    recsys index      FAISS index of the registered model's item vectors
-    recsys serve      the HTTP service
-    recsys evaluate   re-evaluate trained models and baselines (or `recsys evaluate embedder`)
-    recsys nightly    the nightly batch: re-embed changed items, refresh Feast, rebuild the index
-    recsys data check the data report: counts, distributions, which protocols this data can form
-    recsys simulate   replay a dataset's held-out period through the service as an online experiment
-    recsys experiment prepare (the simulation's arms) | report (tables and figures from the logs)
-    recsys demo       all of the above on ml-latest-small
+\b
+  demo                the whole flow on one work directory (ml-latest-small by default)
+  data check          the data report: counts, problems, which protocols this data can form
+  data example        write a small dataset in the generic format, to copy
+  embed               catalog -> item vectors (or --query/--image: an ad-hoc search)
+  features            item vectors + interactions -> Feast (offline parquet, online SQLite/Redis)
+  train               two-tower per protocol + baselines -> MLflow, the registered model, the table
+  train-embedder      train the local embedder's fusion model on paired data
+  evaluate models     score the kept two-tower checkpoints again beside the baselines
+  evaluate embedder   measure the embedder (cross-modal retrieval, Matryoshka, speed)
+  index               FAISS index of the registered model's item vectors
+  serve               the HTTP service (recommend, similar, search, interactions)
+  nightly             the nightly batch: embed changed items, refresh Feast, index, publish
+  simulate            replay the held-out period through the service as an online experiment
+  experiment prepare  train the simulation's arms and register them under aliases
+  experiment report   tables and figures from an experiment's logs
+
+Every verb takes --help; --debug shows the traceback of a user error.
 """
 
 from __future__ import annotations
@@ -22,7 +29,9 @@ from typing import Optional
 
 import typer
 
-from recsys.config import Config
+from recsys.cli_experiment import experiment_app, simulate
+from recsys.cli_options import (BackendOpt, ConfigOpt, DataOpt, DimOpt, EpochsOpt, PostersOpt, ProtocolsOpt, RedisOpt,
+                                SourceOpt, StoreOpt, UsersOpt, WorkdirOpt, _config)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, rich_markup_mode=None)
 
@@ -30,56 +39,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, rich
 @app.callback()
 def _root(debug: bool = typer.Option(False, "--debug", help="Show the traceback of a user error (also RECSYS_DEBUG=1).")):
     """Options for every verb (a user error prints one line and exits 2 unless --debug)."""
-
-ConfigOpt = typer.Option(None, "--config", "-c", help="TOML file with Config sections (see recsys/config.py).")
-WorkdirOpt = typer.Option(None, "--workdir", "-w", help="Where everything this run writes goes (default ./work).")
-PostersOpt = typer.Option(None, "--posters", help="MovieLens poster folder (<movieId>.jpg), attached as image parts.")
-DataOpt = typer.Option(None, "--data", help="Dataset folder: ml-latest-small layout, or the generic format with --source generic.")
-SourceOpt = typer.Option(None, "--source", help="movielens (default), generic or synthetic.")
-UsersOpt = typer.Option(None, "--max-users", help="Use only the first N users (a quick slice).")
-StoreOpt = typer.Option(None, "--online-store", help="sqlite (default) or redis.")
-RedisOpt = typer.Option(None, "--redis", help="Redis connection string, e.g. localhost:6390.")
-BackendOpt = typer.Option(None, "--embedder", help="local (default, offline) or gemini.")
-DimOpt = typer.Option(None, "--dim", help="Embedding dimension (Matryoshka prefix).")
-EpochsOpt = typer.Option(None, "--epochs", help="Two-tower max epochs.")
-ProtocolsOpt = typer.Option(None, "--protocols", help="Comma-separated: loo,cold,temporal.")
-
-
-def _config(config, workdir, posters=None, data=None, source=None, max_users=None, online_store=None, redis=None,
-            embedder=None, dim=None, epochs=None, protocols=None, quiet: bool = False) -> Config:
-    """The run's configuration: ``--config`` if given, else the one saved in the work directory by an earlier
-    demo or train (so every verb on a work directory uses the same dataset), else the defaults; options on the
-    command line override either. Says which dataset it is."""
-    saved = Path(workdir or "work") / "config.json"
-    base = None
-    if config is None and saved.exists():
-        try:
-            base = json.loads(saved.read_text())
-        except json.JSONDecodeError as exc:
-            from recsys.errors import DataError
-
-            raise DataError(f"{saved} is not valid JSON ({exc}); remove it or pass --config") from exc
-        if source and source != base.get("data", {}).get("source"):
-            base.pop("data", None)  # another dataset named on the command line: none of the saved one's paths
-    cfg = Config.load(
-        config, base=base,
-        workdir=str(workdir) if workdir else None,
-        data={"posters": posters, "path": data, "source": source, "max_users": max_users},
-        features={"online_store": online_store, "redis_connection": redis},
-        embedder={"backend": embedder, "dim": dim},
-        train={"max_epochs": epochs},
-        eval={"protocols": protocols.split(",") if protocols else None},
-    )
-    from recsys.quiet import silence
-
-    silence()
-    cfg.workdir.mkdir(parents=True, exist_ok=True)
-    if not quiet:
-        from recsys.data import describe_source
-
-        typer.echo(describe_source(cfg) + (f"  [configuration: {saved}]" if base is not None else
-                                            f"  [configuration: {config}]" if config else ""), err=True)
-    return cfg
 
 
 @app.command()
@@ -95,7 +54,8 @@ def embed(
     from recsys.content import Content, Part
     from recsys.data import load_dataset
     from recsys.embed import item_embedder
-    from recsys.pipeline import EmbeddingFailures, console, embed_catalog, load_item_vectors
+    from recsys.embed.catalog import embed_catalog, EmbeddingFailures, load_item_vectors
+    from recsys.progress import console
 
     cfg = _config(config, workdir, posters, data, source, embedder=embedder, dim=dim)
     if query or image:
@@ -127,7 +87,8 @@ def features(
 ):
     """Write item and user features to Feast and materialize them to the online store."""
     from recsys.data import load_dataset
-    from recsys.pipeline import aligned, build_features, load_item_vectors
+    from recsys.embed.catalog import aligned, load_item_vectors
+    from recsys.flows.features import build_features
 
     from recsys.events import open_event_log, with_events
 
@@ -149,15 +110,18 @@ def train(
     """Train the two-tower on each protocol, evaluate it beside the baselines, register the first protocol's
     model in MLflow under --alias, and print one comparison table."""
     from recsys.data import load_dataset
-    from recsys.pipeline import (aligned, console, feasible_protocols, item_input_candidates, load_item_vectors,
-                                 results_json, results_table, run_protocol, serve_features)
+    from recsys.embed.catalog import aligned, item_input_candidates, load_item_vectors
+    from recsys.eval.compare import results_json, results_table
+    from recsys.eval.inputs import feasible_protocols
+    from recsys.flows.features import serve_features
+    from recsys.flows.protocol import run_protocol
+    from recsys.progress import console
 
-    from recsys.pipeline import save_config
 
     from recsys.events import open_event_log, with_events
 
     cfg = _config(config, workdir, posters, data, source, max_users, epochs=epochs, protocols=protocols)
-    save_config(cfg)
+    cfg.save()
     iv = load_item_vectors(cfg)
     log = open_event_log(cfg)
     ds, n_events = with_events(aligned(load_dataset(cfg), iv), log)  # what the service accepted trains too
@@ -166,7 +130,7 @@ def train(
         console.print(f"event log: {n_events:,} interactions the service accepted")
     feasible = feasible_protocols(cfg, ds)
     if "cold" in feasible:  # brand-new items are embedded without their user tags
-        from recsys.pipeline import embed_catalog
+        from recsys.embed.catalog import embed_catalog
 
         iv.cold = embed_catalog(cfg, ds, cold=True, save=False)[0].cold
     candidates = item_input_candidates(cfg, ds, iv)
@@ -185,7 +149,7 @@ def index(config: Optional[Path] = ConfigOpt, workdir: Optional[Path] = WorkdirO
     """Build the candidate index of the registered model's item vectors (exact, or IVF tuned to the recall
     target above serve.exact_below items) and save it under <workdir>/index."""
     from recsys.index import build_index
-    from recsys.pipeline import console
+    from recsys.progress import console
     from serving.service import ModelBundle
 
     cfg = _config(config, workdir)
@@ -229,25 +193,31 @@ def serve(config: Optional[Path] = ConfigOpt, workdir: Optional[Path] = WorkdirO
     uvicorn.run("serving.app:app_from_env", factory=True, host=host, port=port, workers=workers, log_level="warning")
 
 
-@app.command()
-def evaluate(
-    what: str = typer.Argument("models", help="models (two-tower checkpoints + baselines) or embedder"),
+evaluate_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                           help="Evaluate again: the kept two-tower models, or the embedder.")
+app.add_typer(evaluate_app, name="evaluate")
+
+
+@evaluate_app.command("models")
+def evaluate_models(
     config: Optional[Path] = ConfigOpt, workdir: Optional[Path] = WorkdirOpt, posters: Optional[Path] = PostersOpt,
     data: Optional[Path] = DataOpt, source: Optional[str] = SourceOpt, protocols: Optional[str] = ProtocolsOpt,
-    fsdd: Optional[Path] = typer.Option(None, help="FSDD recordings folder (embedder evaluation)."),
 ):
-    """Evaluate: `models` re-runs the protocols from the saved checkpoints; `embedder` measures the embedder."""
-    cfg = _config(config, workdir, posters, data, source, protocols=protocols)
-    if what == "embedder":
-        from recsys.eval.embedder_report import run as run_embedder_eval
+    """Re-run the protocols from the checkpoints `recsys train` kept, beside popularity and EASE."""
+    from recsys.flows.saved import evaluate_saved
 
-        run_embedder_eval(cfg, fsdd=fsdd)
-        return
-    if what != "models":
-        raise typer.BadParameter("expected `models` or `embedder`")
-    from recsys.pipeline import evaluate_saved
+    evaluate_saved(_config(config, workdir, posters, data, source, protocols=protocols))
 
-    evaluate_saved(cfg)
+
+@evaluate_app.command("embedder")
+def evaluate_embedder(
+    config: Optional[Path] = ConfigOpt, workdir: Optional[Path] = WorkdirOpt, posters: Optional[Path] = PostersOpt,
+    fsdd: Optional[Path] = typer.Option(None, help="FSDD recordings folder (spoken digits)."),
+):
+    """Measure the embedder: cross-modal retrieval, Matryoshka prefixes, speed (recsys.eval.embedder_report)."""
+    from recsys.eval.embedder_report import run as run_embedder_eval
+
+    run_embedder_eval(_config(config, workdir, posters), fsdd=fsdd)
 
 
 @app.command()
@@ -276,7 +246,8 @@ def nightly(config: Optional[Path] = ConfigOpt, workdir: Optional[Path] = Workdi
 def train_embedder_cmd(
     config: Optional[Path] = ConfigOpt, workdir: Optional[Path] = WorkdirOpt, posters: Optional[Path] = PostersOpt,
     fsdd: Optional[Path] = typer.Option(None, help="FSDD recordings folder (spoken digits)."),
-    stage1_steps: int = typer.Option(600), stage2_steps: int = typer.Option(400),
+    stage1_steps: int = typer.Option(600, help="Stage 1 (alignment on real pairs): optimizer steps."),
+    stage2_steps: int = typer.Option(400, help="Stage 2 (multi-task with hard negatives): optimizer steps."),
     coengagement_share: float = typer.Option(0.5, help="Stage 2's share of batches from co-engagement pairs."),
     part_item_share: float = typer.Option(0.15, help="Stage 2's share of batches from one-part <-> whole-item pairs."),
     titles_without_posters: bool = typer.Option(False, help="Part-item pairs also for the titles of movies without a poster."),
@@ -295,9 +266,9 @@ def train_embedder_cmd(
     """Train the local embedder's fusion model (3 stages, then the modality-gap correction) on the paired data at
     hand; log to MLflow."""
     from recsys.data import load_dataset
-    from recsys.pipeline import console
+    from recsys.progress import console
     from training.embedder import EmbedderTrainConfig, correct_weights, install as install_weights, train_embedder
-    from training.embedder_data import build
+    from recsys.embed.tasks import build
 
     if from_weights is not None and not (from_weights / "manifest.json").exists():
         raise FileNotFoundError(f"--from-weights {from_weights}: no manifest.json there, so not a weights folder")
@@ -325,7 +296,8 @@ def demo(
     online_store: Optional[str] = StoreOpt, redis: Optional[str] = RedisOpt,
 ):
     """The main job: the whole flow (ml-latest-small with the embedded defaults, or --source/--data); prints
-    sample recommendations and two-tower vs popularity vs EASE on the LOO and COLD protocols."""
+    sample recommendations, the two-tower beside its baselines (popularity, EASE, SASRec, content kNN) on each
+    protocol, and the stage timings."""
     from recsys.flows.demo import run_demo
 
     cfg = _config(config, workdir, posters, data, source, max_users=max_users, epochs=epochs, protocols=protocols,
@@ -348,7 +320,7 @@ def data_check(
     why not). Exit 0 when the configured protocols can all be formed, 1 when some cannot, 2 when none can."""
     from recsys.data import load_dataset
     from recsys.data.check import check_dataset
-    from recsys.pipeline import console
+    from recsys.progress import console
 
     cfg = _config(config, workdir, posters, data, source, max_users=max_users)
     ds = load_dataset(cfg)
@@ -380,109 +352,8 @@ def data_example(
     typer.echo(f"wrote {folder}: items.jsonl ({items} items), interactions.csv ({users} users), {n_media} media files")
 
 
-experiment_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
-                              help="Online experiments: train the simulation's arms (prepare), read the logs (report).")
 app.add_typer(experiment_app, name="experiment")
-
-
-def _arms(spec: str):
-    """"champion=sim-champion,challenger=sim-challenger:0.3" -> ArmConfigs (alias, or vN for a version)."""
-    from recsys.config import ArmConfig
-
-    arms, shares_given = [], False
-    for chunk in [c.strip() for c in spec.split(",") if c.strip()]:
-        name, sep, target = chunk.partition("=")
-        if not sep or not name or not target:
-            raise typer.BadParameter(f"arm {chunk!r}: expected name=alias (or name=vN, optionally :share)", param_hint="--arms")
-        target, _, share = target.partition(":")
-        shares_given |= bool(share)
-        version = target[1:] if target[:1] == "v" and target[1:].isdigit() else None
-        arms.append(ArmConfig(name=name, alias=None if version else target, version=version,
-                              share=float(share) if share else 1.0))
-    if len(arms) < 2:
-        raise typer.BadParameter("an experiment needs two arms or more", param_hint="--arms")
-    if not shares_given:
-        for a in arms:
-            a.share = 1.0 / len(arms)
-    return arms
-
-
-@experiment_app.command("prepare")
-def experiment_prepare(
-    config: Optional[Path] = ConfigOpt, workdir: Optional[Path] = WorkdirOpt, posters: Optional[Path] = PostersOpt,
-    data: Optional[Path] = DataOpt, source: Optional[str] = SourceOpt, max_users: Optional[int] = UsersOpt,
-    epochs: Optional[int] = EpochsOpt,
-    challenger: list[str] = typer.Option(["train.id_embeddings=true"], help="section.field=value overrides that make the challenger (repeatable)."),
-    split: str = typer.Option("holdout", help="holdout (each user's last eval.holdout_share of interactions) or temporal (a global time cut)."),
-):
-    """Train the simulation's two arms on the interactions before the held-out period only (so it is really
-    unseen) and register them as @sim-champion and @sim-challenger; `recsys simulate` replays that period."""
-    from recsys.flows.simulate import prepare
-
-    cfg = _config(config, workdir, posters, data, source, max_users=max_users, epochs=epochs)
-    try:
-        prepare(cfg, challenger, split)
-    except ValueError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2)
-
-
-@app.command()
-def simulate(
-    config: Optional[Path] = ConfigOpt, workdir: Optional[Path] = WorkdirOpt, posters: Optional[Path] = PostersOpt,
-    data: Optional[Path] = DataOpt, source: Optional[str] = SourceOpt, max_users: Optional[int] = UsersOpt,
-    name: str = typer.Option("ab", help="The run's name: logs go to <workdir>/experiments/<name>/logs."),
-    arms: str = typer.Option("champion=sim-champion,challenger=sim-challenger",
-                             help="name=alias (or name=vN), comma-separated, each optionally :share; equal shares by default. "
-                                  "An A/A run names one alias twice."),
-    mode: str = typer.Option("ab", help="ab, or interleave (team draft of the first two arms in each reply)."),
-    explore: str = typer.Option("none", help="none, or softmax (sample the shown list; log propensities)."),
-    temperature: float = typer.Option(0.05, help="Softmax temperature of the exploration."),
-    k: int = typer.Option(10, help="Items per reply."),
-    eta: float = typer.Option(0.0, help="Position bias of the click model: P(click | relevant) = (1/position)^eta."),
-    seed: int = typer.Option(0, help="Seed of the click model's draws."),
-    salt: Optional[str] = typer.Option(None, help="Assignment salt (default: sim-<name>)."),
-    sim_users: Optional[int] = typer.Option(None, help="Replay only the first N arriving users."),
-    url: Optional[str] = typer.Option(None, help="Drive this running service instead of starting one."),
-):
-    """Replay the dataset's held-out period (the split `experiment prepare` trained the arms for) through the
-    real service as an online experiment: users arrive at their real times, engage with shown items they
-    really went on to use."""
-    from recsys.flows.simulate import simulate as run_simulation
-
-    if mode not in ("ab", "interleave") or explore not in ("none", "softmax"):
-        raise typer.BadParameter("mode is ab or interleave; explore is none or softmax")
-    cfg = _config(config, workdir, posters, data, source, max_users=max_users)
-    run = run_simulation(cfg, name, _arms(arms), mode=mode, explore=explore, temperature=temperature, k=k, eta=eta,
-                         seed=seed, salt=salt, max_users=sim_users, url=url)
-    raise typer.Exit(1 if run.errors else 0)
-
-
-@experiment_app.command("report")
-def experiment_report(
-    logs: Path = typer.Option(..., "--logs", help="An experiment folder (<workdir>/experiments/<name>) or its logs/ folder."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Where report.md and its figures go (default: <logs>/report)."),
-    control: Optional[str] = typer.Option(None, help="The control arm (default: the first)."),
-    interleaving: Optional[Path] = typer.Option(None, help="An interleaved run of the same arms (adds the users-needed comparison)."),
-    off_policy: Optional[Path] = typer.Option(None, "--off-policy", help="A run with exploration (adds IPS / SNIPS / DR)."),
-    truth: Optional[Path] = typer.Option(None, help="A greedy run of the target policy: the off-policy estimates' ground truth."),
-):
-    """Write a markdown report with figures: split check, per-arm metrics, differences with intervals, CUPED,
-    segments, A/A calibration, power; optionally interleaving and off-policy estimates."""
-    from recsys.experiments.analysis import load
-    from recsys.experiments.report import write_report
-    from recsys.quiet import silence
-
-    silence()
-    try:
-        d = load(logs)
-        path = write_report(d, out or d.folder / "report", control=control,
-                            interleaved=load(interleaving) if interleaving else None,
-                            explored=load(off_policy) if off_policy else None, truth=load(truth) if truth else None)
-    except (FileNotFoundError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2)
-    typer.echo(f"report: {path}")
+app.command()(simulate)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -89,6 +89,25 @@ def _listed(v) -> list:
     return list(v) if isinstance(v, list) else [v]
 
 
+class ColdOverrides(_Section):
+    """``[train.cold]``: what the two-tower does differently on the COLD protocol, where every test item is new."""
+
+    # COLD's id_dropout: every test item there is new (no id, no statistics), so by default every training example
+    # hides them too and the item tower learns to score from content alone (no id table is then screened: it
+    # would never train). Validation NDCG@10 rose with it for every item input (`python -m benchmarks.run cold-content`).
+    id_dropout: float = Field(1.0, ge=0.0, le=1.0)
+    # COLD's content_match: content is all a cold item has, and the towers' 64-wide output does not carry all of the
+    # embedder's similarity; with it COLD validation NDCG@10 rose for every item input
+    # (`python -m benchmarks.run content-match`); on LOO it fell (`content-match-loo`).
+    content_match: bool = True
+    # The item content the two-tower trains on. "new": every item as a brand-new item looks (its own content, no
+    # user-derived parts such as MovieLens tags), which is all a cold item has, so the item tower learns on the
+    # inputs it is scored with; "full": with the user tags of the training window (cold items still without).
+    # Tagged items are the popular ones, so under "full" the towers learn tag-bearing vectors and meet none at test
+    # (`python -m benchmarks.run cold-content`).
+    item_content: Literal["new", "full"] = "new"
+
+
 class TrainConfig(_Section):
     """The Lightning two-tower head (see training/)."""
 
@@ -106,19 +125,11 @@ class TrainConfig(_Section):
     # rows start at std 0.02); chosen on LOO validation among 5e-5, 1e-3, 5e-3, 1e-2 (`python -m benchmarks.run id-lr`)
     id_lr: float | None = 5e-3
     id_dropout: float = 0.5  # share of examples whose item id / stats are hidden (cold-start training); LOO, TEMPORAL
-    # COLD's id_dropout: every test item there is new (no id, no statistics), so by default every training example
-    # hides them too and the item tower learns to score from content alone (no id table is then screened: it
-    # would never train). Validation NDCG@10 rose with it for every item input (`python -m benchmarks.run cold-content`).
-    cold_id_dropout: float = Field(1.0, ge=0.0, le=1.0)
     user_encoder: Literal["attention", "sequential"] = "attention"  # how the user tower reads recent items
     # Add the embedder's own similarity, cos(user history, item content), with a learned weight to the towers'
     # score (training/towers.py: TowerConfig.content_match); the vectors served grow by the content width (65 -> 577
-    # for the concatenated input). LOO, TEMPORAL; COLD reads cold_content_match.
+    # for the concatenated input). LOO, TEMPORAL; COLD reads cold.content_match.
     content_match: bool = False
-    # COLD's content_match: content is all a cold item has, and the towers' 64-wide output does not carry all of the
-    # embedder's similarity; with it COLD validation NDCG@10 rose for every item input
-    # (`python -m benchmarks.run content-match`); on LOO it fell (`content-match-loo`).
-    cold_content_match: bool = True
     # The newest k recent items also enter the user tower each in its own slot, not only pooled. A list: the
     # pipeline screens the values jointly with the item inputs on validation and keeps the best (select_epochs
     # fits: every input with the first value, the better half of the inputs with the others), because the
@@ -127,12 +138,6 @@ class TrainConfig(_Section):
     # (benchmarks, `fit_two_tower`) reads a list's first value.
     newest_items: int | list[int] = [0, 1]
     newest_skip: bool = False  # a linear path from the newest item's content to the user vector
-    # COLD: the item content the two-tower trains on. "new": every item as a brand-new item looks (its own
-    # content, no user-derived parts such as MovieLens tags), which is all a cold item has, so the item tower
-    # learns on the inputs it is scored with; "full": with the user tags of the training window (cold items
-    # still without). Tagged items are the popular ones, so under "full" the towers learn tag-bearing vectors
-    # and meet none at test (`python -m benchmarks.run cold-content`).
-    cold_item_content: Literal["new", "full"] = "new"
     max_epochs: int = 10
     # With several item inputs (embedder.item_input auto), each is first trained this many epochs; only the
     # best on validation NDCG@10 then continues to max_epochs (successive halving). 0: train each fully.
@@ -159,6 +164,20 @@ class TrainConfig(_Section):
     num_nodes: int = 1
     num_workers: int = 0
     registered_model: str = "recsys-two-tower"
+    cold: ColdOverrides = Field(default_factory=ColdOverrides)  # [train.cold]: the COLD protocol's overrides
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cold_keys(cls, data):
+        """The former flat names (``cold_id_dropout``, ``cold_content_match``, ``cold_item_content``: saved
+        configurations and TOML files from before ``[train.cold]``) are read into it."""
+        if isinstance(data, dict) and any(k.startswith("cold_") for k in data):
+            data = dict(data)
+            cold = dict(data.get("cold") or {})
+            for k in [k for k in data if k.startswith("cold_")]:
+                cold[k.removeprefix("cold_")] = data.pop(k)
+            data["cold"] = cold
+        return data
 
     @field_validator("newest_items")
     @classmethod
@@ -194,13 +213,13 @@ class TrainConfig(_Section):
         return _listed(self.id_embeddings)
 
     def for_protocol(self, protocol: str) -> "TrainConfig":
-        """The settings a fit on ``protocol`` trains with: COLD hides ids and statistics for ``cold_id_dropout``
+        """The settings a fit on ``protocol`` trains with: COLD hides ids and statistics for ``cold.id_dropout``
         of the examples, the others for ``id_dropout`` (with every one hidden there is no id table to learn), and
-        COLD adds the content match when ``cold_content_match``, the others when ``content_match``."""
+        COLD adds the content match when ``cold.content_match``, the others when ``content_match``."""
         if protocol != "cold":
             return self
-        update = {"id_dropout": self.cold_id_dropout, "content_match": self.cold_content_match}
-        update |= {"id_embeddings": False} if self.cold_id_dropout >= 1.0 else {}
+        update = {"id_dropout": self.cold.id_dropout, "content_match": self.cold.content_match}
+        update |= {"id_embeddings": False} if self.cold.id_dropout >= 1.0 else {}
         return self.model_copy(update=update)
 
 
@@ -366,9 +385,20 @@ class Config(_Section):
     def models_dir(self) -> Path:
         return self.workdir / "models"
 
+    def save(self) -> Path:
+        """The run's configuration next to its results (``<workdir>/config.json``: later verbs on the work
+        directory and the A/B notebook reload it)."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        path = self.workdir / "config.json"
+        path.write_text(self.model_dump_json(indent=2))
+        return path
+
     def with_train(self, **updates) -> "Config":
-        """A copy with ``train`` fields replaced (e.g. one screened ``newest_items`` value)."""
-        return self.model_copy(update={"train": self.train.model_copy(update=updates)})
+        """A copy with ``train`` fields replaced (e.g. one screened ``newest_items`` value; ``cold_<field>`` sets
+        ``cold.<field>``), validated."""
+        train = TrainConfig.model_validate({**self.train.model_dump(exclude={"cold"}), "cold": self.train.cold.model_dump(),
+                                            **updates})
+        return self.model_copy(update={"train": train})
 
     def with_item_input(self, mode: str) -> "Config":
         """A copy whose ``embedder.item_input`` is ``mode`` (recsys.embed.item_input)."""

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from recsys.contract import ITEM_STATS, user_stat
+
 FEATURES = ("retrieval_score", "retrieval_rank", "log_pop_all", "log_pop_30d", "log_age", "content_sim",
             "user_log_n", "has_image", "has_audio", "has_video")
 
@@ -26,8 +28,8 @@ class Candidates:
     """Candidates for U users, N each.
 
     rows/scores: (U, N) catalog rows (-1 = empty slot) and retrieval scores, best first.
-    user_history: (U, D) history vectors in the embedder's space; user_stats: (U, 3) (see features.inputs).
-    item_stats: (U, N, 7) the candidates' statistics as of query time; item_content: (U, N, D) their vectors.
+    user_history: (U, D) history vectors in the embedder's space; user_stats: (U, len(USER_STATS)).
+    item_stats: (U, N, len(ITEM_STATS)) the candidates' statistics (columns: recsys.contract) as of query time; item_content: (U, N, D) their vectors.
     """
 
     rows: np.ndarray
@@ -39,7 +41,7 @@ class Candidates:
 
     @classmethod
     def gather(cls, rows, scores, user_history, user_stats, stats_table: np.ndarray, content_table: np.ndarray) -> "Candidates":
-        """Build from catalog-wide tables (n_items, 7) and (n_items, D)."""
+        """Build from catalog-wide tables (n_items, len(ITEM_STATS)) and (n_items, D)."""
         r = np.where(rows >= 0, rows, 0)
         return cls(rows, scores, user_history, user_stats, stats_table[r], content_table[r])
 
@@ -52,8 +54,11 @@ class Candidates:
         U, N = self.rows.shape
         st = self.item_stats
         sim = np.einsum("und,ud->un", self.item_content, self.user_history)
-        cols = [self.scores, np.broadcast_to(np.arange(N) / N, (U, N)), st[..., 0], st[..., 1], st[..., 2], sim,
-                np.broadcast_to(self.user_stats[:, :1], (U, N)), st[..., 4], st[..., 5], st[..., 6]]
+        col = {name: st[..., j] for j, name in enumerate(ITEM_STATS)}
+        user_n = self.user_stats[:, user_stat("log_n_interactions")][:, None]
+        cols = [self.scores, np.broadcast_to(np.arange(N) / N, (U, N)), col["log_pop_all"], col["log_pop_30d"],
+                col["log_age_days"], sim, np.broadcast_to(user_n, (U, N)), col["has_image"], col["has_audio"],
+                col["has_video"]]
         x = np.stack(cols, -1).astype(np.float32)
         x[self.rows < 0] = 0
         x[~np.isfinite(x)] = 0

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from recsys import contract
 from recsys.config import Config
 from recsys.manifest import SnapshotError
 
@@ -36,7 +37,7 @@ def save(snap, folder: Path) -> Path:
              modalities=snap.modalities)
     snap.index.save(folder / "index")
     snap.content_index.save(folder / "content")
-    for name in ("user_tower.pt2", "reranker.joblib"):
+    for name in (contract.USER_TOWER_FILE, contract.RERANKER_FILE):
         if b.artifacts is not None and (b.artifacts / name).exists():
             shutil.copy(b.artifacts / name, folder / name)
     (folder / META).write_text(json.dumps({"version": b.version, "run_id": b.run_id, "config": b.config,
@@ -56,8 +57,9 @@ def load(cfg: Config, folder: Path):
 
     meta = json.loads((folder / META).read_text())
     a = np.load(folder / ARRAYS, allow_pickle=False)
-    reranker = Reranker.load(folder / "reranker.joblib") if (folder / "reranker.joblib").exists() else None
-    bundle = ModelBundle(meta["version"], meta["run_id"], torch.export.load(str(folder / "user_tower.pt2")).module(),
+    reranker_file = folder / contract.RERANKER_FILE
+    reranker = Reranker.load(reranker_file) if reranker_file.exists() else None
+    bundle = ModelBundle(meta["version"], meta["run_id"], torch.export.load(str(folder / contract.USER_TOWER_FILE)).module(),
                          a["ids"].tolist(), a["titles"].tolist(), a["vectors"], a["content"], a["known"], meta["config"],
                          reranker, a["queries"], source=meta["source"])
     e = bundle.config

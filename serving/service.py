@@ -22,16 +22,18 @@ from features.compute import history_sums
 from features.inputs import UserInputs, recent_matrix, user_stat_matrix
 from features.store import OnlineUsers
 from recsys.config import Config
+from recsys.content import KINDS
 from recsys.events import Appended, Event, EventLog, open_event_log
 from recsys.index import IndexInfo
 from recsys.manifest import SnapshotError
 from recsys.rerank import Candidates
-from serving.snapshot import CONTENT_ONLY, ModelBundle, Snapshot, no_model_registered
+from recsys.registry import no_model_registered
+from serving.snapshot import CONTENT_ONLY, LAST_30D, ModelBundle, Snapshot
 
 __all__ = ["CONTENT_ONLY", "ModelBundle", "NoModelError", "NotReadyError", "Query", "RecommendResponse", "Recommendation",
            "Recommender", "Snapshot", "UnknownItemError"]
 
-MODALITY_NAMES = ("text", "image", "audio", "video")
+MODALITY_NAMES = KINDS  # the order of the catalog's modality flags
 
 
 class UnknownItemError(KeyError):
@@ -259,8 +261,8 @@ class Recommender:
         allowed = np.ones(snap.n_items, bool)
         allowed[list(skip)] = False
         rows = snap.popular[allowed[snap.popular]][:self._k(q)].tolist()
-        out = [Recommendation(snap.bundle.item_ids[r], snap.bundle.titles[r], float(snap.item_stats[r, 1]),
-                              float(snap.item_stats[r, 1])) for r in rows]
+        out = [Recommendation(snap.bundle.item_ids[r], snap.bundle.titles[r], float(snap.item_stats[r, LAST_30D]),
+                              float(snap.item_stats[r, LAST_30D])) for r in rows]
         return RecommendResponse(q.user_id, out, known, model, {**timings, "total_ms": (time.perf_counter() - t0) * 1000},
                                  False, fallback="popularity")
 
@@ -274,13 +276,8 @@ class Recommender:
             raise NoModelError("no two-tower model is trained on this catalog (content only): use space=content")
         index, vectors = (snap.content_index, snap.bundle.content) if space == "content" else (snap.index, snap.bundle.item_vectors)
         q = vectors[r:r + 1].astype(np.float32)
-        if space != "content":  # the last coordinate is the item's bias; the query side is the unit part + 1
-            q = q.copy()
-            tower = snap.bundle.config["tower"]
-            q[0, -1] = 1.0 if tower.get("item_bias", True) else q[0, -1]
-            if tower.get("content_match"):  # its content block weighs as a user's history block does
-                o = tower["out_dim"]
-                q[0, o:o + tower["content_dim"]] *= snap.bundle.config["content_match_weight"]  # logged with it
+        if space != "content":  # an item's vector as a query: the layout (recsys.contract) says how
+            q = snap.bundle.layout.item_as_query(q, snap.bundle.config.get("content_match_weight", 1.0))
         scores, rows = index.search(q, k, exclude=[{r}])
         return [Recommendation(snap.bundle.item_ids[j], snap.bundle.titles[j], float(s), float(s))
                 for s, j in zip(scores[0], rows[0]) if j >= 0], snap

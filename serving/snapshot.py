@@ -9,7 +9,6 @@ registered model, a bundle can be the catalog's embeddings alone (content only).
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,14 +16,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from features.inputs import item_stat_matrix
+from features.inputs import UserInputs, item_stat_matrix
 from features.store import FeatureRepo
+from recsys import contract
 from recsys.config import Config
 from recsys.index import CandidateIndex, build_index
 from recsys.manifest import SnapshotError, check_vectors, read_published, verify
+from recsys.registry import read_registered
 from recsys.rerank import Reranker
 
 CONTENT_ONLY = "content-only"  # the version name of a bundle with no trained model
+ALL_TIME, LAST_30D = contract.item_stat("log_pop_all"), contract.item_stat("log_pop_30d")  # popularity columns
 
 
 @dataclass
@@ -46,29 +48,24 @@ class ModelBundle:
     index_dir: Path | None = None  # a prebuilt index for these vectors (published by the nightly job)
     artifacts: Path | None = None  # the registered run's files (the exported tower), where they were read from
 
+    @property
+    def layout(self) -> contract.VectorLayout:
+        """How the item and user vectors are laid out (recsys.contract); a content-only bundle has none."""
+        if self.user_tower is None:
+            raise ValueError("a content-only bundle has no two-tower vectors")
+        return contract.VectorLayout.from_tower(self.config["tower"])
+
     @classmethod
     def from_mlflow(cls, cfg: Config, alias: str | None = None, version: str | None = None,
                     published: bool = True) -> "ModelBundle":
         """The registered version (by alias, or ``version``); with ``published``, the nightly job's published
         item vectors and index for that version replace the ones logged at training time."""
-        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-        import mlflow
-
-        mlflow.set_tracking_uri(cfg.tracking_uri)
-        client = mlflow.tracking.MlflowClient()
-        name = cfg.train.registered_model
-        mv = client.get_model_version(name, version) if version else \
-            client.get_model_version_by_alias(name, alias or cfg.serve.model_alias)
-        folder = Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="two_tower"))
-        if not (folder / "user_tower.pt2").exists():
-            raise FileNotFoundError(f"model {name} v{mv.version} has no exported user tower (retrain it)")
-        tower = torch.export.load(str(folder / "user_tower.pt2")).module()
-        arrays = np.load(folder / "item_vectors.npz", allow_pickle=False)
-        reranker = Reranker.load(folder / "reranker.joblib") if (folder / "reranker.joblib").exists() else None
-        queries = arrays["queries"] if "queries" in arrays.files else np.zeros((0, arrays["vectors"].shape[1]), np.float32)
-        bundle = cls(str(mv.version), mv.run_id, tower, arrays["ids"].tolist(), arrays["titles"].tolist(),
-                     arrays["vectors"], arrays["content"], arrays["known"],
-                     json.loads((folder / "two_tower.json").read_text()), reranker, queries, artifacts=folder)
+        reg = read_registered(cfg, alias, version)
+        a = reg.arrays()
+        reranker_file = reg.file(contract.RERANKER_FILE)
+        bundle = cls(reg.version, reg.run_id, reg.user_tower(), a["ids"].tolist(), a["titles"].tolist(), a["vectors"],
+                     a["content"], a["known"], reg.config, Reranker.load(reranker_file) if reranker_file else None,
+                     a["queries"], artifacts=reg.folder)
         if published:
             bundle.use_published(cfg)
         return bundle
@@ -103,7 +100,7 @@ class ModelBundle:
         if problems:
             raise SnapshotError(f"published run {m.run_id}", problems)
         folder = cfg.workdir / m.index["path"]
-        fresh = np.load(folder / "item_vectors.npz", allow_pickle=False)
+        fresh = np.load(folder / contract.ITEM_VECTORS_FILE, allow_pickle=False)
         self.item_ids, self.titles = fresh["ids"].tolist(), fresh["titles"].tolist()
         self.item_vectors, self.content, self.known = fresh["vectors"], fresh["content"], fresh["known"]
         self.source, self.index_dir = f"published:{m.run_id}", folder
@@ -174,19 +171,15 @@ class Snapshot:
             _warm_up(bundle)
         content = np.asarray(bundle.content, np.float32)
         return cls(bundle, repo, index, content_index, np.asarray(item_stats, np.float32), np.asarray(modalities, bool),
-                   np.lexsort((-item_stats[:, 0], -item_stats[:, 1])), {i: r for r, i in enumerate(bundle.item_ids)},
+                   np.lexsort((-item_stats[:, ALL_TIME], -item_stats[:, LAST_30D])), {i: r for r, i in enumerate(bundle.item_ids)},
                    np.vstack([content, np.zeros((1, content.shape[1]), np.float32)]), np.append(bundle.known, False),
                    loaded_at, int(bundle.config["tower"]["recent"]))
-
-
-def no_model_registered(exc: BaseException) -> bool:
-    """The registry has no such model or alias (MLflow's RESOURCE_DOES_NOT_EXIST)."""
-    return getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
 
 
 def _warm_up(bundle: ModelBundle) -> None:
     """One forward pass before the snapshot goes live: the first request should not pay for lazy set-up."""
     L, D = int(bundle.config["tower"]["recent"]), bundle.content.shape[1]
+    n = len(bundle.item_ids)
+    empty = UserInputs.empty(1, L, D, n)
     with torch.inference_mode():
-        bundle.user_tower(torch.zeros(1, D), torch.zeros(1, L, D), torch.zeros(1, L, dtype=torch.int64),
-                          torch.zeros(1, L, dtype=torch.bool), torch.zeros(1, L, dtype=torch.bool), torch.zeros(1, 3))
+        bundle.user_tower(*empty.tensors(np.zeros((n + 1, D), np.float32), np.zeros(n + 1, bool)))

@@ -36,6 +36,7 @@ def fit(world, synthetic, **train):
     return trained, trained.evaluate(split, synthetic.catalog, cfg, part="test", n_boot=100), cfg
 
 
+@pytest.mark.slow  # a whole stage end to end: `make test` runs it, `make test-fast` does not
 def test_ddp_two_processes_match_one(world, synthetic):
     single, r1, _ = fit(world, synthetic, batch_size=256, devices=1)
     ddp, r2, cfg = fit(world, synthetic, batch_size=128, devices=2, strategy="ddp_spawn")  # 2 x 128 = one 256 step

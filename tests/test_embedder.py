@@ -112,7 +112,7 @@ def test_matryoshka_prefixes_and_cache(embedder, synthetic):
 
 def test_matryoshka_sweep_reports_every_prefix_of_one_embedding(embedder, synthetic):
     from recsys.eval.embedder_report import matryoshka_sweep
-    from training.embedder_data import PairTask
+    from recsys.embed.tasks import PairTask
 
     items = [c for c in synthetic.catalog.contents() if c.text() and any(p.kind == "image" for p in c.parts)][:40]
     task = PairTask("image-caption", [Content(tuple(p for p in c.parts if p.kind == "image")) for c in items],
@@ -147,6 +147,7 @@ def test_real_clips_embed_offline(embedder, microlens, fsdd):
     assert v.shape == (2, 256) and np.isfinite(v).all()
 
 
+@pytest.mark.slow  # a whole stage end to end: `make test` runs it, `make test-fast` does not
 def test_recsys_embed_cli_mixed_catalog_and_query(synthetic_dir, synthetic, tmp_path):
     """`recsys embed` on a catalog mixing text, image, audio, video and interleaved items, offline; then an
     ad-hoc text query finds items of the theme it names."""
@@ -189,7 +190,7 @@ def test_stage3_candidates_interpolate_between_stage1_and_the_soup():
 
 def test_task_mix_gives_a_named_task_its_share_and_keeps_the_others_proportions():
     from training.embedder import TaskBatches, task_mix
-    from training.embedder_data import PairTask
+    from recsys.embed.tasks import PairTask
 
     def task(name, n, w):
         return PairTask(name, [None] * n, [None] * n, np.arange(n), weight=w)
@@ -227,6 +228,7 @@ def test_fusion_optimizer_gives_the_audio_encoder_its_own_rate_and_never_decays_
     assert not by_rate[(3e-4, 0.5)] & audio
 
 
+@pytest.mark.slow  # a whole stage end to end: `make test` runs it, `make test-fast` does not
 def test_train_embedder_three_stages_saves_loadable_weights_and_logs_to_mlflow(synthetic_dir, synthetic, tmp_path):
     """A few steps of the real 3-stage recipe on the synthetic media/caption pairs: weights + manifest saved,
     the run and its held-out metrics in MLflow, image style statistics set from the training images, and
@@ -236,7 +238,7 @@ def test_train_embedder_three_stages_saves_loadable_weights_and_logs_to_mlflow(s
     from recsys.config import Config
     from recsys.embed.local import LocalEmbedder
     from training.embedder import EmbedderTrainConfig, train_embedder
-    from training.embedder_data import build
+    from recsys.embed.tasks import build
 
     cfg = Config.load(None, workdir=str(tmp_path))
     data = build(None, cfg.eval, None, synthetic_dir)
@@ -269,7 +271,7 @@ def test_train_embedder_three_stages_saves_loadable_weights_and_logs_to_mlflow(s
 
 def test_hard_negatives_exclude_the_pairs_own_items_by_id_not_only_by_group():
     from training.embedder import pick_hard_negatives
-    from training.embedder_data import PairTask
+    from recsys.embed.tasks import PairTask
 
     # co-engagement pairs (anchor, partner): groups are the anchor; item "x" is pair 0's anchor and pair 1's
     # partner, item "y" pair 0's partner and pair 2's partner
@@ -334,7 +336,7 @@ def test_one_part_queries_are_ranked_against_the_pool_with_their_own_items_docum
     signature, or with its tags) is never a negative; any other item's is."""
     import torch
 
-    from training.embedder import _query_vs_pool
+    from training.embedder_correction import _query_vs_pool
 
     torch.manual_seed(0)
     a, b, z = torch.randn(1, 8), torch.randn(1, 8), torch.randn(1, 8)  # query x, its item's document, item z's
@@ -350,6 +352,7 @@ def test_one_part_queries_are_ranked_against_the_pool_with_their_own_items_docum
     assert loss(torch.cat([z, a, 2 * a]), [2, 1, 1]) > z_only + 1
 
 
+@pytest.mark.slow  # a whole stage end to end: `make test` runs it, `make test-fast` does not
 def test_stage4_on_trained_weights_keeps_the_best_validated_step_and_saves_a_new_version(synthetic, tmp_path):
     """``correct_weights`` on the shipped weights with a part-item task from the synthetic catalog: every
     validated step recorded, the kept one the best (step 0, centres alone, when nothing beats it), a new
@@ -360,7 +363,7 @@ def test_stage4_on_trained_weights_keeps_the_best_validated_step_and_saves_a_new
     from recsys.config import Config
     from recsys.embed.local import DEFAULT_WEIGHTS, LocalEmbedder, ModalityCentres, load_fusion, signature
     from training.embedder import EmbedderTrainConfig, correct_weights
-    from training.embedder_data import EmbedderData, part_item_task
+    from recsys.embed.tasks import EmbedderData, part_item_task
 
     rows = [r for r in range(len(synthetic.catalog)) if "image" in synthetic.catalog.content(r).kinds]
     train, val, test = rows[:24], rows[24:30], rows[30:36]
@@ -400,6 +403,7 @@ def test_stage4_on_trained_weights_keeps_the_best_validated_step_and_saves_a_new
         correct_weights(DEFAULT_WEIGHTS, data, tmp_path / "w2", cfg.tracking_uri, tcfg, tmp_path / "cache")
 
 
+@pytest.mark.slow  # a whole stage end to end: `make test` runs it, `make test-fast` does not
 def test_part_item_task_with_titles_of_poster_less_movies_never_holds_a_held_out_item(synthetic_dir, tmp_path):
     """Search by one part: a poster movie gives its poster alone and its title alone; asked to, every movie
     without a poster gives its title alone; no item the COLD protocol holds out ever appears, with or without
@@ -408,7 +412,7 @@ def test_part_item_task_with_titles_of_poster_less_movies_never_holds_a_held_out
     from recsys.data import load_movielens
     from recsys.data.movielens import POSTER_IDS_FILE
     from recsys.eval.splits import cold_split
-    from training.embedder_data import build
+    from recsys.embed.tasks import build
 
     posters = tmp_path / "posters"
     posters.mkdir()
@@ -441,7 +445,7 @@ def test_own_validation_slice_shares_no_movie_with_the_cold_protocol(tmp_path):
     from recsys.data import load_movielens
     from recsys.data.movielens import POSTER_IDS_FILE
     from recsys.eval.splits import cold_split
-    from training.embedder_data import poster_tasks
+    from recsys.embed.tasks import poster_tasks
 
     posters = tmp_path / "posters"
     posters.mkdir()
@@ -493,11 +497,12 @@ def test_item_inputs_text_alone_and_concatenated_and_a_failed_part_fails_the_ite
         ItemInputEmbedder(embedder, "poster")
 
 
+@pytest.mark.slow  # a whole stage end to end: `make test` runs it, `make test-fast` does not
 def test_the_pipelines_item_input_candidates_are_what_the_item_embedder_gives(synthetic, tmp_path):
     """The demo assembles the candidates from the fused and text-only vectors; the nightly job and serving embed
     with item_embedder: both must give the same item space."""
     from recsys.embed import item_embedder
-    from recsys.pipeline import embed_catalog, item_input_candidates
+    from recsys.embed.catalog import embed_catalog, item_input_candidates
     from tests.conftest import small_config
 
     cfg = small_config(tmp_path)
@@ -522,7 +527,7 @@ def test_kd_items_distils_minilm_on_every_content_with_text_and_only_those():
     """--kd-items: a batch of whole items (some with an image, one with none of text) gets MiniLM teachers for the
     contents with text (the mean of their text parts' sentence vectors); without it, such a batch gets none."""
     from training.embedder import TaskBatches, text_teacher
-    from training.embedder_data import PairTask
+    from recsys.embed.tasks import PairTask
 
     rng = np.random.default_rng(0)
     t1, t2, t3 = (rng.normal(size=(4, 384)).astype(np.float32) for _ in range(3))

@@ -226,7 +226,7 @@ def test_ease_tuning_finds_the_exhaustive_grid_best_with_fewer_fits(synthetic, m
 def test_evaluation_refuses_embedder_weights_that_trained_on_its_test_split(movielens):
     from recsys.embed.provenance import check_overlap, dataset_hash
     from recsys.errors import DataError
-    from training.embedder_data import training_provenance
+    from recsys.embed.tasks import training_provenance
 
     record = training_provenance(movielens, EvalConfig())  # what `recsys train-embedder` writes in the manifest
     digest = dataset_hash(movielens)

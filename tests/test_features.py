@@ -280,6 +280,7 @@ def _online_contents(repo) -> dict:
     return out
 
 
+@pytest.mark.slow  # a whole stage end to end: `make test` runs it, `make test-fast` does not
 def test_bulk_writes_store_exactly_what_feasts_own_materialize_stores(repo, small, tmp_path):
     """The bulk online stores write the same bytes, keys and timestamps as Feast's plain ``materialize``,
     so every Feast read path sees the same data."""

@@ -346,6 +346,7 @@ def test_reranker_on_too_few_validation_users_stays_unfitted_instead_of_crashing
     assert not Reranker().fit(empty.subset(np.array([], dtype=int)), []).fitted
 
 
+@pytest.mark.slow  # a whole stage end to end: `make test` runs it, `make test-fast` does not
 def test_the_pipeline_chooses_the_item_input_on_validation_registers_it_and_every_later_stage_reads_it(
         synthetic, synthetic_dir, tmp_path):
     """item_input auto on a catalog with images, two newest_items values, ids or not: a two-tower per input with the
@@ -357,7 +358,9 @@ def test_the_pipeline_chooses_the_item_input_on_validation_registers_it_and_ever
     import mlflow
 
     from recsys.flows.nightly import served_item_input
-    from recsys.pipeline import embed_catalog, evaluate_saved, item_input_candidates, run_protocol
+    from recsys.embed.catalog import embed_catalog, item_input_candidates
+    from recsys.flows.protocol import run_protocol
+    from recsys.flows.saved import evaluate_saved
     from tests.conftest import small_config
 
     cfg = small_config(tmp_path, data={"source": "generic", "path": str(synthetic_dir)}, eval={"protocols": ["loo"]},
@@ -390,6 +393,10 @@ def test_the_pipeline_chooses_the_item_input_on_validation_registers_it_and_ever
     tower = json.loads(open(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="two_tower/two_tower.json")).read())
     assert tower["item_input"] == choice["chosen"] == served_item_input(cfg)
     assert tower["dim"] == cands[choice["chosen"]].dim and tower["embedder_version"] == choice["item_vectors"]
+    from recsys import contract  # the registered model records the contract it was written under, and it is ours
+
+    assert tower["contract"] == contract.record(run.trained.module.model.cfg.layout)
+    assert contract.check(tower) == run.trained.module.model.cfg.layout
     again = evaluate_saved(cfg, baselines=())[0].results[0]
     assert again.estimates["NDCG@10"].mean == pytest.approx(run.results[0].estimates["NDCG@10"].mean, abs=1e-6)
     # the rerank path scores the two-tower from the test candidates' head: the same ranking as its own top 50
@@ -399,8 +406,9 @@ def test_the_pipeline_chooses_the_item_input_on_validation_registers_it_and_ever
     assert np.array_equal(own.topk, shared.topk) and own.per_user.equals(shared.per_user)
 
 
+@pytest.mark.slow  # a whole stage end to end: `make test` runs it, `make test-fast` does not
 def test_cold_trains_on_items_as_new_items_look_unless_told_to_keep_their_tags(synthetic, tmp_path, capsys):
-    """COLD scores cold items on their own content (no user tags): with ``cold_item_content`` "new" (the default)
+    """COLD scores cold items on their own content (no user tags): with ``[train.cold] item_content`` "new" (the default)
     the two-tower also reads every other item that way, with "full" the warm items keep their tags; an item that
     is nothing but tags keeps its vector (and is named); LOO always reads the tags."""
     import polars as pl
@@ -408,7 +416,8 @@ def test_cold_trains_on_items_as_new_items_look_unless_told_to_keep_their_tags(s
     from recsys.data.types import Catalog
     from recsys.embed import item_embedder
     from recsys.eval import make_split
-    from recsys.pipeline import embed_catalog, new_item_vectors, protocol_vectors
+    from recsys.embed.catalog import embed_catalog
+    from recsys.eval.inputs import new_item_vectors, protocol_vectors
     from tests.conftest import small_config
 
     cfg = small_config(tmp_path)
@@ -442,18 +451,21 @@ def test_cold_trains_on_items_as_new_items_look_unless_told_to_keep_their_tags(s
     assert np.array_equal(new_item_vectors(cfg, ds, iv), new)
 
 
+@pytest.mark.slow  # a whole stage end to end: `make test` runs it, `make test-fast` does not
 def test_cold_training_hides_every_items_id_and_statistics_as_its_test_items_have_none(synthetic, tmp_path):
-    """COLD trains with ``cold_id_dropout`` (1: every example's item id and statistics hidden, the item tower learns
+    """COLD trains with ``[train.cold] id_dropout`` (1: every example's item id and statistics hidden, the item tower learns
     from content alone, as every cold item is scored); LOO keeps ``id_dropout`` (a share hidden). COLD's towers
-    add the embedder's similarity (``cold_content_match``), LOO's do not (``content_match``)."""
+    add the embedder's similarity (``[train.cold] content_match``), LOO's do not (``content_match``)."""
     from recsys.eval import make_split
-    from recsys.pipeline import build_features, embed_catalog, protocol_vectors
+    from recsys.embed.catalog import embed_catalog
+    from recsys.eval.inputs import protocol_vectors
+    from recsys.flows.features import build_features
     from tests.conftest import small_config
     from training.datamodule import RandomBatches
     from training.train import _two_tower_data
 
     cfg = small_config(tmp_path)
-    assert cfg.train.cold_id_dropout == 1.0 and cfg.train.id_dropout == 0.5
+    assert cfg.train.cold.id_dropout == 1.0 and cfg.train.id_dropout == 0.5
     iv, ds = embed_catalog(cfg, synthetic, cold=True, save=False)
     hidden, matched = {}, {}
     for protocol in ("cold", "loo"):

@@ -97,7 +97,7 @@ def test_a_sparse_catalog_runs_through_check_demo_evaluate_and_serve(tmp_path):
     opts = "--source generic --data shop --workdir work-shop"
     check = run(f"recsys data check {opts}", tmp_path)
     assert check.returncode == 0 and "protocol LOO" in check.stdout and "median 1" in check.stdout, check.stdout[-2000:]
-    for cmd in (f"recsys demo {opts}", "recsys evaluate --workdir work-shop"):
+    for cmd in (f"recsys demo {opts}", "recsys evaluate models --workdir work-shop"):
         res = run(cmd, tmp_path)
         assert res.returncode == 0 and "Traceback" not in res.stderr, (cmd, res.stdout[-3000:], res.stderr[-3000:])
         assert "two-tower" in res.stdout and "dataset: generic" in res.stderr

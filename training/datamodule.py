@@ -17,9 +17,12 @@ import torch
 from scipy import sparse
 from torch.utils.data import DataLoader, Dataset
 
-from recsys.config import TrainConfig
-from recsys.eval.splits import EvalSet
 from features.inputs import ItemInputs, ItemStatsAsOf, TrainingRows, UserInputs
+from recsys.config import TrainConfig
+from recsys.contract import ITEM_INTERACTION_STATS, USER_INPUTS
+from recsys.eval.splits import EvalSet
+
+INTERACTION = len(ITEM_INTERACTION_STATS)  # the first item-statistics columns, hidden when an item is read cold
 
 
 @dataclass
@@ -60,13 +63,12 @@ class RandomBatches(Dataset):
         t_batch = float(np.median(rows.times[idx]))
         users = UserInputs(rows.users.history[idx], rows.users.recent_rows[idx], rows.users.recent_mask[idx],
                            rows.users.stats[idx])
-        batch = dict(zip(("u_history", "u_recent", "u_recent_rows", "u_recent_mask", "u_recent_id_mask", "u_stats"),
-                         users.tensors(dm.item_content, dm.known)))
+        batch = {f"u_{k}": t for k, t in zip(USER_INPUTS, users.tensors(dm.item_content, dm.known))}
         # Positives, with ids and statistics hidden for a share of rows (they must also work cold).
         pos_rows = rows.items.rows[idx]
         cold = rng.random(len(idx)) < cfg.id_dropout
         pos_stats = rows.items.stats[idx].copy()
-        pos_stats[cold, :3] = 0.0
+        pos_stats[cold, :INTERACTION] = 0.0
         batch["user"] = torch.from_numpy(dm.user_codes[idx])
         batch.update(p_content=torch.from_numpy(rows.items.content[idx]), p_stats=torch.from_numpy(pos_stats),
                      p_rows=torch.from_numpy(pos_rows), p_id_mask=torch.from_numpy(rows.items.known[idx] & ~cold))
@@ -74,7 +76,7 @@ class RandomBatches(Dataset):
             neg = rng.integers(0, dm.n_items, cfg.mixed_negatives)
             n_stats = dm.asof.at(neg, t_batch)
             n_cold = rng.random(len(neg)) < cfg.id_dropout
-            n_stats[n_cold, :3] = 0.0
+            n_stats[n_cold, :INTERACTION] = 0.0
             batch.update(n_content=torch.from_numpy(dm.item_content[neg]), n_stats=torch.from_numpy(n_stats),
                          n_rows=torch.from_numpy(neg), n_id_mask=torch.from_numpy(dm.known[neg] & ~n_cold))
         if dm.hard is not None:  # hidden at the same rate: a negative that alone shows its stats is told apart by them
@@ -82,7 +84,7 @@ class RandomBatches(Dataset):
             flat = hard.ravel()
             h_stats = dm.asof.at(flat, t_batch)
             h_cold = rng.random(len(flat)) < cfg.id_dropout
-            h_stats[h_cold, :3] = 0.0
+            h_stats[h_cold, :INTERACTION] = 0.0
             batch.update(h_content=torch.from_numpy(dm.item_content[flat]).view(*hard.shape, -1),
                          h_stats=torch.from_numpy(h_stats).view(*hard.shape, -1), h_rows=torch.from_numpy(hard),
                          h_id_mask=torch.from_numpy(dm.known[flat] & ~h_cold).view(hard.shape))

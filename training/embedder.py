@@ -26,13 +26,11 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
@@ -40,52 +38,14 @@ from tqdm.auto import tqdm
 from recsys.embed.backbones import Backbones, Featurizer
 from recsys.embed.base import apply_task, truncate_normalize
 from recsys.embed.fusion import FusionConfig, FusionEncoder
-from recsys.embed.local import CENTRES_FILE, DEFAULT_WEIGHTS, ModalityCentres, save_fusion, signature
-from recsys.eval.embedder import chance, nearest_label_accuracy, retrieval_recall
-from training.embedder_data import DIGITS, EmbedderData, PairTask
-from training.losses import NEG_INF, info_nce, relational_distillation
+from recsys.embed.local import CENTRES_FILE, DEFAULT_WEIGHTS, ModalityCentres, save_fusion
+from recsys.embed.tasks import EmbedderData, PairTask
+from training.embedder_config import EmbedderTrainConfig
+from training.embedder_correction import fit_centres, fit_correction
+from training.embedder_eval import _torch_segments, encode, evaluate_tasks, mlflow_name, val_score
+from training.losses import info_nce, relational_distillation
 
 
-@dataclass
-class EmbedderTrainConfig:
-    stage1_steps: int = 600
-    stage2_steps: int = 400
-    batch_size: int = 128
-    lr: float = 3e-4  # the fusion model on frozen features: slower, more regularised (the poster path overfits)
-    weight_decay: float = 0.5
-    audio_lr: float = 1e-3  # the audio encoder learns from scratch: it needs the higher rate
-    audio_weight_decay: float = 0.1
-    temperature: float = 0.07
-    kd_weight: float = 5.0
-    prefix_keep: float = 0.5  # share of contents that carry their task prefix in training
-    val_every: int = 50
-    soup_last: int = 4
-    interpolate: tuple[float, ...] = (0.25, 0.5, 0.75)  # stage 3: stage1 + a * (soup - stage1)
-    # Stage 2's share of batches from co-engagement pairs (None: by weight x sqrt(size), which gave it ~85%
-    # and cost the poster path more than it should; the other tasks keep their relative mix).
-    coengagement_share: float | None = 0.5
-    part_item_share: float | None = 0.15  # stage 2's share of one-part <-> whole-item batches (search by any part)
-    # Distil MiniLM's geometry on every content with text (its mean sentence vector as teacher), not only on
-    # batches whose contents are all text-only: co-engagement and part-item batches too, where items carry
-    # posters (what moves items with the same title apart is learned from the text).
-    kd_items: bool = False
-    # Stage 4, the learned modality-gap correction (fit_correction): rank of each signature's residual map
-    # (0: centres only, the recipe before it), its steps, rate, decay, pairs per task batch and per task,
-    # and the fixed temperature of its InfoNCE.
-    correction_rank: int = 64
-    correction_steps: int = 600
-    correction_lr: float = 1e-3
-    correction_weight_decay: float = 1e-2
-    correction_batch: int = 512
-    correction_pairs: int = 8000
-    correction_temperature: float = 0.05
-    # the tasks whose signatures get a map: queries only, so item (document) vectors, what recommendations are
-    # built from, keep their geometry (maps on documents too cost LOO and COLD: fusion-85e575be45, 08b4b69)
-    correction_tasks: tuple[str, ...] = ("query",)
-    # the weight of the one-part query -> whole item task in stage 4's loss (every other task weighs 1): the
-    # text query map is shared with poster, genre, caption and digit-word queries, which pull it elsewhere
-    correction_search_weight: float = 16.0
-    seed: int = 0
 
 
 # Features ------------------------------------------------------------------------------------
@@ -111,10 +71,6 @@ def featurize_tasks(tasks: list[PairTask], featurizer: Featurizer) -> None:
             if bad:
                 raise RuntimeError(f"{task.name}: {len(bad)} distractors failed to featurize, e.g. {bad[:3]}")
             task.feats["distractors"] = ([], [f.segments for f in feats])
-
-
-def _torch_segments(segs):
-    return [(name, torch.from_numpy(np.asarray(f, dtype=np.float32))) for name, f in segs]
 
 
 def text_teacher(segs) -> np.ndarray:
@@ -216,188 +172,6 @@ class FusionModule(L.LightningModule):
             return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
 
         return [opt], [{"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule), "interval": "step"}]
-
-
-# Evaluation on featurized held-out tasks ------------------------------------------------------------
-@torch.inference_mode()
-def encode(model: FusionEncoder, feats: list, batch: int = 256) -> np.ndarray:
-    was = model.training
-    model.eval()
-    out = [model([_torch_segments(s) for s in feats[i : i + batch]]) for i in range(0, len(feats), batch)]
-    model.train(was)
-    return torch.cat(out).numpy() if out else np.zeros((0, model.cfg.out_dim), np.float32)
-
-
-def evaluate_tasks(model: FusionEncoder, tasks: dict[str, PairTask], centres: ModalityCentres | None = None,
-                   dim: int = 256, memo: dict | None = None) -> dict[str, float]:
-    """Held-out metrics: media <-> text retrieval, digit accuracy, part -> item search (over the task's b's and
-    its distractors: the rest of the catalog), with chance levels beside them; with ``centres``, on the vectors
-    the embedder serves (modality gap corrected). ``memo`` keeps the raw outputs between calls on one model."""
-    out: dict[str, float] = {}
-
-    def vectors(task: PairTask, side: str) -> np.ndarray:  # each side with its task prefix
-        key = (task.name, side)
-        raw = memo[key] if memo is not None and key in memo else encode(model, task.feats[side][1])
-        if memo is not None:
-            memo[key] = raw
-        if centres is None:
-            return truncate_normalize(raw, dim)
-        contents, t = {"a": (task.a, task.a_task), "b": (task.b, task.b_task),
-                       "distractors": (task.distractors, task.b_task)}[side]
-        return centres.apply(raw, [signature(c, t) for c in contents], dim)
-
-    for key, task in tasks.items():
-        a, b = vectors(task, "a"), vectors(task, "b")
-        if "distractors" in task.feats:
-            b = np.concatenate([b, vectors(task, "distractors")])
-        n = len(b)
-        if key == "digit-word":  # val/test words are the bare digit names
-            first = [next(i for i, c in enumerate(task.b) if c.text() == w) for w in DIGITS]
-            out["digit-word/audio->word acc"] = nearest_label_accuracy(a, b[first], task.groups)
-            out["digit-word/chance"] = 0.1
-            continue
-        t2a, a2t = retrieval_recall(b[: len(task)], a), retrieval_recall(a, b)
-        ch = chance(n)  # of a->b, over the b's and the distractors
-        name = {"poster-text": ("text->poster", "poster->text"), "synthetic-caption": ("caption->media", "media->caption"),
-                "part-item": ("item->part", "part->item")}.get(key, ("b->a", "a->b"))
-        for k in (1, 10):
-            out[f"{key}/{name[0]} R@{k}"] = t2a[k]
-            out[f"{key}/{name[1]} R@{k}"] = a2t[k]
-            out[f"{key}/chance R@{k}"] = ch[k]
-        if key == "synthetic-caption":  # captions of one cluster are interchangeable: also score by cluster
-            top = (a @ b.T).argmax(1)
-            out[f"{key}/media->caption same-cluster@1"] = float((task.groups[top] == task.groups).mean())
-            out[f"{key}/chance same-cluster@1"] = float(np.mean([(task.groups == g).mean() for g in task.groups]))
-    return out
-
-
-def fit_centres(model: FusionEncoder, tasks: list[PairTask], per_signature: int = 2000, seed: int = 0) -> ModalityCentres:
-    """The modality-gap correction (recsys.embed.local.ModalityCentres) from the training tasks' contents:
-    each (task, kinds of parts) signature's mean raw output over up to ``per_signature`` contents."""
-    rng = np.random.default_rng(seed)
-    by_sig: dict[str, list] = {}
-    for task in tasks:
-        for side, contents, t in (("a", task.a, task.a_task), ("b", task.b, task.b_task)):
-            for c, f in zip(contents, task.feats[side][1]):
-                by_sig.setdefault(signature(c, t), []).append(f)
-    feats, sigs = [], []
-    for sig, fs in sorted(by_sig.items()):
-        pick = rng.permutation(len(fs))[:per_signature]
-        feats += [fs[i] for i in pick]
-        sigs += [sig] * len(pick)
-    return ModalityCentres.fit(encode(model, feats), sigs)
-
-
-def fit_correction(model: FusionEncoder, tasks: list[PairTask], centres: ModalityCentres, val: dict[str, PairTask],
-                   cfg: EmbedderTrainConfig) -> tuple[ModalityCentres, dict]:
-    """Stage 4: a low-rank residual map per query signature (``correction_tasks``) on the centred outputs of the
-    frozen fusion model (recsys.embed.local.ModalityCentres), chosen on validation. Documents keep their
-    centred vectors, so the item vectors recommendations are built from do not move.
-
-    Centring removes each signature's mean, not the directions an item's poster adds and its title lacks: a
-    title alone then sits nearer a poster-less item with a similar title than its own item. The maps learn
-    InfoNCE at every Matryoshka prefix on the training pairs of every task (at most ``correction_pairs``
-    each; every task weighs 1, the one-part query -> item task ``correction_search_weight``). A one-part
-    query is ranked against every training item's document (the pool of the document sides, co-engagement's
-    included; its own item's rows masked), not only its batch. The maps start at the identity; validation
-    every ``val_every`` steps keeps the best (step 0: centres alone).
-
-    Returns:
-        (centres with the kept maps, or without any; a report for the manifest)."""
-    rng = np.random.default_rng(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    d, r, temperature = model.cfg.out_dim, cfg.correction_rank, cfg.correction_temperature
-    sides, pool = [], {}
-    for task in tasks:
-        keep = np.sort(rng.permutation(len(task))[: cfg.correction_pairs])
-        enc = {}
-        for side, contents, t in (("a", task.a, task.a_task), ("b", task.b, task.b_task)):
-            sigs = [signature(contents[i], t) for i in keep]
-            enc[side] = (torch.from_numpy(centres.correct(encode(model, [task.feats[side][1][i] for i in keep]), sigs)), sigs)
-            if t == "document":  # the pool of item documents a one-part query is ranked against
-                for j, i in enumerate(keep):
-                    if contents[i].item_id is not None:
-                        pool.setdefault((contents[i].item_id, sigs[j]), enc[side][0][j])
-        sides.append((task, enc, torch.from_numpy(task.groups[keep]), [task.b[i].item_id for i in keep]))
-    names = sorted({s for _, enc, _, _ in sides for side in enc.values() for s in side[1] if s.split(":", 1)[0] in cfg.correction_tasks})
-    V = nn.Parameter(torch.randn(len(names), d, r) * 0.01)
-    U = nn.Parameter(torch.zeros(len(names), d, r))  # x + (x V) U^T: the identity at the start
-    col = {n: i for i, n in enumerate(names)}
-
-    def code(sig: str) -> int:  # the signature's map, -1 for none (a document's)
-        return col.get(sig, -1)
-
-    pool_keys = list(pool)
-    pool_x = torch.stack([pool[k] for k in pool_keys]) if pool else torch.zeros(0, d)
-    pool_sig = torch.tensor([code(s) for _, s in pool_keys], dtype=torch.long)
-    item_code = {i: c for c, i in enumerate(sorted({i for i, _ in pool_keys}))}
-    pool_item = torch.tensor([item_code[i] for i, _ in pool_keys], dtype=torch.long)
-
-    def mapped(x: torch.Tensor, sig_idx: torch.Tensor) -> torch.Tensor:  # (n, d), (n,) -> (n, d); -1: no map
-        out = x.clone()
-        for i in [i for i in sig_idx.unique().tolist() if i >= 0]:
-            rows = sig_idx == i
-            out[rows] = x[rows] + (x[rows] @ V[i]) @ U[i].T
-        return out
-
-    def current() -> ModalityCentres:
-        return centres.with_maps({n: (V[i].detach().numpy().copy(), U[i].detach().numpy().copy()) for n, i in col.items()})
-
-    memo: dict = {}
-    best = (val_score(evaluate_tasks(model, val, centres, memo=memo)), None, 0)
-    history = [(0, best[0])]
-    opt = torch.optim.AdamW([V, U], lr=cfg.correction_lr, weight_decay=cfg.correction_weight_decay)
-    dims = model.cfg.matryoshka_dims
-    for step in tqdm(range(1, cfg.correction_steps + 1), desc="stage 4: modality-gap correction", unit="step"):
-        loss = torch.zeros(())
-        for task, enc, groups, b_items in sides:
-            idx = torch.from_numpy(rng.choice(len(groups), size=min(cfg.correction_batch, len(groups)), replace=False))
-            (xa, sa), (xb, sb) = enc["a"], enc["b"]
-            a = mapped(xa[idx], torch.tensor([code(sa[i]) for i in idx.tolist()]))
-            b = mapped(xb[idx], torch.tensor([code(sb[i]) for i in idx.tolist()]))
-            if task.a_task == "query" and task.b_task == "document" and len(pool_keys):
-                own = torch.tensor([item_code.get(b_items[i], -1) for i in idx.tolist()])
-                loss = loss + cfg.correction_search_weight * _query_vs_pool(
-                    a, b, own, mapped(pool_x, pool_sig), pool_item, dims, temperature)
-            else:
-                loss = loss + info_nce(a, b, groups[idx], temperature, dims)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % cfg.val_every == 0 or step == cfg.correction_steps:
-            with torch.no_grad():
-                score = val_score(evaluate_tasks(model, val, current(), memo=memo))
-            history.append((step, score))
-            if score > best[0]:
-                best = (score, current(), step)
-    kept = best[1] or centres
-    return kept, {"rank": r, "steps": cfg.correction_steps, "val_scores": dict(history), "kept_step": best[2],
-                  "signatures": sorted(kept.maps), "pool_documents": len(pool_keys)}
-
-
-def _query_vs_pool(a, b, own, pool, pool_item, dims, temperature) -> torch.Tensor:
-    """One-part queries (B, d) against their own items ``b`` (B, d) and every pool document (P, d); pool rows
-    whose item code (``pool_item``, (P,)) is the query's own (``own``, (B,); -1: none) are masked. Mean over
-    Matryoshka prefixes of the cross-entropy."""
-    mask = pool_item[None, :] == own[:, None]  # (B, P)
-    total = a.new_zeros(())
-    for k in dims:
-        za, zb, zp = (F.normalize(x[:, :k], dim=-1) for x in (a, b, pool))
-        logits = torch.cat([(za * zb).sum(-1, keepdim=True), (za @ zp.T).masked_fill(mask, NEG_INF)], 1) / temperature
-        total = total + F.cross_entropy(logits, torch.zeros(len(a), dtype=torch.long))
-    return total / len(dims)
-
-
-def mlflow_name(key: str) -> str:
-    """MLflow metric names take letters, digits, '_', '/', '.', ' ' and '-' only."""
-    return key.replace("->", " to ").replace("@", " at ")
-
-
-def val_score(metrics: dict[str, float]) -> float:
-    """What picks checkpoints: the real-data retrieval counts double (text->poster R@10 is the headline)."""
-    weights = {"text->poster R@10": 2.0, "audio->word acc": 1.0, "same-cluster@1": 1.0, "part->item R@1": 1.0}
-    parts = [(w, metrics[k]) for k in metrics for suffix, w in weights.items() if k.endswith(suffix)]
-    return float(sum(w * v for w, v in parts) / sum(w for w, _ in parts)) if parts else 0.0
 
 
 class Validate(L.Callback):

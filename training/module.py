@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from recsys.config import TrainConfig
+from recsys.contract import ITEM_INPUTS, USER_INPUTS
 from recsys.eval.evaluate import EvalResult, history_matrix, score_topk
 from recsys.index import CandidateIndex
 from training.datamodule import TwoTowerData, ValidationData
@@ -61,16 +62,17 @@ class TwoTowerModule(L.LightningModule):
 
     # Encoding (also used by evaluation and serving) --------------------------------------------------
     def user_vectors(self, b: dict) -> torch.Tensor:
-        return self.model.user(b["u_history"], b["u_recent"], b["u_recent_rows"], b["u_recent_mask"],
-                               b["u_recent_id_mask"], b["u_stats"])
+        """The user tower on a batch's ``u_<input>`` tensors (recsys.contract.USER_INPUTS), by name."""
+        return self.model.user(**{k: b[f"u_{k}"] for k in USER_INPUTS})
 
     @torch.inference_mode()
     def encode_items(self, items: ItemInputs, batch: int = 8192) -> np.ndarray:
         """(N, vector_dim) item vectors; ids only for items the model was trained on."""
         self.eval()
-        c, s, r, k = items.tensors()
-        k = k & self.known[r]
-        out = [self.model.item(c[i:i + batch], s[i:i + batch], r[i:i + batch], k[i:i + batch]) for i in range(0, len(r), batch)]
+        x = dict(zip(ITEM_INPUTS, items.tensors()))
+        x["id_mask"] = x["id_mask"] & self.known[x["ids"]]
+        n = len(items.rows)
+        out = [self.model.item(**{k: v[i:i + batch] for k, v in x.items()}) for i in range(0, n, batch)]
         return torch.cat(out).numpy()
 
     def item_encoder(self, content: np.ndarray, rows: np.ndarray, known: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:

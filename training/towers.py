@@ -24,8 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-N_ITEM_STATS = 7  # log pop_all, log pop_30d, log age (days), has_text, has_image, has_audio, has_video
-N_USER_STATS = 3  # log n_interactions, mean value / 5, log days since first seen
+from recsys.contract import ITEM_STATS, USER_STATS, VectorLayout
+
+N_ITEM_STATS = len(ITEM_STATS)  # log pop_all, log pop_30d, log age (days), has_text, has_image, has_audio, has_video
+N_USER_STATS = len(USER_STATS)  # log n_interactions, mean value / 5, log days since first seen
 
 
 @dataclass
@@ -50,9 +52,14 @@ class TowerConfig:
     newest_skip: bool = False  # a linear path from the newest item's content to the user vector
 
     @property
+    def layout(self) -> VectorLayout:
+        """How both towers' outputs are laid out (recsys.contract: what serving and the nightly read)."""
+        return VectorLayout(self.out_dim, self.content_dim, self.content_match, self.item_bias)
+
+    @property
     def vector_dim(self) -> int:
         """Width of both towers' outputs: the unit vector, the content-match block, the bias / constant coordinate."""
-        return self.out_dim + (self.content_dim if self.content_match else 0) + (1 if self.item_bias else 0)
+        return self.layout.width
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -19,17 +19,17 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
-import polars as pl
 import torch
 
 from features.store import FeatureRepo
+from recsys import contract
 from recsys.config import Config
 from recsys.data.types import Catalog
 from recsys.eval.evaluate import EvalResult, history_matrix, score_topk
 from recsys.eval.splits import EvalSet, Split
 from recsys.rerank import Candidates
 from training.datamodule import TwoTowerData, ValidationData
-from features.inputs import ItemInputs, ItemStatsAsOf, eval_inputs, from_training_set
+from features.inputs import ItemInputs, ItemStatsAsOf, UserInputs, eval_inputs, from_training_set
 from training.module import RankingValidation, TwoTowerModule, rank_by_time, validate
 from training.towers import TowerConfig
 
@@ -92,7 +92,7 @@ class TrainedTwoTower:
         data = self.inputs(es, catalog, cfg)
         rows = np.full((len(es), n), -1, np.int64)
         scores = np.full((len(es), n), -np.inf, np.float32)
-        stats = np.zeros((len(es), n, 7), np.float32)
+        stats = np.zeros((len(es), n, len(contract.ITEM_STATS)), np.float32)
         for idx, s, r, table in rank_by_time(self.module, data, self.item_content, catalog.index, n, cfg.serve.faiss_index):
             rows[idx], scores[idx] = r, s
             stats[idx] = table[np.where(r >= 0, r, 0)]
@@ -107,7 +107,7 @@ def training_rows(repo: FeatureRepo, split: Split, catalog: Catalog, dim: int, r
     known = np.zeros(len(catalog), bool)
     known[[catalog.index[i] for i in split.train["item_id"].unique().to_list()]] = True
     rows = from_training_set(frame, catalog, dim, recent, known)
-    asof = ItemStatsAsOf(pl.read_parquet(repo._path(repo.views.item_stats)), catalog)
+    asof = ItemStatsAsOf(repo.item_stats_snapshots(), catalog)
     return rows, asof, known
 
 
@@ -223,44 +223,55 @@ def log_towers(trained: TrainedTwoTower, cfg: Config, catalog: Catalog, items: I
 
     mlflow.set_tracking_uri(cfg.tracking_uri)
     m, tc = trained.module, trained.module.model.cfg
-    D, L_ = tc.content_dim, tc.recent
-    n = 2
-    user_example = (np.zeros((n, D), np.float32), np.zeros((n, L_, D), np.float32), np.full((n, L_), tc.n_items, np.int64),
-                    np.zeros((n, L_), bool), np.zeros((n, L_), bool), np.zeros((n, 3), np.float32))
-    item_example = (np.zeros((n, D), np.float32), np.zeros((n, 7), np.float32), np.zeros(n, np.int64), np.zeros(n, bool))
+    n = 2  # the signatures' examples: two users with nothing yet, two new items (names and order: recsys.contract)
+    user_example = tuple(t.numpy() for t in UserInputs.empty(n, tc.recent, tc.content_dim, tc.n_items).tensors(
+        np.zeros((tc.n_items + 1, tc.content_dim), np.float32), np.zeros(tc.n_items + 1, bool)))
+    item_example = tuple(t.numpy() for t in ItemInputs(np.zeros((n, tc.content_dim), np.float32),
+                                                       np.zeros((n, len(contract.ITEM_STATS)), np.float32),
+                                                       np.zeros(n, np.int64), np.zeros(n, bool)).tensors())
     out_spec = Schema([TensorSpec(np.dtype(np.float32), (-1, tc.vector_dim), "vector")])
 
     def spec(names, example):
         return Schema([TensorSpec(x.dtype, (-1, *x.shape[1:]), nm) for nm, x in zip(names, example)])
 
-    user_sig = ModelSignature(spec(["history", "recent_content", "recent_rows", "recent_mask", "recent_id_mask", "stats"],
-                                   user_example), out_spec)
-    item_sig = ModelSignature(spec(["content", "stats", "rows", "id_mask"], item_example), out_spec)
+    user_sig = ModelSignature(spec(contract.USER_INPUTS, user_example), out_spec)
+    item_sig = ModelSignature(spec(contract.ITEM_INPUTS, item_example), out_spec)
     vectors = m.encode_items(items)
     with mlflow.start_run(run_id=trained.run_id):
-        for name, tower, example, sig in (("user_tower", m.model.user, user_example, user_sig),
-                                          ("item_tower", m.model.item, item_example, item_sig)):
+        for name, tower, example, sig in ((contract.USER_TOWER_MODEL, m.model.user, user_example, user_sig),
+                                          (contract.ITEM_TOWER_MODEL, m.model.item, item_example, item_sig)):
             mlflow.pytorch.log_model(tower.eval(), name=name, signature=sig, serialization_format="pickle",
                                      input_example=None, pip_requirements=["torch"])
         with tempfile.TemporaryDirectory() as tmp:
-            np.savez_compressed(Path(tmp) / "item_vectors.npz", ids=np.array(catalog.ids), titles=np.array(catalog.titles),
-                                vectors=vectors,
-                                content=trained.content_vectors, known=m.known.numpy()[:-1],
-                                temperature=float(m.temperature.detach()),
-                                queries=np.zeros((0, tc.vector_dim), np.float32) if queries is None else queries[:1000])
-            export_user_tower(m.model.user, user_example, Path(tmp) / "user_tower.pt2")
+            arrays = {"ids": np.array(catalog.ids), "titles": np.array(catalog.titles), "vectors": vectors,
+                      "content": trained.content_vectors, "known": m.known.numpy()[:-1],
+                      "temperature": float(m.temperature.detach()),
+                      "queries": np.zeros((0, tc.vector_dim), np.float32) if queries is None else queries[:1000]}
+            np.savez_compressed(Path(tmp) / contract.ITEM_VECTORS_FILE, **{k: arrays[k] for k in contract.ITEM_VECTOR_ARRAYS})
+            export_user_tower(m.model.user, user_example, Path(tmp) / contract.USER_TOWER_FILE)
             match = m.model.user.match  # the learned content-match weight (serving's /similar reads it)
-            (Path(tmp) / "two_tower.json").write_text(json.dumps({
+            (Path(tmp) / contract.CONFIG_FILE).write_text(json.dumps({
                 "tower": tc.to_dict(), "embedder": cfg.embedder.backend, "embedder_version": embedder_version,
-                "dim": D, "embedder_dim": cfg.embedder.dim, "item_input": item_input,
-                "name": trained.name, "epochs": trained.epochs,
+                "dim": tc.content_dim, "embedder_dim": cfg.embedder.dim, "item_input": item_input,
+                "name": trained.name, "epochs": trained.epochs, "contract": contract.record(tc.layout),
                 **({"content_match_weight": float(match.detach())} if match is not None else {})}, indent=2))
-            mlflow.log_artifacts(tmp, artifact_path="two_tower")
+            mlflow.log_artifacts(tmp, artifact_path=contract.ARTIFACT_PATH)
         mlflow.log_metric("train/examples_per_s", trained.examples_per_s)
-        model_uri = f"runs:/{trained.run_id}/user_tower"
+        model_uri = f"runs:/{trained.run_id}/{contract.USER_TOWER_MODEL}"
     with contextlib.redirect_stderr(io.StringIO()) as said:  # MLflow prints "Successfully registered ..." itself
         version = mlflow.register_model(model_uri, cfg.train.registered_model)
     logging.getLogger(__name__).info(said.getvalue().strip())
     if alias:
         mlflow.tracking.MlflowClient().set_registered_model_alias(cfg.train.registered_model, alias, version.version)
     return str(version.version)
+
+
+def log_reranker(cfg: Config, run_id: str, reranker) -> None:
+    """The fitted reranker beside the towers in the run's artifacts (recsys.contract.RERANKER_FILE)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        reranker.save(Path(tmp) / contract.RERANKER_FILE)
+        with mlflow.start_run(run_id=run_id):
+            mlflow.log_artifact(str(Path(tmp) / contract.RERANKER_FILE), artifact_path=contract.ARTIFACT_PATH)

@@ -12,7 +12,7 @@ from pathlib import Path
 import polars as pl
 
 from recsys.config import BUNDLED_MOVIELENS
-from recsys.data.types import ITEM_SCHEMA, Catalog, Dataset, Interactions, LoadReport
+from recsys.data.types import ITEM_SCHEMA, Catalog, Dataset, Interactions, LoadReport, tag_text, top_tags
 
 _YEAR = r"\((\d{4})\)\s*$"
 # The ids of the 2,947 movies that have a poster in ../shared/data/movielens-posters (ids only, no images):
@@ -27,18 +27,6 @@ def _read_csv(path: Path) -> pl.DataFrame:
 
 def _examples(frame: pl.DataFrame, n: int = 5) -> list[str]:
     return [", ".join(f"{k}={v}" for k, v in row.items()) for row in frame.head(n).iter_rows(named=True)]
-
-
-def top_tags(tag_events: pl.DataFrame, max_tags_per_item: int) -> dict[str, list[str]]:
-    """(item_id, user_id, tag, timestamp) rows -> each item's ``max_tags_per_item`` most frequent tags."""
-    top = (tag_events.group_by(["item_id", "tag"]).len()
-           .sort(["item_id", "len", "tag"], descending=[False, True, False])
-           .group_by("item_id", maintain_order=True).agg(pl.col("tag").head(max_tags_per_item)))
-    return dict(zip(top["item_id"].to_list(), top["tag"].to_list()))
-
-
-def tag_text(tags: list[str]) -> str:
-    return "tags: " + ", ".join(tags)
 
 
 def item_text(title: str, genres: list[str]) -> str:

@@ -113,7 +113,7 @@ class Catalog:
 
     def one_part_queries(self, row: int) -> dict[str, Content]:
         """Queries made of one part of the item at ``row``: its first image alone (when it has one) and its title
-        alone. What search by any one part is trained on (training/embedder_data.py) and measured with
+        alone. What search by any one part is trained on (recsys/embed/tasks.py) and measured with
         (recsys/eval/embedder_report.py part_to_item)."""
         item_id = self.ids[row]
         image = next((p for p in self.content(row).parts if p.kind == "image"), None)
@@ -180,8 +180,6 @@ class Dataset:
             (that dataset, catalog rows whose content changed, number of tags left out)."""
         if self.tags is None or self.tags.is_empty():
             return self, [], 0
-        from recsys.data.movielens import tag_text, top_tags
-
         lim = pl.DataFrame({"user_id": list(limit), "limit": list(limit.values())},
                            schema={"user_id": pl.Utf8, "limit": self.tags.schema["timestamp"]})
         kept = self.tags.join(lim, on="user_id", how="left").filter(
@@ -216,3 +214,15 @@ class Dataset:
         frame = self.interactions.frame.filter(~pl.col("item_id").is_in(list(drop)))
         self.report.add(problem, sorted(drop)[:5], count=len(drop))
         return self._like(Catalog(items), frame)
+
+
+def top_tags(tag_events: pl.DataFrame, max_tags_per_item: int) -> dict[str, list[str]]:
+    """(item_id, user_id, tag, timestamp) rows -> each item's ``max_tags_per_item`` most frequent tags."""
+    top = (tag_events.group_by(["item_id", "tag"]).len()
+           .sort(["item_id", "len", "tag"], descending=[False, True, False])
+           .group_by("item_id", maintain_order=True).agg(pl.col("tag").head(max_tags_per_item)))
+    return dict(zip(top["item_id"].to_list(), top["tag"].to_list()))
+
+
+def tag_text(tags: list[str]) -> str:
+    return "tags: " + ", ".join(tags)

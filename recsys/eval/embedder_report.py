@@ -42,7 +42,7 @@ def matryoshka_sweep(embedder, test) -> dict[int, dict[str, float]]:
 
 
 def cross_modal(embedder, ds, cfg: Config, fsdd: Path | None, dim: int) -> dict:
-    from training.embedder_data import DIGITS, digit_tasks, poster_tasks, synthetic_tasks
+    from recsys.embed.tasks import DIGITS, digit_tasks, poster_tasks, synthetic_tasks
 
     out: dict = {}
     train, val, test = poster_tasks(ds, cfg.eval)
@@ -209,7 +209,7 @@ def throughput(embedder_factory, ds, microlens: Path | None, n: int = 128) -> di
 
 def run(cfg: Config, fsdd: Path | None = None, dim: int | None = None) -> dict:
     from recsys.embed.local import LocalEmbedder
-    from recsys.pipeline import console
+    from recsys.progress import console
 
     dim = dim or cfg.embedder.dim
     posters = cfg.data.posters or (SHARED_DATA / "movielens-posters")

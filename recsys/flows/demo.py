@@ -11,14 +11,18 @@ from rich.table import Table
 from recsys.config import Config
 from recsys.data import load_dataset
 from recsys.errors import DataError
-from recsys.pipeline import (Timings, console, differences_table, embed_catalog, feasible_protocols, item_input_candidates,
-                             results_json, results_table, run_protocol, save_config, serve_features)
+from recsys.embed.catalog import embed_catalog, item_input_candidates
+from recsys.eval.compare import differences_table, results_json, results_table
+from recsys.eval.inputs import feasible_protocols
+from recsys.flows.features import serve_features
+from recsys.flows.protocol import run_protocol
+from recsys.progress import console, Timings
 
 
 def run_demo(cfg: Config, sample_users: int = 3) -> dict:
     """The whole flow on one work directory; returns (and saves) the metrics and stage timings."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    save_config(cfg)
+    cfg.save()
     timings = Timings()
     with timings.stage("load data"):
         ds = load_dataset(cfg)

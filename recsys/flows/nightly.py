@@ -33,7 +33,6 @@ listed in the summary and the dead letters, not counted in the failure rate, ret
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import uuid
@@ -46,6 +45,8 @@ import polars as pl
 from rich.table import Table
 from tqdm.auto import tqdm
 
+from recsys import contract
+from recsys.contract import ContractError
 from recsys.config import Config
 from recsys.content import Content
 from recsys.data import Dataset, load_dataset
@@ -56,7 +57,8 @@ from recsys.flows.nightly_embed import Embedded, embed_local, embed_ray
 from recsys.flows.nightly_guards import (NightlyLock, checkpoint, dead_letter_path, quarantined, read_dead_letters,
                                          write_dead_letters)
 from recsys.manifest import Manifest, publish, read_published, sha256_file, vectors_digest, verify
-from recsys.pipeline import Timings, console
+from recsys.registry import registered_or_none
+from recsys.progress import console, Timings
 
 EXIT_OK, EXIT_ERROR, EXIT_FAILURES, EXIT_LOCKED, EXIT_UNVERIFIED = 0, 1, 3, 4, 5
 
@@ -134,121 +136,201 @@ def run_nightly(cfg: Config, engine: str | None = None, dry_run: bool = False) -
         lock.release()
 
 
-def _finish(cfg: Config, summary: NightlySummary, timings: Timings, message: str | None = None,
-            exit_code: int | None = None) -> NightlySummary:
-    """Close a run (every exit after the snapshot): its message and exit code, the MLflow record, the table."""
-    if message is not None:
-        summary.message = message
-    if exit_code is not None:
-        summary.exit_code = exit_code
-    summary.timings_s = timings.stages
-    _log_mlflow(cfg, summary)
+class Stop(Exception):
+    """Ends a run before it publishes: its message and exit code (:func:`_run` is where every run exits)."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_OK, logged: bool = True):
+        super().__init__(message)
+        self.message, self.exit_code, self.logged = message, exit_code, logged
+
+
+@dataclass
+class Run:
+    """One nightly run's identity and what its stages hand each other."""
+
+    cfg: Config
+    engine: str
+    dry_run: bool
+    run_id: str
+    work: Path  # nightly/runs/<run_id>
+    previous: Manifest | None  # the published run this one follows
+    events_until: int  # the event-log position this run folds up to (accepted before it started)
+    summary: NightlySummary
+    timings: Timings = field(default_factory=Timings)
+
+    @classmethod
+    def start(cls, cfg: Config, engine: str, dry_run: bool) -> "Run":
+        run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+        log = open_event_log(cfg)
+        events_until = log.max_seq()
+        log.close()
+        return cls(cfg, engine, dry_run, run_id, cfg.workdir / "nightly" / "runs" / run_id, read_published(cfg.workdir),
+                   events_until, NightlySummary(run_id, dry_run=dry_run))
+
+
+@dataclass
+class CatalogSnapshot:
+    """Stage 1-2: today's catalog, its content keys, and what changed since the published run."""
+
+    ds: Dataset
+    contents: list[Content]
+    hashes: list[str]
+    backend: str
+    version: str
+    diff: Diff
+    prev_vectors: pl.DataFrame | None  # the published vectors, when they are in today's embedding space
+    held: set[str]  # quarantined items (skipped until their content changes)
+
+    @property
+    def todo(self) -> list[int]:
+        return [r for r in self.diff.todo if self.ds.catalog.ids[r] not in self.held]
+
+
+def _run(cfg: Config, engine: str | None, dry_run: bool) -> NightlySummary:
+    """The stages in order; a stage that ends the run raises :class:`Stop`, and this is the one place a run exits:
+    the summary's message and exit code, the MLflow record (not for a dry run), the table."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    cfg = with_item_input(cfg, served_item_input(cfg))
+    run = Run.start(cfg, engine or cfg.nightly.engine, dry_run)
+    logged = True
+    try:
+        snap = _snapshot(run)
+        emb = _embed(run, snap)
+        served, inter, vectors, keep_rows, users = _merge_with_events(run, snap, emb)
+        manifest, repo, changed_rows = _write_and_verify(run, snap, served, inter, vectors, keep_rows, users)
+        _publish(run, manifest, repo, users, changed_rows)
+    except Stop as stop:
+        run.summary.message, run.summary.exit_code, logged = stop.message, stop.exit_code, stop.logged
+    summary = run.summary
+    summary.timings_s = run.timings.stages
+    if logged:
+        _log_mlflow(cfg, summary)
     console.print(summary.table())
     return summary
 
 
-def _run(cfg: Config, engine: str | None, dry_run: bool) -> NightlySummary:
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    engine = engine or cfg.nightly.engine
-    cfg = with_item_input(cfg, served_item_input(cfg))
-    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    summary = NightlySummary(run_id, dry_run=dry_run)
-    timings = Timings()
-    work = cfg.workdir / "nightly" / "runs" / run_id
-    previous = read_published(cfg.workdir)
-    start = open_event_log(cfg)
-    events_until = start.max_seq()  # this run folds the events accepted before it started
-    start.close()
-    with timings.stage("snapshot + diff"):
+def _snapshot(run: Run) -> CatalogSnapshot:
+    """Load the catalog, key every item's content, diff against the published vectors; a dry run stops here."""
+    cfg, summary = run.cfg, run.summary
+    with run.timings.stage("snapshot + diff"):
         ds = load_dataset(cfg)
         console.print(ds.report.render())
-        embedder_info = item_embedder(cfg) if engine == "local" else None
-        backend, version = _space(cfg, embedder_info)
+        backend, version = _space(cfg, item_embedder(cfg) if run.engine == "local" else None)
         contents = ds.catalog.contents()
         hashes = content_hashes(cfg, contents, backend, version)
         prev_vectors = None
-        if previous is not None and previous.embedder == {"backend": backend, "model_version": version, "dim": cfg.embedder.item_dim}:
-            prev_vectors = pl.read_parquet(cfg.workdir / previous.vectors["path"])
+        prev = run.previous
+        if prev is not None and prev.embedder == {"backend": backend, "model_version": version, "dim": cfg.embedder.item_dim}:
+            prev_vectors = pl.read_parquet(cfg.workdir / prev.vectors["path"])
         d = diff(ds.catalog.ids, hashes, prev_vectors)
-    held = quarantined(cfg, ds.catalog.ids, hashes, d.todo)
-    todo = [r for r in d.todo if ds.catalog.ids[r] not in held]
+    snap = CatalogSnapshot(ds, contents, hashes, backend, version, d, prev_vectors, quarantined(cfg, ds.catalog.ids, hashes, d.todo))
     summary.counts = {"new": len(d.new), "changed": len(d.changed), "unchanged": len(d.unchanged), "removed": len(d.removed)}
-    if held:
-        summary.counts["quarantined"] = len(held)
-    if dry_run:
-        summary.timings_s, summary.message = timings.stages, "dry run"
-        console.print(summary.table())
-        return summary
+    if snap.held:
+        summary.counts["quarantined"] = len(snap.held)
+    if run.dry_run:
+        raise Stop("dry run", logged=False)
     checkpoint("snapshot")
-    with timings.stage(f"embed ({engine} engine): {len(todo):,} new or changed"):
-        emb = embed_ray(cfg, ds, todo, work) if engine == "ray" and todo else embed_local(cfg, contents, todo)
+    return snap
+
+
+def _embed(run: Run, snap: CatalogSnapshot) -> Embedded:
+    """Embed the new and changed items; dead-letter the failures; stop past the failure threshold."""
+    cfg, summary, ds, todo = run.cfg, run.summary, snap.ds, snap.todo
+    with run.timings.stage(f"embed ({run.engine} engine): {len(todo):,} new or changed"):
+        emb = embed_ray(cfg, ds, todo, run.work) if run.engine == "ray" and todo else embed_local(cfg, snap.contents, todo)
     failed = {ds.catalog.ids[r]: why for r, why in emb.failed.items()}
     summary.counts.update(failed=len(failed), embedded=len(emb.vectors), cache_hits=emb.cache_hits, retries=emb.retries)
     if emb.budget:  # the shared request budget across Ray actors
         summary.counts.update({f"budget_{k}": v for k, v in emb.budget.items() if k in ("max_in_flight", "waits", "pauses")})
-    write_dead_letters(cfg, failed, run_id, hashes={ds.catalog.ids[r]: hashes[r] for r in emb.failed}, keep=held)
+    write_dead_letters(cfg, failed, run.run_id, hashes={ds.catalog.ids[r]: snap.hashes[r] for r in emb.failed}, keep=snap.held)
     now_held = {i for i, dl in read_dead_letters(cfg).items() if dl.get("quarantined") and i in failed}
     if now_held:
-        summary.counts["quarantined"] = len(held) + len(now_held)
+        summary.counts["quarantined"] = len(snap.held) + len(now_held)
     counted = len(failed) - len(now_held)  # a quarantined item no longer counts
     rate = counted / max(1, len(todo) - len(now_held))
     if counted and rate > cfg.nightly.failure_threshold:
-        return _finish(cfg, summary, timings, exit_code=EXIT_FAILURES, message=(
-            f"{counted} of {len(todo) - len(now_held)} items failed ({rate:.1%} > {cfg.nightly.failure_threshold:.1%}); "
-            f"see {dead_letter_path(cfg)}"))
+        raise Stop(f"{counted} of {len(todo) - len(now_held)} items failed ({rate:.1%} > {cfg.nightly.failure_threshold:.1%}); "
+                   f"see {dead_letter_path(cfg)}", EXIT_FAILURES)
     checkpoint("embedded")
-    vectors, keep_rows = _merge(cfg, ds, d, emb, prev_vectors, hashes)
+    return emb
+
+
+def _merge_with_events(run: Run, snap: CatalogSnapshot, emb: Embedded):
+    """Today's vectors (new ones and carried-over ones), the dataset with the event log folded in, and the users
+    whose features change; stops when nothing changed since the published run.
+
+    Returns:
+        (served dataset, its interactions with their event-log sequence (0: the dataset's own), (n, D) vectors, their
+        catalog rows, users to refresh or None for everyone)."""
+    cfg, ds, d, prev = run.cfg, snap.ds, snap.diff, run.previous
+    vectors, keep_rows = _merge(cfg, ds, d, emb, snap.prev_vectors, snap.hashes)
     served = ds.without_items(set(ds.catalog.ids) - {ds.catalog.ids[r] for r in keep_rows},
                               "items without a vector yet (failed; retried next run)")
     log = open_event_log(cfg)
-    served, n_events = with_events(served, log, events_until)
+    served, n_events = with_events(served, log, run.events_until)
     log.close()
-    summary.counts["events"] = n_events
+    run.summary.counts["events"] = n_events
     inter = served.interactions.frame
     if "seq" not in inter.columns:
         inter = inter.with_columns(pl.lit(0, pl.Int64).alias("seq"))
-    until = inter["timestamp"].max() if inter.height else None
     # users of changed items, and of new ones (their interactions were left out while the item had no vector)
-    users = _users_to_refresh(inter, previous, {ds.catalog.ids[r] for r in d.todo}, prev_vectors is None)
-    if (previous is not None and prev_vectors is not None and not emb.vectors and not d.removed and not users
-            and (previous.model or {}).get("version") == _champion_version(cfg)):
-        return _finish(cfg, summary, timings, message=f"nothing changed since {previous.run_id}")
-    with timings.stage("versioned vectors"):
+    users = _users_to_refresh(inter, prev, {ds.catalog.ids[r] for r in d.todo}, snap.prev_vectors is None)
+    if (prev is not None and snap.prev_vectors is not None and not emb.vectors and not d.removed and not users
+            and (prev.model or {}).get("version") == _champion_version(cfg)):
+        raise Stop(f"nothing changed since {prev.run_id}")
+    return served, inter, vectors, keep_rows, users
+
+
+def _write_and_verify(run: Run, snap: CatalogSnapshot, served: Dataset, inter: pl.DataFrame, vectors: np.ndarray,
+                      keep_rows: list[int], users):
+    """The run's versioned vectors, the offline features, the champion's item vectors and index, the manifest;
+    then every check (stop: nothing published when one fails).
+
+    Returns:
+        (the verified manifest, the Feast repository, item vectors written)."""
+    cfg, summary, ds, work = run.cfg, run.summary, snap.ds, run.work
+    with run.timings.stage("versioned vectors"):
         work.mkdir(parents=True, exist_ok=True)
         vec_path = work / "vectors.parquet"
-        pl.DataFrame({"item_id": [ds.catalog.ids[r] for r in keep_rows], "content_hash": [hashes[r] for r in keep_rows],
+        pl.DataFrame({"item_id": [ds.catalog.ids[r] for r in keep_rows], "content_hash": [snap.hashes[r] for r in keep_rows],
                       "vector": pl.Series(vectors, dtype=pl.Array(pl.Float32, cfg.embedder.item_dim))}).write_parquet(vec_path)
     checkpoint("vectors")
-    with timings.stage("features (Feast, incremental)"):
+    with run.timings.stage("features (Feast, incremental)"):
         from features.store import FeatureRepo
 
-        repo = FeatureRepo(cfg, backend, version, cfg.embedder.item_dim, name="serve")
+        repo = FeatureRepo(cfg, snap.backend, snap.version, cfg.embedder.item_dim, name="serve")
         changed_rows = repo.write_item_embeddings(served.catalog.ids, vectors)
         counts = repo.write_interaction_features(inter, served.catalog, vectors, users=users)
         repo.apply()
         summary.users_refreshed = counts["users_refreshed"]
     checkpoint("features:offline")
-    with timings.stage("item-tower vectors + index"):
-        model, index = _index(cfg, served, vectors, version, work)
+    with run.timings.stage("item-tower vectors + index"):
+        model, index = _index(cfg, served, vectors, snap.version, work)
     checkpoint("indexed")
+    until = inter["timestamp"].max() if inter.height else None
+    prev = run.previous
     manifest = Manifest(
-        run_id=run_id, created_at=datetime.now(timezone.utc).isoformat(),
-        embedder={"backend": backend, "model_version": version, "dim": cfg.embedder.item_dim},
+        run_id=run.run_id, created_at=datetime.now(timezone.utc).isoformat(),
+        embedder={"backend": snap.backend, "model_version": snap.version, "dim": cfg.embedder.item_dim},
         vectors={"path": str(vec_path.relative_to(cfg.workdir)), "items": len(keep_rows),
                  "sha256": vectors_digest(served.catalog.ids, vectors)},
         feast={"repo": "serve", "item_view": repo.views.item_embedding.name},
-        model=model, index=index, counts=dict(summary.counts), previous=previous.run_id if previous else None,
-        interactions_until=until.isoformat() if until is not None else None, events_until=events_until)
-    with timings.stage("verify"):
+        model=model, index=index, counts=dict(summary.counts), previous=prev.run_id if prev else None,
+        interactions_until=until.isoformat() if until is not None else None, events_until=run.events_until)
+    with run.timings.stage("verify"):
         problems = verify(manifest, cfg.workdir, min_recall=cfg.serve.target_recall - 0.05)
     if problems:
-        return _finish(cfg, summary, timings, exit_code=EXIT_UNVERIFIED,
-                       message="the run's output failed its checks, nothing published: " + "; ".join(problems))
+        raise Stop("the run's output failed its checks, nothing published: " + "; ".join(problems), EXIT_UNVERIFIED)
     checkpoint("verified")
-    with timings.stage("online features (Feast, incremental)"):
-        # only once the run's output is verified; each user row carries the event-log position it includes, so a
-        # reader meets a user's old row (plus the log's events past it) or the new one, never an event counted
-        # twice; only the refreshed users are written
+    return manifest, repo, changed_rows
+
+
+def _publish(run: Run, manifest: Manifest, repo, users, changed_rows: int) -> None:
+    """Only once the run's output is verified: the online features, then the manifest (one atomic rename)."""
+    cfg, summary, prev = run.cfg, run.summary, run.previous
+    with run.timings.stage("online features (Feast, incremental)"):
+        # each user row carries the event-log position it includes, so a reader meets a user's old row (plus the
+        # log's events past it) or the new one, never an event counted twice; only the refreshed users are written
         # (every user on a first run: a row whose newest interaction predates the last materialization may have
         # gained an event with an old time)
         user_views = (repo.views.user_history.name, repo.views.user_stats.name, repo.views.user_seen.name)
@@ -256,13 +338,12 @@ def _run(cfg: Config, engine: str | None, dry_run: bool) -> NightlySummary:
         summary.materialized = {"item vectors written": changed_rows, **{k.split("__")[0]: v for k, v in report.rows.items()}}
         manifest.feast["materialized"] = report.rows
     checkpoint("features:online")
-    if previous is not None and previous.content_key() == manifest.content_key():
-        summary.message = f"nothing changed since {previous.run_id}"
+    if prev is not None and prev.content_key() == manifest.content_key():
+        summary.message = f"nothing changed since {prev.run_id}"
     else:
-        with timings.stage("publish"):
+        with run.timings.stage("publish"):
             summary.published = str(publish(manifest, cfg.workdir))
-    _cleanup(cfg, keep={run_id, previous.run_id if previous else "", (read_published(cfg.workdir) or manifest).run_id})
-    return _finish(cfg, summary, timings)
+    _cleanup(cfg, keep={run.run_id, prev.run_id if prev else "", (read_published(cfg.workdir) or manifest).run_id})
 
 
 def _users_to_refresh(inter: pl.DataFrame, previous: Manifest | None, changed_items: set[str], first: bool) -> set[str] | None:
@@ -280,14 +361,8 @@ def _users_to_refresh(inter: pl.DataFrame, previous: Manifest | None, changed_it
 
 def _champion_version(cfg: Config) -> str | None:
     """The version the serving alias points to now (None without a registry entry)."""
-    import mlflow
-
-    mlflow.set_tracking_uri(cfg.tracking_uri)
-    try:
-        return str(mlflow.tracking.MlflowClient().get_model_version_by_alias(cfg.train.registered_model,
-                                                                            cfg.serve.model_alias).version)
-    except Exception:  # no registered model (or alias) yet
-        return None
+    reg = registered_or_none(cfg, check=False)
+    return reg.version if reg is not None else None
 
 
 def served_item_input(cfg: Config) -> str:
@@ -295,15 +370,8 @@ def served_item_input(cfg: Config) -> str:
     served model reads (its two_tower.json), fused when no model is registered yet."""
     if cfg.embedder.item_input != "auto":
         return cfg.embedder.item_input
-    import mlflow
-
-    mlflow.set_tracking_uri(cfg.tracking_uri)
-    try:
-        mv = mlflow.tracking.MlflowClient().get_model_version_by_alias(cfg.train.registered_model, cfg.serve.model_alias)
-        path = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="two_tower/two_tower.json")
-    except Exception:  # no registered model (or alias) yet
-        return "fused"
-    return json.loads(Path(path).read_text()).get("item_input", "fused")
+    reg = registered_or_none(cfg, check=False)
+    return reg.config.get("item_input", "fused") if reg is not None else "fused"
 
 
 def with_item_input(cfg: Config, mode: str) -> Config:
@@ -342,44 +410,45 @@ def _merge(cfg: Config, ds: Dataset, d: Diff, emb: Embedded, prev: pl.DataFrame 
 def _index(cfg: Config, ds: Dataset, vectors: np.ndarray, embedder_version: str, work: Path):
     """Item-tower vectors of the champion model for today's catalog, and its index (recsys.index, the same
     build serving does). None when no model is registered or it reads another embedding space."""
-    import mlflow
     import torch
 
-    from features.inputs import ItemStatsAsOf
+    from features.inputs import ItemInputs, ItemStatsAsOf
+    from features.store import FeatureRepo
     from recsys.index import build_index
-    from serving.service import ModelBundle
 
     try:
-        bundle = ModelBundle.from_mlflow(cfg, published=False)  # item ids = the rows of the model's id table
-    except Exception as exc:  # no registered model yet: publish vectors and features only
-        console.print(f"[yellow]no registered model to index ({type(exc).__name__}); run `recsys train`[/yellow]")
+        reg = registered_or_none(cfg)  # its item ids = the rows of the model's id table
+    except ContractError as exc:
+        console.print(f"[yellow]{exc}[/yellow]")
         return None, None
-    if bundle.config.get("embedder_version") != embedder_version or int(bundle.config.get("dim", 0)) != cfg.embedder.item_dim:
+    if reg is None:  # no registered model yet: publish vectors and features only
+        console.print("[yellow]no registered model to index; run `recsys train`[/yellow]")
+        return None, None
+    if reg.config.get("embedder_version") != embedder_version or int(reg.config.get("dim", 0)) != cfg.embedder.item_dim:
         console.print("[yellow]the registered model reads another embedding space: retrain before indexing[/yellow]")
         return None, None
-    mlflow.set_tracking_uri(cfg.tracking_uri)
-    item_tower = mlflow.pytorch.load_model(f"runs:/{bundle.run_id}/item_tower", map_location="cpu").eval()
-    from features.store import FeatureRepo
-
-    repo = FeatureRepo(cfg, bundle.config["embedder"], embedder_version, cfg.embedder.item_dim, name="serve")
-    asof = ItemStatsAsOf(pl.read_parquet(repo._path(repo.views.item_stats)), ds.catalog)
-    trained = dict(zip(bundle.item_ids, bundle.known))
+    arrays = reg.arrays()
+    item_tower = reg.item_tower()
+    repo = FeatureRepo(cfg, reg.config["embedder"], embedder_version, cfg.embedder.item_dim, name="serve")
+    asof = ItemStatsAsOf(repo.item_stats_snapshots(), ds.catalog)
+    model_ids = arrays["ids"].tolist()
+    trained = dict(zip(model_ids, arrays["known"]))
     known = np.array([bool(trained.get(i, False)) for i in ds.catalog.ids])
     # the id table has one row per item of the catalog the model was trained on: ids only for those
-    trained_row = {i: r for r, i in enumerate(bundle.item_ids)}
+    trained_row = {i: r for r, i in enumerate(model_ids)}
     rows = np.array([trained_row[i] if k else 0 for i, k in zip(ds.catalog.ids, known)], np.int64)
+    inputs = ItemInputs(np.asarray(vectors, np.float32), asof.all_at(time.time()), rows, known)
     with torch.inference_mode():
-        vecs = item_tower(torch.from_numpy(vectors), torch.from_numpy(asof.all_at(time.time())), torch.from_numpy(rows),
-                          torch.from_numpy(known)).numpy()
-    s = cfg.serve
-    index = build_index(vecs, bundle.queries if len(bundle.queries) else None, kind=s.faiss_index,
+        vecs = item_tower(*inputs.tensors()).numpy()
+    s, queries = cfg.serve, arrays["queries"]
+    index = build_index(vecs, queries if len(queries) else None, kind=s.faiss_index,
                         exact_below=s.exact_below, target_recall=s.target_recall, use_gpu=False)
     folder = work / "index"
     index.save(folder)
-    np.savez_compressed(folder / "item_vectors.npz", ids=np.array(ds.catalog.ids), titles=np.array(ds.catalog.titles),
-                        vectors=vecs, content=vectors, known=known, model_version=bundle.version)
+    np.savez_compressed(folder / contract.ITEM_VECTORS_FILE, ids=np.array(ds.catalog.ids), titles=np.array(ds.catalog.titles),
+                        vectors=vecs, content=vectors, known=known, model_version=reg.version)
     info = index.info.to_dict()
-    return ({"name": cfg.train.registered_model, "version": bundle.version, "alias": cfg.serve.model_alias},
+    return ({"name": cfg.train.registered_model, "version": reg.version, "alias": cfg.serve.model_alias},
             {"path": str(folder.relative_to(cfg.workdir)), "kind": info["kind"], "recall_at_100": info["recall_at_100"],
              "params": info["params"], "items": len(vecs), "sha256": sha256_file(folder / "items.faiss"),
              "vectors_sha256": vectors_digest(ds.catalog.ids, vecs)})

@@ -17,7 +17,7 @@ from recsys.content import Content
 from recsys.data import Dataset
 from recsys.embed import item_embedder
 from recsys.flows.nightly_guards import checkpoint
-from recsys.pipeline import console
+from recsys.progress import console
 
 
 @dataclass

@@ -36,7 +36,7 @@ class _RegisteredTowers:
         return self.user_tower(*users.tensors(item_content, self.known)).numpy()
 
     def item_encoder(self, content: np.ndarray, rows: np.ndarray, known: np.ndarray):
-        """As TwoTowerModule.item_encoder: stats (N, 7) -> (N, vector_dim) for the same items."""
+        """As TwoTowerModule.item_encoder: stats (N, len(ITEM_STATS)) -> (N, vector_dim) for the same items."""
         from training.towers import stats_encoder
 
         return stats_encoder(self.item_tower, content, rows, known & self.known[rows])
@@ -46,28 +46,26 @@ def replay(cfg: Config, ds: Dataset, alias: str | None = None, version: str | No
            n_boot: int = 1000) -> Replay:
     """Rank the protocol's test users with one registered model version (its logged towers, FAISS,
     item statistics as of when each user was asked); per-user metrics."""
-    import mlflow
-
-    from serving.service import ModelBundle
-    from training.datamodule import ValidationData
     from features.inputs import eval_inputs
+    from recsys.registry import read_registered
+    from training.datamodule import ValidationData
     from training.module import rank_by_time
 
-    bundle = ModelBundle.from_mlflow(cfg, alias=alias, version=version)
-    if bundle.item_ids != ds.catalog.ids:
-        raise ValueError(f"model v{bundle.version} was trained on another catalog ({len(bundle.item_ids)} items)")
-    item_tower = mlflow.pytorch.load_model(f"runs:/{bundle.run_id}/item_tower", map_location="cpu").eval()
+    reg = read_registered(cfg, alias=alias, version=version)
+    a = reg.arrays()
+    if a["ids"].tolist() != ds.catalog.ids:
+        raise ValueError(f"model v{reg.version} was trained on another catalog ({len(a['ids'])} items)")
     es = make_split(protocol, ds, cfg.eval).test
-    users, items, asof = eval_inputs(es.history, es.users, ds.catalog, bundle.content,
-                                     int(bundle.config["tower"]["recent"]), cfg.embedder.history_half_life, at=es.at)
-    content = np.vstack([bundle.content, np.zeros((1, bundle.content.shape[1]), np.float32)])
-    towers = _RegisteredTowers(bundle.user_tower, item_tower, bundle.known)
+    users, items, asof = eval_inputs(es.history, es.users, ds.catalog, a["content"],
+                                     int(reg.config["tower"]["recent"]), cfg.embedder.history_half_life, at=es.at)
+    content = np.vstack([a["content"], np.zeros((1, a["content"].shape[1]), np.float32)])
+    towers = _RegisteredTowers(reg.user_tower(), reg.item_tower(), a["known"])
     topk = np.full((len(es), 50), -1, np.int64)
     for idx, _, rows, _ in rank_by_time(towers, ValidationData(es, users, items, asof), content, ds.catalog.index, 50,
                                         cfg.serve.faiss_index):
         topk[idx] = rows
-    label = alias or f"v{bundle.version}"
-    return Replay(label, bundle.version, score_topk(f"{label} (v{bundle.version})", topk, es, len(ds.catalog), protocol,
+    label = alias or f"v{reg.version}"
+    return Replay(label, reg.version, score_topk(f"{label} (v{reg.version})", topk, es, len(ds.catalog), protocol,
                                                   n_boot=n_boot, keep_topk=True))
 
 

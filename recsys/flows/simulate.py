@@ -33,7 +33,7 @@ import polars as pl
 from tqdm.auto import tqdm
 
 from recsys.config import ArmConfig, Config
-from recsys.pipeline import console
+from recsys.progress import console
 
 ALIASES = ("sim-champion", "sim-challenger")
 
@@ -117,7 +117,9 @@ def prepare(cfg: Config, challenger: list[str], split_name: str = "holdout") -> 
     """
     from recsys.data import load_dataset
     from recsys.eval.splits import make_split
-    from recsys.pipeline import build_features, embed_catalog, tags_in_training_window
+    from recsys.embed.catalog import embed_catalog
+    from recsys.eval.inputs import tags_in_training_window
+    from recsys.flows.features import build_features
     from training.train import fit_two_tower
 
     ds = load_dataset(cfg)
@@ -230,10 +232,7 @@ def simulate(cfg: Config, name: str, arms: list[ArmConfig], mode: str = "ab", ex
         eta: position bias of the click model (0: a user engages with every relevant item shown).
         url: drive a service that is already running (configured by you) instead of starting one.
     """
-    import httpx
-
     from recsys.data import load_dataset
-    from recsys.pipeline import build_features, embed_catalog, tags_in_training_window
 
     t0 = time.perf_counter()
     ds = load_dataset(cfg)
@@ -251,25 +250,7 @@ def simulate(cfg: Config, name: str, arms: list[ArmConfig], mode: str = "ab", ex
     run = SimulationRun(name, logs, users.height)
     sim_cfg = cfg.model_copy(deep=True)
     if url is None:
-        iv, ds = embed_catalog(cfg, ds, cold=False)
-        # the item contents the arms trained on (prepare): user tags limited to the split's training window
-        ds, iv = tags_in_training_window(cfg, ds, iv, w.split)
-        repo_name = "sim_" + "".join(c if c.isalnum() else "_" for c in name)
-        # A fresh store for every run: an earlier run's repository would keep its materialization watermark
-        # (an incremental materialize then writes nothing) and its clicks. SQLite, so that nothing outlives
-        # the folder (Redis keeps the newest row per key, which would be an earlier run's pushes).
-        shutil.rmtree(cfg.feast_dir / repo_name, ignore_errors=True)
-        store_cfg = cfg.model_copy(update={"features": cfg.features.model_copy(update={"online_store": "sqlite"})})
-        build_features(store_cfg, ds, iv.vectors, iv, w.pre, name=repo_name, materialize=True)
-        sim_cfg = Config.model_validate({
-            **store_cfg.model_dump(mode="json"),
-            "serve": {**cfg.serve.model_dump(mode="json"), "feature_repo": repo_name,
-                      "model_alias": arms[0].alias or cfg.serve.model_alias, "rerank": False},
-            # its own event log, fresh each run: a replay's clicks never reach the work directory's real log
-            "events": {"backend": "sqlite", "path": str(folder / "events.db")},
-            "experiment": {"name": name, "arms": [a.model_dump(mode="json") for a in arms], "mode": mode,
-                           "explore": explore, "temperature": temperature, "salt": salt or f"sim-{name}",
-                           "log": True, "log_dir": str(logs), "flush_s": 1.0}})
+        ds, sim_cfg = replay_service_config(cfg, ds, w, name, arms, mode, explore, temperature, salt, folder)
     folder.mkdir(parents=True, exist_ok=True)
     users.with_columns(pl.lit(name).alias("simulation")).write_parquet(folder / "users.parquet")
     item_segments(ds, w).write_parquet(folder / "items.parquet")
@@ -278,33 +259,71 @@ def simulate(cfg: Config, name: str, arms: list[ArmConfig], mode: str = "ab", ex
          "split": split_name, "first_arrival": w.cut.isoformat(), "arms": [a.model_dump() for a in arms], "users": users.height,
          "dataset": ds.name}, indent=2, default=str))
 
-    def drive(base: str) -> None:
-        with httpx.Client(base_url=base, timeout=60) as client:
-            for row in tqdm(users.iter_rows(named=True), total=users.height, desc=f"simulate[{name}]", unit="user"):
-                at = row["arrival"]
-                at = at.replace(tzinfo=timezone.utc) if at.tzinfo is None else at
-                r = client.post("/recommend", json={"user_id": row["user_id"], "k": k, "at": at.isoformat()})
-                run.requests += 1
-                if r.status_code != 200:
-                    run.errors += 1
-                    continue
-                body = r.json()
-                run.arms[body["arm"]] = run.arms.get(body["arm"], 0) + 1
-                shown = [i["item_id"] for i in body["items"]]
-                for pos in clicks(row["user_id"], shown, set(row["future"]), eta, seed):
-                    ok = client.post("/interactions", json={
-                        "user_id": row["user_id"], "item_id": shown[pos], "request_id": body["request_id"],
-                        "timestamp": (at + timedelta(seconds=pos + 1)).isoformat()})
-                    run.engagements += ok.status_code == 202
-                    run.errors += ok.status_code != 202
-
     if url is not None:
-        drive(url)
+        drive(url, run, users, k, eta, seed)
     else:
         with Service(sim_cfg) as svc:
-            drive(svc.url)
+            drive(svc.url, run, users, k, eta, seed)
     run.seconds = round(time.perf_counter() - t0, 1)
     (folder / "run.json").write_text(json.dumps(run.to_dict(), indent=2))
     console.print(f"simulation {name}: {run.users} users, {run.requests} requests, {run.engagements} engagements, "
                   f"{run.errors} errors, arms {run.arms}, logs in {logs}")
     return run
+
+
+def drive(base: str, run: SimulationRun, users: pl.DataFrame, k: int, eta: float, seed: int) -> None:
+    """Each user, at their arrival time, asks the service at ``base`` for ``k`` items and engages with the shown
+    items they really went on to use (the position-biased click model); counts go to ``run``."""
+    import httpx
+
+    with httpx.Client(base_url=base, timeout=60) as client:
+        for row in tqdm(users.iter_rows(named=True), total=users.height, desc=f"simulate[{run.name}]", unit="user"):
+            at = row["arrival"]
+            at = at.replace(tzinfo=timezone.utc) if at.tzinfo is None else at
+            r = client.post("/recommend", json={"user_id": row["user_id"], "k": k, "at": at.isoformat()})
+            run.requests += 1
+            if r.status_code != 200:
+                run.errors += 1
+                continue
+            body = r.json()
+            run.arms[body["arm"]] = run.arms.get(body["arm"], 0) + 1
+            shown = [i["item_id"] for i in body["items"]]
+            for pos in clicks(row["user_id"], shown, set(row["future"]), eta, seed):
+                ok = client.post("/interactions", json={
+                    "user_id": row["user_id"], "item_id": shown[pos], "request_id": body["request_id"],
+                    "timestamp": (at + timedelta(seconds=pos + 1)).isoformat()})
+                run.engagements += ok.status_code == 202
+                run.errors += ok.status_code != 202
+
+
+def replay_service_config(cfg: Config, ds, w, name: str, arms: list[ArmConfig], mode: str, explore: str,
+                          temperature: float, salt: str | None, folder: Path):
+    """The replay's own feature store (the pre-period only, fresh each run) and the configuration of the service
+    it starts: the experiment's arms, its own event log and experiment logs.
+
+    Returns:
+        (the dataset with the item contents the arms trained on, the service's Config)."""
+    from recsys.embed.catalog import embed_catalog
+    from recsys.eval.inputs import tags_in_training_window
+    from recsys.flows.features import build_features
+
+    iv, ds = embed_catalog(cfg, ds, cold=False)
+    # the item contents the arms trained on (prepare): user tags limited to the split's training window
+    ds, iv = tags_in_training_window(cfg, ds, iv, w.split)
+    repo_name = "sim_" + "".join(c if c.isalnum() else "_" for c in name)
+    # A fresh store for every run: an earlier run's repository would keep its materialization watermark
+    # (an incremental materialize then writes nothing) and its clicks. SQLite, so that nothing outlives
+    # the folder (Redis keeps the newest row per key, which would be an earlier run's pushes).
+    shutil.rmtree(cfg.feast_dir / repo_name, ignore_errors=True)
+    store_cfg = cfg.model_copy(update={"features": cfg.features.model_copy(update={"online_store": "sqlite"})})
+    build_features(store_cfg, ds, iv.vectors, iv, w.pre, name=repo_name, materialize=True)
+    logs = folder / "logs"
+    return ds, Config.model_validate({
+        **store_cfg.model_dump(mode="json"),
+        "serve": {**cfg.serve.model_dump(mode="json"), "feature_repo": repo_name,
+                  "model_alias": arms[0].alias or cfg.serve.model_alias, "rerank": False},
+        # its own event log, fresh each run: a replay's clicks never reach the work directory's real log
+        "events": {"backend": "sqlite", "path": str(folder / "events.db")},
+        "experiment": {"name": name, "arms": [a.model_dump(mode="json") for a in arms], "mode": mode,
+                       "explore": explore, "temperature": temperature, "salt": salt or f"sim-{name}",
+                       "log": True, "log_dir": str(logs), "flush_s": 1.0}})
