@@ -140,11 +140,12 @@ def test_the_layers_point_one_way_and_nothing_imports_in_a_circle():
             visit(m, [m])
 
 
-def test_no_file_over_500_lines_and_no_flow_function_over_80():
+def test_no_file_over_500_lines_and_no_flow_or_pipeline_function_over_80():
     sizes = {p: len(p.read_text().splitlines()) for p in modules().values()}
     big = {str(p.relative_to(ROOT)): n for p, n in sizes.items() if n > 500}
     assert not big, f"files over 500 lines: {big}"
-    for p in (ROOT / "recsys" / "flows").glob("*.py"):
+    pipeline = [ROOT / "recsys" / f for f in ("embed/catalog.py", "eval/inputs.py", "eval/compare.py", "progress.py")]
+    for p in [*(ROOT / "recsys" / "flows").glob("*.py"), *pipeline]:
         for node in ast.walk(ast.parse(p.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 n = node.end_lineno - node.lineno + 1

@@ -371,14 +371,11 @@ def test_the_pipeline_chooses_the_item_input_on_validation_registers_it_and_ever
     cands = item_input_candidates(cfg, ds, iv)
     run = run_protocol(cfg, ds, iv, "loo", register=True, baselines=("popularity",), candidates=cands)
     choice = run.extra["item_input"]
-    # every input with newest_items 0 (no ids), then the better two of them (on validation) with 1, then the lead
-    # of those five with ids
+    # the rounds themselves are checked in test_variant_search_halves_then_screens_ids_on_the_lead (fast); here: six
+    # variants (three inputs, the better two with newest1, the lead with ids), the best on validation kept
     val = choice["val_ndcg10"]
-    first = {m: val[f"{m}+newest0"] for m in ("fused", "text", "concat")}
-    better = sorted(first, key=lambda m: -first[m])[:2]
-    no_ids = {f"{m}+newest0" for m in first} | {f"{m}+newest1" for m in better}
-    lead = max(sorted(no_ids, key=list(val).index), key=lambda m: val[m])
-    assert set(val) == no_ids | {f"{lead}+ids"}
+    assert len(val) == 6 and sum(label.endswith("+ids") for label in val) == 1
+    assert choice["variant"] == max(val, key=lambda m: (val[m], -list(val).index(m)))
     assert choice["variant"] == f"{choice['chosen']}+newest{choice['newest_items']}" + ("+ids" if choice["id_embeddings"] else "")
     assert run.trained.module.model.cfg.use_ids == choice["id_embeddings"]
     assert choice["val_ndcg10"][choice["variant"]] == max(choice["val_ndcg10"].values()) and choice["screen_epochs"] == 1
@@ -495,3 +492,52 @@ def test_cold_training_hides_every_items_id_and_statistics_as_its_test_items_hav
     assert cfg.with_train(id_embeddings=[False, True]).train.for_protocol("cold").id_choices == [False]  # nothing to screen
     assert cfg.with_train(id_embeddings=[False, True], cold_id_dropout=0.5).train.for_protocol("cold").id_choices == [False, True]
     assert 0.3 < hidden["loo"][0] < 0.9 and 0.3 < hidden["loo"][1] < 0.9
+
+
+def test_variant_search_halves_then_screens_ids_on_the_lead(monkeypatch, tmp_path):
+    """Successive halving (recsys.flows.protocol.VariantSearch) with made-up validation scores: every input with
+    the first values, the better half of the inputs with the other newest_items values, the lead with the other
+    id_embeddings values; the best kept (ties: the first trained) and trained on from its screening fit."""
+    from types import SimpleNamespace
+
+    from recsys.flows import protocol
+    from tests.conftest import small_config
+
+    scores = {"fused+newest0": 0.30, "text+newest0": 0.10, "concat+newest0": 0.20, "fused+newest1": 0.35,
+              "concat+newest1": 0.40, "concat+newest1+ids": 0.40}
+    trained, resumed = [], []
+
+    def fake_fit(cfg, catalog, split, repo, vectors, max_epochs=None, name="", rows_cache=None, resume=None):
+        if resume is not None:
+            resumed.append((resume.name, cfg.train.newest_items, cfg.train.id_embeddings))
+            return SimpleNamespace(name=resume.name, val_results=resume.val_results, content_vectors=vectors, epochs=3,
+                                   examples_per_s=1.0, seconds=2.0)
+        label = name.removeprefix("two-tower[").removesuffix("]")
+        trained.append((label, max_epochs))
+        est = SimpleNamespace(estimates={"NDCG@10": SimpleNamespace(mean=scores[label])})
+        return SimpleNamespace(name=name, val_results=[est], content_vectors=vectors, epochs=1, examples_per_s=1.0,
+                               seconds=1.0)
+
+    monkeypatch.setattr(protocol, "fit_two_tower", fake_fit)
+    def fake_input(self, mode):
+        return self.inputs.setdefault(mode, protocol.ProtocolInput(SimpleNamespace(catalog=None),
+                                                                   SimpleNamespace(model_version=mode), None, None))
+
+    monkeypatch.setattr(protocol.VariantSearch, "input", fake_input)
+    cfg = small_config(tmp_path, train={"max_epochs": 3, "select_epochs": 1, "newest_items": [0, 1],
+                                        "id_embeddings": [False, True]})
+    search = protocol.VariantSearch(cfg, None, SimpleNamespace(name="loo"), {"fused": 0, "text": 0, "concat": 0})
+    best = search.run()
+    assert [label for label, _ in trained] == ["fused+newest0", "text+newest0", "concat+newest0", "fused+newest1",
+                                               "concat+newest1", "concat+newest1+ids"]
+    assert all(epochs == 1 for _, epochs in trained)  # screening fits
+    assert best.label == "concat+newest1" and best.trained.name == "two-tower"  # the tie goes to the first trained
+    assert resumed == [("two-tower[concat+newest1]", 1, False)]
+    extra = search.record(best)["item_input"]
+    assert extra["val_ndcg10"] == scores and extra["chosen"] == "concat" and extra["screen_epochs"] == 1
+    assert search.record(best)["train_s"] == 2.0 + 5 * 1.0  # the kept fit and the five that lost
+    one = protocol.VariantSearch(cfg.with_train(newest_items=0, id_embeddings=False), None, SimpleNamespace(name="loo"),
+                                 {"fused": 0})
+    trained.clear()
+    scores["two-tower"] = 0.1
+    assert one.run().label == "fused" and trained == [("two-tower", None)]  # a single variant trains fully at once

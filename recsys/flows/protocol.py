@@ -110,7 +110,7 @@ class VariantSearch:
             self.report(best)
         if self.screen:
             best.trained = fit_two_tower(self.cfg.with_train(newest_items=best.newest_items, id_embeddings=best.id_embeddings),
-                                         self.inputs[best.item_input].ds.catalog, self.split, None,
+                                         self.input(best.item_input).ds.catalog, self.split, None,
                                          best.trained.content_vectors, name=best.trained.name, resume=best.trained)
         best.trained.name = "two-tower"
         return best
@@ -133,7 +133,7 @@ class VariantSearch:
                                "id_embeddings": best.id_embeddings, "variant": best.label,
                                "val_ndcg10": {v.label: v.val_ndcg10 for v in self.variants.values()},
                                "screen_epochs": self.screen,
-                               "item_vectors": self.inputs[best.item_input].iv.model_version,
+                               "item_vectors": self.input(best.item_input).iv.model_version,
                                "kept_val_ndcg10": max((r.estimates["NDCG@10"].mean for r in trained.val_results),
                                                       default=None)}}
 
