@@ -15,6 +15,7 @@ import polars as pl
 def run(args) -> dict:
     from recsys.config import ArmConfig, Config
     from recsys.experiments import analysis as A
+    from recsys.experiments import off_policy as OP
     from recsys.experiments.report import write_report
     from recsys.flows.simulate import prepare, simulate
 
@@ -56,8 +57,8 @@ def run(args) -> dict:
     il = A.interleaving_test(credit)
     sizes = [20, 50, 100, 200, 400, 800, 1600, 3200, 6400, 12800]
     curve = A.users_needed(users, credit, "champion", "challenger", sizes, reps=300)
-    ope = A.ope_estimates(A.ope_terms(d["explore"], None))
-    truth = A.policy_value(d["aa"])
+    ope = OP.ope_estimates(OP.ope_terms(d["explore"], None))
+    truth = OP.policy_value(d["aa"])
     report = write_report(d["ab"], ex / "report", interleaved=d["il"], explored=d["explore"], truth=d["aa"])
     return {
         "dataset": "ml-latest-small", "posters": bool(args.posters), "holdout_share": cfg.eval.holdout_share,

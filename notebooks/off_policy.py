@@ -35,6 +35,7 @@ import numpy as np
 import polars as pl
 
 from recsys.experiments import analysis as A
+from recsys.experiments import off_policy as OP
 
 EXPERIMENTS = Path(os.environ.get("RECSYS_EXPERIMENTS", "../work/experiments")).resolve()
 explored, truth = A.load(EXPERIMENTS / "explore"), A.load(EXPERIMENTS / "aa")
@@ -44,8 +45,8 @@ print(f"{explored.exposures.height} explored replies at temperature {explored.me
 # ## The logging policy's value, and the truth for the target
 
 # %%
-logged = A.policy_value(explored)
-true = A.policy_value(truth)
+logged = OP.policy_value(explored)
+true = OP.policy_value(truth)
 print(f"engaged items per reply: logging (softmax) {logged[0]:.3f}, target (greedy, simulated) {true[0]:.3f} [{true[1]:.3f}, {true[2]:.3f}]")
 
 # %% [markdown]
@@ -55,8 +56,8 @@ print(f"engaged items per reply: logging (softmax) {logged[0]:.3f}, target (gree
 # baseline and corrects it with the weighted residuals.
 
 # %%
-terms = A.ope_terms(explored, target_temperature=None)
-estimates = A.ope_estimates(terms, n_boot=int(os.environ.get("RECSYS_OPE_BOOT", "1000")))
+terms = OP.ope_terms(explored, target_temperature=None)
+estimates = OP.ope_estimates(terms, n_boot=int(os.environ.get("RECSYS_OPE_BOOT", "1000")))
 table = pl.DataFrame([vars(e) for e in estimates] + [{"estimator": "truth (simulated)", "value": true[0], "low": true[1], "high": true[2]}])
 table
 

@@ -15,7 +15,9 @@
   nightly             the nightly batch: embed changed items, refresh Feast, index, publish
   simulate            replay the held-out period through the service as an online experiment
   experiment prepare  train the simulation's arms and register them under aliases
-  experiment report   tables and figures from an experiment's logs
+  experiment report   the decision, sequential looks, guardrails, tables and figures from the logs
+  experiment plan     users and days a planned experiment needs, from earlier logs
+  experiment traffic  drive a running service with returning simulated users
 
 Every verb takes --help; --debug shows the traceback of a user error.
 """

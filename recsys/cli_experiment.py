@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+import polars as pl
 import typer
 
 from recsys.cli_options import ConfigOpt, DataOpt, EpochsOpt, PostersOpt, SourceOpt, UsersOpt, WorkdirOpt, _config
@@ -111,3 +112,60 @@ def experiment_report(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2)
     typer.echo(f"report: {path}")
+
+
+@experiment_app.command("plan")
+def experiment_plan(
+    logs: Path = typer.Option(..., "--logs", help="Logs of the service from before the launch (any arms; one policy is best)."),
+    mde: float = typer.Option(0.05, help="The smallest relative change worth detecting (0.05: 5% of the mean)."),
+    metric: str = typer.Option("clicks", help="The primary metric: clicks, hit, ndcg or engagement_rate (per user)."),
+    alpha: float = typer.Option(0.05, help="Two-sided error rate."),
+    power: float = typer.Option(0.8, help="Probability of detecting a change of the MDE."),
+    shares: str = typer.Option("0.5,0.5", help="The planned arms' shares, comma-separated (e.g. 0.9,0.1)."),
+):
+    """Before launch: from historical logs, the users a planned experiment needs per day of running and the first
+    day it has them (fixed horizon; the sequential test needs somewhat more)."""
+    from recsys.experiments.analysis import load
+    from recsys.experiments.decision import plan
+
+    try:
+        split = tuple(float(s) for s in shares.split(","))
+        table = plan(load(logs), mde, metric, alpha, power, split)
+    except (FileNotFoundError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+    for row in table.iter_rows(named=True):
+        typer.echo(f"day {row['day']:>3}: {row['users']:>8,} users, mean {row['mean']:.4f}, sd {row['sd']:.4f}, "
+                   f"needed {row['needed'] if row['needed'] is not None else '-':>8} {'<- enough' if row['enough'] else ''}")
+    ready = table.filter(pl.col("enough"))
+    typer.echo(f"-> read it after day {ready['day'][0]} ({ready['needed'][0]:,} users)" if ready.height else
+               f"-> {table['day'].max()} days of such traffic are not enough for a {mde:.1%} change; plan a longer run "
+               "or a larger MDE")
+
+
+@experiment_app.command("traffic")
+def experiment_traffic(
+    url: str = typer.Option(..., help="The running service (e.g. http://127.0.0.1:8000), serving the experiment."),
+    users: int = typer.Option(500, help="Simulated users."),
+    days: int = typer.Option(14, help="Days of traffic (simulated time: it runs in seconds to minutes)."),
+    mean_requests: float = typer.Option(4.0, help="Requests per user over the period (1 to 20, heavy-tailed)."),
+    effect: list[str] = typer.Option([], help="arm=relative click lift planted in that arm (repeatable), e.g. treatment=0.1."),
+    eta: float = typer.Option(1.0, help="Position bias: position p is examined with probability 1/p^eta."),
+    seed: int = typer.Option(0, help="Seed of the users and their clicks."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="The service's API key (X-API-Key), if it has keys."),
+    out: Optional[Path] = typer.Option(None, help="Write the spec and the counts to OUT/traffic.json."),
+):
+    """Drive a running service with returning users over several days (the service assigns arms and writes
+    the logs): test traffic for an experiment before real users see it."""
+    from recsys.experiments.traffic import TrafficSpec, drive
+
+    lifts = {}
+    for e in effect:
+        arm, sep, lift = e.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"{e!r}: expected arm=lift", param_hint="--effect")
+        lifts[arm] = float(lift)
+    run = drive(url, TrafficSpec(users=users, days=days, mean_requests=mean_requests, effect=lifts, eta=eta, seed=seed),
+                headers={"X-API-Key": api_key} if api_key else None, out=out)
+    typer.echo(f"{run.requests:,} requests, {run.clicks:,} clicks, {run.errors:,} errors; arms {run.arms}")
+    raise typer.Exit(1 if run.errors else 0)

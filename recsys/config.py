@@ -283,6 +283,16 @@ class ArmConfig(_Section):
     share: float = Field(0.5, gt=0, le=1)
 
 
+class GuardrailConfig(_Section):
+    """``[experiment.guardrails]``: what the treatment may not make worse, named before launch and tested in the
+    report on the logs (serving/experiments.py logs each reply's latency, fallback and errors)."""
+
+    latency_p99_ms: float | None = Field(100.0, gt=0)  # each arm's p99 of the model's time per reply
+    error_rate_increase: float = Field(0.005, ge=0)  # treatment's error rate over control's, at most
+    fallback_rate_increase: float = Field(0.05, ge=0)  # replies answered by a fallback (popularity, ...), at most
+    coverage_drop: float = Field(0.2, ge=0, le=1)  # distinct items shown, relative to control's, may fall by at most
+
+
 class ExperimentConfig(_Section):
     """An online experiment in the service (serving/experiments.py). No name: no experiment; every reply
     still carries a request id and is logged when ``log`` is on."""
@@ -298,6 +308,14 @@ class ExperimentConfig(_Section):
     log_dir: Path | None = None  # default: <workdir>/experiments/logs
     flush_rows: int = 500  # a log part file is written every this many rows ...
     flush_s: float = 5.0  # ... or this many seconds, whichever comes first
+    # Pre-registration: the decision metric, the others (read with a multiple-testing correction), the smallest
+    # relative effect worth detecting (sizes the plan and the sequential test's prior), the error rate, guardrails
+    primary_metric: Literal["clicks", "hit", "ndcg", "engagement_rate"] = "clicks"
+    secondary_metrics: list[Literal["clicks", "hit", "ndcg", "engagement_rate"]] = ["hit", "ndcg", "engagement_rate"]
+    mde: float = Field(0.05, gt=0, lt=10)  # relative to the control's mean
+    alpha: float = Field(0.05, gt=0, lt=0.5)
+    power: float = Field(0.8, gt=0.5, lt=1)
+    guardrails: GuardrailConfig = Field(default_factory=GuardrailConfig)
 
     @model_validator(mode="after")
     def _arms_add_up(self) -> "ExperimentConfig":

@@ -85,7 +85,14 @@ class ExperimentRouter:
         got: dict[tuple[int, int], RecommendResponse] = {}
         for rec in {id(r): r for p in plan for r, _ in p}.values():
             mine = [(i, j, q) for i, p in enumerate(plan) for j, (r, q) in enumerate(p) if r is rec]
-            for (i, j, _), resp in zip(mine, rec.recommend_many([q for _, _, q in mine])):
+            try:
+                answers = rec.recommend_many([q for _, _, q in mine])
+            except Exception as exc:  # the arm failed these requests: logged per arm (a guardrail), then raised
+                if self.writer is not None:
+                    for i in sorted({i for i, _, _ in mine}):
+                        self._log_error(queries[i], ids[i], type(exc).__name__, (ats or [None] * len(queries))[i])
+                raise
+            for (i, j, _), resp in zip(mine, answers):
                 got[i, j] = resp
         out = []
         for i, q in enumerate(queries):
@@ -128,7 +135,15 @@ class ExperimentRouter:
             "scores": [float(i.score) for i in r.items], "propensities": s.propensities, "teams": s.teams,
             "pool_items": [i.item_id for i in pool.items] if pool is not None else None,
             "pool_scores": [float(i.score) for i in pool.items] if pool is not None else None,
-            "temperature": self.e.temperature if pool is not None else None, "design_id": self.design_id})
+            "temperature": self.e.temperature if pool is not None else None, "design_id": self.design_id,
+            "latency_ms": float(r.timings_ms.get("total_ms", 0.0)), "error": None})
+
+    def _log_error(self, q: Query, request_id: str, error: str, at: datetime | None) -> None:
+        interleaved = self.e.name and self.e.mode == "interleave"
+        self.writer.append("exposures", {
+            "request_id": request_id, "ts": as_utc(at), "user_id": q.user_id, "experiment": self.e.name,
+            "arm": "interleaved" if interleaved else self.arm_of(q.user_id), "mode": self.e.mode if self.e.name else "none",
+            "items": [], "design_id": self.design_id, "error": error})
 
     def close(self) -> None:
         if self.writer is not None:

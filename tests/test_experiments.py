@@ -12,6 +12,7 @@ import polars as pl
 import pytest
 
 from recsys.experiments import analysis as A
+from recsys.experiments import off_policy as OP
 from recsys.experiments.logs import EXPOSURE_SCHEMA, OUTCOME_SCHEMA, LogWriter, read_logs
 from recsys.experiments.policy import assign, inclusion_probs, request_rng, softmax_sample, team_draft
 
@@ -154,10 +155,10 @@ def test_off_policy_estimators_match_hand_computed_values():
           exposure("r2", "u2", "a", ["x"], propensities=[0.5], pool_items=["x", "y", "z"], pool_scores=[0.9, 0.5, 0.1],
                    temperature=0.1)]
     d = data(ex, [("r2", "x")])
-    terms = A.ope_terms(d, target_temperature=None).sort("request_id")
+    terms = OP.ope_terms(d, target_temperature=None).sort("request_id")
     # r1 showed y, which greedy never shows: weight 0; r2 showed x (greedy shows it always): weight 1 / 0.5
     assert terms["ips"].to_list() == [0.0, 2.0] and terms["wsum"].to_list() == [0.0, 2.0]
-    est = {e.estimator: e.value for e in A.ope_estimates(terms, n_boot=50)}
+    est = {e.estimator: e.value for e in OP.ope_estimates(terms, n_boot=50)}
     assert est["IPS"] == pytest.approx(1.0)  # (0 + 2) / 2
     assert est["SNIPS"] == pytest.approx(1.0)  # (0 + 2) / (0 + 2) * k=1
     dm = terms["dm"].to_numpy()
@@ -190,3 +191,102 @@ def test_workers_recording_the_design_at_once_leave_whole_lines_and_no_false_cha
     _record((str(tmp_path), "s2"))
     changes = design_changes(ExperimentData(tmp_path, pl.DataFrame(), pl.DataFrame(), meta=meta()))
     assert len(changes) == 1 and "salt changed" in changes[0], changes
+
+
+# Looking daily, deciding as planned ---------------------------------------------------------------------------
+def test_the_msprt_keeps_daily_looks_at_alpha_where_a_naive_daily_test_does_not():
+    """Normal A/A data read 14 times: the always-valid p-value stops in about alpha of the runs or fewer, a
+    fixed-horizon test read every day stops far more often; a real difference is still found."""
+    from recsys.experiments import sequential as S
+
+    rng = np.random.default_rng(0)
+    seq = naive = 0
+    runs = 300
+    for _ in range(runs):
+        a, b = rng.normal(1.0, 1.0, 1400), rng.normal(1.0, 1.0, 1400)
+        daily = [(a[: 100 * d], b[: 100 * d]) for d in range(1, 15)]
+        looks = S.looks(daily, tau=0.1)
+        seq += S.first_decision(looks) is not None
+        naive += S.first_naive(looks) is not None
+    assert seq / runs <= 0.07 and naive / runs >= 0.12, (seq / runs, naive / runs)
+    a, b = rng.normal(1.0, 1.0, 1400), rng.normal(1.25, 1.0, 1400)
+    looks = S.looks([(a[: 100 * d], b[: 100 * d]) for d in range(1, 15)], tau=0.1)
+    day = S.first_decision(looks)
+    assert day is not None and day <= 14 and looks[day - 1].cs_low > 0  # the confidence sequence excludes 0
+    assert all(x.always_valid_p >= y.always_valid_p for x, y in zip(looks, looks[1:]))  # a running minimum
+
+
+def test_benjamini_hochberg_matches_the_textbook_example():
+    from recsys.experiments.decision import benjamini_hochberg
+
+    p = [0.01, 0.04, 0.03, 0.005, 0.5]
+    q = benjamini_hochberg(p)
+    # sorted 0.005, 0.01, 0.03, 0.04, 0.5 -> 0.025, 0.025, 0.05, 0.05, 0.5 (monotone from the top)
+    assert q.tolist() == pytest.approx([0.025, 0.05, 0.05, 0.025, 0.5])
+
+
+def test_guardrails_fail_on_slow_failing_or_narrow_treatment_and_hold_otherwise():
+    from recsys.experiments.decision import guardrails
+
+    def run(lat_t: float, err_t: int, items_t: int) -> dict:
+        rows = []
+        for u in range(400):
+            arm = "a" if u % 2 else "b"
+            lat, n_items = (5.0, 40) if arm == "a" else (lat_t, items_t)
+            err = "Timeout" if arm == "b" and u < 2 * err_t else None
+            rows.append(exposure(f"r{u}", f"u{u}", arm, [] if err else [f"i{(u + j) % n_items}" for j in range(5)],
+                                 latency_ms=lat, error=err))
+        return {g.name.split(" (")[0]: g.ok for g in guardrails(data(rows, []), "a", "b")}
+
+    assert run(6.0, 0, 40) == {"latency p99": True, "error rate": True, "fallback rate": True, "coverage": True}
+    bad = run(250.0, 40, 10)  # p99 250 ms, 20% errors, a quarter of the items
+    assert not bad["latency p99"] and not bad["error rate"] and not bad["coverage"] and bad["fallback rate"]
+
+
+def test_dropped_log_rows_are_counted_per_arm_and_the_report_warns(tmp_path):
+    from recsys.experiments.logs import read_dropped
+    from recsys.experiments.report import write_report
+
+    w = LogWriter(tmp_path, flush_rows=10_000, flush_s=60, max_queue=5)
+    w._stop.set()  # the writer thread drains nothing more: the queue fills and rows are dropped
+    w._thread.join()
+    for u in range(20):
+        w.append("exposures", exposure(f"r{u}", f"u{u}", "b" if u % 4 == 0 else "a", ["x"]))
+    assert w.dropped == 15 and sum(w.dropped_by.values()) == 15
+    w._flush()
+    assert read_dropped(tmp_path) == {"exposures": {"a": w.dropped_by["exposures/a"], "b": w.dropped_by["exposures/b"]}}
+    d = planted(400, 0.1, 0.1, seed=4)
+    d.dropped = read_dropped(tmp_path)
+    text = write_report(d, tmp_path / "report").read_text()
+    assert "LOG ROWS WERE DROPPED" in text and "exposures: a" in text
+
+
+def test_off_policy_intervals_resample_users_so_repeat_visitors_widen_them():
+    """Ten requests per user, each user's requests alike: an interval over requests would be far too narrow."""
+    rng = np.random.default_rng(3)
+    rows = []
+    for u in range(60):
+        level = rng.choice([0.0, 3.0])  # a user always engages, or never
+        for j in range(10):
+            rows.append({"request_id": f"r{u}-{j}", "user_id": f"u{u}", "ips": level, "wsum": 1.0, "k": 1,
+                         "dm": level, "dr": level})
+    terms = pl.DataFrame(rows)
+    by_user = {e.estimator: e.high - e.low for e in OP.ope_estimates(terms, n_boot=400)}
+    by_request = {e.estimator: e.high - e.low for e in OP.ope_estimates(terms.drop("user_id"), n_boot=400)}
+    assert by_user["IPS"] > 2.5 * by_request["IPS"]
+
+
+def test_interleaving_credit_names_the_arms_and_refuses_a_run_of_other_arms():
+    ex, out = [], []
+    for u in range(100):
+        ex.append(exposure(f"r{u}", f"u{u}", "interleaved", ["p", "q"], teams=["new", "old"]))
+        out.append((f"r{u}", "q"))  # old's item always clicked
+    d = data(ex, out, arms=("new", "old"))
+    credit = A.interleaving_credit(d, control="old", treatment="new")
+    res = A.interleaving_test(credit)
+    assert (res["wins_treatment"], res["wins_control"]) == (0, 100)  # by name, whatever the run's order
+    assert A.interleaving_test(A.interleaving_credit(d, "new", "old"))["wins_treatment"] == 100
+    with pytest.raises(ValueError, match="no \\['champion'\\]"):
+        A.interleaving_credit(d, control="champion", treatment="new")
+    d.meta = {}  # a log without its design: the arms are the teams it credits
+    assert set(A.interleaving_credit(d).columns) >= {"new", "old"}

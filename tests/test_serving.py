@@ -4,6 +4,8 @@ with one heavy user of 520 distinct interactions."""
 
 from __future__ import annotations
 
+import contextlib
+
 import io
 import os
 import socket
@@ -595,8 +597,10 @@ def test_the_app_factory_refuses_a_public_host_without_a_key(trained):
     assert r.returncode != 0 and "refusing to listen on 0.0.0.0 without an API key" in r.stdout + r.stderr
 
 
-def _serve_once(cfg, users: list[str]) -> None:
-    """``uvicorn --factory`` on ``cfg``: one /recommend per user, then SIGTERM (the logs' last rows are written)."""
+@contextlib.contextmanager
+def served(cfg):
+    """``uvicorn --factory`` on ``cfg`` for a ``with`` block (its base URL), then SIGTERM: the logs' last rows
+    are written before the process ends."""
     port = free_port()
     env = {**os.environ, "RECSYS_API_KEYS": KEY, "RECSYS_SERVE_CONFIG": cfg.model_dump_json()}
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "serving.app:app_from_env", "--port", str(port),
@@ -604,11 +608,16 @@ def _serve_once(cfg, users: list[str]) -> None:
     base = f"http://127.0.0.1:{port}"
     try:
         wait_ready(base, proc)
-        with httpx.Client(base_url=base, headers={"X-API-Key": KEY}, timeout=30) as c:
-            assert all(c.get(f"/recommend/{u}?k=5").status_code == 200 for u in users)
+        yield base
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def _serve_once(cfg, users: list[str]) -> None:
+    """One /recommend per user on a fresh service."""
+    with served(cfg) as base, httpx.Client(base_url=base, headers={"X-API-Key": KEY}, timeout=30) as c:
+        assert all(c.get(f"/recommend/{u}?k=5").status_code == 200 for u in users)
 
 
 def test_experiment_logs_carry_their_design_so_an_unequal_split_reads_right_and_a_change_is_reported(trained, tmp_path):
@@ -642,3 +651,52 @@ def test_experiment_logs_carry_their_design_so_an_unequal_split_reads_right_and_
         {"log_dir": str(one), "flush_s": 0.5})}), ["u0001", "u0002"])
     with pytest.raises(ValueError, match="one arm .* nothing to compare"):
         write_report(load(one), tmp_path / "report3")
+
+
+def test_real_traffic_with_returning_users_and_an_unequal_split_is_read_as_preregistered(trained, tmp_path):
+    """Returning users (1-20 requests over 14 simulated days, position-biased clicks, a planted +100% click lift in
+    the 10% arm) sent to a real service: the report checks the split against the recorded 90/10 shares, decides on
+    the pre-registered primary metric, shows the daily sequential looks (the planted effect allows a decision),
+    tests the guardrails from the logged latencies, and corrects the secondary metrics; `experiment plan` sizes a
+    new run from the same logs; an interleaved run of the same arms is reported on its own, in its own arm names."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from recsys.cli import app as cli
+    from recsys.experiments.analysis import load, per_user
+    from recsys.experiments.report import write_report
+    from recsys.experiments.traffic import TrafficSpec, drive
+
+    logs = tmp_path / "logs"
+    exp = {"name": "returning", "salt": "r1", "log_dir": str(logs), "flush_s": 0.5, "primary_metric": "clicks",
+           "mde": 0.5, "guardrails": {"latency_p99_ms": 2000},
+           "arms": [{"name": "control", "share": 0.9}, {"name": "treatment", "share": 0.1}]}
+    cfg = trained.model_copy(update={"experiment": trained.experiment.model_validate(exp)})
+    spec = TrafficSpec(users=600, days=14, mean_requests=5, effect={"treatment": 1.0}, seed=1, concurrency=8)
+    with served(cfg) as base:
+        run = drive(base, spec, headers={"X-API-Key": KEY})
+    assert run.errors == 0 and run.requests > 2 * spec.users and set(run.arms) == {"control", "treatment"}
+    d = load(logs)
+    users = per_user(d)
+    assert users["requests"].max() > 5 and users["requests"].mean() > 2  # repeat visitors, in the logs
+    assert d.exposures["latency_ms"].is_not_null().all() and d.exposures["error"].is_null().all()
+    report = write_report(d, tmp_path / "report").read_text()
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert summary["srm_p"] > 0.001 and "SAMPLE RATIO MISMATCH" not in report.upper()
+    assert "The pre-registered decision: clicks" in report and "q_value" in report and "LOG ROWS WERE DROPPED" not in report
+    seq = summary["sequential"]
+    assert len(seq["looks"]) == 14 and seq["decision_day"] is not None and summary["primary"]["diff"] > 0
+    assert all(g["ok"] for g in summary["guardrails"]), summary["guardrails"]
+    plan = CliRunner().invoke(cli, ["experiment", "plan", "--logs", str(logs), "--mde", "0.2", "--shares", "0.9,0.1"])
+    assert plan.exit_code == 0 and "day  14" in plan.output and "-> " in plan.output, plan.output
+    il_logs = tmp_path / "il"
+    il = trained.model_copy(update={"experiment": trained.experiment.model_validate(
+        {**exp, "name": "returning-il", "mode": "interleave", "log_dir": str(il_logs),
+         "arms": [{"name": "treatment", "share": 0.5}, {"name": "control", "share": 0.5}]})})
+    with served(il) as base:
+        assert drive(base, TrafficSpec(users=80, days=3, seed=2), headers={"X-API-Key": KEY}).errors == 0
+    il_report = write_report(load(il_logs), tmp_path / "il-report").read_text()
+    assert "Interleaving report" in il_report and "'treatment' and 'control'" in il_report
+    both = write_report(d, tmp_path / "both", interleaved=load(il_logs)).read_text()
+    assert "## 9. Interleaving" in both

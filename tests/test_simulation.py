@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from recsys.cli import app as cli
 from recsys.config import ArmConfig
 from recsys.experiments import analysis as A
+from recsys.experiments import off_policy as OP
 from recsys.experiments.policy import assign
 from tests.conftest import small_config
 
@@ -100,8 +101,8 @@ def test_explored_replies_carry_propensities_and_off_policy_estimates_bracket_th
     props = np.concatenate([np.array(p) for p in explored.exposures["propensities"].to_list()])
     assert ((props > 0) & (props <= 1)).all() and (props < 1).any()
     assert explored.exposures["pool_items"].list.len().min() > 10
-    est = {e.estimator: e for e in A.ope_estimates(A.ope_terms(explored, None), n_boot=300)}
-    v, lo, hi = A.policy_value(truth)
+    est = {e.estimator: e for e in OP.ope_estimates(OP.ope_terms(explored, None), n_boot=300)}
+    v, lo, hi = OP.policy_value(truth)
     for name in ("IPS", "SNIPS", "DR"):
         e = est[name]
         assert np.isfinite([e.value, e.low, e.high]).all()

@@ -17,8 +17,8 @@ import numpy as np
 import polars as pl
 from scipy import stats
 
-from recsys.experiments.logs import read_designs, read_logs
-from recsys.experiments.policy import assign, inclusion_probs, request_rng
+from recsys.experiments.logs import read_designs, read_dropped, read_logs
+from recsys.experiments.policy import assign
 
 SRM_ALPHA = 0.001  # the usual threshold: a split this unlikely is broken, whatever the metrics say
 
@@ -37,6 +37,7 @@ class ExperimentData:
     users: pl.DataFrame | None = None  # simulation: user_id, arrival, future, pre_interactions, pre_items_30d
     items: pl.DataFrame | None = None  # simulation: item_id, pre_count, cold, popularity bucket, modalities
     meta: dict = field(default_factory=dict)
+    dropped: dict = field(default_factory=dict)  # kind -> arm -> rows the writers dropped (full queue)
 
     @property
     def arms(self) -> list[str]:
@@ -65,9 +66,21 @@ def load(folder: str | Path) -> ExperimentData:
     if designs and not meta.get("arms"):  # a service's logs: the design it recorded (shares, salt, mode)
         last = designs[-1]
         meta = {**meta, "name": last["experiment"] or root.name, "mode": last["mode"], "salt": last["salt"],
-                "temperature": last.get("temperature"), "arms": [{"name": a["name"], "share": a["share"]} for a in last["arms"]]}
+                "temperature": last.get("temperature"), "arms": [{"name": a["name"], "share": a["share"]} for a in last["arms"]],
+                "plan": last.get("plan")}
     meta["designs"] = designs
-    return ExperimentData(root, exposures, read_logs(logs, "outcomes"), read("users.parquet"), read("items.parquet"), meta)
+    return ExperimentData(root, exposures, read_logs(logs, "outcomes"), read("users.parquet"), read("items.parquet"), meta,
+                          read_dropped(logs))
+
+
+def dropped_warning(d: ExperimentData) -> str | None:
+    """A loud warning when the writers dropped log rows (full queue), with the count per kind and arm: rows lost
+    unevenly per arm bias every comparison."""
+    if not any(d.dropped.values()):
+        return None
+    shown = "; ".join(f"{kind}: " + ", ".join(f"{arm} {n:,}" for arm, n in sorted(arms.items()))
+                      for kind, arms in sorted(d.dropped.items()))
+    return f"LOG ROWS WERE DROPPED (the log writer's queue was full): {shown}. The metrics miss those rows"
 
 
 def design_changes(d: ExperimentData) -> list[str]:
@@ -76,20 +89,26 @@ def design_changes(d: ExperimentData) -> list[str]:
     for before, after in zip(designs, designs[1:]):
         if before["design_id"] == after["design_id"]:  # workers starting together may each record the same one
             continue
-        what = [k for k in ("experiment", "mode", "salt", "arms", "explore", "temperature") if before.get(k) != after.get(k)]
+        what = [k for k in ("experiment", "mode", "salt", "arms", "explore", "temperature", "plan") if before.get(k) != after.get(k)]
         out.append(f"{after['since']}: {', '.join(what)} changed ({before['design_id']} -> {after['design_id']})")
     return out
 
 
 # Per request and per user ---------------------------------------------------------------------------------
-def per_request(d: ExperimentData) -> pl.DataFrame:
+def per_request(d: ExperimentData, until=None) -> pl.DataFrame:
     """One row per reply: arm, time, items shown, engagements (outcomes quoting its request id, on shown
-    items), hit (any engagement) and NDCG of the engaged positions."""
-    shown = d.exposures.select("request_id", "user_id", "arm", "ts", "items").with_row_index("req")
+    items), hit (any engagement) and NDCG of the engaged positions. ``until`` (a datetime): only replies and
+    outcomes up to that time (a look during the experiment)."""
+    exposures, outcomes = d.exposures, d.outcomes
+    if until is not None:
+        exposures, outcomes = exposures.filter(pl.col("ts") <= until), outcomes.filter(pl.col("ts") <= until)
+    if "error" in exposures.columns:  # a failed request showed nothing: the guardrails count it, the metrics do not
+        exposures = exposures.filter(pl.col("error").is_null())
+    shown = exposures.select("request_id", "user_id", "arm", "ts", "items").with_row_index("req")
     long = shown.select("req", "items").explode("items").with_columns(
         pl.int_range(pl.len()).over("req").alias("position")).rename({"items": "item_id"})
     long = long.with_columns((pl.col("position") + 1).alias("position"))
-    clicked = d.outcomes.select("request_id", "item_id").unique().join(
+    clicked = outcomes.select("request_id", "item_id").unique().join(
         shown.select("req", "request_id"), on="request_id").join(long, on=["req", "item_id"])
     per = clicked.group_by("req").agg(
         pl.len().alias("clicks"),
@@ -103,10 +122,10 @@ def per_request(d: ExperimentData) -> pl.DataFrame:
     ).drop("req")
 
 
-def per_user(d: ExperimentData) -> pl.DataFrame:
+def per_user(d: ExperimentData, until=None) -> pl.DataFrame:
     """One row per user and arm: requests, exposures, clicks, hit (share of requests with a click), NDCG, and
-    the pre-period covariates when the simulation recorded them."""
-    r = per_request(d)
+    the pre-period covariates when the simulation recorded them (``until``: as of that time)."""
+    r = per_request(d, until)
     u = r.group_by("user_id", "arm").agg(
         pl.len().alias("requests"), pl.col("exposures").sum(), pl.col("clicks").sum().cast(pl.Float64),
         pl.col("hit").mean(), pl.col("ndcg").mean(), pl.col("ts").min().alias("first_seen"))
@@ -340,21 +359,31 @@ def users_for_difference(users: pl.DataFrame, diff: float, metric: str = "clicks
 
 
 # Interleaving -------------------------------------------------------------------------------------------------
-def interleaving_credit(d: ExperimentData) -> pl.DataFrame:
+def interleaving_credit(d: ExperimentData, control: str | None = None, treatment: str | None = None) -> pl.DataFrame:
     """Per user: clicks credited to each team (the arm that contributed the clicked item) and the preference
-    (+1 the second arm wins, -1 the first arm wins, 0 tie or no click)."""
-    arms = d.arms
+    (+1 ``treatment`` wins, -1 ``control`` wins, 0 tie or no click). The arms are the run's (its recorded design,
+    else the teams in its logs; default control and treatment: the first two), named, never taken by position
+    from another run."""
+    teams = sorted(set(d.exposures["teams"].explode().drop_nulls().to_list())) if "teams" in d.exposures.columns else []
+    arms = [a for a in d.arms if a != "interleaved"] or teams
+    if len(arms) < 2:
+        raise ValueError(f"these logs credit {len(arms)} team(s) {arms}: not an interleaved run of two arms")
+    control, treatment = control or arms[0], treatment or arms[1]
+    missing = [a for a in (control, treatment) if a not in arms]
+    if missing:
+        raise ValueError(f"the interleaved run's arms are {arms}; it has no {missing} (name the same arms in both runs)")
     long = d.exposures.select("request_id", "user_id", "items", "teams").explode("items", "teams").rename(
         {"items": "item_id", "teams": "team"})
     clicked = d.outcomes.select("request_id", "item_id").unique()
     credit = long.join(clicked, on=["request_id", "item_id"]).group_by("user_id", "team").len()
-    wide = credit.pivot(on="team", index="user_id", values="len").fill_null(0)
-    for a in arms[:2]:
+    wide = credit.pivot(on="team", index="user_id", values="len").fill_null(0) if credit.height else \
+        pl.DataFrame({"user_id": []}, schema={"user_id": pl.Utf8})
+    for a in (control, treatment):
         if a not in wide.columns:
             wide = wide.with_columns(pl.lit(0, pl.UInt32).alias(a))
     users = d.exposures.select("user_id").unique()
     wide = users.join(wide, on="user_id", how="left").fill_null(0)
-    a, b = arms[0], arms[1]
+    a, b = control, treatment
     return wide.with_columns(pl.when(pl.col(b) > pl.col(a)).then(1).when(pl.col(b) < pl.col(a)).then(-1)
                              .otherwise(0).alias("preference")).sort("user_id")
 
@@ -399,88 +428,3 @@ def users_needed(ab_users: pl.DataFrame, il_credit: pl.DataFrame, control: str, 
 def first_reaching(curve: pl.DataFrame, column: str, power: float = 0.8) -> int | None:
     hit = curve.filter(pl.col(column) >= power)
     return int(hit["users"].min()) if hit.height else None
-
-
-# Off-policy evaluation ----------------------------------------------------------------------------------------
-@dataclass
-class OPEResult:
-    estimator: str
-    value: float
-    low: float
-    high: float
-
-
-def ope_terms(d: ExperimentData, target_temperature: float | None, k: int | None = None) -> pl.DataFrame:
-    """Per logged request: the IPS term sum_i r_i w_i, the weight sum sum_i w_i, and the doubly robust term,
-    for a target policy over the same candidate pool (greedy top-k when ``target_temperature`` is None,
-    else softmax at that temperature). w_i = P_target(i in list) / P_logging(i in list), item-level: unbiased
-    when engagement with an item does not depend on the rest of the list (no position bias).
-
-    The reward model of the doubly robust estimator is a logistic regression of engagement on the item's
-    pool score and pool rank, fitted on the logged exposures."""
-    from sklearn.linear_model import LogisticRegression
-
-    e = d.exposures.filter(pl.col("pool_items").is_not_null())
-    if e.is_empty():
-        raise ValueError("no exploration in these logs (run the service with experiment.explore = 'softmax')")
-    clicked = set(zip(d.outcomes["request_id"].to_list(), d.outcomes["item_id"].to_list()))
-    # the reward model: features of shown items
-    xs, ys = [], []
-    for row in e.iter_rows(named=True):
-        rank = {i: j for j, i in enumerate(row["pool_items"])}
-        sc = dict(zip(row["pool_items"], row["pool_scores"]))
-        for i in row["items"]:
-            xs.append(_features(sc[i], rank[i]))
-            ys.append(float((row["request_id"], i) in clicked))
-    ys = np.array(ys)
-    model = LogisticRegression(max_iter=1000).fit(np.array(xs), ys) if 0 < ys.sum() < len(ys) else None
-    out = []
-    for row in e.iter_rows(named=True):
-        pool, scores = row["pool_items"], np.array(row["pool_scores"])
-        kk = k or len(row["items"])
-        p_target = inclusion_probs(scores, kk, target_temperature, request_rng(row["request_id"] + "/target"))
-        feats = np.array([_features(s, j) for j, s in enumerate(scores)])
-        r_hat = model.predict_proba(feats)[:, 1] if model is not None else np.full(len(pool), ys.mean() if len(ys) else 0.0)
-        at = {i: j for j, i in enumerate(pool)}
-        ips = wsum = dr_corr = 0.0
-        for i, p0 in zip(row["items"], row["propensities"]):
-            j = at[i]
-            w = p_target[j] / p0
-            r = float((row["request_id"], i) in clicked)
-            ips += w * r
-            wsum += w
-            dr_corr += w * (r - r_hat[j])
-        out.append({"request_id": row["request_id"], "user_id": row["user_id"], "ips": ips, "wsum": wsum, "k": kk,
-                    "dm": float((p_target * r_hat).sum()), "dr": float((p_target * r_hat).sum() + dr_corr)})
-    return pl.DataFrame(out)
-
-
-def _features(score: float, rank: int) -> list[float]:
-    return [score, np.log1p(rank)]
-
-
-def ope_estimates(terms: pl.DataFrame, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> list[OPEResult]:
-    """IPS, SNIPS and DR values per request (mean engaged items per reply) with bootstrap intervals over
-    requests."""
-    ips, w, dr, k = (terms[c].to_numpy() for c in ("ips", "wsum", "dr", "k"))
-
-    def values(idx):
-        ws = w[idx].sum()  # a resample whose weights are all 0 leaves SNIPS undefined (nan, skipped below)
-        return {"IPS": ips[idx].mean(), "SNIPS": ips[idx].sum() / ws * k[idx].mean() if ws > 0 else np.nan,
-                "DR": dr[idx].mean()}
-
-    point = values(np.arange(len(ips)))
-    rng = np.random.default_rng(seed)
-    boots = [values(rng.integers(0, len(ips), len(ips))) for _ in range(n_boot)]
-    out = []
-    for name, v in point.items():
-        b = np.array([x[name] for x in boots])
-        out.append(OPEResult(name, float(v), float(np.nanquantile(b, alpha / 2)), float(np.nanquantile(b, 1 - alpha / 2))))
-    return out
-
-
-def policy_value(d: ExperimentData) -> tuple[float, float, float]:
-    """The simulated ground truth of a run: mean engaged items per reply, with a normal 95% interval."""
-    c = per_request(d)["clicks"].to_numpy().astype(float)
-    se = c.std(ddof=1) / np.sqrt(len(c)) if len(c) > 1 else 0.0
-    return float(c.mean()), float(c.mean() - 1.96 * se), float(c.mean() + 1.96 * se)

@@ -6,6 +6,7 @@ never waits on a disk.
     <logs>/outcomes/date=YYYY-MM-DD/part-<pid>-<n>-<uuid>.parquet   (logs from before the event log)
     <logs>/events.json   where the service's interaction event log is: its events that quote a request id are
                          the outcomes (recsys/events.py)
+    <logs>/dropped/<pid>.json  rows a full queue dropped, per kind and arm (the report warns when there are any)
     <logs>/designs.jsonl the experiment's design (name, mode, salt, arms and shares, exploration) each time the
                          service started with a new one; every exposure row names its ``design_id``, so the
                          analysis reads the shares the split was made with, and sees a design changed mid-run
@@ -41,8 +42,11 @@ EXPOSURE_SCHEMA = {
     "pool_scores": pl.List(pl.Float64),
     "temperature": pl.Float64,  # exploration's softmax temperature (null: greedy)
     "design_id": pl.Utf8,  # the design (designs.jsonl) in force when the reply was made (null: older logs)
+    "latency_ms": pl.Float64,  # the arm's own time for this reply (model, features, search; not the HTTP layer)
+    "error": pl.Utf8,  # a request the arm failed to answer: the error's type (no items); null for a reply
 }
 DESIGNS = "designs.jsonl"
+DROPPED = "dropped"
 OUTCOME_SCHEMA = {
     "request_id": pl.Utf8, "ts": pl.Datetime("us", "UTC"), "user_id": pl.Utf8, "item_id": pl.Utf8,
     "event": pl.Utf8, "value": pl.Float64,
@@ -60,6 +64,7 @@ class LogWriter:
     max_queue: int = 100_000
     dropped: int = 0
     written: dict = field(default_factory=lambda: {k: 0 for k in KINDS})
+    dropped_by: dict = field(default_factory=dict)  # "<kind>/<arm>" -> rows dropped
 
     def __post_init__(self):
         self.root = Path(self.root)
@@ -76,6 +81,8 @@ class LogWriter:
             self._q.put_nowait((kind, row))
         except queue.Full:
             self.dropped += 1
+            key = f"{kind}/{row.get('arm') or '-'}"
+            self.dropped_by[key] = self.dropped_by.get(key, 0) + 1
 
     def _run(self) -> None:
         last = time.monotonic()
@@ -94,6 +101,11 @@ class LogWriter:
                 return
 
     def _flush(self) -> None:
+        if self.dropped_by:  # this process's drop counts so far, replaced whole (never a torn file)
+            from recsys.index import atomic_write_text
+
+            (self.root / DROPPED).mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.root / DROPPED / f"{os.getpid()}.json", json.dumps(dict(self.dropped_by)))
         for kind, rows in self._buf.items():
             if not rows:
                 continue
@@ -130,8 +142,11 @@ def design_of(e) -> dict:
     """What decides who sees what (an ExperimentConfig): no experiment is one arm, ``control``, with everyone."""
     arms = [{"name": a.name, "share": a.share, "alias": a.alias, "version": a.version} for a in e.arms] if e.name else \
         [{"name": "control", "share": 1.0, "alias": None, "version": None}]
+    plan = {"primary_metric": e.primary_metric, "secondary_metrics": list(e.secondary_metrics), "mde": e.mde,
+            "alpha": e.alpha, "power": e.power, "guardrails": e.guardrails.model_dump()}
     return {"experiment": e.name, "mode": e.mode if e.name else "none", "salt": e.salt if e.name else None, "arms": arms,
-            "explore": e.explore, "temperature": e.temperature if e.explore != "none" else None}
+            "explore": e.explore, "temperature": e.temperature if e.explore != "none" else None,
+            "plan": plan}  # pre-registered: what the report decides on, fixed before the first reply
 
 
 def record_design(root: str | Path, design: dict) -> str:
@@ -156,6 +171,16 @@ def read_designs(root: str | Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_dropped(root: str | Path) -> dict[str, dict[str, int]]:
+    """Rows the writers dropped (full queue), summed over processes: kind -> arm -> count ({} when none)."""
+    out: dict[str, dict[str, int]] = {}
+    for f in sorted((Path(root) / DROPPED).glob("*.json")):
+        for key, n in json.loads(f.read_text()).items():
+            kind, _, arm = key.partition("/")
+            out.setdefault(kind, {})[arm] = out.get(kind, {}).get(arm, 0) + int(n)
+    return out
 
 
 def read_logs(root: str | Path, kind: str) -> pl.DataFrame:
