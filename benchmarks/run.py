@@ -442,11 +442,19 @@ def bench_experiment(args) -> dict:
     return run(args)
 
 
-BENCHES = {"negatives": bench_negatives, "learning-rate": bench_learning_rate, "part-search": bench_part_search, "part-search-dims": bench_part_search_dims, "towers": bench_towers, "newest-items": bench_newest_items, "id-lr": bench_id_lr, "cold-tower": bench_cold_tower, "cold-content": bench_cold_content, "cold-recipe": bench_cold_recipe, "content-match": bench_content_match, "content-match-loo": bench_content_match_loo, "demo": bench_demo, "demo-fused": bench_demo_fused, "demo-newest": bench_demo_newest, "demo-ids": bench_demo_ids, "loo-shift": bench_loo_shift, "features": bench_features, "embedder": bench_embedder, "training": bench_training,
+def bench_traffic(args) -> dict:
+    """Experiments on real service traffic: A/A with daily looks, the split check, interval coverage with repeat
+    visitors, a planted +10% effect (a real uvicorn process, returning simulated users)."""
+    from benchmarks.traffic_bench import run
+
+    return run(args)
+
+
+BENCHES = {"traffic": bench_traffic, "negatives": bench_negatives, "learning-rate": bench_learning_rate, "part-search": bench_part_search, "part-search-dims": bench_part_search_dims, "towers": bench_towers, "newest-items": bench_newest_items, "id-lr": bench_id_lr, "cold-tower": bench_cold_tower, "cold-content": bench_cold_content, "cold-recipe": bench_cold_recipe, "content-match": bench_content_match, "content-match-loo": bench_content_match_loo, "demo": bench_demo, "demo-fused": bench_demo_fused, "demo-newest": bench_demo_newest, "demo-ids": bench_demo_ids, "loo-shift": bench_loo_shift, "features": bench_features, "embedder": bench_embedder, "training": bench_training,
            "cold-prior": bench_cold_prior, "inputs": bench_inputs, "embedder-recipe": bench_embedder_recipe,
            "serving": bench_serving, "load": bench_load, "nightly": bench_nightly, "experiment": bench_experiment, "loop": bench_loop,
            "loop-redis": lambda args: bench_loop(argparse.Namespace(**{**vars(args), "loop_store": "redis"}))}
-ORDER = ["demo", "demo-fused", "demo-newest", "demo-ids", "loo-shift", "learning-rate", "negatives", "inputs", "inputs-weights", "towers", "newest-items", "id-lr", "cold-tower", "cold-content", "cold-recipe", "content-match", "content-match-loo", "part-search", "part-search-dims", "serving", "load", "loop", "loop-redis", "nightly", "experiment", "features", "embedder", "embedder-recipe", "training", "cold-prior"]
+ORDER = ["demo", "demo-fused", "demo-newest", "demo-ids", "loo-shift", "learning-rate", "negatives", "inputs", "inputs-weights", "towers", "newest-items", "id-lr", "cold-tower", "cold-content", "cold-recipe", "content-match", "content-match-loo", "part-search", "part-search-dims", "serving", "load", "loop", "loop-redis", "nightly", "experiment", "traffic", "features", "embedder", "embedder-recipe", "training", "cold-prior"]
 
 
 # Rendering --------------------------------------------------------------------------------------------
@@ -825,6 +833,12 @@ def render_experiment(blob: dict) -> list[str]:
     return out
 
 
+def _render_traffic(blob: dict) -> list[str]:
+    from benchmarks.traffic_bench import render
+
+    return render(blob)
+
+
 def render_part_search(blob: dict) -> list[str]:
     lines = ["For each of the 2,947 movies with a poster, the query is its poster alone (or its title alone), embedded as a "
              "query; the target is that movie's full item vector among all 9,742. Held-out: the 589 COLD test movies, "
@@ -960,6 +974,8 @@ RENDER = {"demo": ("Demo: stage timings and metrics", render_demo),
           "loop": ("One loop: concurrent pushes, the event log, the nightly (issue: one loop)", render_loop),
           "loop-redis": ("One loop on Redis: online store and event log (issue: one loop)", render_loop),
           "experiment": ("A/B experiment, simulated on ml-latest-small (issue: experiments)", render_experiment),
+          "traffic": ("Experiments on real service traffic: daily looks, the split check, coverage, a planted effect "
+                      "(issue: experiments on real traffic)", _render_traffic),
           "features": ("Feature store (issue: Feast)", render_features),
           "embedder": ("Embedder", render_embedder),
           "embedder-recipe": ("Embedder: image path (poster <-> text, stage 1)", render_embedder_recipe),
@@ -1014,6 +1030,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reuse", action="store_true", help="experiment: analyse the last run's logs again (no training, no simulation)")
     p.add_argument("--loop-store", dest="loop_store", default="sqlite", choices=["sqlite", "redis"],
                    help="loop: the online store and event log (loop-redis runs redis)")
+    p.add_argument("--traffic-users", dest="traffic_users", type=int, default=8000,
+                   help="traffic: simulated users per run")
     p.add_argument("--nightly-items", dest="nightly_items", type=int, default=2000, help="nightly: synthetic catalog size")
     args = p.parse_args(argv)
     args.argv = argv

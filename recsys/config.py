@@ -315,6 +315,7 @@ class ExperimentConfig(_Section):
     mde: float = Field(0.05, gt=0, lt=10)  # relative to the control's mean
     alpha: float = Field(0.05, gt=0, lt=0.5)
     power: float = Field(0.8, gt=0.5, lt=1)
+    days: int = Field(14, ge=1, le=365)  # the planned duration: one look a day, the group-sequential test's horizon
     guardrails: GuardrailConfig = Field(default_factory=GuardrailConfig)
 
     @model_validator(mode="after")

@@ -200,19 +200,23 @@ def test_the_msprt_keeps_daily_looks_at_alpha_where_a_naive_daily_test_does_not(
     from recsys.experiments import sequential as S
 
     rng = np.random.default_rng(0)
-    seq = naive = 0
-    runs = 300
+    seq = gs = naive = 0
+    runs = 400
     for _ in range(runs):
         a, b = rng.normal(1.0, 1.0, 1400), rng.normal(1.0, 1.0, 1400)
         daily = [(a[: 100 * d], b[: 100 * d]) for d in range(1, 15)]
         looks = S.looks(daily, tau=0.1)
         seq += S.first_decision(looks) is not None
+        gs += S.first_gs(looks) is not None
         naive += S.first_naive(looks) is not None
-    assert seq / runs <= 0.07 and naive / runs >= 0.12, (seq / runs, naive / runs)
+    assert seq / runs <= 0.07 and 0.025 <= gs / runs <= 0.075 and naive / runs >= 0.12, (seq / runs, gs / runs, naive / runs)
     a, b = rng.normal(1.0, 1.0, 1400), rng.normal(1.25, 1.0, 1400)
     looks = S.looks([(a[: 100 * d], b[: 100 * d]) for d in range(1, 15)], tau=0.1)
     day = S.first_decision(looks)
     assert day is not None and day <= 14 and looks[day - 1].cs_low > 0  # the confidence sequence excludes 0
+    assert S.first_gs(looks) is not None
+    half = S.looks([(a[: 100 * d], b[: 100 * d]) for d in range(1, 8)], tau=0.1, planned=14)  # a week of a planned two
+    assert half[-1].gs_bound > looks[-1].gs_bound  # less of alpha is spent by the halfway look
     assert all(x.always_valid_p >= y.always_valid_p for x, y in zip(looks, looks[1:]))  # a running minimum
 
 

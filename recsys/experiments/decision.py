@@ -17,7 +17,7 @@ from scipy import stats
 from recsys.experiments.analysis import ExperimentData, per_user
 
 DEFAULT_PLAN = {"primary_metric": "clicks", "secondary_metrics": ["hit", "ndcg", "engagement_rate"], "mde": 0.05,
-                "alpha": 0.05, "power": 0.8,
+                "alpha": 0.05, "power": 0.8, "days": 14,
                 "guardrails": {"latency_p99_ms": 100.0, "error_rate_increase": 0.005, "fallback_rate_increase": 0.05,
                                "coverage_drop": 0.2}}
 

@@ -143,7 +143,7 @@ def design_of(e) -> dict:
     arms = [{"name": a.name, "share": a.share, "alias": a.alias, "version": a.version} for a in e.arms] if e.name else \
         [{"name": "control", "share": 1.0, "alias": None, "version": None}]
     plan = {"primary_metric": e.primary_metric, "secondary_metrics": list(e.secondary_metrics), "mde": e.mde,
-            "alpha": e.alpha, "power": e.power, "guardrails": e.guardrails.model_dump()}
+            "alpha": e.alpha, "power": e.power, "days": e.days, "guardrails": e.guardrails.model_dump()}
     return {"experiment": e.name, "mode": e.mode if e.name else "none", "salt": e.salt if e.name else None, "arms": arms,
             "explore": e.explore, "temperature": e.temperature if e.explore != "none" else None,
             "plan": plan}  # pre-registered: what the report decides on, fixed before the first reply

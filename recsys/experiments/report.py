@@ -187,16 +187,21 @@ def _decision(r: Report, d: A.ExperimentData, users: pl.DataFrame, control: str,
     control_mean = float(users.filter(pl.col("arm") == control)[primary].mean() or 0.0) if primary != "engagement_rate" else \
         float(row["control"])
     tau = max(plan["mde"] * abs(control_mean), 1e-9)
-    seq = S.sequential_test(d, control, treatment, primary, tau, alpha) if primary != "engagement_rate" else []
+    seq = S.sequential_test(d, control, treatment, primary, tau, alpha, planned=plan["days"]) \
+        if primary != "engagement_rate" else []
     if seq:
-        decided, peeked = S.first_decision(seq, alpha), S.first_naive(seq, alpha)
-        r.lines += ["Sequential (mSPRT, always valid: a daily look is safe; normal mixture with tau = the MDE, "
-                    f"{tau:.4g}): " + (f"a decision was allowed from day {decided}" if decided else
-                                       f"no decision allowed yet after {len(seq)} daily looks") + "; a naive test read "
-                    "daily would have called it on " + (f"day {peeked}" if peeked else "no day") + ".", "",
-                    _md(S.looks_frame(seq)), ""]
-        r.summary["sequential"] = {"method": "mSPRT (normal mixture)", "tau": tau, "decision_day": decided,
-                                   "naive_day": peeked, "looks": S.looks_frame(seq).to_dicts()}
+        decided, gs, peeked = S.first_decision(seq, alpha), S.first_gs(seq), S.first_naive(seq, alpha)
+        r.lines += [f"Daily looks, safe to read every day (planned {plan['days']} days, the logs cover {len(seq)}):", "",
+                    "- group-sequential (O'Brien-Fleming-type alpha spending over the planned looks; reject when |z| >= "
+                    "the look's boundary): " + (f"**a decision was allowed from day {gs}**" if gs else "no decision allowed"),
+                    f"- mSPRT (always valid for any number of looks; normal mixture, tau = the MDE = {tau:.4g}): "
+                    + (f"a decision was allowed from day {decided}" if decided else "no decision allowed"),
+                    "- for contrast, a fixed-horizon test read every day (not valid: peeking) would have stopped on "
+                    + (f"day {peeked}" if peeked else "no day"), "", _md(S.looks_frame(seq)), ""]
+        r.summary["sequential"] = {"methods": ["group-sequential (O'Brien-Fleming spending)", "mSPRT (normal mixture)"],
+                                   "tau": tau, "planned_days": plan["days"], "decision_day": gs,
+                                   "msprt_decision_day": decided, "naive_day": peeked,
+                                   "looks": S.looks_frame(seq).to_dicts()}
     rails = D.guardrails(d, control, treatment)
     if rails:
         failed = [g.name for g in rails if not g.ok]

@@ -14,8 +14,15 @@ under alpha keeps the false-positive rate at alpha however often one looks. Its 
     D +- sqrt(V (V + tau^2) / tau^2 * (log((V + tau^2) / V) - 2 log alpha))
 
 covers the true difference at every look at once. ``tau`` is set from the pre-registered minimum detectable
-effect (the alternative one cares about); the plug-in variance makes it approximate in small samples, which the
-A/A benchmark (`python -m benchmarks.run experiments`) measures.
+effect (the alternative one cares about); the plug-in variance makes it approximate in small samples. The mSPRT
+holds alpha for any number of looks, so with a few planned looks it spends less than alpha (conservative).
+
+Beside it, the group-sequential test for the planned looks (Lan & DeMets' O'Brien-Fleming-type alpha spending):
+at look k, with information fraction t_k (users so far over users at the last planned look), the test rejects
+when |z_k| >= c_k, the boundaries chosen so that the chance of crossing by look k under "no difference" is
+alpha(t_k) = 2 - 2 Phi(z_(1-alpha/2) / sqrt(t_k)); it spends exactly alpha over the planned looks. The
+boundaries are computed by simulating the z statistics' joint law (a Brownian motion at the fractions).
+`python -m benchmarks.run traffic` measures both on real-traffic logs.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
+from scipy import stats
 
 from recsys.experiments.analysis import ExperimentData, per_user, welch_p
 from recsys.experiments.policy import assign
@@ -42,6 +50,12 @@ class Look:
     cs_low: float
     cs_high: float
     naive_p: float
+    z: float = float("nan")
+    gs_bound: float = float("inf")  # the group-sequential boundary for |z| at this look
+
+    @property
+    def gs_reject(self) -> bool:
+        return bool(np.isfinite(self.z) and abs(self.z) >= self.gs_bound)
 
 
 def msprt_lambda(diff: float, var: float, tau2: float) -> float:
@@ -59,26 +73,79 @@ def confidence_sequence(diff: float, var: float, tau2: float, alpha: float) -> t
     return (float(diff - half), float(diff + half))
 
 
-def looks(daily: list[tuple[np.ndarray, np.ndarray]], tau: float, alpha: float = 0.05) -> list[Look]:
+def obf_spent(t: np.ndarray | float, alpha: float) -> np.ndarray:
+    """Alpha spent by information fraction ``t`` (O'Brien-Fleming-type, Lan-DeMets)."""
+    t = np.clip(np.asarray(t, float), 1e-9, 1.0)
+    return 2 - 2 * stats.norm.cdf(stats.norm.ppf(1 - alpha / 2) / np.sqrt(t))
+
+
+def gs_boundaries(fractions: list[float], alpha: float = 0.05, paths: int = 200_000, seed: int = 0) -> np.ndarray:
+    """|z| boundaries at increasing information fractions (the last one 1) spending alpha as obf_spent does,
+    from ``paths`` simulated Brownian paths (the z statistics' joint law under no difference)."""
+    t = np.asarray(fractions, float)
+    key = (tuple(np.round(t, 6)), alpha, paths, seed)
+    if key in _BOUNDS:
+        return _BOUNDS[key]
+    rng = np.random.default_rng(seed)
+    w = np.zeros(paths)
+    alive = np.ones(paths, bool)
+    spent, prev_t, out = 0.0, 0.0, []
+    for tk, target in zip(t, obf_spent(t, alpha)):
+        w += rng.standard_normal(paths) * np.sqrt(max(tk - prev_t, 0.0))
+        prev_t = tk
+        z = np.abs(w) / np.sqrt(max(tk, 1e-12))
+        need = int(round((target - spent) * paths))
+        if need <= 0 or not alive.any():
+            out.append(np.inf)
+            continue
+        candidates = np.sort(z[alive])
+        c = candidates[max(len(candidates) - need, 0)]
+        crossed = alive & (z >= c)
+        spent += crossed.sum() / paths
+        alive &= ~crossed
+        out.append(float(c))
+    _BOUNDS[key] = np.array(out)
+    return _BOUNDS[key]
+
+
+_BOUNDS: dict = {}
+
+
+def looks(daily: list[tuple[np.ndarray, np.ndarray]], tau: float, alpha: float = 0.05,
+          planned: int | None = None) -> list[Look]:
     """The sequence of looks, one per entry of ``daily``: (control values, treatment values) per user, with
-    each user's metric as of that look.
+    each user's metric as of that look. The group-sequential boundaries take the information fraction of a look
+    as its users over the users at the last planned look: the last entry's, or with ``planned`` looks beyond
+    the data, the last entry's users scaled by planned / len(daily) (arrivals assumed steady).
 
     Args:
-        tau: the mixing prior's standard deviation, in the metric's units (e.g. the MDE in absolute terms).
+        tau: the mSPRT mixing prior's standard deviation, in the metric's units (e.g. the MDE in absolute terms).
     """
     out, p_run = [], 1.0
     tau2 = float(tau) ** 2
+    n_last = max(len(daily[-1][0]) + len(daily[-1][1]), 1) if daily else 1
+    n_last *= max(1.0, (planned or len(daily)) / max(len(daily), 1))
+    fractions = [min((len(c) + len(t)) / n_last, 1.0) for c, t in daily]
+    fractions = list(np.maximum.accumulate(np.maximum(fractions, 1e-6)))
+    bounds = gs_boundaries(fractions, alpha) if daily else []
     for day, (c, t) in enumerate(daily, start=1):
         c, t = np.asarray(c, float), np.asarray(t, float)
         if len(c) < 2 or len(t) < 2:
-            out.append(Look(day, len(c), len(t), float("nan"), p_run, -np.inf, np.inf, 1.0))
+            out.append(Look(day, len(c), len(t), float("nan"), p_run, -np.inf, np.inf, 1.0, float("nan"), bounds[day - 1]))
             continue
         diff = float(t.mean() - c.mean())
         var = float(c.var(ddof=1) / len(c) + t.var(ddof=1) / len(t))
         p_run = min(p_run, 1.0 / max(msprt_lambda(diff, var, tau2), 1e-300))
         low, high = confidence_sequence(diff, var, tau2, alpha)
-        out.append(Look(day, len(c), len(t), diff, float(min(p_run, 1.0)), low, high, welch_p(c, t)))
+        z = diff / np.sqrt(var) if var > 0 else float("nan")
+        out.append(Look(day, len(c), len(t), diff, float(min(p_run, 1.0)), low, high, welch_p(c, t), float(z),
+                        float(bounds[day - 1])))
     return out
+
+
+def first_gs(seq: list[Look]) -> int | None:
+    """The first look where the group-sequential test crosses its boundary."""
+    return next((lk.day for lk in seq if lk.gs_reject), None)
 
 
 def first_decision(seq: list[Look], alpha: float = 0.05) -> int | None:
@@ -103,7 +170,7 @@ def daily_user_values(users_by_day: list[pl.DataFrame], metric: str, control: st
 
 
 def looks_frame(seq: list[Look]) -> pl.DataFrame:
-    return pl.DataFrame([lk.__dict__ for lk in seq])
+    return pl.DataFrame([{**lk.__dict__, "gs_reject": lk.gs_reject} for lk in seq])
 
 
 def day_cuts(d: ExperimentData, days: int | None = None) -> list:
@@ -121,31 +188,33 @@ def per_user_by_day(d: ExperimentData, days: int | None = None) -> list[pl.DataF
 
 
 def sequential_test(d: ExperimentData, control: str, treatment: str, metric: str, tau: float, alpha: float = 0.05,
-                    days: int | None = None) -> list[Look]:
-    """The daily looks of this experiment on ``metric`` (per user), with the mSPRT's always-valid p-values."""
-    return looks(daily_user_values(per_user_by_day(d, days), metric, control, treatment), tau, alpha)
+                    days: int | None = None, planned: int | None = None) -> list[Look]:
+    """The daily looks of this experiment on ``metric`` (per user): the mSPRT's always-valid p-values and the
+    group-sequential test over ``planned`` looks (default: the days the logs cover)."""
+    return looks(daily_user_values(per_user_by_day(d, days), metric, control, treatment), tau, alpha, planned)
 
 
 def resalted_rates(users_by_day: list[pl.DataFrame], metric: str, tau: float, salts: int, alpha: float = 0.05,
                    shares: tuple[float, float] = (0.5, 0.5), experiment: str = "aa") -> dict:
     """A/A calibration with daily looks: the users of one policy's logs re-split with ``salts`` salts (what an
-    A/A test with each salt would have assigned); how often the mSPRT stops on a 'difference' at any look, and
-    how often a naive fixed-horizon test read at every look does.
+    A/A test with each salt would have assigned); how often each test says 'different' at some look: the mSPRT,
+    the group-sequential test, a naive fixed-horizon test read at every look, and that test read once at the end.
 
-    Returns: {salts, looks, sequential_rate, naive_rate, final_look_rate} (each a share of the salts)."""
+    Returns: {salts, looks, users, msprt_rate, group_sequential_rate, naive_rate, final_look_rate}."""
     ids = sorted(set().union(*(set(u["user_id"].to_list()) for u in users_by_day)))
-    values = [dict(zip(u["user_id"].to_list(), u[metric].to_numpy().astype(float))) for u in users_by_day]
-    seq = naive = final = 0
+    index = {u: i for i, u in enumerate(ids)}
+    values = np.full((len(ids), len(users_by_day)), np.nan)
+    for j, u in enumerate(users_by_day):
+        values[[index[x] for x in u["user_id"].to_list()], j] = u[metric].to_numpy().astype(float)
+    rates = {"msprt": 0, "gs": 0, "naive": 0, "final": 0}
     for s in range(salts):
-        arm_a = {u: assign(u, experiment, f"aa-{s}", [("a", shares[0]), ("b", shares[1])]) == "a" for u in ids}
-        daily = []
-        for v in values:
-            a = np.array([x for u, x in v.items() if arm_a[u]])
-            b = np.array([x for u, x in v.items() if not arm_a[u]])
-            daily.append((a, b))
+        in_a = np.array([assign(u, experiment, f"aa-{s}", [("a", shares[0]), ("b", shares[1])]) == "a" for u in ids])
+        daily = [(col[in_a & ~np.isnan(col)], col[~in_a & ~np.isnan(col)]) for col in values.T]
         run = looks(daily, tau, alpha)
-        seq += first_decision(run, alpha) is not None
-        naive += first_naive(run, alpha) is not None
-        final += run[-1].naive_p < alpha
-    return {"salts": salts, "looks": len(users_by_day), "sequential_rate": seq / salts, "naive_rate": naive / salts,
-            "final_look_rate": final / salts}
+        rates["msprt"] += first_decision(run, alpha) is not None
+        rates["gs"] += first_gs(run) is not None
+        rates["naive"] += first_naive(run, alpha) is not None
+        rates["final"] += run[-1].naive_p < alpha
+    return {"salts": salts, "looks": len(users_by_day), "users": len(ids), "msprt_rate": rates["msprt"] / salts,
+            "group_sequential_rate": rates["gs"] / salts, "naive_rate": rates["naive"] / salts,
+            "final_look_rate": rates["final"] / salts}
