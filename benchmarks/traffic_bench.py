@@ -143,7 +143,7 @@ def run(args) -> dict:
     root = Path(args.workdir) / "traffic"
     cfg = trained_workdir(root)
     users = int(getattr(args, "traffic_users", None) or 8000)
-    out: dict = {"users": users, "days": DAYS}
+    out: dict = {"users": users, "lift_users": 3 * users // 2, "days": DAYS}
     aa_logs, lift_logs = root / "logs-aa", root / "logs-lift"
     for logs in (aa_logs, lift_logs):
         if logs.exists():
@@ -153,7 +153,8 @@ def run(args) -> dict:
     out["aa_run"] = traffic(cfg, "aa", aa_logs, [{"name": "a", "share": 0.5}, {"name": "b", "share": 0.5}],
                             TrafficSpec(users=users, days=DAYS, seed=1, concurrency=16))
     out["lift_run"] = traffic(cfg, "lift", lift_logs, [{"name": "control", "share": 0.5}, {"name": "treatment", "share": 0.5}],
-                              TrafficSpec(users=users, days=DAYS, seed=2, effect={"treatment": 0.10}, concurrency=16))
+                              TrafficSpec(users=3 * users // 2, days=DAYS, seed=2, effect={"treatment": 0.10},
+                                          concurrency=16))
     aa = load(aa_logs)
     by_day = S.per_user_by_day(aa, DAYS)
     final = by_day[-1]
@@ -209,7 +210,7 @@ def render(blob: dict) -> list[str]:
         f"| repeat visitors: 95% interval of clicks/exposures covers 0 in 93-97% of {c['splits']} A/A splits (delta "
         f"method over users) | {c['delta_method_by_user']:.3f} | {ok(c['delta_method_by_user'], 0.93, 0.97)} |",
         f"| ... the interval over requests as if independent, for contrast | {c['requests_as_independent']:.3f} | |",
-        f"| planted +10% clicks (50/50): day the group-sequential test decides / mSPRT / fixed horizon (day {r['days']}, "
+        f"| planted +10% clicks (50/50, {r['lift_users']:,} users): day the group-sequential test decides / mSPRT / fixed horizon (day {r['days']}, "
         f"p {pl_['fixed_horizon_p']:.3g}) | {pl_['group_sequential_day'] or 'none'} / {pl_['msprt_day'] or 'none'} / "
         f"{pl_['fixed_horizon_day'] or 'not significant'} | "
         f"{'met' if pl_['group_sequential_day'] or pl_['msprt_day'] else 'missed'} |",
