@@ -73,6 +73,8 @@ class ExperimentRouter:
         """Replies for a batch of queries (the service's dynamic batcher): each recommender serves its share
         of the batch in one call; each reply is then shaped (sampled, interleaved) and logged on its own."""
         raw = os.urandom(16 * len(queries)).hex()  # random request ids, one system call per batch
+        if ats:  # a replay's event time: the user statistics are computed as of it
+            queries = [replace(q, at=as_utc(a).timestamp()) if a is not None and q.at is None else q for q, a in zip(queries, ats)]
         ids = [raw[32 * i:32 * (i + 1)] for i in range(len(queries))]
         plan: list[list[tuple[Recommender, Query]]] = []  # per query: the lists it needs, in order
         for q in queries:

@@ -58,6 +58,7 @@ class Query:
     modalities: list[str] | None = None
     rerank: bool | None = None
     recent_item_ids: list[str] | None = None
+    at: float | None = None  # unix seconds the request happens at (a replay's event time); None: now
 
 
 @dataclass
@@ -177,7 +178,8 @@ class Recommender:
         users = self.user_features(snap, [q.user_id for q in queries])
         t_features = (time.perf_counter() - t0) * 1000
         model = f"{self.cfg.train.registered_model}/{snap.model}"
-        now = time.time()
+        # user statistics as of each request's time: a replayed request's own event time, not the wall clock
+        now = np.array([q.at if q.at is not None else time.time() for q in queries], np.float64)
         known_stats = user_stat_matrix(users.n_interactions, users.mean_value, users.first_seen, now)
         out: list[RecommendResponse | None] = [None] * len(queries)
         tower: list[int] = []  # queries the user tower serves
@@ -201,7 +203,7 @@ class Recommender:
                 chron = np.array([snap.index_of[i] for i in recent_ids[::-1]], np.int64)
                 h = history_sums(chron, snap.content_table, self.cfg.embedder.history_half_life)[-1]
                 histories.append((h / max(float(np.linalg.norm(h)), 1e-12)).astype(np.float32))
-                stats.append(user_stat_matrix([len(recent_ids)], [0.0], [0.0], now)[0])
+                stats.append(user_stat_matrix([len(recent_ids)], [0.0], [0.0], now[b])[0])
             tower.append(b)
             recents.append(recent_ids)
             skips[b] = skip

@@ -700,3 +700,30 @@ def test_real_traffic_with_returning_users_and_an_unequal_split_is_read_as_prere
     assert "Interleaving report" in il_report and "'treatment' and 'control'" in il_report
     both = write_report(d, tmp_path / "both", interleaved=load(il_logs)).read_text()
     assert "## 9. Interleaving" in both
+
+
+def test_a_replayed_request_reads_user_statistics_as_of_its_own_time(trained, monkeypatch):
+    """A request that says when it happens (a replay's ``at``) gets the user's statistics as of then, not as of
+    the wall clock (a replayed user would otherwise look years older to the model than in training)."""
+    from features.inputs import user_stat_matrix
+    from recsys import contract
+    from serving import service
+    from serving.service import Query, Recommender
+
+    rec = Recommender.load(trained)
+    seen = []
+
+    def spy(n, mean, first, at):
+        seen.append(np.broadcast_to(np.asarray(at, np.float64), np.shape(n)).copy())
+        return user_stat_matrix(n, mean, first, at)
+
+    monkeypatch.setattr(service, "user_stat_matrix", spy)
+    then = 1_704_067_200.0 + 30 * 86400
+    users = ["heavy", "u0001"]
+    replies = rec.recommend_many([Query(users[0], 5, at=then), Query(users[1], 5)])
+    assert all(r.items for r in replies)
+    assert seen[0][0] == then and abs(seen[0][1] - time.time()) < 120
+    stats_then = user_stat_matrix([520], [1.0], [1_704_067_200.0], then)
+    stats_now = user_stat_matrix([520], [1.0], [1_704_067_200.0], time.time())
+    days = contract.user_stat("log_days_since_first")
+    assert stats_then[0, days] < stats_now[0, days]  # fewer days since the first interaction: what the tower reads

@@ -105,6 +105,18 @@ def _parse_overrides(pairs: list[str]) -> dict:
     return out
 
 
+def check_overlap(cfg: Config, ds, iv, split) -> None:
+    """The demo's embedder-overlap check on the replayed split (DataError, with the simulator's way out)."""
+    from recsys.errors import DataError
+    from recsys.eval.inputs import check_embedder_overlap
+
+    try:
+        check_embedder_overlap(cfg, ds, iv, split)
+    except DataError as exc:
+        raise DataError(f"{exc}; or replay the TEMPORAL split (`recsys experiment prepare --split temporal`), "
+                        "which the weights did not train on") from exc
+
+
 def prepare(cfg: Config, challenger: list[str], split_name: str = "holdout") -> dict:
     """Train both arms on the interactions before the held-out period and register them as sim-champion /
     sim-challenger.
@@ -128,6 +140,9 @@ def prepare(cfg: Config, challenger: list[str], split_name: str = "holdout") -> 
         raise ValueError(f"split {split_name!r}: expected one of {SPLITS}")
     split = make_split(split_name, ds, cfg.eval)
     console.print("simulation arms learn from " + split.describe())
+    # as the demo does: local embedder weights whose co-engagement pairs hold the held-out period's interactions
+    # would hand both arms what they are to be judged on; refused (DataError) with the way out
+    check_overlap(cfg, ds, iv, split)
     ds, iv = tags_in_training_window(cfg, ds, iv, split)  # as the evaluation protocols do; simulate serves the same
     repo = build_features(cfg, ds, iv.vectors, iv, split.train, name="sim_train", materialize=False)
     over = _parse_overrides(challenger)
@@ -308,6 +323,7 @@ def replay_service_config(cfg: Config, ds, w, name: str, arms: list[ArmConfig], 
     from recsys.flows.features import build_features
 
     iv, ds = embed_catalog(cfg, ds, cold=False)
+    check_overlap(cfg, ds, iv, w.split)  # as prepare checks: no embedder that saw the replayed period
     # the item contents the arms trained on (prepare): user tags limited to the split's training window
     ds, iv = tags_in_training_window(cfg, ds, iv, w.split)
     repo_name = "sim_" + "".join(c if c.isalnum() else "_" for c in name)
