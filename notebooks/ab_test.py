@@ -20,7 +20,8 @@
 # segments where a regression hides, the A/A false-positive rate, and the power this experiment had.
 #
 # Set `RECSYS_EXPERIMENTS` (default `../work/experiments`, what the README's commands write). The A/B run is
-# `ab/`, the A/A run `aa/`. Executed by the test suite on a small simulation; the last cell checks the
+# `ab/`, the A/A run `aa/`. The test suite runs it on a real service's logs (returning users, `recsys experiment
+# traffic`); the last cell checks the
 # numbers.
 
 # %%
@@ -120,7 +121,7 @@ plt.show()
 
 # %%
 aa_users = A.per_user(aa)
-fp = A.aa_false_positive_rate(aa_users, splits=int(os.environ.get("RECSYS_AA_SPLITS", "200")))
+fp = A.aa_false_positive_rate(aa_users, splits=int(os.environ.get("RECSYS_AA_SPLITS", "500")))
 aa_diff = A.compare(aa_users, aa.arms[0], aa.arms[1]).filter(pl.col("metric") == "clicks").row(0, named=True)
 print(f"A/A false-positive rate: {fp['rate']:.3f} (95% CI {fp['ci'][0]:.3f}-{fp['ci'][1]:.3f}) over {fp['splits']} splits")
 print(f"the A/A run itself: clicks diff {aa_diff['diff']:+.4f} [{aa_diff['diff_low']:+.4f}, {aa_diff['diff_high']:+.4f}], p {aa_diff['p_value']:.3f}")
@@ -147,6 +148,6 @@ A.minimum_detectable_effect(users)
 # %%
 # The notebook's own checks (the test suite runs it and looks for the last line).
 assert srm_fired, "the broken split should fail the SRM check"
-assert 0.0 < fp["rate"] <= 0.12, fp
+assert 0.03 <= fp["rate"] <= 0.07, fp  # alpha 0.05 +- 0.02: a broken variance (requests as users) would miss
 assert p_row["diff"] < 0 and p_row["p_value"] < 0.05, p_row
 print("CHECKS PASSED")

@@ -25,12 +25,13 @@ ProtocolsOpt = typer.Option(None, "--protocols", help="Comma-separated: loo,cold
 
 def _config(config, workdir, posters=None, data=None, source=None, max_users=None, online_store=None, redis=None,
             embedder=None, dim=None, epochs=None, protocols=None, quiet: bool = False) -> Config:
-    """The run's configuration: ``--config`` if given, else the one saved in the work directory by an earlier
-    demo or train (so every verb on a work directory uses the same dataset), else the defaults; options on the
-    command line override either. Says which dataset it is."""
+    """The run's configuration: the one saved in the work directory by an earlier demo or train (so every verb
+    on a work directory uses the same dataset and model settings), with ``--config``'s sections layered on top
+    (e.g. an ``[experiment]`` to serve), else ``--config`` or the defaults alone; options on the command line
+    override all. Says which dataset it is."""
     saved = Path(workdir or "work") / "config.json"
     base = None
-    if config is None and saved.exists():
+    if saved.exists():
         try:
             base = json.loads(saved.read_text())
         except json.JSONDecodeError as exc:
@@ -55,6 +56,6 @@ def _config(config, workdir, posters=None, data=None, source=None, max_users=Non
     if not quiet:
         from recsys.data import describe_source
 
-        typer.echo(describe_source(cfg) + (f"  [configuration: {saved}]" if base is not None else
-                                            f"  [configuration: {config}]" if config else ""), err=True)
+        where = " + ".join(str(p) for p in ((saved if base is not None else None), config) if p)
+        typer.echo(describe_source(cfg) + (f"  [configuration: {where}]" if where else ""), err=True)
     return cfg

@@ -84,6 +84,14 @@ class EventsConfig(_Section):
     redis_prefix: str = "recsys:events"
 
 
+def _layered(base: dict, top: dict) -> dict:
+    """``top`` over ``base``: nested tables merged key by key, anything else (lists included) replaced."""
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _layered(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def _listed(v) -> list:
     """A setting that is one value or a list of values to screen, as a list."""
     return list(v) if isinstance(v, list) else [v]
@@ -362,16 +370,14 @@ class Config(_Section):
 
     @classmethod
     def load(cls, path: str | Path | None = None, base: dict | None = None, **overrides: Any) -> "Config":
-        """Read a TOML file (optional; else ``base``, e.g. a work directory's saved configuration) and apply
+        """``base`` (e.g. a work directory's saved configuration), a TOML file's sections layered on it, then
         keyword overrides, section by section."""
-        raw: dict[str, Any] = {}
-        if path is not None:
+        raw: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (base or {}).items()}
+        if path is not None:  # the file's sections layered on the base, field by field (lists replaced whole)
             path = Path(path)
             if not path.is_file():
                 raise FileNotFoundError(f"no configuration file {path}")
-            raw = tomllib.loads(path.read_text())
-        elif base is not None:
-            raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+            raw = _layered(raw, tomllib.loads(path.read_text()))
         for key, value in overrides.items():
             if value is None:
                 continue

@@ -166,3 +166,24 @@ def test_cold_overrides_live_in_one_section_and_the_former_flat_names_still_read
         Config.model_validate({"train": {"cold": {"item_content": "sideways"}}})
     saved = Config.model_validate_json(flat.model_dump_json())  # a work directory's config.json round-trips
     assert saved.train.cold == flat.train.cold and "cold_id_dropout" not in flat.model_dump_json()
+
+
+def test_a_config_file_layers_on_the_work_directorys_saved_configuration(tmp_path, capsys):
+    """`recsys serve -c exp.toml --workdir w`: the [experiment] is added to what w was trained with, not a
+    replacement of it (the dataset and model settings stay)."""
+    from recsys.cli import _config
+    from recsys.config import Config
+
+    work = tmp_path / "w"
+    work.mkdir()
+    saved = Config.model_validate({"workdir": str(work), "data": {"source": "synthetic", "path": str(tmp_path / "d")},
+                                   "train": {"max_epochs": 3, "cold": {"id_dropout": 0.5}}, "serve": {"k": 7}})
+    saved.save()
+    toml = tmp_path / "exp.toml"
+    toml.write_text('[experiment]\nname = "e1"\narms = [{name = "a", share = 0.9}, {name = "b", share = 0.1}]\n'
+                    '[serve]\nport = 8123\n[train.cold]\ncontent_match = false\n')
+    cfg = _config(toml, work)
+    assert cfg.data.source == "synthetic" and cfg.train.max_epochs == 3 and cfg.serve.k == 7  # kept
+    assert cfg.experiment.name == "e1" and [a.share for a in cfg.experiment.arms] == [0.9, 0.1] and cfg.serve.port == 8123
+    assert cfg.train.cold.id_dropout == 0.5 and cfg.train.cold.content_match is False  # nested tables merge
+    assert f"{work / 'config.json'} + {toml}" in capsys.readouterr().err
