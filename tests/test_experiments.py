@@ -294,3 +294,17 @@ def test_interleaving_credit_names_the_arms_and_refuses_a_run_of_other_arms():
         A.interleaving_credit(d, control="champion", treatment="new")
     d.meta = {}  # a log without its design: the arms are the teams it credits
     assert set(A.interleaving_credit(d).columns) >= {"new", "old"}
+
+
+def test_an_experiments_outcomes_are_those_of_its_own_replies(tmp_path):
+    """One event log serves every experiment on a work directory: loading one experiment's logs keeps only the
+    outcomes that quote its own replies (another run's clicks are not its outcomes)."""
+    for name, ids in (("one", ["r1", "r2"]), ("two", ["r3"])):
+        w = LogWriter(tmp_path / name, flush_s=0.05)
+        for r in ids:
+            w.append("exposures", exposure(r, "u1", "a", ["x"]))
+        for r in ("r1", "r2", "r3"):  # a shared outcome stream (the event log) holds all three runs' clicks
+            w.append("outcomes", {"request_id": r, "ts": T0, "user_id": "u1", "item_id": "x", "event": "click", "value": None})
+        w.close()
+    assert sorted(A.load(tmp_path / "one").outcomes["request_id"].to_list()) == ["r1", "r2"]
+    assert A.load(tmp_path / "two").outcomes["request_id"].to_list() == ["r3"]

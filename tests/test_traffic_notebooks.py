@@ -34,10 +34,10 @@ def experiments(tmp_path_factory):
     runs = {  # name: (experiment settings, traffic)
         "ab": ({"arms": ab}, TrafficSpec(users=800, days=7, seed=1, effect={"treatment": 0.5}, concurrency=8)),
         "aa": ({"arms": [{"name": "a", "share": 0.5}, {"name": "b", "share": 0.5}]},
-               TrafficSpec(users=1500, days=7, seed=2, eta=0.0, concurrency=8)),
+               TrafficSpec(users=1200, days=7, seed=2, eta=0.0, concurrency=8)),
         "il": ({"arms": ab, "mode": "interleave"}, TrafficSpec(users=300, days=7, seed=3, concurrency=8)),
         "explore": ({"arms": [{"name": "a", "share": 0.5}, {"name": "b", "share": 0.5}], "explore": "softmax",
-                     "temperature": 0.05}, TrafficSpec(users=1500, days=7, seed=4, eta=0.0, concurrency=8)),
+                     "temperature": 0.05}, TrafficSpec(users=1000, days=7, seed=4, eta=0.0, concurrency=8)),
     }
     for name, (exp, spec) in runs.items():
         settings = {"name": f"nb-{name}", "salt": f"nb-{name}", "log_dir": str(ex / name / "logs"), "flush_s": 0.5, **exp}

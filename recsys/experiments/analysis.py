@@ -69,8 +69,10 @@ def load(folder: str | Path) -> ExperimentData:
                 "temperature": last.get("temperature"), "arms": [{"name": a["name"], "share": a["share"]} for a in last["arms"]],
                 "plan": last.get("plan")}
     meta["designs"] = designs
-    return ExperimentData(root, exposures, read_logs(logs, "outcomes"), read("users.parquet"), read("items.parquet"), meta,
-                          read_dropped(logs))
+    # the outcomes of these replies only: one event log serves every experiment run on a work directory
+    outcomes = read_logs(logs, "outcomes")
+    outcomes = outcomes.filter(pl.col("request_id").is_in(exposures["request_id"].implode()))
+    return ExperimentData(root, exposures, outcomes, read("users.parquet"), read("items.parquet"), meta, read_dropped(logs))
 
 
 def dropped_warning(d: ExperimentData) -> str | None:
