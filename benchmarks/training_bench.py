@@ -35,7 +35,7 @@ ITEM_INPUTS = tuple(INPUT_MODES)
 
 
 def item_inputs(base: Config, ds, iv: ItemVectors) -> dict[str, ItemVectors]:
-    """The pipeline's three item inputs (recsys.pipeline.item_input_candidates) under this benchmark's labels."""
+    """The pipeline's three item inputs (recsys.embed.catalog.item_input_candidates) under this benchmark's labels."""
     cands = item_input_candidates(base.with_item_input("auto"), ds, iv)
     return {label: cands[mode] for label, mode in INPUT_MODES.items()}
 

@@ -98,7 +98,7 @@ def test_hard_negatives_are_mined_with_faiss_and_train(world, synthetic):
 
 
 def test_a_fit_stopped_after_some_epochs_and_resumed_is_the_fit_trained_straight_through(world, synthetic):
-    """The item-input screening (recsys.pipeline.run_protocol) trains every input a few epochs and resumes only
+    """The item-input screening (recsys.flows.protocol.VariantSearch) trains every input a few epochs and resumes only
     the best one: the resumed fit must be the model an uninterrupted fit gives (same validation every epoch,
     same weights, hard negatives mined the same), in the same MLflow run, with its epochs counted once."""
     import mlflow

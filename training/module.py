@@ -44,7 +44,7 @@ class TwoTowerModule(L.LightningModule):
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         # dropout's randomness from (seed, epoch, batch, rank), like the batches' own: a fit resumed from its
-        # last epoch (recsys.pipeline's item-input screening) continues exactly as an uninterrupted one would
+        # last epoch (recsys.flows.protocol's variant screening) continues exactly as an uninterrupted one would
         torch.manual_seed(((self.cfg.seed * 100_003 + self.current_epoch) * 100_003 + batch_idx) * 64 + self.global_rank)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

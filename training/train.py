@@ -120,7 +120,7 @@ def fit_two_tower(cfg: Config, catalog: Catalog, split: Split, repo: FeatureRepo
 
     Args:
         max_epochs: stop after this many epochs (default ``cfg.train.max_epochs``); the last epoch is kept
-            so that the fit can be resumed (a screening fit, see recsys.pipeline.run_protocol).
+            so that the fit can be resumed (a screening fit, see recsys.flows.protocol.VariantSearch).
         resume: such a stopped fit, continued from its last epoch up to ``cfg.train.max_epochs`` with its data,
             model, optimizer, early-stopping state and MLflow run (``repo`` and ``content_vectors`` unused)."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

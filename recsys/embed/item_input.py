@@ -1,7 +1,7 @@
 """What the two-tower reads of an item: its fused vector, its text-only vector, or both side by side.
 
 One embedder, three item spaces (the ``embedder.item_input`` setting; ``auto`` lets the pipeline choose on
-validation, see recsys.pipeline.run_protocol):
+validation, see recsys.flows.protocol.VariantSearch):
 
 - ``fused``: every part of the item through the embedder (the native multimodal vector);
 - ``text``: the item's text parts only (an item without text keeps every part: it has nothing else);
