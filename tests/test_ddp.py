@@ -66,6 +66,7 @@ def test_ddp_two_processes_match_one(world, synthetic):
     assert np.corrcoef(s1.ravel(), s2.ravel())[0, 1] > 0.7
 
 
+@pytest.mark.slow  # trains several variants: `make test` runs it, `make test-fast` does not
 def test_variants_sharing_cached_rows_do_not_change_them(world, synthetic):
     """The benchmark fits several variants over one cache of Feast rows; the ID-only variant (zero content
     vectors of another width) must not overwrite the cached rows the next variant reads."""
@@ -81,6 +82,7 @@ def test_variants_sharing_cached_rows_do_not_change_them(world, synthetic):
     fit_two_tower(cfg, synthetic.catalog, split, repo, vectors, name="content", rows_cache=cache)
 
 
+@pytest.mark.slow  # trains the two-tower: `make test` runs it, `make test-fast` does not
 def test_hard_negatives_are_mined_with_faiss_and_train(world, synthetic):
     """hard_negatives > 0: from the second epoch on, every example carries mined negatives that are never
     its positive, and the fit still learns."""
@@ -97,6 +99,7 @@ def test_hard_negatives_are_mined_with_faiss_and_train(world, synthetic):
     assert ((dm.hard >= 0) & (dm.hard < dm.n_items)).all()
 
 
+@pytest.mark.slow  # trains the two-tower: `make test` runs it, `make test-fast` does not
 def test_a_fit_stopped_after_some_epochs_and_resumed_is_the_fit_trained_straight_through(world, synthetic):
     """The item-input screening (recsys.flows.protocol.VariantSearch) trains every input a few epochs and resumes only
     the best one: the resumed fit must be the model an uninterrupted fit gives (same validation every epoch,
