@@ -985,10 +985,86 @@ RENDER = {"demo": ("Demo: stage timings and metrics", render_demo),
           "inputs-weights": ("Two-tower item inputs with other embedder weights (`inputs --weights`; not installed)", render_variants)}
 
 
+def summary() -> list[str]:
+    """The one-page start of BENCHMARKS.md: each headline's current figure with its interval, the record it comes
+    from (its date and code version), and what to read it with. Built from the same result files as the sections
+    below; a record that is missing is named as such."""
+    def blob(name):
+        path = RESULTS / f"{name}.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def src(name, b):
+        return f"`{name}` ({b['date'][:10]}, {b.get('code', '?')})"
+
+    rows = []
+    demo = blob("demo")
+    if demo:
+        res = {(r["protocol"], r["model"]): r for r in demo["results"]["results"]}
+
+        def ci(r, m):
+            e = r[m]
+            return f"{e['mean']:.3f} [{e['low']:.3f}, {e['high']:.3f}]"
+
+        loo = [r for (p, m), r in res.items() if p == "loo" and m != "two-tower" and "rerank" not in m]
+        best = max(loo, key=lambda r: r["HR@10"]["mean"]) if loo else None
+        tt = res.get(("loo", "two-tower"))
+        if tt:
+            rows.append(("LOO HR@10, two-tower (610 users)", ci(tt, "HR@10"), src("demo", demo),
+                         f"best baseline {best['model']} {ci(best, 'HR@10')}: a tie within the intervals; the SASRec row is "
+                         "under-trained (quality issue)" if best else ""))
+        cold = res.get(("cold", "two-tower"))
+        cb = [r for (p, m), r in res.items() if p == "cold" and m != "two-tower" and "rerank" not in m]
+        if cold:
+            b = max(cb, key=lambda r: r["Recall@50"]["mean"]) if cb else None
+            rows.append(("COLD Recall@50, two-tower (new items)", ci(cold, "Recall@50"), src("demo", demo),
+                         (f"best baseline {b['model']} {ci(b, 'Recall@50')}; " if b else "")
+                         + "the recipe was tuned with test looks (quality issue): read as optimistic"))
+        rows.append(("`make demo` wall time", f"{demo['results']['total_s']:.0f} s", src("demo", demo), "2 cores"))
+    serving = blob("serving")
+    if serving:
+        big = max(serving["results"]["latency"], key=lambda x: x["items"])
+        rows.append((f"/recommend p99 at {big['items']:,} items, one request at a time",
+                     f"{big['stages_ms']['total_ms']['p99']:.1f} ms", src("serving", serving), f"index {big['index']['kind']}"))
+    load = blob("load")
+    if load:
+        steps = load["results"]["steps"]
+        one = max(steps["service_1_worker"], key=lambda x: x["rps"])
+        two = max(steps.get("service_2_workers", [{"rps": 0, "p99": 0, "connections": 0}]), key=lambda x: x["rps"])
+        rows.append(("/recommend throughput under load, 1 / 2 workers", f"{one['rps']:,.0f} / {two['rps']:,.0f} req/s",
+                     src("load", load), f"p99 {one['p99']:.0f} / {two['p99']:.0f} ms at {one['connections']} / "
+                     f"{two['connections']} in flight"))
+    loop = blob("loop")
+    if loop:
+        ev = loop["results"]["events"]
+        rows.append(("concurrent interaction pushes lost", f"{ev['accepted_missing_from_log']} of {ev['accepted_ids']:,}",
+                     src("loop", loop), f"{loop['results']['storm']['clients']} clients, retries and cut connections"))
+    nightly = blob("nightly")
+    if nightly:
+        one = nightly["results"]["one_percent_changed"]
+        rows.append(("nightly with 1% of the catalog changed", f"{one['seconds']:.1f} s", src("nightly", nightly),
+                     f"{one['counts']['changed']:,} of {sum(one['counts'][k] for k in ('new', 'changed', 'unchanged')):,} items"))
+    traffic = blob("traffic")
+    if traffic:
+        r = traffic["results"]
+        rows.append(("A/A false positives with 14 daily looks (group-sequential)",
+                     f"{r['aa_daily_looks']['group_sequential_rate']:.3f}", src("traffic", traffic),
+                     f"goal 0.05 +- 0.02; naive daily peeking {r['aa_daily_looks']['naive_rate']:.3f}"))
+        rows.append(("ratio-metric interval coverage with repeat visitors", f"{r['coverage']['delta_method_by_user']:.3f}",
+                     src("traffic", traffic), "goal 0.93-0.97"))
+    out = ["## Summary: the current figures", "",
+           "Each row is the latest record of a benchmark (its section below has the command, machine and details). "
+           "Test figures are read once per record; the variant sections further down report validation unless they say "
+           "otherwise, and older records that a later default superseded stay below as history.", "",
+           "| what | figure | record (date, code) | read with |", "|---|---|---|---|"]
+    out += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    return out + [""]
+
+
 def render() -> Path:
     lines = ["# Benchmarks", "",
              "Generated by `python -m benchmarks.run --render` from `benchmarks/results/*.json`; every figure below",
-             "comes from the command printed with it. Rerun one with `python -m benchmarks.run <name>`.", ""]
+             "comes from the command printed with it. Rerun one with `python -m benchmarks.run <name>`.", "",
+             *summary()]
     for name in ORDER:
         path = RESULTS / f"{name}.json"
         if name not in RENDER:
