@@ -361,7 +361,11 @@ def create_app(cfg: Config, recommender: Recommender | None = None) -> FastAPI:
         """One /recommend through the dynamic batcher (serving/batching.py), answered as JSON bytes built here:
         the reply is already typed (RecommendReply documents it), so FastAPI's re-validation is skipped."""
         check_k(query.k)
-        served, queued_ms, size = await batcher.submit((query, at))
+        try:
+            served, queued_ms, size = await batcher.submit((query, at))
+        except Exception as exc:  # the request's final outcome: an error row for its arm (a guardrail), then raised
+            router.log_failure(query, at, exc)
+            raise
         served.response.timings_ms["queue_ms"] = queued_ms
         served.response.timings_ms["batch"] = size
         return Response(json.dumps(reply(served), separators=(",", ":")).encode(), media_type="application/json")

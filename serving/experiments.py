@@ -87,14 +87,7 @@ class ExperimentRouter:
         got: dict[tuple[int, int], RecommendResponse] = {}
         for rec in {id(r): r for p in plan for r, _ in p}.values():
             mine = [(i, j, q) for i, p in enumerate(plan) for j, (r, q) in enumerate(p) if r is rec]
-            try:
-                answers = rec.recommend_many([q for _, _, q in mine])
-            except Exception as exc:  # the arm failed these requests: logged per arm (a guardrail), then raised
-                if self.writer is not None:
-                    for i in sorted({i for i, _, _ in mine}):
-                        self._log_error(queries[i], ids[i], type(exc).__name__, (ats or [None] * len(queries))[i])
-                raise
-            for (i, j, _), resp in zip(mine, answers):
+            for (i, j, _), resp in zip(mine, rec.recommend_many([q for _, _, q in mine])):
                 got[i, j] = resp
         out = []
         for i, q in enumerate(queries):
@@ -140,12 +133,16 @@ class ExperimentRouter:
             "temperature": self.e.temperature if pool is not None else None, "design_id": self.design_id,
             "latency_ms": float(r.timings_ms.get("total_ms", 0.0)), "error": None})
 
-    def _log_error(self, q: Query, request_id: str, error: str, at: datetime | None) -> None:
+    def log_failure(self, q: Query, at: datetime | None, exc: BaseException) -> None:
+        """A request its arm failed to answer (its final outcome, after the batcher's retry alone): one exposure
+        row with no items and the error's type, so the report's error-rate guardrail counts it per arm."""
+        if self.writer is None:
+            return
         interleaved = self.e.name and self.e.mode == "interleave"
         self.writer.append("exposures", {
-            "request_id": request_id, "ts": as_utc(at), "user_id": q.user_id, "experiment": self.e.name,
+            "request_id": os.urandom(16).hex(), "ts": as_utc(at), "user_id": q.user_id, "experiment": self.e.name,
             "arm": "interleaved" if interleaved else self.arm_of(q.user_id), "mode": self.e.mode if self.e.name else "none",
-            "items": [], "design_id": self.design_id, "error": error})
+            "items": [], "design_id": self.design_id, "error": type(exc).__name__})
 
     def close(self) -> None:
         if self.writer is not None:
