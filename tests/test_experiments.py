@@ -308,3 +308,19 @@ def test_an_experiments_outcomes_are_those_of_its_own_replies(tmp_path):
         w.close()
     assert sorted(A.load(tmp_path / "one").outcomes["request_id"].to_list()) == ["r1", "r2"]
     assert A.load(tmp_path / "two").outcomes["request_id"].to_list() == ["r3"]
+
+
+def test_the_coverage_guardrail_compares_arms_at_equal_numbers_of_replies():
+    """A 90/10 split of one policy: the small arm shows fewer distinct items by size alone, and must not fail."""
+    from recsys.experiments.decision import coverage_at_equal_size, guardrails
+
+    rng = np.random.default_rng(5)
+    rows = []
+    for u in range(1000):
+        arm = "b" if u % 10 == 0 else "a"
+        rows.append(exposure(f"r{u}", f"u{u}", arm, [f"i{j}" for j in rng.choice(400, 5, replace=False)], latency_ms=5.0))
+    raw = [len({i for r in rows if r["arm"] == a for i in r["items"]}) for a in ("a", "b")]
+    assert raw[1] < 0.8 * raw[0]  # raw distinct counts would fail the small arm
+    g = {x.name.split(" (")[0]: x for x in guardrails(data(rows, []), "a", "b")}
+    assert g["coverage"].ok and abs(g["coverage"].control - g["coverage"].treatment) < 0.1 * g["coverage"].control
+    assert coverage_at_equal_size([[["x"], ["y"]], [["x"]]]) == [1.0, 1.0]

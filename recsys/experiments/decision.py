@@ -101,12 +101,30 @@ def guardrails(d: ExperimentData, control: str, treatment: str, catalog_size: in
         p = _rate_worse(k[0], n[0], k[1], n[1], float(g[key]))
         out.append(Guardrail(name, rates[0], rates[1], f"treatment <= control + {g[key]:g}", p, p >= alpha))
     if g.get("coverage_drop") is not None:
-        shown = [x.filter(pl.col("items").list.len() > 0)["items"].explode().n_unique() for x in (c, t)]
+        cov = coverage_at_equal_size([x.filter(pl.col("items").list.len() > 0)["items"].to_list() for x in (c, t)])
         if catalog_size:
-            shown = [s / catalog_size for s in shown]
-        out.append(Guardrail("coverage (distinct items shown" + (", share of catalog)" if catalog_size else ")"),
-                             float(shown[0]), float(shown[1]), f"treatment >= control x {1 - g['coverage_drop']:g}", None,
-                             shown[1] >= shown[0] * (1 - g["coverage_drop"])))
+            cov = [v / catalog_size for v in cov]
+        out.append(Guardrail("coverage (distinct items in equal numbers of replies" + (", share of catalog)" if catalog_size else ")"),
+                             float(cov[0]), float(cov[1]), f"treatment >= control x {1 - g['coverage_drop']:g}", None,
+                             cov[1] >= cov[0] * (1 - g["coverage_drop"])))
+    return out
+
+
+def coverage_at_equal_size(arms: list[list[list[str]]], draws: int = 20, seed: int = 0) -> list[float]:
+    """Distinct items shown per arm in the same number of replies (the smallest arm's): each larger arm's replies
+    subsampled ``draws`` times and averaged. An arm with a tenth of the traffic shows fewer distinct items by size
+    alone; comparing raw counts across an unequal split would fail the smaller arm for nothing."""
+    n = min((len(a) for a in arms), default=0)
+    rng = np.random.default_rng(seed)
+    out = []
+    for replies in arms:
+        if n == 0:
+            out.append(0.0)
+        elif len(replies) == n:
+            out.append(float(len({i for r in replies for i in r})))
+        else:
+            out.append(float(np.mean([len({i for j in rng.choice(len(replies), n, replace=False) for i in replies[j]})
+                                      for _ in range(draws)])))
     return out
 
 
