@@ -25,9 +25,20 @@ class Registered:
     name: str
     version: str
     run_id: str
-    folder: Path  # the run's ARTIFACT_PATH folder
     config: dict  # two_tower.json
     layout: contract.VectorLayout
+    _folder: Path | None = None
+
+    @property
+    def folder(self) -> Path:
+        """The run's ARTIFACT_PATH folder, downloaded on first use (a version or config lookup needs only the
+        config file)."""
+        if self._folder is None:
+            import mlflow
+
+            self._folder = Path(mlflow.artifacts.download_artifacts(run_id=self.run_id,
+                                                                    artifact_path=contract.ARTIFACT_PATH))
+        return self._folder
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The item vectors file's arrays (contract.ITEM_VECTOR_ARRAYS); ``queries`` is empty when absent."""
@@ -72,11 +83,12 @@ def read_registered(cfg: Config, alias: str | None = None, version: str | None =
     name = cfg.train.registered_model
     mv = client.get_model_version(name, version) if version else \
         client.get_model_version_by_alias(name, alias or cfg.serve.model_alias)
-    folder = Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path=contract.ARTIFACT_PATH))
-    config = json.loads((folder / contract.CONFIG_FILE).read_text())
+    config_path = mlflow.artifacts.download_artifacts(run_id=mv.run_id,
+                                                      artifact_path=f"{contract.ARTIFACT_PATH}/{contract.CONFIG_FILE}")
+    config = json.loads(Path(config_path).read_text())
     layout = contract.check(config, where=f"model {name} v{mv.version}") if check else \
         contract.VectorLayout.from_tower(config["tower"])
-    return Registered(name, str(mv.version), mv.run_id, folder, config, layout)
+    return Registered(name, str(mv.version), mv.run_id, config, layout)
 
 
 def registered_or_none(cfg: Config, alias: str | None = None, check: bool = True) -> Registered | None:

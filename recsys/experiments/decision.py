@@ -14,12 +14,12 @@ import numpy as np
 import polars as pl
 from scipy import stats
 
+from recsys.config import ExperimentConfig
 from recsys.experiments.analysis import ExperimentData, per_user
+from recsys.experiments.logs import design_of
+from recsys.experiments.sequential import day_cuts
 
-DEFAULT_PLAN = {"primary_metric": "clicks", "secondary_metrics": ["hit", "ndcg", "engagement_rate"], "mde": 0.05,
-                "alpha": 0.05, "power": 0.8, "days": 14,
-                "guardrails": {"latency_p99_ms": 100.0, "error_rate_increase": 0.005, "fallback_rate_increase": 0.05,
-                               "coverage_drop": 0.2}}
+DEFAULT_PLAN = design_of(ExperimentConfig())["plan"]  # what logs from before plans were recorded are read with
 
 
 def plan_of(d: ExperimentData) -> dict:
@@ -137,8 +137,6 @@ def plan(d: ExperimentData, mde: float, metric: str = "clicks", alpha: float = 0
     read it.
 
     Returns: day, users, mean, sd, needed, enough."""
-    from recsys.experiments.sequential import day_cuts
-
     z = stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)
     smallest = min(shares) / sum(shares)
     rows = []

@@ -70,6 +70,7 @@ class LogWriter:
         self.root = Path(self.root)
         self._q: queue.Queue = queue.Queue(maxsize=self.max_queue)
         self._buf: dict[str, list[dict]] = {k: [] for k in KINDS}
+        self._dropped_written: dict = {}  # the drop counts last written (written again only when they change)
         self._seq = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="recsys-experiment-log", daemon=True)
@@ -101,7 +102,8 @@ class LogWriter:
                 return
 
     def _flush(self) -> None:
-        if self.dropped_by:  # this process's drop counts so far, replaced whole (never a torn file)
+        if self.dropped_by and self.dropped_by != self._dropped_written:  # this process's counts, replaced whole
+            self._dropped_written = dict(self.dropped_by)
             from recsys.index import atomic_write_text
 
             (self.root / DROPPED).mkdir(parents=True, exist_ok=True)
