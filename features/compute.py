@@ -42,6 +42,9 @@ def history_sums(item_rows: np.ndarray, item_vectors: np.ndarray, half_life: flo
     return lfilter([1.0], [1.0, -history_decay(half_life)], V, axis=0).astype(np.float32)
 
 
+SNAPSHOT_CHUNK_ROWS = 200_000  # interactions per chunk of whole users: what one chunk's arrays hold in memory
+
+
 def user_snapshots(interactions: pl.DataFrame, item_vectors: np.ndarray, index: dict[str, int], recent: int = 20,
                    half_life: float = 50.0, last_only: bool = False) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(history, stats) snapshot frames, one row per user and distinct interaction time (``last_only``: only
@@ -52,48 +55,98 @@ def user_snapshots(interactions: pl.DataFrame, item_vectors: np.ndarray, index: 
             normalising, so serving can continue the decayed sum exactly with newer events), recent_item_ids (list[str]), history_count
         stats: user_id, event_timestamp, n_interactions, mean_value, user_first_seen
         (with ``history_events_seq`` / ``stats_events_seq``: the highest event-log sequence folded in so far, 0 without a ``seq`` column)
+    The frames of :func:`user_snapshot_chunks`, concatenated (a writer that streams them never holds them all).
+    """
+    chunks = list(user_snapshot_chunks(interactions, item_vectors, index, recent, half_life, last_only))
+    return pl.concat([h for h, _ in chunks]), pl.concat([s for _, s in chunks])
+
+
+def _user_bounds(users: np.ndarray) -> np.ndarray:
+    """Start of each user's run in a user-sorted array, plus the end: (n_users + 1,)."""
+    return np.flatnonzero(np.r_[True, users[1:] != users[:-1], True]) if len(users) else np.zeros(1, np.int64)
+
+
+def user_snapshot_chunks(interactions: pl.DataFrame, item_vectors: np.ndarray, index: dict[str, int], recent: int = 20,
+                         half_life: float = 50.0, last_only: bool = False, chunk_rows: int = SNAPSHOT_CHUNK_ROWS):
+    """:func:`user_snapshots` computed over chunks of about ``chunk_rows`` interactions (whole users each), so
+    memory is bounded by a chunk, never by the dataset: 10M interactions make 10M snapshots of a 256-d vector
+    (10 GB), which the offline writes stream to parquet chunk by chunk.
+
+    Yields:
+        (history, stats) frames per chunk (an empty input yields one pair of empty frames, with their columns).
     """
     f = interactions.sort(["user_id", "timestamp"], maintain_order=True)
+    if f.is_empty():
+        yield _snapshots(f, item_vectors, index, recent, half_life, last_only)
+        return
+    bounds = _user_bounds(f["user_id"].to_numpy())
+    cuts = [0]
+    for b in bounds[1:]:  # whole users per chunk
+        if b - cuts[-1] >= chunk_rows or b == bounds[-1]:
+            cuts.append(int(b))
+    for lo, hi in zip(cuts[:-1], cuts[1:]):
+        yield _snapshots(f.slice(lo, hi - lo), item_vectors, index, recent, half_life, last_only)
+
+
+def _snapshots(f: pl.DataFrame, item_vectors: np.ndarray, index: dict[str, int], recent: int, half_life: float,
+               last_only: bool) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The snapshots of whole users' time-sorted interactions, vectorised across users: the decayed sums advance
+    one sequence position at a time for every user that long (H_k = decay * H_(k-1) + v_k, the same float64
+    operations as :func:`history_sums`, so the values are bit for bit the per-user ones)."""
+    import pyarrow as pa
+
+    n = f.height
     # the event-log sequence folded into each snapshot (its running max; 0 for the dataset's own rows): serving
     # folds a user's events above it (features.store.fold_events), so no event counts twice or is missed
     seqs = f.select(pl.col("seq").fill_null(0).cum_max().over("user_id")).to_series().to_numpy() \
-        if "seq" in f.columns else np.zeros(f.height, np.int64)
+        if "seq" in f.columns else np.zeros(n, np.int64)
     users = f["user_id"].to_numpy()
-    items = f["item_id"].to_list()
-    rows = np.fromiter((index[i] for i in items), dtype=np.int64, count=len(items))
+    try:
+        rows = f["item_id"].replace_strict(index, return_dtype=pl.Int64).to_numpy()
+    except pl.exceptions.InvalidOperationError as exc:
+        raise KeyError(f"interactions name items outside the catalog: {exc}") from exc
     ts = f["timestamp"]
-    values = f["value"].fill_null(0.0).to_numpy().astype(np.float64)
-    bounds = np.flatnonzero(np.r_[True, users[1:] != users[:-1], True])
-    vecs, keep = np.zeros((len(rows), item_vectors.shape[1]), np.float32), np.zeros(len(rows), bool)
-    norms = np.zeros(len(rows), np.float32)
-    recent_ids: list[list[str]] = []
-    counts = np.zeros(len(rows), np.int64)
-    means = np.zeros(len(rows), np.float32)
     ts_np = ts.to_numpy()
-    for s, e in zip(bounds[:-1], bounds[1:]):
-        sums = history_sums(rows[s:e], item_vectors, half_life)
-        norms[s:e] = np.linalg.norm(sums, axis=1)
-        vecs[s:e] = sums / np.maximum(norms[s:e, None], 1e-12)
-        counts[s:e] = np.arange(1, e - s + 1)
-        means[s:e] = np.cumsum(values[s:e]) / counts[s:e]
-        last_of_time = np.r_[ts_np[s + 1 : e] != ts_np[s : e - 1], True]  # one snapshot per distinct time
-        if last_only:
-            last_of_time[:-1] = False
-        keep[s:e] = last_of_time
-        for k in np.flatnonzero(last_of_time):
-            lo = max(0, k + 1 - recent)
-            recent_ids.append(items[s + lo : s + k + 1][::-1])
-    first = f.group_by("user_id").agg(pl.col("timestamp").min().alias("user_first_seen"))
-    base = pl.DataFrame({"user_id": users[keep], "event_timestamp": ts.filter(pl.Series(keep))})
+    bounds = _user_bounds(users)
+    lengths = np.diff(bounds)
+    start = np.repeat(bounds[:-1], lengths)  # each row's user start
+    pos = np.arange(n) - start  # position in the user's sequence
+    decay = history_decay(half_life)
+    sums = item_vectors[rows].astype(np.float64)
+    longest = np.argsort(-lengths, kind="stable")
+    first_rows, by_length = bounds[:-1][longest], lengths[longest]
+    for p in range(1, int(by_length[0]) if n else 0):
+        m = int(np.searchsorted(-by_length, -p, side="left"))  # users longer than p: a prefix of ``longest``
+        at_p = first_rows[:m] + p
+        sums[at_p] = sums[at_p] + decay * sums[at_p - 1]
+    sums = sums.astype(np.float32)  # what history_sums returns
+    norms = np.linalg.norm(sums, axis=1)
+    vecs = sums / np.maximum(norms[:, None], 1e-12)
+    counts = pos + 1
+    values = f.select(pl.col("value").fill_null(0.0).cast(pl.Float64).cum_sum().over("user_id")).to_series().to_numpy()
+    means = (values / counts).astype(np.float32)
+    user_end = np.repeat(bounds[1:], lengths) - 1
+    keep = np.r_[ts_np[1:] != ts_np[:-1], True][:n] | (np.arange(n) == user_end)  # one snapshot per distinct time
+    if last_only:
+        keep = np.arange(n) == user_end
+    at = np.flatnonzero(keep)
+    # each kept snapshot's newest ``recent`` items, newest first, gathered as one flat list column
+    size = np.minimum(recent, pos[at] + 1)
+    offsets = np.r_[0, np.cumsum(size)].astype(np.int32)
+    take = np.repeat(at, size) - (np.arange(offsets[-1]) - np.repeat(offsets[:-1], size))
+    ids = f["item_id"].gather(take).to_arrow().cast(pa.string())
+    recent_ids = pl.from_arrow(pa.ListArray.from_arrays(pa.array(offsets), ids)).alias("recent_item_ids")
+    first = ts.gather(start[at]).alias("user_first_seen")
+    base = pl.DataFrame([f["user_id"].gather(at), ts.gather(at).alias("event_timestamp")])
     history = base.with_columns(
-        pl.Series("history_vector", vecs[keep], dtype=pl.Array(pl.Float32, vecs.shape[1])).cast(pl.List(pl.Float32)),
-        pl.Series("history_norm", norms[keep]),
-        pl.Series("recent_item_ids", recent_ids, dtype=pl.List(pl.Utf8)),
-        pl.Series("history_count", counts[keep]),
-        pl.Series("history_events_seq", seqs[keep], dtype=pl.Int64),
+        pl.Series("history_vector", vecs[at], dtype=pl.Array(pl.Float32, vecs.shape[1])).cast(pl.List(pl.Float32)),
+        pl.Series("history_norm", norms[at]),
+        recent_ids.cast(pl.List(pl.Utf8)),
+        pl.Series("history_count", counts[at].astype(np.int64)),
+        pl.Series("history_events_seq", seqs[at], dtype=pl.Int64),
     )
-    stats = base.with_columns(pl.Series("n_interactions", counts[keep]), pl.Series("mean_value", means[keep])).join(
-        first, on="user_id", how="left").with_columns(pl.Series("stats_events_seq", seqs[keep], dtype=pl.Int64))
+    stats = base.with_columns(pl.Series("n_interactions", counts[at].astype(np.int64)), pl.Series("mean_value", means[at]),
+                              first, pl.Series("stats_events_seq", seqs[at], dtype=pl.Int64))
     return history, stats
 
 

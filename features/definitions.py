@@ -142,9 +142,11 @@ def repository(data: Path, backend: str, model_version: str, dim: int, recent_it
         source=seen_push,
     )
 
-    # What the two-tower trains on, and what serving reads: the same features, by construction.
+    # What the two-tower trains on, and what serving reads: the same features, by construction. The positive's
+    # content vector is not joined per label: training reads it from the item table it is given, as it does for
+    # the sampled negatives and as serving's index does (features.inputs.TrainingRows).
     training = FeatureService(name=f"two_tower_training__{tag}",
-                              features=[user_history, user_stats, item_embedding, item_stats], tags=tags)
+                              features=[user_history, user_stats, item_stats], tags=tags)
     serving = FeatureService(name=f"two_tower_serving__{tag}", features=[user_history, user_stats, user_seen], tags=tags)
     return Repository(item, user, item_stats, user_stats, item_embedding, user_history, history_push, user_seen, seen_push,
                       training, serving)

@@ -43,6 +43,24 @@ from feast.repo_config import RepoConfig
 
 class AsofDuckDBOfflineStoreConfig(DuckDBOfflineStoreConfig):
     type: Literal["features.offline_store.AsofDuckDBOfflineStore"] = "features.offline_store.AsofDuckDBOfflineStore"
+    # DuckDB's own default is 80% of the machine; joins past this spill to a temporary folder instead
+    memory_limit: str | None = "2GB"
+
+
+class AsofRetrievalJob(IbisRetrievalJob):
+    """Feast's retrieval job, plus the result as a stream of Arrow record batches: a training set of 10M rows
+    (each with a 256-d history vector) is read a batch at a time, never as one pandas frame."""
+
+    def to_arrow_batches(self, rows: int = 100_000):
+        """Yields pyarrow RecordBatches of at most ``rows`` rows, in no particular order."""
+        if self.on_demand_feature_views:
+            raise NotImplementedError("on-demand feature views are not streamed")
+        backend = self.table._find_backend()
+        backend._run_pre_execute_hooks(self.table)  # registers the entity rows (a memtable) with DuckDB
+        # ibis' own to_pyarrow_batches calls DuckDB's fetch_record_batch, which DuckDB 2 renamed; a relation's
+        # reader streams without the extra copy a cursor's makes
+        relation = backend.con.sql(backend.compile(self.table))
+        yield from relation.to_arrow_reader(rows)
 
 
 def asof_join(entity: Table, features: Table, ts: str, event_ts: str, keys: dict[str, str],
@@ -77,6 +95,9 @@ class AsofDuckDBOfflineStore(DuckDBOfflineStore):
         ts_range = _get_entity_df_event_timestamp_range(entity_df, event_ts)
         entity_df = _to_utc(entity_df, event_ts)
         table = ibis.memtable(entity_df)
+        limit = getattr(config.offline_store, "memory_limit", None)
+        if limit:
+            ibis.get_backend().raw_sql(f"SET memory_limit = '{limit}'")
         all_features: list[str] = []
         for fv in feature_views:
             if fv.batch_source is None:
@@ -99,7 +120,7 @@ class AsofDuckDBOfflineStore(DuckDBOfflineStore):
         odfvs = OnDemandFeatureView.get_requested_odfvs(feature_refs, project, registry)
         for odfv in [o for o in odfvs if o.mode == "substrait"]:
             table = odfv.transform_ibis(table, full_feature_names)
-        return IbisRetrievalJob(
+        return AsofRetrievalJob(
             table,
             [o for o in odfvs if o.mode != "substrait"],
             full_feature_names,

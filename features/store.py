@@ -21,7 +21,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import yaml
 
-from features.compute import CATALOG_TIME, item_stats, user_seen, user_snapshots
+from features.compute import CATALOG_TIME, item_stats, user_seen, user_snapshot_chunks
 from features.definitions import Repository, repository
 from recsys.config import Config
 from recsys.data.types import Catalog
@@ -52,6 +52,53 @@ def write_parquet(frame: pl.DataFrame, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # a reader (or a kill) never meets half a file
     pq.write_table(table.cast(schema), tmp, use_compliant_nested_type=False, row_group_size=ROW_GROUP)
     os.replace(tmp, path)
+
+
+class ParquetSink:
+    """A parquet file written frame by frame (row groups of ROW_GROUP), so a writer never holds the whole table:
+    plain types as :func:`write_parquet`, into a temporary file moved into place on a clean exit (removed on an
+    error, leaving the old file as it was).
+
+    ``keep``: rows of the file already at ``path`` to carry over, as a pyarrow expression on its columns, streamed
+    a row group at a time before the new frames (the nightly keeps every user it does not rebuild)."""
+
+    def __init__(self, path: Path, keep=None):
+        self.path, self.keep = path, keep
+        self.tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        self.writer: pq.ParquetWriter | None = None
+        self.rows = 0
+
+    def _write(self, table) -> None:
+        import pyarrow as pa
+
+        if self.writer is None:
+            schema = pa.schema([pa.field(f.name, _plain_type(f.type)) for f in table.schema])
+            self.writer = pq.ParquetWriter(self.tmp, schema, use_compliant_nested_type=False)
+        self.writer.write_table(table.select(self.writer.schema.names).cast(self.writer.schema), row_group_size=ROW_GROUP)
+        self.rows += table.num_rows
+
+    def write(self, frame: pl.DataFrame) -> None:
+        self._write(frame.to_arrow())
+
+    def __enter__(self) -> "ParquetSink":
+        if self.keep is not None and self.path.exists():
+            import pyarrow as pa
+            import pyarrow.dataset as pads
+
+            old = pads.dataset(self.path, format="parquet")
+            self._write(old.schema.empty_table())
+            for batch in old.to_batches(filter=self.keep, batch_size=ROW_GROUP):
+                if batch.num_rows:
+                    self._write(pa.Table.from_batches([batch]))
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if kind is None and self.writer is not None:
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
 
 
 def validate_vectors(ids: list[str], vectors: list | np.ndarray, dim: int, what: str) -> np.ndarray:
@@ -273,25 +320,27 @@ class FeatureRepo:
         ``users`` None rebuilds every user's files; a set rebuilds only those users' snapshots (from their
         whole history, as the decayed sums need it) and keeps every other user's rows as they are: the nightly
         job passes the users with new interactions or with items whose vectors changed."""
+        import pyarrow.dataset as pads
+
         validate_vectors(catalog.ids, item_vectors, self.dim, "item vectors for user histories")
         e = self.cfg.embedder
         mine = interactions if users is None else interactions.filter(pl.col("user_id").is_in(list(users)))
-        items = item_stats(interactions, catalog)
         out = {}
-        frames = []
         if mine.height or users is None:
-            history, stats = user_snapshots(mine, item_vectors, catalog.index, self.cfg.features.recent_items,
-                                            e.history_half_life)
-            frames = [(history, self.views.user_history), (stats, self.views.user_stats), (user_seen(mine), self.views.user_seen)]
-        for frame, view in frames:
-            path = self._path(view)
-            if users is not None and path.exists():
-                others = pl.read_parquet(path).filter(~pl.col("user_id").is_in(list(users)))
-                frame = pl.concat([others, frame], how="vertical_relaxed")
-            write_parquet(frame, path)
-            out[view.name.split("__")[0]] = frame.height
-        write_parquet(items, self._path(self.views.item_stats))
-        out["item_stats"] = items.height
+            # every other user's rows carried over from the files as they are, streamed (never read whole)
+            keep = None if users is None else ~pads.field("user_id").isin(list(users))
+            views = (self.views.user_history, self.views.user_stats, self.views.user_seen)
+            with ParquetSink(self._path(views[0]), keep) as hist, ParquetSink(self._path(views[1]), keep) as stats, \
+                    ParquetSink(self._path(views[2]), keep) as seen:
+                for h, st in user_snapshot_chunks(mine, item_vectors, catalog.index, self.cfg.features.recent_items,
+                                                  e.history_half_life):
+                    hist.write(h)
+                    stats.write(st)
+                seen.write(user_seen(mine))
+            for sink, view in zip((hist, stats, seen), views):
+                out[view.name.split("__")[0]] = sink.rows
+        write_parquet(item_stats(interactions, catalog), self._path(self.views.item_stats))
+        out["item_stats"] = pl.scan_parquet(self._path(self.views.item_stats)).select(pl.len()).collect().item()
         out["users_refreshed"] = mine["user_id"].n_unique()
         return out
 
@@ -330,6 +379,19 @@ class FeatureRepo:
         return report
 
     # Training sets ----------------------------------------------------------------------------------
+    def _training_job(self, labels: pl.DataFrame):
+        import pandas as pd
+        import pyarrow as pa
+
+        entity = labels.select(
+            "user_id", "item_id", "timestamp",
+            (pl.col("timestamp") - timedelta(microseconds=1)).alias("event_timestamp"),
+            pl.int_range(pl.len(), dtype=pl.Int64).alias("label_row"),
+        ).to_pandas()
+        for key in ("user_id", "item_id"):  # Arrow-backed strings: 10M Python str objects would take ~1 GB
+            entity[key] = entity[key].astype(pd.ArrowDtype(pa.string()))
+        return self.store.get_historical_features(entity_df=entity, features=self.views.training, full_feature_names=False)
+
     def training_set(self, labels: pl.DataFrame) -> pl.DataFrame:
         """Point-in-time join: features as they were strictly before each label's time.
 
@@ -339,13 +401,20 @@ class FeatureRepo:
             labels (in their order: the join itself does not keep it, and training batches depend on it)
             plus every feature of the training service, from snapshots older than ``timestamp``.
         """
-        entity = labels.select(
-            "user_id", "item_id", "timestamp",
-            (pl.col("timestamp") - timedelta(microseconds=1)).alias("event_timestamp"),
-            pl.int_range(pl.len(), dtype=pl.Int64).alias("label_row"),
-        ).to_pandas()
-        job = self.store.get_historical_features(entity_df=entity, features=self.views.training, full_feature_names=False)
+        job = self._training_job(labels)
         return pl.from_pandas(job.to_df()).sort("label_row").drop("label_row")
+
+    def training_batches(self, labels: pl.DataFrame, rows: int = 100_000):
+        """The same join as :meth:`training_set`, streamed: frames of at most ``rows`` rows in no order, each row
+        naming its label by ``label_row`` (features.inputs.TrainingRowsBuilder places them). Another offline store
+        than ours (features.offline_store) gives one frame."""
+        job = self._training_job(labels)
+        if not hasattr(job, "to_arrow_batches"):
+            yield pl.from_pandas(job.to_df())
+            return
+        for batch in job.to_arrow_batches(rows):
+            if batch.num_rows:
+                yield pl.from_arrow(batch)
 
     # Online reads -----------------------------------------------------------------------------------
     def online_users(self, user_ids: list[str]) -> OnlineUsers:

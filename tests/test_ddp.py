@@ -78,7 +78,7 @@ def test_variants_sharing_cached_rows_do_not_change_them(world, synthetic):
     fit_two_tower(cfg, synthetic.catalog, split, repo, np.zeros((len(synthetic.catalog), 8), np.float32),
                   name="id-only", use_ids=True, rows_cache=cache)
     (rows, _, _), = cache.values()
-    assert rows.users.history.shape[1] == 64
+    assert rows.history.dim == 64
     fit_two_tower(cfg, synthetic.catalog, split, repo, vectors, name="content", rows_cache=cache)
 
 
@@ -94,8 +94,8 @@ def test_hard_negatives_are_mined_with_faiss_and_train(world, synthetic):
     trained = fit_two_tower(cfg, synthetic.catalog, split, repo, vectors, name="hard")
     assert trained.epochs == 2
     dm = trained.datamodule
-    assert dm.hard is not None and dm.hard.shape == (len(dm.rows.times), 3)
-    assert not (dm.hard == dm.rows.items.rows[:, None]).any()
+    assert dm.hard is not None and dm.hard.shape == (len(dm.rows), 3)
+    assert not (dm.hard == dm.rows.item_rows[:, None]).any()
     assert ((dm.hard >= 0) & (dm.hard < dm.n_items)).all()
 
 

@@ -313,3 +313,79 @@ def test_bulk_writes_store_exactly_what_feasts_own_materialize_stores(repo, smal
         theirs = {k: {f: (b"" if x == nat else x) for f, x in h.items()} for k, h in theirs.items()}
     assert sum(v[0] == b"" for v in ours.values() if isinstance(v, tuple)) < len(ours) // 10
     assert ours == theirs
+
+
+def test_snapshots_in_chunks_equal_each_users_own_decayed_sums_bit_for_bit(small):
+    """user_snapshot_chunks (vectorised across users, a chunk of whole users at a time) gives, for any chunk
+    size, exactly the rows of the per-user computation: history_sums over each user's sequence alone."""
+    from features.compute import history_sums, user_snapshot_chunks, user_snapshots
+
+    V = vectors(len(small.catalog))
+    f = small.interactions.frame.with_columns((pl.int_range(pl.len()) % 5).alias("seq"))
+    whole_h, whole_s = user_snapshots(f, V, small.catalog.index, 20, 50.0)
+    for chunk in (1, 97, 10**9):  # one user per chunk, several, all in one
+        parts = list(user_snapshot_chunks(f, V, small.catalog.index, 20, 50.0, chunk_rows=chunk))
+        assert len(parts) == (f["user_id"].n_unique() if chunk == 1 else 1 if chunk == 10**9 else len(parts)) > 0
+        assert pl.concat([h for h, _ in parts]).equals(whole_h) and pl.concat([s for _, s in parts]).equals(whole_s)
+    for user in f["user_id"].unique().sort().head(5).to_list():
+        mine = f.filter(pl.col("user_id") == user).sort("timestamp", maintain_order=True)
+        sums = history_sums(np.array([small.catalog.index[i] for i in mine["item_id"]]), V, 50.0)
+        last = np.r_[mine["timestamp"].to_numpy()[1:] != mine["timestamp"].to_numpy()[:-1], True]
+        want = sums[last] / np.linalg.norm(sums[last], axis=1, keepdims=True)
+        got = np.array(whole_h.filter(pl.col("user_id") == user)["history_vector"].to_list(), np.float32)
+        assert np.array_equal(got, want)
+        ids = mine["item_id"].to_list()
+        recent = whole_h.filter(pl.col("user_id") == user)["recent_item_ids"].to_list()
+        assert recent == [ids[max(0, k - 19): k + 1][::-1] for k in np.flatnonzero(last)]
+
+
+def test_training_rows_streamed_from_feast_equal_the_whole_join(repo, small, tmp_path):
+    """TrainingRowsBuilder fills the rows from Feast's join a batch at a time, in whatever order DuckDB returns
+    them: the result equals the rows built from the whole (ordered) join, and the int8 history stays within
+    half a quantisation step of the float vectors."""
+    from features.inputs import TrainingRowsBuilder, _seconds, _vectors, recent_matrix, user_stat_matrix
+
+    labels = small.interactions.frame.select("user_id", "item_id", "timestamp")
+    whole = repo.training_set(labels)
+    known = np.ones(len(small.catalog), bool)
+    built = {}
+    for int8 in (False, True):
+        b = TrainingRowsBuilder(labels, small.catalog, DIM, 20, known, int8=int8)
+        batches = list(repo.training_batches(labels, rows=333))
+        assert len(batches) > 1 and sum(x.height for x in batches) == labels.height
+        for batch in batches[::-1]:
+            b.add(batch)
+        built[int8] = b.done()
+    rows = built[False]
+    idx = np.arange(len(rows))
+    assert np.array_equal(rows.history.take(idx), _vectors(whole["history_vector"], DIM))
+    want, _ = recent_matrix(whole["recent_item_ids"].to_list(), small.catalog.index, 20, len(small.catalog))
+    assert np.array_equal(rows.users(idx).recent_rows, want)
+    assert np.array_equal(rows.item_rows, [small.catalog.index[i] for i in labels["item_id"]])
+    assert np.array_equal(rows.user_stats, user_stat_matrix(
+        whole["n_interactions"].fill_null(0).to_numpy(), whole["mean_value"].fill_null(0).to_numpy(),
+        _seconds(whole["user_first_seen"]), _seconds(whole["timestamp"])))
+    q = built[True].history
+    assert q.values.dtype == np.int8
+    err = np.abs(q.take(idx) - rows.history.take(idx))
+    assert (err <= q.scale[:, None] / 2 + 1e-7).all() and err.max() > 0
+    with pytest.raises(RuntimeError, match="no row for"):
+        TrainingRowsBuilder(labels, small.catalog, DIM, 20, known, int8=False).done()
+
+
+def test_a_nightly_rewrite_streams_the_other_users_rows_through_unchanged(repo, small):
+    """write_interaction_features(users=...) rebuilds those users and carries every other user's rows over from
+    the file as they were (streamed a row group at a time, never read whole)."""
+    path = repo._path(repo.views.user_history)
+    before = pl.read_parquet(path)
+    users = set(small.interactions.frame["user_id"].unique().sort().head(3).to_list())
+    f = small.interactions.frame
+    extra = f.filter(pl.col("user_id").is_in(list(users))).group_by("user_id").last().with_columns(
+        pl.col("timestamp") + timedelta(days=30))
+    counts = repo.write_interaction_features(pl.concat([f, extra.select(f.columns)]), small.catalog, repo.V, users=users)
+    after = pl.read_parquet(path)
+    others = ~pl.col("user_id").is_in(list(users))
+    assert after.filter(others).equals(before.filter(others))
+    assert after.filter(~others).height == before.filter(~others).height + len(users)
+    assert counts["user_history"] == after.height and counts["users_refreshed"] == len(users)
+    assert not list(path.parent.glob(f".{path.name}.*.tmp"))

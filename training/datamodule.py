@@ -42,7 +42,7 @@ class RandomBatches(Dataset):
 
     def __init__(self, dm: "TwoTowerData"):
         self.dm = dm
-        self.n = len(dm.rows.times)
+        self.n = len(dm.rows)
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, its permutation): drawn once, not per batch
 
     def order(self) -> np.ndarray:
@@ -61,17 +61,15 @@ class RandomBatches(Dataset):
         rng = np.random.default_rng([cfg.seed, dm.epoch, b])
         rows = dm.rows
         t_batch = float(np.median(rows.times[idx]))
-        users = UserInputs(rows.users.history[idx], rows.users.recent_rows[idx], rows.users.recent_mask[idx],
-                           rows.users.stats[idx])
-        batch = {f"u_{k}": t for k, t in zip(USER_INPUTS, users.tensors(dm.item_content, dm.known))}
+        batch = {f"u_{k}": t for k, t in zip(USER_INPUTS, rows.users(idx).tensors(dm.item_content, dm.known))}
         # Positives, with ids and statistics hidden for a share of rows (they must also work cold).
-        pos_rows = rows.items.rows[idx]
+        pos = rows.items(idx, dm.item_content)
         cold = rng.random(len(idx)) < cfg.id_dropout
-        pos_stats = rows.items.stats[idx].copy()
+        pos_stats = pos.stats.copy()
         pos_stats[cold, :INTERACTION] = 0.0
         batch["user"] = torch.from_numpy(dm.user_codes[idx])
-        batch.update(p_content=torch.from_numpy(rows.items.content[idx]), p_stats=torch.from_numpy(pos_stats),
-                     p_rows=torch.from_numpy(pos_rows), p_id_mask=torch.from_numpy(rows.items.known[idx] & ~cold))
+        batch.update(p_content=torch.from_numpy(pos.content), p_stats=torch.from_numpy(pos_stats),
+                     p_rows=torch.from_numpy(pos.rows), p_id_mask=torch.from_numpy(pos.known & ~cold))
         if cfg.mixed_negatives > 0:
             neg = rng.integers(0, dm.n_items, cfg.mixed_negatives)
             n_stats = dm.asof.at(neg, t_batch)
@@ -101,9 +99,9 @@ class TwoTowerData(L.LightningDataModule):
         self.n_items = item_vectors.shape[0]
         self.item_content = np.vstack([item_vectors, np.zeros((1, item_vectors.shape[1]))]).astype(np.float32)
         self.known = np.append(known, False)
-        counts = np.bincount(rows.items.rows, minlength=self.n_items).astype(np.float64)
+        counts = np.bincount(rows.item_rows, minlength=self.n_items).astype(np.float64)
         self.item_freq = counts / counts.sum()
-        self.user_codes = np.unique(np.array(rows.user_ids), return_inverse=True)[1].astype(np.int64)
+        self.user_codes = rows.user_codes
         self.hard: np.ndarray | None = None  # (N, H) mined by module.MineHardNegatives
         self.epoch = 0
 

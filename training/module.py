@@ -181,13 +181,14 @@ class MineHardNegatives(L.Callback):
         dm, rows = self.dm, self.dm.rows
         stats = dm.asof.all_at(float(np.median(rows.times)))
         items = module.encode_items(ItemInputs(dm.item_content[:-1], stats, np.arange(dm.n_items), dm.known[:-1]))
-        users = module.encode_users(rows.users, dm.item_content)
+        users = np.concatenate([module.encode_users(rows.users(slice(s, s + 65536)), dm.item_content)
+                                for s in range(0, len(rows), 65536)])  # a chunk of inputs at a time
         k = min(self.skip + self.pool, dm.n_items)
         _, cand = CandidateIndex(items, kind="flat").search(users, k)
         cand = cand[:, min(self.skip, k - 1):]
         rng = np.random.default_rng([dm.cfg.seed, trainer.current_epoch, 7])
         hard = np.take_along_axis(cand, rng.integers(0, cand.shape[1], (len(cand), self.per_example)), 1)
-        positive = rows.items.rows[:, None]
+        positive = rows.item_rows[:, None]
         bad = (hard == positive) | (hard < 0)
         while bad.any():  # never the positive: redraw those uniformly
             hard = np.where(bad, rng.integers(0, dm.n_items, hard.shape), hard)

@@ -14,11 +14,12 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
 import numpy as np
+import polars as pl
 import torch
 
 from features.store import FeatureRepo
@@ -29,7 +30,7 @@ from recsys.eval.evaluate import EvalResult, history_matrix, score_topk
 from recsys.eval.splits import EvalSet, Split
 from recsys.rerank import Candidates
 from training.datamodule import TwoTowerData, ValidationData
-from features.inputs import ItemInputs, ItemStatsAsOf, UserInputs, eval_inputs, from_training_set
+from features.inputs import History, ItemInputs, ItemStatsAsOf, TrainingRowsBuilder, UserInputs, eval_inputs
 from training.module import RankingValidation, TwoTowerModule, rank_by_time, validate
 from training.towers import TowerConfig
 
@@ -100,15 +101,20 @@ class TrainedTwoTower:
         return Candidates(rows, scores, data.users.history, data.users.stats, stats, content)
 
 
-def training_rows(repo: FeatureRepo, split: Split, catalog: Catalog, dim: int, recent: int):
-    """Point-in-time training rows for ``split.train`` from Feast, the items' stats snapshots, and which
-    items have interactions in training (whose ids the model may learn)."""
-    frame = repo.training_set(split.train.select("user_id", "item_id", "timestamp"))
+def training_rows(repo: FeatureRepo, split: Split, catalog: Catalog, dim: int, recent: int, int8_above: int = 0):
+    """Point-in-time training rows for ``split.train`` from Feast (streamed a batch at a time), the items' stats
+    snapshots, and which items have interactions in training (whose ids the model may learn).
+
+    Args:
+        int8_above: past this many rows the history vectors are held as int8 (features.inputs.History); 0: never."""
+    labels = split.train.select("user_id", "item_id", "timestamp")
     known = np.zeros(len(catalog), bool)
-    known[[catalog.index[i] for i in split.train["item_id"].unique().to_list()]] = True
-    rows = from_training_set(frame, catalog, dim, recent, known)
+    known[labels["item_id"].unique().replace_strict(catalog.index, return_dtype=pl.Int64).to_numpy()] = True
+    builder = TrainingRowsBuilder(labels, catalog, dim, recent, known, int8=0 < int8_above < labels.height)
+    for batch in repo.training_batches(labels):
+        builder.add(batch)
     asof = ItemStatsAsOf(repo.item_stats_snapshots(), catalog)
-    return rows, asof, known
+    return builder.done(), asof, known
 
 
 def fit_two_tower(cfg: Config, catalog: Catalog, split: Split, repo: FeatureRepo | None, content_vectors: np.ndarray,
@@ -166,7 +172,7 @@ def fit_two_tower(cfg: Config, catalog: Catalog, split: Split, repo: FeatureRepo
     module.eval()
     epochs = max(trainer.current_epoch, int(trainer.callback_metrics.get("train/epochs", 0)))
     out = TrainedTwoTower(name, module, content_vectors.astype(np.float32), validation.results,
-                          epochs, seconds, len(dm.rows.times), run_id=logger.run_id, datamodule=dm,
+                          epochs, seconds, len(dm.rows), run_id=logger.run_id, datamodule=dm,
                           checkpoint=Path(best) if best and Path(best).exists() else None)
     if trainer.is_global_zero and register:
         out.register(cfg, catalog, split, alias, repo.views.item_embedding.tags["model_version"])
@@ -182,14 +188,12 @@ def _two_tower_data(cfg: Config, catalog: Catalog, split: Split, repo: FeatureRe
     if rows_cache is not None and key in rows_cache:
         rows, asof, known = rows_cache[key]
     else:
-        rows, asof, known = training_rows(repo, split, catalog, repo.dim, cfg.features.recent_items)
+        rows, asof, known = training_rows(repo, split, catalog, repo.dim, cfg.features.recent_items, t.int8_history_above)
         if rows_cache is not None:
             rows_cache[key] = (rows, asof, known)
-    if dim != repo.dim:  # a variant that reads other vectors (ID-only: zeros): swap them into the rows
-        # new objects, never in-place: ``rows`` may be shared through ``rows_cache`` with later fits
-        users = replace(rows.users, history=np.zeros((len(rows.times), dim), np.float32))
-        rows = type(rows)(users, ItemInputs(content_vectors[rows.items.rows], rows.items.stats, rows.items.rows,
-                                                 rows.items.known), rows.times, rows.user_ids)
+    if dim != repo.dim:  # a variant that reads other vectors (ID-only: zeros) has zero histories too
+        # a new object, never in-place: ``rows`` may be shared through ``rows_cache`` with later fits
+        rows = rows.with_history(History.empty(len(rows), dim, int8=False))
     vu, vi, vasof = eval_inputs(split.val.history, split.val.users, catalog, content_vectors, cfg.features.recent_items,
                                 e.history_half_life, at=split.val.at)
     seen = history_matrix(split.val.history, split.val.users, catalog.index, len(catalog))

@@ -30,8 +30,7 @@ class Scorer(Protocol):
 def history_matrix(history: pl.DataFrame, users: list[str], index: dict[str, int], n_items: int) -> sparse.csr_matrix:
     """(n_users, n_items) binary CSR of who interacted with what in ``history`` (rows in ``users`` order)."""
     row_of = {u: r for r, u in enumerate(users)}
-    pairs = history.select("user_id", "item_id").unique()
-    pairs = pairs.filter(pl.col("user_id").is_in(list(row_of)))
+    pairs = history.select("user_id", "item_id").filter(pl.col("user_id").is_in(list(row_of))).unique()
     rows = np.fromiter((row_of[u] for u in pairs["user_id"].to_list()), dtype=np.int64, count=pairs.height)
     cols = np.fromiter((index[i] for i in pairs["item_id"].to_list()), dtype=np.int64, count=pairs.height)
     data = np.ones(rows.size, dtype=np.float32)
