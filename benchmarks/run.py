@@ -450,11 +450,20 @@ def bench_traffic(args) -> dict:
     return run(args)
 
 
-BENCHES = {"traffic": bench_traffic, "negatives": bench_negatives, "learning-rate": bench_learning_rate, "part-search": bench_part_search, "part-search-dims": bench_part_search_dims, "towers": bench_towers, "newest-items": bench_newest_items, "id-lr": bench_id_lr, "cold-tower": bench_cold_tower, "cold-content": bench_cold_content, "cold-recipe": bench_cold_recipe, "content-match": bench_content_match, "content-match-loo": bench_content_match_loo, "demo": bench_demo, "demo-fused": bench_demo_fused, "demo-newest": bench_demo_newest, "demo-ids": bench_demo_ids, "loo-shift": bench_loo_shift, "features": bench_features, "embedder": bench_embedder, "training": bench_training,
+def bench_scale(args) -> dict:
+    """Synthetic catalogs of 100k items with 100k, 1M and 10M interactions: time and peak memory per stage,
+    each size in its own process (``--sizes`` to pick)."""
+    from benchmarks.scale_bench import SIZES, run
+
+    sizes = tuple(int(x) for x in args.sizes.split(",")) if getattr(args, "sizes", None) else SIZES
+    return run(Path(args.workdir) / "scale", sizes)
+
+
+BENCHES = {"scale": bench_scale, "traffic": bench_traffic, "negatives": bench_negatives, "learning-rate": bench_learning_rate, "part-search": bench_part_search, "part-search-dims": bench_part_search_dims, "towers": bench_towers, "newest-items": bench_newest_items, "id-lr": bench_id_lr, "cold-tower": bench_cold_tower, "cold-content": bench_cold_content, "cold-recipe": bench_cold_recipe, "content-match": bench_content_match, "content-match-loo": bench_content_match_loo, "demo": bench_demo, "demo-fused": bench_demo_fused, "demo-newest": bench_demo_newest, "demo-ids": bench_demo_ids, "loo-shift": bench_loo_shift, "features": bench_features, "embedder": bench_embedder, "training": bench_training,
            "cold-prior": bench_cold_prior, "inputs": bench_inputs, "embedder-recipe": bench_embedder_recipe,
            "serving": bench_serving, "load": bench_load, "nightly": bench_nightly, "experiment": bench_experiment, "loop": bench_loop,
            "loop-redis": lambda args: bench_loop(argparse.Namespace(**{**vars(args), "loop_store": "redis"}))}
-ORDER = ["demo", "demo-fused", "demo-newest", "demo-ids", "loo-shift", "learning-rate", "negatives", "inputs", "inputs-weights", "towers", "newest-items", "id-lr", "cold-tower", "cold-content", "cold-recipe", "content-match", "content-match-loo", "part-search", "part-search-dims", "serving", "load", "loop", "loop-redis", "nightly", "experiment", "traffic", "features", "embedder", "embedder-recipe", "training", "cold-prior"]
+ORDER = ["demo", "demo-fused", "demo-newest", "demo-ids", "loo-shift", "learning-rate", "negatives", "inputs", "inputs-weights", "towers", "newest-items", "id-lr", "cold-tower", "cold-content", "cold-recipe", "content-match", "content-match-loo", "part-search", "part-search-dims", "serving", "load", "loop", "loop-redis", "nightly", "experiment", "traffic", "scale", "features", "embedder", "embedder-recipe", "training", "cold-prior"]
 
 
 # Rendering --------------------------------------------------------------------------------------------
@@ -839,6 +848,43 @@ def _render_traffic(blob: dict) -> list[str]:
     return render(blob)
 
 
+def render_scale(blob: dict) -> list[str]:
+    sizes = blob["results"]["sizes"]
+    stages = [k for k in sizes[0].get("stages", {}) if k != "generate"] if sizes else []
+    head = [f"{s['interactions']:,}" for s in sizes]
+    out = ["Synthetic data (`recsys/data/scale.py`): 100k items, one user per 10 interactions, Zipf popularity, "
+           "clustered tastes, sessions; item vectors from the cluster model (the embedder is the nightly's job, "
+           f"measured on its own). Evaluation ranks the whole catalog for {blob['results']['eval_users']:,} sampled "
+           "users. Each size runs in a fresh process; peak = the resident set's maximum while the stage ran "
+           "(what the machine holds then: imports and earlier stages' data included).", "",
+           "| stage | " + " | ".join(f"{h} s" for h in head) + " | " + " | ".join(f"{h} peak MB" for h in head)
+           + " | growth 1M -> 10M (time, memory) |",
+           "|---|" + "---:|" * (2 * len(head) + 1)]
+    by = {s["interactions"]: s.get("stages", {}) for s in sizes}
+    for st in stages:
+        t = [by[s["interactions"]].get(st, {}).get("seconds") for s in sizes]
+        m = [by[s["interactions"]].get(st, {}).get("peak_rss_mb") for s in sizes]
+        a, b = by.get(1_000_000, {}).get(st), by.get(10_000_000, {}).get(st)
+        growth = f"{b['seconds'] / max(a['seconds'], 1e-9):.1f}x, {b['peak_rss_mb'] / a['peak_rss_mb']:.1f}x" if a and b else "-"
+        out.append(f"| {st} | " + " | ".join("-" if x is None else f"{x:,.1f}" for x in t) + " | "
+                   + " | ".join("-" if x is None else f"{x:,}" for x in m) + f" | {growth} |")
+    out.append("")
+    for s in sizes:
+        st = s.get("stages", {})
+        ep = st.get("two-tower epoch", {})
+        ev = st.get("evaluation", {})
+        line = (f"- **{s['interactions']:,} interactions** ({s.get('users', 0):,} users): process peak "
+                f"{s.get('process_peak_rss_mb', 0):,} MB, wall {s.get('wall_s', 0):,.0f} s")
+        if ep:
+            line += f"; epoch {ep.get('examples', 0):,} examples at {ep.get('examples_per_s', 0):,}/s (validation included)"
+        if ev:
+            line += f"; test HR@10 {ev.get('HR@10')}, NDCG@10 {ev.get('NDCG@10')} after one epoch"
+        if s.get("error"):
+            line += f"; **failed: {s['error'][:300]}**"
+        out.append(line)
+    return out + [""]
+
+
 def render_part_search(blob: dict) -> list[str]:
     lines = ["For each of the 2,947 movies with a poster, the query is its poster alone (or its title alone), embedded as a "
              "query; the target is that movie's full item vector among all 9,742. Held-out: the 589 COLD test movies, "
@@ -976,6 +1022,8 @@ RENDER = {"demo": ("Demo: stage timings and metrics", render_demo),
           "experiment": ("A/B experiment, simulated on ml-latest-small (issue: experiments)", render_experiment),
           "traffic": ("Experiments on real service traffic: daily looks, the split check, coverage, a planted effect "
                       "(issue: experiments on real traffic)", _render_traffic),
+          "scale": ("Scale: 100k, 1M and 10M interactions on one machine, time and peak memory per stage (issue: scale)",
+                    render_scale),
           "features": ("Feature store (issue: Feast)", render_features),
           "embedder": ("Embedder", render_embedder),
           "embedder-recipe": ("Embedder: image path (poster <-> text, stage 1)", render_embedder_recipe),
@@ -1098,7 +1146,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fsdd", default=None, help="FSDD recordings folder (embedder benchmark)")
     p.add_argument("--rows", type=int, default=100_000, help="vectors per materialization (features)")
     p.add_argument("--render", action="store_true", help="only rebuild BENCHMARKS.md")
-    p.add_argument("--sizes", default=None, help="serving: catalog sizes, comma-separated (default 10000,100000,1000000)")
+    p.add_argument("--sizes", default=None, help="serving: catalog sizes, comma-separated (default 10000,100000,1000000); scale: interaction counts (default 100000,1000000,10000000)")
     p.add_argument("--hold-s", dest="hold_s", type=float, default=180, help="serving: seconds to hold the best rate")
     p.add_argument("--parts", default=None, help="serving: latency,load,reload; load: steps,overload,reload,flood "
                    "(the others kept from the last result)")

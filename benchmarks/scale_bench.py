@@ -28,6 +28,7 @@ from pathlib import Path
 
 SIZES = (100_000, 1_000_000, 10_000_000)
 EVAL_USERS = 2_000
+EPOCH_CAP_BATCHES = 1_000
 
 
 def rss_mb() -> float:
@@ -90,7 +91,11 @@ def run_size(n_interactions: int, workdir: Path) -> dict:
     silence()
     meter = Meter()
     workdir.mkdir(parents=True, exist_ok=True)
-    cfg = Config.load(None, workdir=str(workdir), train={"max_epochs": 1, "select_epochs": 0})
+    # past 1M training rows the epoch is timed on its first EPOCH_CAP_BATCHES batches (the rate is steady by then;
+    # memory is what the whole training set takes, as every row is loaded) and its full length extrapolated
+    capped = n_interactions > 2_000_000
+    cfg = Config.load(None, workdir=str(workdir), train={"max_epochs": 1, "select_epochs": 0,
+                                                         "epoch_batches": EPOCH_CAP_BATCHES if capped else 0})
     spec = ScaleSpec(n_interactions=n_interactions)
     with meter.stage("generate"):
         ds, vectors = generate(spec)
@@ -121,7 +126,10 @@ def run_size(n_interactions: int, workdir: Path) -> dict:
     del rows
     with meter.stage("two-tower epoch") as x:
         trained = fit_two_tower(cfg, ds.catalog, split, repo, vectors, rows_cache=cache)
-        x.update(examples=trained.examples, examples_per_s=round(trained.examples_per_s))
+        rate = trained.train_examples_per_s
+        x.update(examples=trained.examples, rows=len(trained.datamodule.rows), examples_per_s=round(rate),
+                 validation_s=round(trained.val_seconds, 1), capped=capped,
+                 full_epoch_s=round(len(trained.datamodule.rows) / rate, 1))
     cache.clear()
     with meter.stage("evaluation") as x:
         res = trained.evaluate(split, ds.catalog, cfg, n_boot=200)

@@ -174,6 +174,7 @@ class TrainConfig(_Section):
     # training sets larger than this many rows hold their history vectors as int8 with a per-row scale (a quarter
     # of the memory, cosine to the float vector > 0.9999: features.inputs.History); 0: always float32
     int8_history_above: int = 2_000_000
+    epoch_batches: int = 0  # at most this many batches per epoch (0: every training row once); quick runs, scale timing
     registered_model: str = "recsys-two-tower"
     cold: ColdOverrides = Field(default_factory=ColdOverrides)  # [train.cold]: the COLD protocol's overrides
 

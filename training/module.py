@@ -8,6 +8,7 @@ the best checkpoint follow ``val/NDCG10``.
 from __future__ import annotations
 
 import math
+import time
 from typing import Callable
 
 import lightning as L
@@ -146,6 +147,7 @@ class RankingValidation(L.Callback):
         self.dm, self.index, self.protocol, self.every, self.bucket_s = dm, catalog_index, protocol, every, bucket_s
         self.max_groups = max_groups
         self.results: list[EvalResult] = list(results or [])
+        self.seconds = 0.0  # spent validating (training throughput leaves it out)
 
     def on_train_epoch_start(self, trainer, module):
         self.dm.epoch = trainer.current_epoch
@@ -154,8 +156,10 @@ class RankingValidation(L.Callback):
         module.log("train/epochs", float(trainer.current_epoch + 1))  # survives spawn-based DDP (callback_metrics)
         if self.dm.val is None or (trainer.current_epoch + 1) % self.every:
             return
+        t0 = time.perf_counter()
         result = validate(module, self.dm.val, self.dm.item_content, self.index, self.protocol, n_boot=1,
                           bucket_s=self.bucket_s, max_groups=self.max_groups)
+        self.seconds += time.perf_counter() - t0
         self.results.append(result)
         # MLflow metric names allow no "@": val/Recall10, val/Recall50, val/NDCG10
         module.log_dict({f"val/{m.replace('@', '')}": result.estimates[m].mean for m in ("Recall@10", "Recall@50", "NDCG@10")},

@@ -50,6 +50,12 @@ class TrainedTwoTower:
     model_version: str | None = None
     datamodule: TwoTowerData | None = field(default=None, repr=False)  # the training data it was fit on
     checkpoint: Path | None = None  # the best epoch's Lightning checkpoint
+    val_seconds: float = 0.0  # of ``seconds``, the per-epoch ranking validation's share
+
+    @property
+    def train_examples_per_s(self) -> float:
+        """Training throughput alone (the per-epoch validation's time left out)."""
+        return self.examples * self.epochs / max(self.seconds - self.val_seconds, 1e-9)
 
     def register(self, cfg: Config, catalog: Catalog, split: Split, alias: str | None, item_space: str,
                  item_input: str = "fused") -> str:
@@ -161,6 +167,7 @@ def fit_two_tower(cfg: Config, catalog: Catalog, split: Split, repo: FeatureRepo
     trainer = L.Trainer(max_epochs=max_epochs or t.max_epochs, accelerator=t.accelerator, devices=t.devices,
                         strategy=t.strategy, num_nodes=t.num_nodes, logger=logger, callbacks=callbacks, deterministic=True,
                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                        limit_train_batches=t.epoch_batches or 1.0,
                         log_every_n_steps=20)
     t0 = time.time()
     trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_dir / "last.ckpt") if resume is not None else None)
@@ -171,8 +178,10 @@ def fit_two_tower(cfg: Config, catalog: Catalog, split: Split, repo: FeatureRepo
         module.load_state_dict(state)
     module.eval()
     epochs = max(trainer.current_epoch, int(trainer.callback_metrics.get("train/epochs", 0)))
+    per_epoch = min(len(dm.rows), t.epoch_batches * t.batch_size) if t.epoch_batches else len(dm.rows)
     out = TrainedTwoTower(name, module, content_vectors.astype(np.float32), validation.results,
-                          epochs, seconds, len(dm.rows), run_id=logger.run_id, datamodule=dm,
+                          epochs, seconds, per_epoch, run_id=logger.run_id, datamodule=dm,
+                          val_seconds=validation.seconds + (resume.val_seconds if resume else 0.0),
                           checkpoint=Path(best) if best and Path(best).exists() else None)
     if trainer.is_global_zero and register:
         out.register(cfg, catalog, split, alias, repo.views.item_embedding.tags["model_version"])
