@@ -163,9 +163,29 @@ class TrainingRows:
     times: np.ndarray  # (N,) float64 unix seconds of the labels
     user_codes: np.ndarray  # (N,) int64 dense user codes (a user's other positives are no negatives in a batch)
     n_items: int
+    item_counts: np.ndarray | None = None  # (n_items,) positives per item over every shard (the logQ correction)
+    shard: tuple[int, int] = (0, 1)  # (rank, world): these are rows rank, rank + world, ... of ``total``
+    total: int = 0  # rows over every shard
+
+    def __post_init__(self) -> None:
+        if self.item_counts is None:
+            self.item_counts = np.bincount(self.item_rows, minlength=self.n_items)
+        self.total = self.total or len(self.times)
 
     def __len__(self) -> int:
         return len(self.times)
+
+    def sharded(self, rank: int, world: int) -> "TrainingRows":
+        """One DDP process's share: rows ``rank``, ``rank + world``, ... (the others leave its memory)."""
+        if world <= 1:
+            return self
+        if self.shard[1] > 1:
+            raise ValueError(f"rows already sharded {self.shard}")
+        i = np.arange(rank, len(self), world)
+        h = History(self.history.values[i], None if self.history.scale is None else self.history.scale[i])
+        return TrainingRows(h, self.recent_rows[i], self.user_stats[i], self.item_rows[i], self.item_stats[i],
+                            self.item_known[i], self.times[i], self.user_codes[i], self.n_items, self.item_counts,
+                            (rank, world), len(self))
 
     def users(self, idx: np.ndarray | slice) -> UserInputs:
         recent = self.recent_rows[idx].astype(np.int64)

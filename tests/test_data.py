@@ -215,3 +215,32 @@ def test_user_tags_are_limited_to_each_protocols_training_window(movielens):
     _, _, dropped_loo = movielens.with_tags_before(limit, loo.train["timestamp"].max() + timedelta(seconds=1))
     expected = sum(1 for u, t in movielens.tags.select("user_id", "timestamp").iter_rows() if u in limit and t >= limit[u])
     assert dropped_loo == expected > 0
+
+
+def test_scale_generator_has_the_shape_of_real_logs_and_loads_through_the_generic_loader(tmp_path):
+    """recsys.data.scale: exactly the asked number of interactions, >= 3 per user, a power-law head, users who
+    stay in their clusters, sessions (minutes apart within, days between), unit item vectors that carry the
+    clusters; and its files load through the generic loader as a team's own would."""
+    from recsys.data.scale import ScaleSpec, generate
+
+    spec = ScaleSpec(n_interactions=30_000, n_items=5_000, n_clusters=10)
+    ds, vectors = generate(spec)
+    f = ds.interactions.frame
+    assert f.height == 30_000 and f["user_id"].n_unique() == spec.n_users
+    assert f.group_by("user_id").len()["len"].min() >= 3
+    counts = np.sort(f.group_by("item_id").len()["len"].to_numpy())[::-1]
+    assert counts[: len(counts) // 100].sum() > 0.1 * f.height  # the top 1% of items take over 10% of interactions
+    cluster = dict(zip(ds.catalog.ids, ds.catalog.items["cluster"].to_list()))
+    top = (f.with_columns(pl.col("item_id").replace_strict(cluster).alias("c")).group_by("user_id", "c").len()
+           .group_by("user_id").agg((pl.col("len").max() / pl.col("len").sum()).alias("share")))
+    assert top["share"].mean() > 0.4  # 10 clusters: a user picking at random would have about 0.1-0.2
+    gaps = f.with_columns(pl.col("timestamp").diff().over("user_id").dt.total_seconds().alias("gap"))["gap"].drop_nulls()
+    assert (gaps < 3600).mean() > 0.4 and (gaps > 86400).mean() > 0.2
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    c = ds.catalog.items["cluster"].to_numpy()
+    same = (vectors[c == 0] @ vectors[c == 0].T).mean()
+    assert same > (vectors[c == 0] @ vectors[c == 1].T).mean() + 0.3
+    f.write_parquet(tmp_path / "interactions.parquet")
+    ds.catalog.items.drop("parts").with_columns(pl.col("title").alias("text")).write_parquet(tmp_path / "items.parquet")
+    loaded = load_folder(tmp_path, check_media=False)
+    assert len(loaded.interactions) == 30_000 and len(loaded.catalog) == 5_000 and loaded.report.ok

@@ -389,3 +389,22 @@ def test_a_nightly_rewrite_streams_the_other_users_rows_through_unchanged(repo, 
     assert after.filter(~others).height == before.filter(~others).height + len(users)
     assert counts["user_history"] == after.height and counts["users_refreshed"] == len(users)
     assert not list(path.parent.glob(f".{path.name}.*.tmp"))
+
+
+def test_each_ddp_process_joins_and_holds_only_its_share_of_the_rows(repo, small):
+    """training_rows(shard=(rank, world)), what a torchrun process builds, equals the full rows' share for that
+    rank (TrainingRows.sharded, what a ddp_spawn child keeps); the shares partition the rows, and every share
+    carries the positives' counts over all of them (the logQ correction is the same in every process)."""
+    from training.train import training_rows
+    from recsys.eval import make_split
+
+    split = make_split("loo", small)
+    repo.write_interaction_features(split.train, small.catalog, repo.V)
+    full, _, _ = training_rows(repo, split, small.catalog, DIM, 20)
+    shares = [training_rows(repo, split, small.catalog, DIM, 20, shard=(r, 3))[0] for r in range(3)]
+    assert sum(len(s) for s in shares) == len(full) and all(s.total == len(full) for s in shares)
+    for r, share in enumerate(shares):
+        want = full.sharded(r, 3)
+        for name in ("recent_rows", "user_stats", "item_rows", "item_stats", "item_known", "times", "item_counts"):
+            assert np.array_equal(getattr(share, name), getattr(want, name)), name
+        assert np.array_equal(share.history.values, want.history.values) and share.shard == want.shard == (r, 3)

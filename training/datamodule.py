@@ -38,7 +38,8 @@ class ValidationData:
 
 
 class RandomBatches(Dataset):
-    """Map-style dataset whose items are whole batches, reshuffled every epoch (DDP shards batches)."""
+    """Map-style dataset whose items are whole batches, reshuffled every epoch; under DDP each process draws from
+    its own share of the rows (TrainingRows.sharded), the same number of batches each."""
 
     def __init__(self, dm: "TwoTowerData"):
         self.dm = dm
@@ -53,7 +54,10 @@ class RandomBatches(Dataset):
         return self._order[1]
 
     def __len__(self) -> int:
-        return (self.n + self.dm.cfg.batch_size - 1) // self.dm.cfg.batch_size
+        rows, b = self.dm.rows, self.dm.cfg.batch_size
+        if rows.shard[1] > 1:  # every process takes the same number of steps (DDP steps together): full batches
+            return max(rows.total // (rows.shard[1] * b), 1)
+        return (self.n + b - 1) // b
 
     def __getitem__(self, b: int) -> dict[str, torch.Tensor]:
         dm, cfg = self.dm, self.dm.cfg
@@ -99,11 +103,22 @@ class TwoTowerData(L.LightningDataModule):
         self.n_items = item_vectors.shape[0]
         self.item_content = np.vstack([item_vectors, np.zeros((1, item_vectors.shape[1]))]).astype(np.float32)
         self.known = np.append(known, False)
-        counts = np.bincount(rows.item_rows, minlength=self.n_items).astype(np.float64)
+        counts = rows.item_counts.astype(np.float64)  # over every shard: each process corrects the same way
         self.item_freq = counts / counts.sum()
-        self.user_codes = rows.user_codes
         self.hard: np.ndarray | None = None  # (N, H) mined by module.MineHardNegatives
         self.epoch = 0
+
+    @property
+    def user_codes(self) -> np.ndarray:
+        return self.rows.user_codes
+
+    def setup(self, stage: str) -> None:
+        """In each of several DDP processes (ddp_spawn's children; torchrun's processes built only their share
+        already): keep only this process's share of the rows, so each reads its own rows and memory is split."""
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1 and self.rows.shard[1] == 1:
+            self.rows = self.rows.sharded(trainer.global_rank, trainer.world_size)
+            self.hard = None
 
     def log_q(self) -> torch.Tensor:
         """log of each item's expected count among a batch's candidates: B in-batch draws from the

@@ -107,20 +107,35 @@ class TrainedTwoTower:
         return Candidates(rows, scores, data.users.history, data.users.stats, stats, content)
 
 
-def training_rows(repo: FeatureRepo, split: Split, catalog: Catalog, dim: int, recent: int, int8_above: int = 0):
+def launched_shard() -> tuple[int, int] | None:
+    """(rank, world) of a process that torchrun (or any launcher setting RANK and WORLD_SIZE) started as one of
+    several; None for a single process (and for ddp_spawn's parent, whose children shard in the datamodule)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return (int(os.environ.get("RANK", "0")), world) if world > 1 else None
+
+
+def training_rows(repo: FeatureRepo, split: Split, catalog: Catalog, dim: int, recent: int, int8_above: int = 0,
+                  shard: tuple[int, int] | None = None):
     """Point-in-time training rows for ``split.train`` from Feast (streamed a batch at a time), the items' stats
     snapshots, and which items have interactions in training (whose ids the model may learn).
 
     Args:
-        int8_above: past this many rows the history vectors are held as int8 (features.inputs.History); 0: never."""
+        int8_above: past this many rows the history vectors are held as int8 (features.inputs.History); 0: never.
+        shard: (rank, world): join and hold only rows rank, rank + world, ... (one DDP process's share)."""
     labels = split.train.select("user_id", "item_id", "timestamp")
+    item_rows = labels["item_id"].replace_strict(catalog.index, return_dtype=pl.Int64).to_numpy()
     known = np.zeros(len(catalog), bool)
-    known[labels["item_id"].unique().replace_strict(catalog.index, return_dtype=pl.Int64).to_numpy()] = True
-    builder = TrainingRowsBuilder(labels, catalog, dim, recent, known, int8=0 < int8_above < labels.height)
-    for batch in repo.training_batches(labels):
+    known[item_rows] = True
+    mine = labels if shard is None else labels.gather(np.arange(shard[0], labels.height, shard[1]))
+    builder = TrainingRowsBuilder(mine, catalog, dim, recent, known, int8=0 < int8_above < labels.height)
+    for batch in repo.training_batches(mine):
         builder.add(batch)
+    rows = builder.done()
+    if shard is not None:
+        rows.shard, rows.total = shard, labels.height
+        rows.item_counts = np.bincount(item_rows, minlength=len(catalog))
     asof = ItemStatsAsOf(repo.item_stats_snapshots(), catalog)
-    return builder.done(), asof, known
+    return rows, asof, known
 
 
 def fit_two_tower(cfg: Config, catalog: Catalog, split: Split, repo: FeatureRepo | None, content_vectors: np.ndarray,
@@ -167,7 +182,7 @@ def fit_two_tower(cfg: Config, catalog: Catalog, split: Split, repo: FeatureRepo
     trainer = L.Trainer(max_epochs=max_epochs or t.max_epochs, accelerator=t.accelerator, devices=t.devices,
                         strategy=t.strategy, num_nodes=t.num_nodes, logger=logger, callbacks=callbacks, deterministic=True,
                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                        limit_train_batches=t.epoch_batches or 1.0,
+                        limit_train_batches=t.epoch_batches or 1.0, use_distributed_sampler=False,  # rows shard themselves
                         log_every_n_steps=20)
     t0 = time.time()
     trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_dir / "last.ckpt") if resume is not None else None)
@@ -197,7 +212,8 @@ def _two_tower_data(cfg: Config, catalog: Catalog, split: Split, repo: FeatureRe
     if rows_cache is not None and key in rows_cache:
         rows, asof, known = rows_cache[key]
     else:
-        rows, asof, known = training_rows(repo, split, catalog, repo.dim, cfg.features.recent_items, t.int8_history_above)
+        rows, asof, known = training_rows(repo, split, catalog, repo.dim, cfg.features.recent_items, t.int8_history_above,
+                                          shard=launched_shard())
         if rows_cache is not None:
             rows_cache[key] = (rows, asof, known)
     if dim != repo.dim:  # a variant that reads other vectors (ID-only: zeros) has zero histories too
