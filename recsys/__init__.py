@@ -6,7 +6,3 @@ HTTP) -> ``notebooks`` (A/B analysis).
 """
 
 __version__ = "0.1.0"
-
-from recsys.memory import return_large_blocks
-
-return_large_blocks()  # freed large arrays go back to the system (recsys/memory.py): bounded resident memory

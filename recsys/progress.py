@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 from rich.console import Console
 
+from recsys.memory import release
+
 console = Console(width=max(Console().width, 150))  # tables stay readable in logs and CI
 
 
@@ -23,4 +25,5 @@ class Timings:
         t0 = time.perf_counter()
         yield
         self.stages[name] = round(time.perf_counter() - t0, 2)
+        release()  # what the stage freed goes back to the system (recsys/memory.py)
         console.print(f"[dim]{name}: {self.stages[name]:.1f} s[/dim]")

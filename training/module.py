@@ -20,6 +20,7 @@ from recsys.config import TrainConfig
 from recsys.contract import ITEM_INPUTS, USER_INPUTS
 from recsys.eval.evaluate import EvalResult, history_matrix, score_topk
 from recsys.index import CandidateIndex
+from recsys.memory import release
 from training.datamodule import TwoTowerData, ValidationData
 from features.inputs import ItemInputs, UserInputs
 from training.losses import sampled_softmax_loss
@@ -235,6 +236,8 @@ def rank_by_time(module: TwoTowerModule, val: ValidationData, item_content: np.n
         items = encode(stats)
         index = CandidateIndex(items[cand], kind=kind, rows=cand)
         scores, rows = index.search(users[idx], n, exclude=seen[idx])
+        del index, items
+        release()  # each group's catalog-sized temporaries would otherwise fragment the heap (recsys/memory.py)
         yield idx, scores, rows, stats
 
 

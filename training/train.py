@@ -28,6 +28,7 @@ from recsys.config import Config
 from recsys.data.types import Catalog
 from recsys.eval.evaluate import EvalResult, history_matrix, score_topk
 from recsys.eval.splits import EvalSet, Split
+from recsys.memory import release
 from recsys.rerank import Candidates
 from training.datamodule import TwoTowerData, ValidationData
 from features.inputs import History, ItemInputs, ItemStatsAsOf, TrainingRowsBuilder, UserInputs, eval_inputs
@@ -187,6 +188,7 @@ def fit_two_tower(cfg: Config, catalog: Catalog, split: Split, repo: FeatureRepo
     t0 = time.time()
     trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_dir / "last.ckpt") if resume is not None else None)
     seconds = time.time() - t0 + (resume.seconds if resume else 0.0)
+    release()  # the epochs' batches and activations (recsys/memory.py)
     best = callbacks[2].best_model_path
     if best and Path(best).exists():
         state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]

@@ -13,6 +13,7 @@ from recsys.data import Dataset
 from recsys.embed.catalog import ItemVectors, part_vectors
 from recsys.eval import METRICS, EvalResult
 from recsys.eval.evaluate import evaluate
+from recsys.memory import release
 from recsys.progress import console
 
 
@@ -41,19 +42,24 @@ def baseline_results(cfg: Config, ds: Dataset, iv: ItemVectors, split, vectors: 
 
     extra = {} if extra is None else extra
     protocol, idx = split.name, ds.catalog.index
-    models: list = []
+    results: list[EvalResult] = []
+
+    def add(model) -> None:  # scored at once and dropped: one baseline's matrices in memory at a time
+        results.append(evaluate(model, split.test, idx, protocol, n_boot=cfg.eval.bootstrap))
+        release()
+
     no_interactions = [b for b in baselines if b in ("popularity", "ease", "sasrec")]
     if protocol == "cold" and no_interactions:
-        models.append(Random(idx, name=f"random ({'/'.join(no_interactions)}: no interactions on cold items)"))
+        add(Random(idx, name=f"random ({'/'.join(no_interactions)}: no interactions on cold items)"))
     for name in baselines:
         if protocol == "cold" and name in no_interactions:
             continue
         if name == "popularity":
-            models.append(Popularity(idx).fit(split.test.history))
+            add(Popularity(idx).fit(split.test.history))
         elif name == "ease":
             best, _ = EASE.tuned(idx, split.val, cfg.eval.ease_lambdas, protocol)
             extra["ease_lambda"] = best.lam
-            models.append(EASE(idx, best.lam).fit(split.test.history))
+            add(EASE(idx, best.lam).fit(split.test.history))
         elif name == "sasrec":
             try:
                 sas, scores = SASRec.tuned(idx, split.val, protocol)
@@ -61,9 +67,9 @@ def baseline_results(cfg: Config, ds: Dataset, iv: ItemVectors, split, vectors: 
                 console.print(f"[yellow]sasrec skipped on {protocol}: {exc}[/yellow]")
                 continue
             extra["sasrec"] = {"dropout": sas.cfg.dropout, "epochs": sas.epochs, "val_ndcg10": scores}
-            models.append(sas)
+            add(sas)
         elif name == "itemknn":
-            models.append(ItemKNN(idx).fit(split.test.history))
+            add(ItemKNN(idx).fit(split.test.history))
         elif name == "content-knn":
             cold = split.cold_items if protocol == "cold" else None
             for kind in ("text", "image"):
@@ -72,11 +78,11 @@ def baseline_results(cfg: Config, ds: Dataset, iv: ItemVectors, split, vectors: 
                     console.print(f"[dim]content-knn ({kind}) skipped: no item has a {kind} part[/dim]")
                     continue
                 vec = pv.with_cold(split.cold_items) if cold is not None else pv.vectors
-                models.append(ContentKNN(idx, vec, name=f"content-knn ({kind})", has=pv.has))
-            models.append(ContentKNN(idx, vectors, name="content-knn (fused)"))
+                add(ContentKNN(idx, vec, name=f"content-knn ({kind})", has=pv.has))
+            add(ContentKNN(idx, vectors, name="content-knn (fused)"))
         else:
             raise ValueError(f"unknown baseline {name!r}")
-    return [evaluate(m, split.test, idx, protocol, n_boot=cfg.eval.bootstrap) for m in models]
+    return results
 
 
 def results_table(runs: list[ProtocolRun], title: str = "Recommendation quality (test, 95% bootstrap CI)") -> Table:

@@ -17,6 +17,7 @@ from recsys.eval.evaluate import paired_differences, score_topk
 from recsys.eval.inputs import check_embedder_overlap, protocol_vectors, tags_in_training_window
 from recsys.flows.features import build_features
 from recsys.flows.saved import keep_checkpoint
+from recsys.memory import release
 from recsys.progress import console
 from training.train import TrainedTwoTower, fit_two_tower, log_reranker
 
@@ -113,6 +114,12 @@ class VariantSearch:
                                          self.input(best.item_input).ds.catalog, self.split, None,
                                          best.trained.content_vectors, name=best.trained.name, resume=best.trained)
         best.trained.name = "two-tower"
+        for v in self.variants.values():  # only the kept fit's training data is read again
+            if v is not best:
+                v.trained.datamodule = None
+        for inp in self.inputs.values():
+            inp.rows.clear()
+        release()
         return best
 
     def report(self, best: Variant) -> None:
