@@ -484,9 +484,11 @@ def render_demo(blob: dict) -> list[str]:
     r = blob["results"]
     lines = [f"Cold start (empty work directory), posters {'attached' if r.get('posters') else 'absent'}; "
              f"embedder {r['embedder']['backend']} {r['embedder']['model_version']}, dim {r['embedder']['dim']}.", "",
-             "| stage | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v:.1f} |" for k, v in r["timings_s"].items()]
-    lines += [f"| **total** | **{r['total_s']:.1f}** |", "", "Test metrics, mean [95% bootstrap CI over users]:", ""]
+             "| stage | seconds | peak resident MB |", "|---|---|---|"]
+    peak = r.get("peak_rss_mb", {})  # recorded since the scale issue
+    lines += [f"| {k} | {v:.1f} | {peak[k]:,} |" if k in peak else f"| {k} | {v:.1f} | - |" for k, v in r["timings_s"].items()]
+    lines += [f"| **total** | **{r['total_s']:.1f}** | **{r['max_peak_rss_mb']:,}** |" if peak else
+              f"| **total** | **{r['total_s']:.1f}** | - |", "", "Test metrics, mean [95% bootstrap CI over users]:", ""]
     lines += _metrics_table(r["results"]) + _differences(r["results"]) + _rerank_check(r["results"])
     for protocol, choice in (r.get("item_input") or {}).items():
         if choice and len(choice["val_ndcg10"]) > 1:

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,34 +29,25 @@ EVAL_USERS = 2_000
 EPOCH_CAP_BATCHES = 1_000
 
 
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 class Meter:
-    """Per-stage wall time and peak resident set (sampled every ``every`` seconds)."""
+    """Per-stage wall time and peak resident memory (recsys.memory.PeakMemory), printed as each stage ends."""
 
-    def __init__(self, every: float = 0.02):
+    def __init__(self):
+        from recsys.memory import PeakMemory
+
         self.stages: dict[str, dict] = {}
-        self._peak, self._stop = 0.0, threading.Event()
-        threading.Thread(target=self._sample, args=(every,), daemon=True).start()
-
-    def _sample(self, every: float) -> None:
-        while not self._stop.wait(every):
-            self._peak = max(self._peak, rss_mb())
+        self.memory = PeakMemory(every=0.02)
 
     @contextmanager
     def stage(self, name: str, **extra):
-        self._peak = start = rss_mb()
+        start = self.memory.reset()
         t0 = time.perf_counter()
         print(f"[scale] {name} ...", file=sys.stderr, flush=True)
         yield extra
-        seconds = time.perf_counter() - t0
-        self._peak = max(self._peak, rss_mb())
-        self.stages[name] = {"seconds": round(seconds, 2), "peak_rss_mb": round(self._peak), "start_rss_mb": round(start),
+        seconds, peak = time.perf_counter() - t0, self.memory.peak()
+        self.stages[name] = {"seconds": round(seconds, 2), "peak_rss_mb": round(peak), "start_rss_mb": round(start),
                              **extra}
-        print(f"[scale] {name}: {seconds:.1f} s, peak {self._peak:,.0f} MB", file=sys.stderr, flush=True)
+        print(f"[scale] {name}: {seconds:.1f} s, peak {peak:,.0f} MB", file=sys.stderr, flush=True)
 
 
 def sample(es, n: int, seed: int = 0):
@@ -74,7 +63,7 @@ def sample(es, n: int, seed: int = 0):
                    es.candidates)
 
 
-def run_size(n_interactions: int, workdir: Path) -> dict:
+def run_size(n_interactions: int, workdir: Path, n_items: int = 100_000, eval_users: int = EVAL_USERS) -> dict:
     import numpy as np
     import polars as pl
 
@@ -96,7 +85,7 @@ def run_size(n_interactions: int, workdir: Path) -> dict:
     capped = n_interactions > 2_000_000
     cfg = Config.load(None, workdir=str(workdir), train={"max_epochs": 1, "select_epochs": 0,
                                                          "epoch_batches": EPOCH_CAP_BATCHES if capped else 0})
-    spec = ScaleSpec(n_interactions=n_interactions)
+    spec = ScaleSpec(n_interactions=n_interactions, n_items=n_items)
     with meter.stage("generate"):
         ds, vectors = generate(spec)
         folder = workdir / "data"
@@ -112,7 +101,7 @@ def run_size(n_interactions: int, workdir: Path) -> dict:
     vectors = vectors[order]
     with meter.stage("split") as x:
         split = make_split("loo", ds, cfg.eval)
-        split.val, split.test = sample(split.val, EVAL_USERS), sample(split.test, EVAL_USERS, seed=1)
+        split.val, split.test = sample(split.val, eval_users), sample(split.test, eval_users, seed=1)
         x.update(training_interactions=split.train.height, eval_users=len(split.test))
     with meter.stage("feast offline writes") as x:
         repo = FeatureRepo(cfg, "synthetic", f"scale-{spec.dim}", spec.dim, name="train")

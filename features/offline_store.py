@@ -14,6 +14,7 @@ Selected in ``feature_store.yaml`` with ``offline_store: {type: features.offline
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 from typing import List, Literal, Union
 
 import ibis
@@ -96,8 +97,10 @@ class AsofDuckDBOfflineStore(DuckDBOfflineStore):
         entity_df = _to_utc(entity_df, event_ts)
         table = ibis.memtable(entity_df)
         limit = getattr(config.offline_store, "memory_limit", None)
-        if limit:
-            ibis.get_backend().raw_sql(f"SET memory_limit = '{limit}'")
+        if limit:  # past it DuckDB spills to a folder of the repository (not the process's working directory)
+            con = ibis.get_backend()
+            con.raw_sql(f"SET memory_limit = '{limit}'")
+            con.raw_sql(f"SET temp_directory = '{Path(config.repo_path or '.').resolve() / 'data' / '.duckdb-spill'}'")
         all_features: list[str] = []
         for fv in feature_views:
             if fv.batch_source is None:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
+import threading
 from functools import lru_cache
 
 
@@ -31,3 +33,38 @@ def release() -> bool:
     """Return the heap's free pages to the system; True when glibc did."""
     libc = _libc()
     return bool(libc.malloc_trim(0)) if libc is not None else False
+
+
+def rss_mb() -> float:
+    """The process's resident memory now, in MB (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        return 0.0
+
+
+class PeakMemory:
+    """The resident memory's peak within a window (a stage), sampled every ``every`` seconds on a daemon thread:
+    what the machine must hold while the stage runs."""
+
+    def __init__(self, every: float = 0.05):
+        self._peak = rss_mb()
+        self._stop = threading.Event()
+        threading.Thread(target=self._sample, args=(every,), daemon=True, name="peak-memory").start()
+
+    def _sample(self, every: float) -> None:
+        while not self._stop.wait(every):
+            self._peak = max(self._peak, rss_mb())
+
+    def reset(self) -> float:
+        """Start a new window; returns the resident memory now."""
+        self._peak = now = rss_mb()
+        return now
+
+    def peak(self) -> float:
+        self._peak = max(self._peak, rss_mb())
+        return self._peak
+
+    def stop(self) -> None:
+        self._stop.set()

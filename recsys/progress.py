@@ -8,22 +8,29 @@ from dataclasses import dataclass, field
 
 from rich.console import Console
 
-from recsys.memory import release
+from recsys.memory import PeakMemory, release
 
 console = Console(width=max(Console().width, 150))  # tables stay readable in logs and CI
 
 
 @dataclass
 class Timings:
-    """Wall-clock seconds per stage, printed as they finish and saved with the run's report."""
+    """Wall-clock seconds and peak resident memory (MB) per stage, printed as they finish and saved with the
+    run's report."""
 
     stages: dict[str, float] = field(default_factory=dict)
+    peak_mb: dict[str, int] = field(default_factory=dict)
+    _memory: PeakMemory | None = field(default=None, repr=False)
 
     @contextmanager
     def stage(self, name: str):
         console.rule(f"[bold]{name}")
+        if self._memory is None:
+            self._memory = PeakMemory()
+        self._memory.reset()
         t0 = time.perf_counter()
         yield
         self.stages[name] = round(time.perf_counter() - t0, 2)
+        self.peak_mb[name] = round(self._memory.peak())
         release()  # what the stage freed goes back to the system (recsys/memory.py)
-        console.print(f"[dim]{name}: {self.stages[name]:.1f} s[/dim]")
+        console.print(f"[dim]{name}: {self.stages[name]:.1f} s, peak {self.peak_mb[name]:,} MB resident[/dim]")

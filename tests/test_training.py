@@ -541,3 +541,22 @@ def test_variant_search_halves_then_screens_ids_on_the_lead(monkeypatch, tmp_pat
     trained.clear()
     scores["two-tower"] = 0.1
     assert one.run().label == "fused" and trained == [("two-tower", None)]  # a single variant trains fully at once
+
+
+@pytest.mark.slow  # every stage of the scale benchmark, tiny: `make test` runs it, `make test-fast` does not
+def test_the_scale_benchmark_runs_every_stage_and_records_time_and_memory(tmp_path):
+    """benchmarks/scale_bench.py at 20k interactions: each stage timed with its peak resident memory, the training
+    set streamed from Feast into compact rows, an epoch, a full-ranking evaluation that beats chance, the
+    online writes, the index and a nightly that rebuilds only the touched users."""
+    from benchmarks.scale_bench import run_size
+
+    res = run_size(20_000, tmp_path / "scale", n_items=2_000, eval_users=300)
+    st = res["stages"]
+    assert list(st) == ["generate", "load", "split", "feast offline writes", "point-in-time training set",
+                        "two-tower epoch", "evaluation", "feast online writes", "index build", "nightly (1% changed)"]
+    assert all(s["seconds"] > 0 and s["peak_rss_mb"] >= s["start_rss_mb"] > 0 for s in st.values())
+    assert st["load"]["interactions"] == 20_000 and st["point-in-time training set"]["rows"] == st["split"]["training_interactions"]
+    assert st["two-tower epoch"]["examples_per_s"] > 0 and not st["two-tower epoch"]["capped"]
+    assert st["evaluation"]["users"] == 300 and st["evaluation"]["Recall@50"] > 50 / 2_000  # chance: 0.025
+    assert 0 < st["nightly (1% changed)"]["users_refreshed"] < res["users"]
+    assert st["nightly (1% changed)"]["items_changed"] > 0

@@ -57,6 +57,7 @@ def run_demo(cfg: Config, sample_users: int = 3) -> dict:
     console.print(results_table(runs))
     console.print(differences_table(runs))
     report = {"timings_s": timings.stages, "total_s": round(sum(timings.stages.values()), 1),
+              "peak_rss_mb": timings.peak_mb, "max_peak_rss_mb": max(timings.peak_mb.values(), default=0),
               "results": results_json(runs), "data": ds.report.loaded,
               "embedder": {"backend": iv.backend, "model_version": iv.model_version, "dim": iv.dim,
                            "failed": len(iv.failed)},
@@ -64,12 +65,13 @@ def run_demo(cfg: Config, sample_users: int = 3) -> dict:
     out = cfg.workdir / "report"
     out.mkdir(exist_ok=True)
     (out / "demo.json").write_text(json.dumps(report, indent=2, default=str))
-    t = Table(title="Stage timings")
+    t = Table(title="Stage timings and peak resident memory")
     t.add_column("stage")
     t.add_column("seconds", justify="right")
+    t.add_column("peak MB", justify="right")
     for k, v in timings.stages.items():
-        t.add_row(k, f"{v:.1f}")
-    t.add_row("total", f"{report['total_s']:.1f}")
+        t.add_row(k, f"{v:.1f}", f"{timings.peak_mb.get(k, 0):,}")
+    t.add_row("total", f"{report['total_s']:.1f}", f"{report['max_peak_rss_mb']:,}")
     console.print(t)
     return report
 
