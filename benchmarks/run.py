@@ -456,7 +456,7 @@ def bench_scale(args) -> dict:
     from benchmarks.scale_bench import SIZES, run
 
     sizes = tuple(int(x) for x in args.sizes.split(",")) if getattr(args, "sizes", None) else SIZES
-    return run(Path(args.workdir) / "scale", sizes)
+    return run(Path(args.workdir) / "scale", sizes, timeout_s=2700)
 
 
 BENCHES = {"scale": bench_scale, "traffic": bench_traffic, "negatives": bench_negatives, "learning-rate": bench_learning_rate, "part-search": bench_part_search, "part-search-dims": bench_part_search_dims, "towers": bench_towers, "newest-items": bench_newest_items, "id-lr": bench_id_lr, "cold-tower": bench_cold_tower, "cold-content": bench_cold_content, "cold-recipe": bench_cold_recipe, "content-match": bench_content_match, "content-match-loo": bench_content_match_loo, "demo": bench_demo, "demo-fused": bench_demo_fused, "demo-newest": bench_demo_newest, "demo-ids": bench_demo_ids, "loo-shift": bench_loo_shift, "features": bench_features, "embedder": bench_embedder, "training": bench_training,
