@@ -267,7 +267,7 @@ class ItemStatsAsOf:
         s = snapshots.sort(["item_id", "event_timestamp"])
         self.n = len(catalog)
         self.mods = catalog.modalities.astype(np.float32)
-        rows = np.array([catalog.index[i] for i in s["item_id"].to_list()], np.int64)
+        rows = s["item_id"].replace_strict(catalog.index, return_dtype=pl.Int64).to_numpy()  # millions of snapshots
         ts = _seconds(s["event_timestamp"])
         order = np.lexsort((ts, rows))
         self.rows, self.ts = rows[order], ts[order]
