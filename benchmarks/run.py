@@ -1070,6 +1070,9 @@ def summary() -> list[str]:
                          (f"best baseline {b['model']} {ci(b, 'Recall@50')}; " if b else "")
                          + "the recipe was tuned with test looks (quality issue): read as optimistic"))
         rows.append(("`make demo` wall time", f"{demo['results']['total_s']:.0f} s", src("demo", demo), "2 cores"))
+        if demo["results"].get("max_peak_rss_mb"):
+            rows.append(("`make demo` peak resident memory", f"{demo['results']['max_peak_rss_mb']:,} MB", src("demo", demo),
+                         "goal <= 4,096 MB; the largest stage's peak (the stage table has each)"))
     serving = blob("serving")
     if serving:
         big = max(serving["results"]["latency"], key=lambda x: x["items"])
@@ -1093,6 +1096,15 @@ def summary() -> list[str]:
         one = nightly["results"]["one_percent_changed"]
         rows.append(("nightly with 1% of the catalog changed", f"{one['seconds']:.1f} s", src("nightly", nightly),
                      f"{one['counts']['changed']:,} of {sum(one['counts'][k] for k in ('new', 'changed', 'unchanged')):,} items"))
+    scale = blob("scale")
+    if scale:
+        done = [x for x in scale["results"]["sizes"] if x.get("stages") and not x.get("error")]
+        if done:
+            big = max(done, key=lambda x: x["interactions"])
+            ep = big["stages"].get("two-tower epoch", {})
+            rows.append((f"train and evaluate at {big['interactions']:,} interactions: process peak, epoch rate",
+                         f"{big['process_peak_rss_mb']:,} MB, {ep.get('examples_per_s', 0):,} examples/s", src("scale", scale),
+                         "goals <= 8,192 MB and >= 5,000 examples/s; per-stage growth in the Scale section"))
     traffic = blob("traffic")
     if traffic:
         r = traffic["results"]
