@@ -79,7 +79,8 @@ def user_snapshot_chunks(interactions: pl.DataFrame, item_vectors: np.ndarray, i
     if f.is_empty():
         yield _snapshots(f, item_vectors, index, recent, half_life, last_only)
         return
-    bounds = _user_bounds(f["user_id"].to_numpy())
+    new_user = f.select((pl.col("user_id") != pl.col("user_id").shift()).fill_null(True)).to_series().to_numpy()
+    bounds = np.r_[np.flatnonzero(new_user), f.height]  # no Python string per interaction
     cuts = [0]
     for b in bounds[1:]:  # whole users per chunk
         if b - cuts[-1] >= chunk_rows or b == bounds[-1]:

@@ -23,6 +23,7 @@ from ibis.expr import datatypes as dt
 from ibis.expr.types import Table
 
 from feast.feature_view import FeatureView
+from feast.types import Array
 from feast.infra.offline_stores import offline_utils
 from feast.infra.offline_stores.duckdb import (
     DuckDBOfflineStore,
@@ -65,9 +66,15 @@ class AsofRetrievalJob(IbisRetrievalJob):
 
 
 def asof_join(entity: Table, features: Table, ts: str, event_ts: str, keys: dict[str, str],
-              columns: list[str], ttl: timedelta | None) -> Table:
-    """Left ASOF join of one view's rows onto the entity rows (newest feature row at or before ``event_ts``)."""
+              columns: list[str], ttl: timedelta | None, ranges: dict | None = None) -> Table:
+    """Left ASOF join of one view's rows onto the entity rows (newest feature row at or before ``event_ts``).
+
+    ``ranges``: feature key -> (lowest, highest) value among the entity rows: feature rows outside cannot match,
+    and the filter reaches the parquet scan, which skips row groups by their statistics (a chunk of users reads
+    its part of a user-sorted file, not all of it)."""
     tag = "__f"
+    for k, (lo, hi) in (ranges or {}).items():
+        features = features.filter(features[k].between(lo, hi))
     right = features.select(*[features[k].name(f"{k}{tag}") for k in keys], features[ts].name(f"{ts}{tag}"), *columns)
     predicates = [entity[entity_key] == right[f"{k}{tag}"] for k, entity_key in keys.items()]
     joined = entity.asof_join(right, on=entity[event_ts] >= right[f"{ts}{tag}"], predicates=predicates)
@@ -102,7 +109,10 @@ class AsofDuckDBOfflineStore(DuckDBOfflineStore):
             con.raw_sql(f"SET memory_limit = '{limit}'")
             con.raw_sql(f"SET temp_directory = '{Path(config.repo_path or '.').resolve() / 'data' / '.duckdb-spill'}'")
         all_features: list[str] = []
-        for fv in feature_views:
+        # views with vector (list) features joined last: every ASOF join sorts the rows it is given, so the
+        # wide columns are carried through one join, not all of them (the output keeps Feast's column order)
+        order = sorted(feature_views, key=lambda fv: any(isinstance(f.dtype, Array) for f in fv.features))
+        for fv in order:
             if fv.batch_source is None:
                 raise ValueError(f"Feature view '{fv.name}' has no batch_source and cannot be queried.")
             source = fv.batch_source
@@ -118,8 +128,12 @@ class AsofDuckDBOfflineStore(DuckDBOfflineStore):
                 rows = rows.rename({f"{base}__{f}": f for f in refs})
                 refs = [f"{base}__{f}" for f in refs]
             keys = fv.projection.join_key_map or {e.name: e.name for e in fv.entity_columns}
-            table = asof_join(table, rows, source.timestamp_field, event_ts, keys, refs, fv.ttl)
+            ranges = {k: (entity_df[ek].min(), entity_df[ek].max()) for k, ek in keys.items()
+                      if ek in entity_df.columns and len(entity_df)}
+            table = asof_join(table, rows, source.timestamp_field, event_ts, keys, refs, fv.ttl, ranges)
             all_features.extend(refs)
+        wanted = [r.replace(":", "__") if full_feature_names else r.split(":")[1] for r in feature_refs]
+        table = table.select(*[c for c in table.columns if c not in set(wanted)], *[c for c in wanted if c in table.columns])
         odfvs = OnDemandFeatureView.get_requested_odfvs(feature_refs, project, registry)
         for odfv in [o for o in odfvs if o.mode == "substrait"]:
             table = odfv.transform_ibis(table, full_feature_names)

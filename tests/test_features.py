@@ -341,8 +341,8 @@ def test_snapshots_in_chunks_equal_each_users_own_decayed_sums_bit_for_bit(small
 
 def test_training_rows_streamed_from_feast_equal_the_whole_join(repo, small, tmp_path):
     """TrainingRowsBuilder fills the rows from Feast's join a batch at a time, in whatever order DuckDB returns
-    them: the result equals the rows built from the whole (ordered) join, and the int8 history stays within
-    half a quantisation step of the float vectors."""
+    them, and with the join run per chunk of users: the result equals the rows built from the whole (ordered)
+    join, and the int8 history stays within half a quantisation step of the float vectors."""
     from features.inputs import TrainingRowsBuilder, _seconds, _vectors, recent_matrix, user_stat_matrix
 
     labels = small.interactions.frame.select("user_id", "item_id", "timestamp")
@@ -351,7 +351,8 @@ def test_training_rows_streamed_from_feast_equal_the_whole_join(repo, small, tmp
     built = {}
     for int8 in (False, True):
         b = TrainingRowsBuilder(labels, small.catalog, DIM, 20, known, int8=int8)
-        batches = list(repo.training_batches(labels, rows=333))
+        # the float rows from a join run per chunk of whole users (each reading its users' part of the files)
+        batches = list(repo.training_batches(labels, rows=333, chunk_labels=10**9 if int8 else 700))
         assert len(batches) > 1 and sum(x.height for x in batches) == labels.height
         for batch in batches[::-1]:
             b.add(batch)
