@@ -109,8 +109,8 @@ def run_size(n_interactions: int, workdir: Path, n_items: int = 100_000, eval_us
         x.update(repo.write_interaction_features(split.train, ds.catalog, vectors))
         repo.apply()
     with meter.stage("point-in-time training set") as x:
-        rows = training_rows(repo, split, ds.catalog, spec.dim, cfg.features.recent_items)
-        x.update(rows=len(rows[0].times))
+        rows = training_rows(repo, split, ds.catalog, spec.dim, cfg.features.recent_items, cfg.train.int8_history_above)
+        x.update(rows=len(rows[0]), history=str(rows[0].history.values.dtype))
     cache = {(split.name, repo.views.item_embedding.name): rows}
     del rows
     with meter.stage("two-tower epoch") as x:
