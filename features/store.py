@@ -59,11 +59,13 @@ class ParquetSink:
     plain types as :func:`write_parquet`, into a temporary file moved into place on a clean exit (removed on an
     error, leaving the old file as it was).
 
-    ``keep``: rows of the file already at ``path`` to carry over, as a pyarrow expression on its columns, streamed
-    a row group at a time before the new frames (the nightly keeps every user it does not rebuild)."""
+    ``drop``: (column, values): the file already at ``path`` is carried over first, minus its rows whose column
+    holds one of the values, read one row group at a time (the nightly keeps every user it does not rebuild).
+    A pyarrow dataset scan did the same with read-ahead that outran the writer: 10 GB resident for an 8.9 GB
+    file."""
 
-    def __init__(self, path: Path, keep=None):
-        self.path, self.keep = path, keep
+    def __init__(self, path: Path, drop: tuple[str, list] | None = None):
+        self.path, self.drop = path, drop
         self.tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         self.writer: pq.ParquetWriter | None = None
         self.rows = 0
@@ -81,15 +83,20 @@ class ParquetSink:
         self._write(frame.to_arrow())
 
     def __enter__(self) -> "ParquetSink":
-        if self.keep is not None and self.path.exists():
+        if self.drop is not None and self.path.exists():
             import pyarrow as pa
-            import pyarrow.dataset as pads
+            import pyarrow.compute as pc
 
-            old = pads.dataset(self.path, format="parquet")
-            self._write(old.schema.empty_table())
-            for batch in old.to_batches(filter=self.keep, batch_size=ROW_GROUP):
-                if batch.num_rows:
-                    self._write(pa.Table.from_batches([batch]))
+            column, values = self.drop
+            values = pa.array(list(values), pa.string())
+            old = pq.ParquetFile(self.path)
+            self._write(old.schema_arrow.empty_table())
+            for group in range(old.num_row_groups):
+                table = old.read_row_group(group)
+                kept = table.filter(pc.invert(pc.is_in(table[column], value_set=values)))
+                if kept.num_rows:
+                    self._write(kept)
+                del table, kept
         return self
 
     def __exit__(self, kind, exc, tb) -> None:
@@ -325,15 +332,13 @@ class FeatureRepo:
         ``users`` None rebuilds every user's files; a set rebuilds only those users' snapshots (from their
         whole history, as the decayed sums need it) and keeps every other user's rows as they are: the nightly
         job passes the users with new interactions or with items whose vectors changed."""
-        import pyarrow.dataset as pads
-
         validate_vectors(catalog.ids, item_vectors, self.dim, "item vectors for user histories")
         e = self.cfg.embedder
         mine = interactions if users is None else interactions.filter(pl.col("user_id").is_in(list(users)))
         out = {}
         if mine.height or users is None:
             # every other user's rows carried over from the files as they are, streamed (never read whole)
-            keep = None if users is None else ~pads.field("user_id").isin(list(users))
+            keep = None if users is None else ("user_id", sorted(users))
             views = (self.views.user_history, self.views.user_stats, self.views.user_seen)
             with ParquetSink(self._path(views[0]), keep) as hist, ParquetSink(self._path(views[1]), keep) as stats, \
                     ParquetSink(self._path(views[2]), keep) as seen:
