@@ -55,7 +55,7 @@ def prepare(args) -> dict:
     materializing process's peak memory)."""
     import polars as pl
 
-    from features.store import write_parquet
+    from features.parquet import write_parquet
 
     repo = _repo(Path(args.workdir), args.store, args.redis, args.dim, args.path != "materialize", args.project)
     rng = np.random.default_rng(0)
