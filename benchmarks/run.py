@@ -850,6 +850,42 @@ def _render_traffic(blob: dict) -> list[str]:
     return render(blob)
 
 
+def plot_scale(sizes: list[dict], path: Path) -> bool:
+    """Time and peak memory per stage against the number of interactions (log-log), beside the linear line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [s for s in sizes if s.get("stages")]
+    if len(done) < 2:
+        return False
+    n = [s["interactions"] for s in done]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for st in [k for k in done[0]["stages"] if k != "generate"]:
+        if not all(st in s["stages"] for s in done):
+            continue
+        t = [s["stages"][st].get("full_epoch_s", s["stages"][st]["seconds"]) if st == "two-tower epoch"
+             else s["stages"][st]["seconds"] for s in done]
+        a.plot(n, t, marker="o", label=st)
+        b.plot(n, [s["stages"][st]["peak_rss_mb"] / 1024 for s in done], marker="o", label=st)
+    a.plot(n, [10 * x / n[0] for x in n], "k:", label="linear (from 10 s)")
+    b.axhline(8, color="k", ls="--", label="goal at 10M: 8 GiB")
+    for ax, what in ((a, "seconds"), (b, "peak resident GiB")):
+        ax.set_xscale("log")
+        ax.set_xlabel("interactions")
+        ax.set_ylabel(what)
+        ax.grid(alpha=0.3)
+    a.set_yscale("log")
+    a.set_title("time per stage")
+    b.set_title("peak memory per stage")
+    b.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
 def render_scale(blob: dict) -> list[str]:
     sizes = blob["results"]["sizes"]
     stages = [k for k in sizes[0].get("stages", {}) if k != "generate"] if sizes else []
@@ -878,6 +914,8 @@ def render_scale(blob: dict) -> list[str]:
         a, b = by.get(1_000_000, {}).get(st), by.get(10_000_000, {}).get(st)
         growth = f"{secs(b, st) / max(secs(a, st), 1e-9):.1f}x, {b['peak_rss_mb'] / a['peak_rss_mb']:.1f}x" if a and b else "-"
         out.append(f"| {st} | " + " | ".join(t) + " | " + " | ".join(m) + f" | {growth} |")
+    if plot_scale(sizes, RESULTS / "scale.png"):
+        out += ["", "![time and peak memory per stage against interactions](benchmarks/results/scale.png)"]
     out += ["", "Goals (issue: scale): from 1M to 10M each stage's time at most 12x and peak memory at most 10x; the "
             "train-and-evaluate flow at 10M within 8,192 MB; an epoch at >= 5,000 examples/s. * the 10M epoch ran "
             "its first 1,000 batches (512,000 examples): its full length is extrapolated from their rate.", ""]
