@@ -61,9 +61,11 @@ def user_snapshots(interactions: pl.DataFrame, item_vectors: np.ndarray, index: 
     return pl.concat([h for h, _ in chunks]), pl.concat([s for _, s in chunks])
 
 
-def _user_bounds(users: np.ndarray) -> np.ndarray:
-    """Start of each user's run in a user-sorted array, plus the end: (n_users + 1,)."""
-    return np.flatnonzero(np.r_[True, users[1:] != users[:-1], True]) if len(users) else np.zeros(1, np.int64)
+def _user_bounds(f: pl.DataFrame) -> np.ndarray:
+    """Start of each user's run in a user-sorted frame, plus the end: (n_users + 1,), with no Python string per
+    interaction."""
+    new_user = f.select((pl.col("user_id") != pl.col("user_id").shift()).fill_null(True)).to_series().to_numpy()
+    return np.r_[np.flatnonzero(new_user), f.height].astype(np.int64)
 
 
 def user_snapshot_chunks(interactions: pl.DataFrame, item_vectors: np.ndarray, index: dict[str, int], recent: int = 20,
@@ -79,8 +81,7 @@ def user_snapshot_chunks(interactions: pl.DataFrame, item_vectors: np.ndarray, i
     if f.is_empty():
         yield _snapshots(f, item_vectors, index, recent, half_life, last_only)
         return
-    new_user = f.select((pl.col("user_id") != pl.col("user_id").shift()).fill_null(True)).to_series().to_numpy()
-    bounds = np.r_[np.flatnonzero(new_user), f.height]  # no Python string per interaction
+    bounds = _user_bounds(f)
     cuts = [0]
     for b in bounds[1:]:  # whole users per chunk
         if b - cuts[-1] >= chunk_rows or b == bounds[-1]:
@@ -101,14 +102,13 @@ def _snapshots(f: pl.DataFrame, item_vectors: np.ndarray, index: dict[str, int],
     # folds a user's events above it (features.store.fold_events), so no event counts twice or is missed
     seqs = f.select(pl.col("seq").fill_null(0).cum_max().over("user_id")).to_series().to_numpy() \
         if "seq" in f.columns else np.zeros(n, np.int64)
-    users = f["user_id"].to_numpy()
     try:
         rows = f["item_id"].replace_strict(index, return_dtype=pl.Int64).to_numpy()
     except pl.exceptions.InvalidOperationError as exc:
         raise KeyError(f"interactions name items outside the catalog: {exc}") from exc
     ts = f["timestamp"]
     ts_np = ts.to_numpy()
-    bounds = _user_bounds(users)
+    bounds = _user_bounds(f)
     lengths = np.diff(bounds)
     start = np.repeat(bounds[:-1], lengths)  # each row's user start
     pos = np.arange(n) - start  # position in the user's sequence

@@ -55,8 +55,9 @@ class AsofRetrievalJob(IbisRetrievalJob):
 
     def to_arrow_batches(self, rows: int = 100_000):
         """Yields pyarrow RecordBatches of at most ``rows`` rows, in no particular order."""
-        if self.on_demand_feature_views:
-            raise NotImplementedError("on-demand feature views are not streamed")
+        if self.on_demand_feature_views:  # Feast applies those to a whole pandas frame: the result, then cut
+            yield from self.to_arrow().to_batches(rows)
+            return
         backend = self.table._find_backend()
         backend._run_pre_execute_hooks(self.table)  # registers the entity rows (a memtable) with DuckDB
         # ibis' own to_pyarrow_batches calls DuckDB's fetch_record_batch, which DuckDB 2 renamed; a relation's

@@ -24,20 +24,15 @@ def _plain_type(t):
 
 
 def write_parquet(frame: pl.DataFrame, path: Path) -> None:
-    """Parquet with plain (not "large") string and list types, and list fields named "item": Feast's
-    type map (0.67) knows ``list<item: string>`` but not the compliant ``list<element: string>``."""
-    import pyarrow as pa
-
-    table = frame.to_arrow()
-    schema = pa.schema([pa.field(f.name, _plain_type(f.type)) for f in table.schema])
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # a reader (or a kill) never meets half a file
-    pq.write_table(table.cast(schema), tmp, use_compliant_nested_type=False, row_group_size=ROW_GROUP)
-    os.replace(tmp, path)
+    """A whole frame as one file (:class:`ParquetSink` with a single write)."""
+    with ParquetSink(path) as sink:
+        sink.write(frame)
 
 
 class ParquetSink:
     """A parquet file written frame by frame (row groups of ROW_GROUP), so a writer never holds the whole table:
-    plain types as :func:`write_parquet`, into a temporary file moved into place on a clean exit (removed on an
+    plain (not "large") string and list types, list fields named "item" (Feast's type map, 0.67, knows
+    ``list<item: string>`` but not the compliant ``list<element: string>``), into a temporary file moved into place on a clean exit (removed on an
     error, leaving the old file as it was).
 
     ``drop``: (column, values): the file already at ``path`` is carried over first, minus its rows whose column

@@ -272,8 +272,9 @@ class FeatureRepo:
                 seen.write(user_seen(mine))
             for sink, view in zip((hist, stats, seen), views):
                 out[view.name.split("__")[0]] = sink.rows
-        write_parquet(item_stats(interactions, catalog), self._path(self.views.item_stats))
-        out["item_stats"] = pl.scan_parquet(self._path(self.views.item_stats)).select(pl.len()).collect().item()
+        items = item_stats(interactions, catalog)
+        write_parquet(items, self._path(self.views.item_stats))
+        out["item_stats"] = items.height
         out["users_refreshed"] = mine["user_id"].n_unique()
         return out
 
