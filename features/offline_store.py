@@ -13,15 +13,19 @@ Selected in ``feature_store.yaml`` with ``offline_store: {type: features.offline
 
 from __future__ import annotations
 
+import weakref
 from datetime import timedelta
 from pathlib import Path
 from typing import List, Literal, Union
 
 import ibis
 import pandas as pd
+import pyarrow as pa
 from ibis.expr import datatypes as dt
+from ibis.expr import operations as ops
 from ibis.expr.types import Table
 
+from feast import FileSource
 from feast.feature_view import FeatureView
 from feast.types import Array
 from feast.infra.offline_stores import offline_utils
@@ -60,10 +64,53 @@ class AsofRetrievalJob(IbisRetrievalJob):
             return
         backend = self.table._find_backend()
         backend._run_pre_execute_hooks(self.table)  # registers the entity rows (a memtable) with DuckDB
-        # ibis' own to_pyarrow_batches calls DuckDB's fetch_record_batch, which DuckDB 2 renamed; a relation's
-        # reader streams without the extra copy a cursor's makes
-        relation = backend.con.sql(backend.compile(self.table))
-        yield from relation.to_arrow_reader(rows)
+        try:
+            # ibis' own to_pyarrow_batches calls DuckDB's fetch_record_batch, which DuckDB 2 renamed; a relation's
+            # reader streams without the extra copy a cursor's makes
+            relation = backend.con.sql(backend.compile(self.table))
+            yield from relation.to_arrow_reader(rows)
+        finally:
+            self.forget_entity_rows()
+
+    def _to_df_internal(self, timeout: int | None = None) -> pd.DataFrame:
+        try:
+            return super()._to_df_internal(timeout)
+        finally:
+            self.forget_entity_rows()
+
+    def _to_arrow_internal(self, timeout: int | None = None) -> pa.Table:
+        try:
+            return super()._to_arrow_internal(timeout)
+        finally:
+            self.forget_entity_rows()
+
+    def forget_entity_rows(self) -> None:
+        """Unregister the entity rows from DuckDB once read. ibis keeps every memtable it has registered until
+        the process exits (and the frame with it): each training set's labels stayed resident, 1.2 GB after a
+        join of 8M labels. They go once the result has been read (a second read registers them again)."""
+        backend = self.table._find_backend()
+        for op in self.table.op().find(ops.InMemoryTable):
+            if op in getattr(backend, "_memtables", ()):
+                backend.con.unregister(op.name)
+                backend._memtables.discard(op)
+
+
+def _job_backend(config: RepoConfig, views: List[FeatureView]):
+    """A DuckDB database of the job's own when every view reads a local parquet file (else None: Feast's reader on
+    ibis' default backend, which other jobs share). Closed with the job, it gives back everything the join held:
+    on the default backend DuckDB's allocator kept 0.8 GB after a join of 8M labels had been read. Queries past
+    ``memory_limit`` spill to a folder of the repository (not the process's working directory)."""
+    local = all(isinstance(fv.batch_source, FileSource) and str(fv.batch_source.path).endswith(".parquet")
+                and "://" not in str(fv.batch_source.path) for fv in views)
+    limit = getattr(config.offline_store, "memory_limit", None)
+    settings = {"memory_limit": limit, "temp_directory": str(Path(config.repo_path or ".").resolve() / "data" / ".duckdb-spill")}
+    if local:
+        return ibis.duckdb.connect(**(settings if limit else {}))
+    if limit:
+        shared = ibis.get_backend()
+        for k, v in settings.items():
+            shared.raw_sql(f"SET {k} = '{v}'")
+    return None
 
 
 def asof_join(entity: Table, features: Table, ts: str, event_ts: str, keys: dict[str, str],
@@ -104,11 +151,7 @@ class AsofDuckDBOfflineStore(DuckDBOfflineStore):
         ts_range = _get_entity_df_event_timestamp_range(entity_df, event_ts)
         entity_df = _to_utc(entity_df, event_ts)
         table = ibis.memtable(entity_df)
-        limit = getattr(config.offline_store, "memory_limit", None)
-        if limit:  # past it DuckDB spills to a folder of the repository (not the process's working directory)
-            con = ibis.get_backend()
-            con.raw_sql(f"SET memory_limit = '{limit}'")
-            con.raw_sql(f"SET temp_directory = '{Path(config.repo_path or '.').resolve() / 'data' / '.duckdb-spill'}'")
+        con = _job_backend(config, feature_views)
         all_features: list[str] = []
         # views with vector (list) features joined last: every ASOF join sorts the rows it is given, so the
         # wide columns are carried through one join, not all of them (the output keeps Feast's column order)
@@ -117,7 +160,7 @@ class AsofDuckDBOfflineStore(DuckDBOfflineStore):
             if fv.batch_source is None:
                 raise ValueError(f"Feature view '{fv.name}' has no batch_source and cannot be queried.")
             source = fv.batch_source
-            rows = _read_data_source(source, str(config.repo_path))
+            rows = con.read_parquet(source.path) if con is not None else _read_data_source(source, str(config.repo_path))
             for old, new in source.field_mapping.items():
                 if old in rows.columns:
                     rows = rows.rename({new: old})
@@ -138,7 +181,7 @@ class AsofDuckDBOfflineStore(DuckDBOfflineStore):
         odfvs = OnDemandFeatureView.get_requested_odfvs(feature_refs, project, registry)
         for odfv in [o for o in odfvs if o.mode == "substrait"]:
             table = odfv.transform_ibis(table, full_feature_names)
-        return AsofRetrievalJob(
+        job = AsofRetrievalJob(
             table,
             [o for o in odfvs if o.mode != "substrait"],
             full_feature_names,
@@ -149,3 +192,6 @@ class AsofDuckDBOfflineStore(DuckDBOfflineStore):
             staging_location_endpoint_override=config.offline_store.staging_location_endpoint_override,
             repo_path=str(config.repo_path),
         )
+        if con is not None:  # the job's own database goes when the job does (its memory with it)
+            weakref.finalize(job, con.disconnect)
+        return job
