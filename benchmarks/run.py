@@ -529,6 +529,9 @@ def _differences(results: list[dict]) -> list[str]:
         if sas:
             lines += ["", f"SASRec tuned on {row['protocol'].upper()} validation: dropout {sas['dropout']}, {sas['epochs']} epochs "
                       f"(validation NDCG@10 by dropout: {sas['val_ndcg10']}); EASE lambda {row['extra'].get('ease_lambda')}."]
+            if sas.get("curve"):
+                lines += ["", "SASRec's learning curve (epoch: validation NDCG@10): "
+                          + ", ".join(f"{e}: {v:.4f}" for e, v in sas["curve"]) + "."]
     return lines
 
 

@@ -33,6 +33,9 @@ def baseline_results(cfg: Config, ds: Dataset, iv: ItemVectors, split, vectors: 
                      baselines: tuple[str, ...] = BASELINES, extra: dict | None = None) -> list[EvalResult]:
     """The baselines on ``split``'s test round, each tuned on its validation round where it has a knob.
 
+    One refit policy for every model, the two-tower included: none. Each learns from ``split.val.history`` (the
+    training window) and reads ``split.test.history`` (which adds the validation rows) only as the users' input.
+
     "popularity"; "ease" (lambda tuned); "sasrec" (tuned, recsys.eval.sasrec); "itemknn"; "content-knn" (three
     rows: item-kNN on the items' text, image and fused vectors). On COLD, popularity, EASE and SASRec cannot
     tell cold items apart (nobody interacted with them): they give one row, "random", for what it is.
@@ -55,21 +58,22 @@ def baseline_results(cfg: Config, ds: Dataset, iv: ItemVectors, split, vectors: 
         if protocol == "cold" and name in no_interactions:
             continue
         if name == "popularity":
-            add(Popularity(idx).fit(split.test.history))
+            add(Popularity(idx).fit(split.val.history))
         elif name == "ease":
             best, _ = EASE.tuned(idx, split.val, cfg.eval.ease_lambdas, protocol)
             extra["ease_lambda"] = best.lam
-            add(EASE(idx, best.lam).fit(split.test.history))
+            add(best)  # fitted on the training window, as every model here (no refit)
         elif name == "sasrec":
             try:
                 sas, scores = SASRec.tuned(idx, split.val, protocol)
             except ValueError as exc:
                 console.print(f"[yellow]sasrec skipped on {protocol}: {exc}[/yellow]")
                 continue
-            extra["sasrec"] = {"dropout": sas.cfg.dropout, "epochs": sas.epochs, "val_ndcg10": scores}
+            extra["sasrec"] = {"dropout": sas.cfg.dropout, "epochs": sas.epochs, "val_ndcg10": scores,
+                               "curve": sas.history}
             add(sas)
         elif name == "itemknn":
-            add(ItemKNN(idx).fit(split.test.history))
+            add(ItemKNN(idx).fit(split.val.history))
         elif name == "content-knn":
             cold = split.cold_items if protocol == "cold" else None
             for kind in ("text", "image"):

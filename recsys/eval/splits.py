@@ -90,7 +90,8 @@ def loo_split(ds: Dataset, cfg: EvalConfig = EvalConfig()) -> Split:
     vu, vt, va = _targets_by_user(val_rows, index)
     tu, tt, ta = _targets_by_user(test_rows, index)
     val = EvalSet(vu, vt, va, history=train)
-    test = EvalSet(tu, tt, ta, history=pl.concat([train, val_rows]).sort(["user_id", "timestamp", "item_id"]))
+    # the split's own order, the validation item after its same-second ties: a sequential model reads it last
+    test = EvalSet(tu, tt, ta, history=pl.concat([train, val_rows]).sort(["user_id", "timestamp"], maintain_order=True))
     return Split("loo", val, test, ties=ties)
 
 
