@@ -1111,9 +1111,18 @@ def summary() -> list[str]:
         best = max(loo, key=lambda r: r["HR@10"]["mean"]) if loo else None
         tt = res.get(("loo", "two-tower"))
         if tt:
+            diff = tt.get("extra", {}).get("two_tower_minus", {}).get(best["model"], {}).get("HR@10") if best else None
+            verdict = ("" if diff is None else ": the paired difference " + (
+                "is above 0" if diff["low"] > 0 else "is below 0" if diff["high"] < 0 else "spans 0 (a tie)")
+                + f", {diff['mean']:+.3f} [{diff['low']:+.3f}, {diff['high']:+.3f}]")
             rows.append(("LOO HR@10, two-tower (610 users)", ci(tt, "HR@10"), src("demo", demo),
-                         f"best baseline {best['model']} {ci(best, 'HR@10')}: a tie within the intervals; the SASRec row is "
-                         "under-trained (quality issue)" if best else ""))
+                         f"best baseline {best['model']} {ci(best, 'HR@10')}{verdict}" if best else ""))
+        sas = res.get(("loo", "sasrec"))
+        if sas and tt:
+            curve = tt.get("extra", {}).get("sasrec", {})
+            rows.append(("LOO HR@10, SASRec (the reference recipe)", ci(sas, "HR@10"), src("demo", demo),
+                         f"goal >= 0.085; epoch {curve.get('epochs', '?')} kept on validation"
+                         + (" (learning curve in the Demo section)" if curve.get("curve") else "")))
         cold = res.get(("cold", "two-tower"))
         cb = [r for (p, m), r in res.items() if p == "cold" and m != "two-tower" and "rerank" not in m]
         if cold:

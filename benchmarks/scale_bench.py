@@ -120,6 +120,7 @@ def run_size(n_interactions: int, workdir: Path, n_items: int = 100_000, eval_us
                  validation_s=round(trained.val_seconds, 1), capped=capped,
                  full_epoch_s=round(len(trained.datamodule.rows) / rate, 1))
     cache.clear()
+    trained.drop_training_data()  # as the flow does once no fit resumes (recsys.flows.protocol.VariantSearch)
     with meter.stage("evaluation") as x:
         res = trained.evaluate(split, ds.catalog, cfg, n_boot=200)
         x.update(users=res.per_user.height,

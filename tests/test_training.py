@@ -505,18 +505,18 @@ def test_variant_search_halves_then_screens_ids_on_the_lead(monkeypatch, tmp_pat
 
     scores = {"fused+newest0": 0.30, "text+newest0": 0.10, "concat+newest0": 0.20, "fused+newest1": 0.35,
               "concat+newest1": 0.40, "concat+newest1+ids": 0.40}
-    trained, resumed = [], []
+    trained, resumed, dropped = [], [], []
 
     def fake_fit(cfg, catalog, split, repo, vectors, max_epochs=None, name="", rows_cache=None, resume=None):
         if resume is not None:
             resumed.append((resume.name, cfg.train.newest_items, cfg.train.id_embeddings))
             return SimpleNamespace(name=resume.name, val_results=resume.val_results, content_vectors=vectors, epochs=3,
-                                   examples_per_s=1.0, seconds=2.0)
+                                   examples_per_s=1.0, seconds=2.0, drop_training_data=lambda: dropped.append("kept"))
         label = name.removeprefix("two-tower[").removesuffix("]")
         trained.append((label, max_epochs))
         est = SimpleNamespace(estimates={"NDCG@10": SimpleNamespace(mean=scores[label])})
         return SimpleNamespace(name=name, val_results=[est], content_vectors=vectors, epochs=1, examples_per_s=1.0,
-                               seconds=1.0)
+                               seconds=1.0, drop_training_data=lambda: dropped.append(label))
 
     monkeypatch.setattr(protocol, "fit_two_tower", fake_fit)
     def fake_input(self, mode):
@@ -533,6 +533,7 @@ def test_variant_search_halves_then_screens_ids_on_the_lead(monkeypatch, tmp_pat
     assert all(epochs == 1 for _, epochs in trained)  # screening fits
     assert best.label == "concat+newest1" and best.trained.name == "two-tower"  # the tie goes to the first trained
     assert resumed == [("two-tower[concat+newest1]", 1, False)]
+    assert sorted(dropped) == sorted(["kept", *(label for label, _ in trained if label != "concat+newest1")])  # no rows kept
     extra = search.record(best)["item_input"]
     assert extra["val_ndcg10"] == scores and extra["chosen"] == "concat" and extra["screen_epochs"] == 1
     assert search.record(best)["train_s"] == 2.0 + 5 * 1.0  # the kept fit and the five that lost

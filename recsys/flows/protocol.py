@@ -17,7 +17,6 @@ from recsys.eval.evaluate import paired_differences, score_topk
 from recsys.eval.inputs import check_embedder_overlap, protocol_vectors, tags_in_training_window
 from recsys.flows.features import build_features
 from recsys.flows.saved import keep_checkpoint
-from recsys.memory import release
 from recsys.progress import console
 from training.train import TrainedTwoTower, fit_two_tower, log_reranker
 
@@ -114,12 +113,10 @@ class VariantSearch:
                                          self.input(best.item_input).ds.catalog, self.split, None,
                                          best.trained.content_vectors, name=best.trained.name, resume=best.trained)
         best.trained.name = "two-tower"
-        for v in self.variants.values():  # only the kept fit's training data is read again
-            if v is not best:
-                v.trained.datamodule = None
         for inp in self.inputs.values():
             inp.rows.clear()
-        release()
+        for v in self.variants.values():  # no fit resumes from here: the training rows go
+            v.trained.drop_training_data()
         return best
 
     def report(self, best: Variant) -> None:
