@@ -38,8 +38,9 @@ class EvalSet:
 
 @dataclass
 class Split:
-    """A protocol's data: models learn from ``val.history`` and tune on ``val``; for the reported
-    numbers they may refit on ``test.history`` (which adds the validation rows) and are scored on ``test``."""
+    """A protocol's data: models learn from ``val.history`` and tune on ``val``; for the reported numbers
+    they are scored on ``test``, reading ``test.history`` (which adds the validation rows) as the users' input
+    only: no model is refit on it (recsys.eval.compare, one policy for all)."""
 
     name: str
     val: EvalSet
