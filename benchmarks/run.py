@@ -527,7 +527,8 @@ def _differences(results: list[dict]) -> list[str]:
                   for m, v in d.items()]
         sas = row["extra"].get("sasrec")
         if sas:
-            lines += ["", f"SASRec tuned on {row['protocol'].upper()} validation: dropout {sas['dropout']}, {sas['epochs']} epochs "
+            took = f", fitted in {sas['fit_s']:.0f} s" if sas.get("fit_s") is not None else ""
+            lines += ["", f"SASRec tuned on {row['protocol'].upper()} validation: dropout {sas['dropout']}, {sas['epochs']} epochs{took} "
                       f"(validation NDCG@10 by dropout: {sas['val_ndcg10']}); EASE lambda {row['extra'].get('ease_lambda')}."]
             if sas.get("curve"):
                 lines += ["", "SASRec's learning curve (epoch: validation NDCG@10): "

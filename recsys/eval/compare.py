@@ -3,6 +3,7 @@ has a knob), and the results as tables and JSON."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -64,13 +65,14 @@ def baseline_results(cfg: Config, ds: Dataset, iv: ItemVectors, split, vectors: 
             extra["ease_lambda"] = best.lam
             add(best)  # fitted on the training window, as every model here (no refit)
         elif name == "sasrec":
+            t0 = time.perf_counter()
             try:
                 sas, scores = SASRec.tuned(idx, split.val, protocol)
             except ValueError as exc:
                 console.print(f"[yellow]sasrec skipped on {protocol}: {exc}[/yellow]")
                 continue
             extra["sasrec"] = {"dropout": sas.cfg.dropout, "epochs": sas.epochs, "val_ndcg10": scores,
-                               "curve": sas.history}
+                               "curve": sas.history, "fit_s": round(time.perf_counter() - t0, 1)}
             add(sas)
         elif name == "itemknn":
             add(ItemKNN(idx).fit(split.val.history))
