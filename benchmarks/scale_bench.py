@@ -21,6 +21,7 @@ import json
 import subprocess
 import sys
 import time
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -119,8 +120,10 @@ def run_size(n_interactions: int, workdir: Path, n_items: int = 100_000, eval_us
         x.update(examples=trained.examples, rows=len(trained.datamodule.rows), examples_per_s=round(rate),
                  validation_s=round(trained.val_seconds, 1), capped=capped,
                  full_epoch_s=round(len(trained.datamodule.rows) / rate, 1))
+        held = weakref.ref(trained.datamodule.rows)
     cache.clear()
     trained.drop_training_data()  # as the flow does once no fit resumes (recsys.flows.protocol.VariantSearch)
+    meter.stages["two-tower epoch"]["rows_freed_after"] = held() is None
     with meter.stage("evaluation") as x:
         res = trained.evaluate(split, ds.catalog, cfg, n_boot=200)
         x.update(users=res.per_user.height,

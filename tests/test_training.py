@@ -558,6 +558,7 @@ def test_the_scale_benchmark_runs_every_stage_and_records_time_and_memory(tmp_pa
     assert all(s["seconds"] > 0 and s["peak_rss_mb"] >= s["start_rss_mb"] > 0 for s in st.values())
     assert st["load"]["interactions"] == 20_000 and st["point-in-time training set"]["rows"] == st["split"]["training_interactions"]
     assert st["two-tower epoch"]["examples_per_s"] > 0 and not st["two-tower epoch"]["capped"]
+    assert st["two-tower epoch"]["rows_freed_after"]  # evaluation and the writes never share memory with them
     assert st["evaluation"]["users"] == 300 and st["evaluation"]["Recall@50"] > 50 / 2_000  # chance: 0.025
     assert 0 < st["nightly (1% changed)"]["users_refreshed"] < res["users"]
     assert st["nightly (1% changed)"]["items_changed"] > 0

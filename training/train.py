@@ -8,6 +8,7 @@ Scale-out is configuration: ``train.strategy="ddp"``, ``train.devices``, ``train
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import json
 import logging
@@ -59,6 +60,7 @@ class TrainedTwoTower:
         interactions that is 3.2 GB that evaluation and the feature writes need not share the machine with."""
         self.datamodule = None
         self.module.trainer = None
+        gc.collect()  # the trainer, its callbacks and the datamodule refer to each other: only the collector frees them
         release()
 
     @property
