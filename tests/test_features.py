@@ -377,7 +377,7 @@ def test_training_rows_streamed_from_feast_equal_the_whole_join(repo, small, tmp
 
 def test_a_point_in_time_job_gives_back_its_rows_and_its_database(repo, small):
     """Each join runs in a DuckDB database of its own, closed when the job is dropped, and its entity rows are
-    unregistered once read (ibis keeps a registered frame until the process exits: 1.2 GB after 8M labels)."""
+    unregistered once read (ibis keeps a registered frame until the process exits: about 0.5 GB after 8M labels)."""
     import gc
 
     import duckdb
