@@ -401,6 +401,19 @@ def test_a_point_in_time_job_gives_back_its_rows_and_its_database(repo, small):
             backend.con.execute("SELECT 1")
 
 
+def test_concurrent_point_in_time_joins_each_get_the_whole_answer(repo, small):
+    """Joins from 8 threads at once (each in its own DuckDB database) return exactly what one join alone returns."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    labels = small.interactions.frame.select("user_id", "item_id", "timestamp")
+    parts = [labels.gather(list(range(i, labels.height, 4))) for i in range(4)]
+    alone = [repo.training_set(p) for p in parts]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(repo.training_set, parts * 4))
+    for i, got in enumerate(together):
+        assert got.equals(alone[i % 4])
+
+
 def test_a_nightly_rewrite_streams_the_other_users_rows_through_unchanged(repo, small):
     """write_interaction_features(users=...) rebuilds those users and carries every other user's rows over from
     the file as they were (streamed a row group at a time, never read whole)."""
