@@ -343,15 +343,18 @@ def test_snapshots_in_chunks_equal_each_users_own_decayed_sums_bit_for_bit(small
 def test_training_rows_streamed_from_feast_equal_the_whole_join(repo, small, tmp_path):
     """TrainingRowsBuilder fills the rows from Feast's join a batch at a time, in whatever order DuckDB returns
     them, and with the join run per chunk of users: the result equals the rows built from the whole (ordered)
-    join, and the int8 history stays within half a quantisation step of the float vectors."""
-    from features.inputs import TrainingRowsBuilder, _seconds, _vectors, recent_matrix, user_stat_matrix
+    join, and the int8 history stays within half a quantisation step of the float vectors. The positives' item
+    statistics, read as of each label from the snapshots (not joined per chunk), equal the whole join's."""
+    from features.inputs import (ItemStatsAsOf, TrainingRowsBuilder, _seconds, _vectors, item_stat_matrix, recent_matrix,
+                                 user_stat_matrix)
 
     labels = small.interactions.frame.select("user_id", "item_id", "timestamp")
     whole = repo.training_set(labels)
     known = np.ones(len(small.catalog), bool)
+    asof = ItemStatsAsOf(repo.item_stats_snapshots(), small.catalog)
     built = {}
     for int8 in (False, True):
-        b = TrainingRowsBuilder(labels, small.catalog, DIM, 20, known, int8=int8)
+        b = TrainingRowsBuilder(labels, small.catalog, DIM, 20, known, int8=int8, asof=asof)
         # the float rows from a join run per chunk of whole users (each reading its users' part of the files)
         batches = list(repo.training_batches(labels, rows=333, chunk_labels=10**9 if int8 else 700))
         assert len(batches) > 1 and sum(x.height for x in batches) == labels.height
@@ -367,12 +370,17 @@ def test_training_rows_streamed_from_feast_equal_the_whole_join(repo, small, tmp
     assert np.array_equal(rows.user_stats, user_stat_matrix(
         whole["n_interactions"].fill_null(0).to_numpy(), whole["mean_value"].fill_null(0).to_numpy(),
         _seconds(whole["user_first_seen"]), _seconds(whole["timestamp"])))
+    mods = whole.select("has_text", "has_image", "has_audio", "has_video").fill_null(0).to_numpy()
+    joined = item_stat_matrix(whole["pop_all"].fill_null(0).to_numpy(), whole["pop_30d"].fill_null(0).to_numpy(),
+                              _seconds(whole["item_first_seen"]), _seconds(whole["timestamp"]), mods)
+    assert np.array_equal(rows.item_stats, joined) and joined[:, 0].std() > 0
+    assert "pop_all" not in batches[0].columns  # the join read the user views only
     q = built[True].history
     assert q.values.dtype == np.int8
     err = np.abs(q.take(idx) - rows.history.take(idx))
     assert (err <= q.scale[:, None] / 2 + 1e-7).all() and err.max() > 0
     with pytest.raises(RuntimeError, match="no row for"):
-        TrainingRowsBuilder(labels, small.catalog, DIM, 20, known, int8=False).done()
+        TrainingRowsBuilder(labels, small.catalog, DIM, 20, known, int8=False, asof=asof).done()
 
 
 def test_a_point_in_time_job_gives_back_its_rows_and_its_database(repo, small):
@@ -449,3 +457,30 @@ def test_each_ddp_process_joins_and_holds_only_its_share_of_the_rows(repo, small
         for name in ("recent_rows", "user_stats", "item_rows", "item_stats", "item_known", "times", "item_counts"):
             assert np.array_equal(getattr(share, name), getattr(want, name)), name
         assert np.array_equal(share.history.values, want.history.values) and share.shard == want.shard == (r, 3)
+
+
+def test_item_stats_as_of_are_strictly_before_each_time_to_the_microsecond():
+    """ItemStatsAsOf searches one combined (item, time) key, which rounds to about 10 ms at 100k items over 30 years:
+    a snapshot a millisecond before the time must still count, one at the time itself must not (Feast's join)."""
+    from datetime import datetime, timedelta, timezone
+    from types import SimpleNamespace
+
+    from features.inputs import ItemStatsAsOf
+
+    n = 100_000
+    class Items(SimpleNamespace):  # what ItemStatsAsOf reads of a catalog: its index, modalities and length
+        def __len__(self):
+            return n
+
+    catalog = Items(index={f"i{k}": k for k in range(n)}, modalities=np.zeros((n, 4), bool))
+    t0 = datetime(1995, 1, 1, tzinfo=timezone.utc)
+    last = n - 1
+    snap_t = [t0 + timedelta(days=365 * 30), t0 + timedelta(days=365 * 30, seconds=86_400)]
+    snaps = pl.DataFrame({"item_id": ["i0", f"i{last}", f"i{last}"], "event_timestamp": [t0] + snap_t,
+                          "pop_all": [1, 5, 9], "pop_30d": [1, 5, 9], "item_first_seen": [t0, snap_t[0], snap_t[0]]},
+                         schema_overrides={"event_timestamp": pl.Datetime("us", "UTC"), "item_first_seen": pl.Datetime("us", "UTC")})
+    asof = ItemStatsAsOf(snaps, catalog)
+    secs = np.array([s.timestamp() for s in snap_t])
+    times = np.r_[secs[1] + 0.001, secs[1], secs[1] + 1e-6, secs[0] - 1e-6]
+    got = np.expm1(asof.at(np.full(4, last), times)[:, 0] * 5).round()
+    assert got.tolist() == [9, 5, 9, 0]

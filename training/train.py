@@ -138,14 +138,14 @@ def training_rows(repo: FeatureRepo, split: Split, catalog: Catalog, dim: int, r
     known = np.zeros(len(catalog), bool)
     known[item_rows] = True
     mine = labels if shard is None else labels.gather(np.arange(shard[0], labels.height, shard[1]))
-    builder = TrainingRowsBuilder(mine, catalog, dim, recent, known, int8=0 < int8_above < labels.height)
+    asof = ItemStatsAsOf(repo.item_stats_snapshots(), catalog)
+    builder = TrainingRowsBuilder(mine, catalog, dim, recent, known, int8=0 < int8_above < labels.height, asof=asof)
     for batch in repo.training_batches(mine):
         builder.add(batch)
     rows = builder.done()
     if shard is not None:
         rows.shard, rows.total = shard, labels.height
         rows.item_counts = np.bincount(item_rows, minlength=len(catalog))
-    asof = ItemStatsAsOf(repo.item_stats_snapshots(), catalog)
     return rows, asof, known
 
 
