@@ -921,8 +921,9 @@ def render_scale(blob: dict) -> list[str]:
     if plot_scale(sizes, RESULTS / "scale.png"):
         out += ["", "![time and peak memory per stage against interactions](benchmarks/results/scale.png)"]
     out += ["", "Goals (issue: scale): from 1M to 10M each stage's time at most 12x and peak memory at most 10x; the "
-            "train-and-evaluate flow at 10M within 8,192 MB; an epoch at >= 5,000 examples/s. * the 10M epoch ran "
-            "its first 1,000 batches (512,000 examples): its full length is extrapolated from their rate.", ""]
+            "train-and-evaluate flow at 10M within 8,192 MB; an epoch at >= 5,000 examples/s. The epoch's time is its "
+            "training alone (validation apart); * an epoch timed on its first batches only (`--epoch-batches`), its "
+            "full length extrapolated from their rate.", ""]
     for s in sizes:
         st = s.get("stages", {})
         ep = st.get("two-tower epoch", {})

@@ -27,7 +27,6 @@ from pathlib import Path
 
 SIZES = (100_000, 1_000_000, 10_000_000)
 EVAL_USERS = 2_000
-EPOCH_CAP_BATCHES = 1_000
 
 
 class Meter:
@@ -64,7 +63,8 @@ def sample(es, n: int, seed: int = 0):
                    es.candidates)
 
 
-def run_size(n_interactions: int, workdir: Path, n_items: int = 100_000, eval_users: int = EVAL_USERS) -> dict:
+def run_size(n_interactions: int, workdir: Path, n_items: int = 100_000, eval_users: int = EVAL_USERS,
+             epoch_batches: int = 0) -> dict:
     import numpy as np
     import polars as pl
 
@@ -81,11 +81,10 @@ def run_size(n_interactions: int, workdir: Path, n_items: int = 100_000, eval_us
     silence()
     meter = Meter()
     workdir.mkdir(parents=True, exist_ok=True)
-    # past 1M training rows the epoch is timed on its first EPOCH_CAP_BATCHES batches (the rate is steady by then;
-    # memory is what the whole training set takes, as every row is loaded) and its full length extrapolated
-    capped = n_interactions > 2_000_000
-    cfg = Config.load(None, workdir=str(workdir), train={"max_epochs": 1, "select_epochs": 0,
-                                                         "epoch_batches": EPOCH_CAP_BATCHES if capped else 0})
+    # the whole epoch at every size; ``epoch_batches`` caps it for a quick look (its full length is then
+    # extrapolated from the rate, and marked so in the table)
+    capped = epoch_batches > 0
+    cfg = Config.load(None, workdir=str(workdir), train={"max_epochs": 1, "select_epochs": 0, "epoch_batches": epoch_batches})
     spec = ScaleSpec(n_interactions=n_interactions, n_items=n_items)
     with meter.stage("generate"):
         ds, vectors = generate(spec)
@@ -189,8 +188,9 @@ def main() -> None:
     p.add_argument("--interactions", type=int, required=True)
     p.add_argument("--workdir", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--epoch-batches", type=int, default=0, help="time the epoch on its first N batches only (0: all)")
     a = p.parse_args()
-    res = run_size(a.interactions, a.workdir)
+    res = run_size(a.interactions, a.workdir, epoch_batches=a.epoch_batches)
     a.out.write_text(json.dumps(res, indent=2, default=str))
 
 
