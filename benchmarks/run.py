@@ -459,11 +459,41 @@ def bench_scale(args) -> dict:
     return run(Path(args.workdir) / "scale", sizes, timeout_s=2700)
 
 
-BENCHES = {"scale": bench_scale, "traffic": bench_traffic, "negatives": bench_negatives, "learning-rate": bench_learning_rate, "part-search": bench_part_search, "part-search-dims": bench_part_search_dims, "towers": bench_towers, "newest-items": bench_newest_items, "id-lr": bench_id_lr, "cold-tower": bench_cold_tower, "cold-content": bench_cold_content, "cold-recipe": bench_cold_recipe, "content-match": bench_content_match, "content-match-loo": bench_content_match_loo, "demo": bench_demo, "demo-fused": bench_demo_fused, "demo-newest": bench_demo_newest, "demo-ids": bench_demo_ids, "loo-shift": bench_loo_shift, "features": bench_features, "embedder": bench_embedder, "training": bench_training,
+def bench_sasrec_library(args) -> dict:
+    """Our SASRec against RecTools' on the demo's LOO split (benchmarks/sasrec_library.py), both scored by our code."""
+    from benchmarks.sasrec_library import run
+
+    return run(Path(args.workdir) / "sasrec-library")
+
+
+def render_sasrec_library(blob: dict) -> list[str]:
+    r = blob["results"]
+
+    def ci(x, m):
+        e = x[m]
+        return f"{e['mean']:.3f} [{e['low']:.3f}, {e['high']:.3f}]"
+
+    out = [f"The same LOO split of ml-latest-small as the demo ({r['users']} users); both models scored by "
+           "`recsys.eval.evaluate` (whole catalog, seen items never ranked), each trained its own way to the same "
+           f"recipe (benchmarks/sasrec_library.py); the library is `{r['library']}` in an environment of its own.", "",
+           "| model | epoch kept | fit s | val NDCG@10 | test HR@10 | test NDCG@10 | test Recall@50 |", "|---|---|---|---|---|---|---|"]
+    for name, x in (("sasrec (ours: random windows, sampled softmax, epoch on validation NDCG@10)", r["ours"]),
+                    ("sasrec (RecTools: last window, full softmax, epoch on its validation loss)", r["rectools"])):
+        out.append(f"| {name} | {x['epoch']} | {x['fit_s']} | {ci(x['val'], 'NDCG@10')} | {ci(x['test'], 'HR@10')} | "
+                   f"{ci(x['test'], 'NDCG@10')} | {ci(x['test'], 'Recall@50')} |")
+    d = r["ours_minus_rectools_test"]
+    out += ["", "Ours minus RecTools on test, same users (paired bootstrap 95% interval): " + "; ".join(
+        f"{m} {d[m]['mean']:+.4f} [{d[m]['low']:+.4f}, {d[m]['high']:+.4f}]" for m in d) + ".",
+            "", f"Learning curves: ours (epoch, validation NDCG@10) {r['ours']['curve']}; RecTools (epoch, validation "
+            f"loss) {r['rectools']['val_loss_curve']}."]
+    return out
+
+
+BENCHES = {"sasrec-library": bench_sasrec_library, "scale": bench_scale, "traffic": bench_traffic, "negatives": bench_negatives, "learning-rate": bench_learning_rate, "part-search": bench_part_search, "part-search-dims": bench_part_search_dims, "towers": bench_towers, "newest-items": bench_newest_items, "id-lr": bench_id_lr, "cold-tower": bench_cold_tower, "cold-content": bench_cold_content, "cold-recipe": bench_cold_recipe, "content-match": bench_content_match, "content-match-loo": bench_content_match_loo, "demo": bench_demo, "demo-fused": bench_demo_fused, "demo-newest": bench_demo_newest, "demo-ids": bench_demo_ids, "loo-shift": bench_loo_shift, "features": bench_features, "embedder": bench_embedder, "training": bench_training,
            "cold-prior": bench_cold_prior, "inputs": bench_inputs, "embedder-recipe": bench_embedder_recipe,
            "serving": bench_serving, "load": bench_load, "nightly": bench_nightly, "experiment": bench_experiment, "loop": bench_loop,
            "loop-redis": lambda args: bench_loop(argparse.Namespace(**{**vars(args), "loop_store": "redis"}))}
-ORDER = ["demo", "demo-fused", "demo-newest", "demo-ids", "loo-shift", "learning-rate", "negatives", "inputs", "inputs-weights", "towers", "newest-items", "id-lr", "cold-tower", "cold-content", "cold-recipe", "content-match", "content-match-loo", "part-search", "part-search-dims", "serving", "load", "loop", "loop-redis", "nightly", "experiment", "traffic", "scale", "features", "embedder", "embedder-recipe", "training", "cold-prior"]
+ORDER = ["demo", "sasrec-library", "demo-fused", "demo-newest", "demo-ids", "loo-shift", "learning-rate", "negatives", "inputs", "inputs-weights", "towers", "newest-items", "id-lr", "cold-tower", "cold-content", "cold-recipe", "content-match", "content-match-loo", "part-search", "part-search-dims", "serving", "load", "loop", "loop-redis", "nightly", "experiment", "traffic", "scale", "features", "embedder", "embedder-recipe", "training", "cold-prior"]
 
 
 # Rendering --------------------------------------------------------------------------------------------
@@ -1078,6 +1108,7 @@ RENDER = {"demo": ("Demo: stage timings and metrics", render_demo),
           "experiment": ("A/B experiment, simulated on ml-latest-small (issue: experiments)", render_experiment),
           "traffic": ("Experiments on real service traffic: daily looks, the split check, coverage, a planted effect "
                       "(issue: experiments on real traffic)", _render_traffic),
+          "sasrec-library": ("SASRec: ours against RecTools' on the same split (issue: quality)", render_sasrec_library),
           "scale": ("Scale: 100k, 1M and 10M interactions on one machine, time and peak memory per stage (issue: scale)",
                     render_scale),
           "features": ("Feature store (issue: Feast)", render_features),
@@ -1125,6 +1156,14 @@ def summary() -> list[str]:
             rows.append(("LOO HR@10, SASRec (the reference recipe)", ci(sas, "HR@10"), src("demo", demo),
                          f"goal >= 0.085; epoch {curve.get('epochs', '?')} kept on validation"
                          + (" (learning curve in the Demo section)" if curve.get("curve") else "")))
+        lib = blob("sasrec-library")
+        if lib:
+            d = lib["results"]["ours_minus_rectools_test"]["HR@10"]
+            rows.append(("LOO HR@10, SASRec by RecTools (same split, scored by our code)",
+                         ci(lib["results"]["rectools"]["test"], "HR@10"), src("sasrec-library", lib),
+                         f"ours in the same run {ci(lib['results']['ours']['test'], 'HR@10')}; ours minus RecTools "
+                         f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]: "
+                         + ("within noise" if d["low"] <= 0 <= d["high"] else "apart")))
         cold = res.get(("cold", "two-tower"))
         cb = [r for (p, m), r in res.items() if p == "cold" and m != "two-tower" and "rerank" not in m]
         if cold:
