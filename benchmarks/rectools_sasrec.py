@@ -5,8 +5,9 @@ Input folder: ``history.csv`` (user_id, item_id, datetime, is_val: the training 
 held-out item, marked) and ``test_users.csv``. The model is RecTools' ``SASRecModel`` set to the reference recipe
 (2 blocks, 64 factors, one head, 100 positions, dropout 0.2, lr 2e-3, batch 64, the full softmax over the catalog:
 RecTools' sampled softmax draws 1,024 negatives per position, 1.7 GB of gathered vectors a batch), trained as the
-library is meant to be: RecTools' validation (the held-out items masked out of training, their loss computed
-every 5 epochs), early stopping after 6 checks without a lower loss, the best checkpoint restored. Output
+library is meant to be: RecTools' validation (the held-out items masked out of training, scored every 5
+epochs), the epoch chosen on validation NDCG@10 as ours is (early stopping after 6 checks without a gain, the best
+checkpoint restored). Output
 folder: ``val_top.csv`` (recommended from the training window) and ``test_top.csv`` (from the window plus the
 validation items), 50 items per user with already-seen items filtered, and ``fit.json`` (the loss curve, the
 epoch kept, the fit's seconds).
@@ -53,18 +54,35 @@ def main() -> None:
 
     curve: list[tuple[int, float]] = []
 
-    class Curve(Callback):
-        def on_validation_epoch_end(self, trainer, module):
-            if "val_loss" in trainer.callback_metrics and not trainer.sanity_checking:
-                curve.append((trainer.current_epoch + 1, round(float(trainer.callback_metrics["val_loss"]), 4)))
+    class ValNDCG(Callback):
+        """NDCG@10 of each validation target among the catalog's logits of RecTools' own validation step (the items
+        of the input window and the padding never ranked), logged as ``val_ndcg``: the epoch is chosen on it, as
+        ours is; RecTools' validation loss bottoms out far earlier than the ranking does."""
 
-    ckpt = ModelCheckpoint(dirpath=a.out / "ckpt", monitor="val_loss", mode="min", save_top_k=1)
+        def on_validation_epoch_start(self, trainer, module):
+            self.total, self.n = 0.0, 0
+
+        def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0):
+            y = batch["y"][:, -1]
+            logits = outputs["logits"].detach().reshape(len(y), -1).clone()
+            logits.scatter_(1, batch["x"], float("-inf"))
+            logits[:, 0] = float("-inf")
+            rank = (logits > logits.gather(1, y[:, None])).sum(1).float()
+            self.total += float(torch.where(rank < 10, 1.0 / torch.log2(rank + 2), torch.zeros_like(rank)).sum())
+            self.n += len(y)
+
+        def on_validation_epoch_end(self, trainer, module):
+            module.log("val_ndcg", self.total / max(self.n, 1))
+            if not trainer.sanity_checking:
+                curve.append((trainer.current_epoch + 1, round(self.total / max(self.n, 1), 4)))
+
+    ckpt = ModelCheckpoint(dirpath=a.out / "ckpt", monitor="val_ndcg", mode="max", save_top_k=1)
 
     def trainer() -> Trainer:
         return Trainer(max_epochs=a.max_epochs, check_val_every_n_epoch=5, deterministic=True, devices=1,
                        accelerator="cpu", enable_progress_bar=False, enable_model_summary=False, logger=False,
                        num_sanity_val_steps=0,
-                       callbacks=[EarlyStopping(monitor="val_loss", mode="min", patience=6), ckpt, Curve()])
+                       callbacks=[ValNDCG(), EarlyStopping(monitor="val_ndcg", mode="max", patience=6), ckpt])
 
     cols = [Columns.User, Columns.Item, Columns.Datetime, Columns.Weight]
     full = Dataset.construct(hist.rename(columns={"user_id": Columns.User, "item_id": Columns.Item})[cols])
@@ -74,8 +92,9 @@ def main() -> None:
     t0 = time.perf_counter()
     model.fit(full)
     fit_s = time.perf_counter() - t0
-    model.load_weights_from_checkpoint(ckpt.best_model_path)
-    best_epoch = int(torch.load(ckpt.best_model_path, weights_only=False)["epoch"]) + 1
+    best = model.fit_trainer.checkpoint_callback.best_model_path  # RecTools fits a copy of the trainer and its callbacks
+    model.load_weights_from_checkpoint(best)
+    best_epoch = int(torch.load(best, weights_only=False)["epoch"]) + 1
 
     window = Dataset.construct(hist.loc[hist["is_val"] == 0].rename(columns={"user_id": Columns.User,
                                                                           "item_id": Columns.Item})[cols])
@@ -84,7 +103,7 @@ def main() -> None:
     for name, users, ds in (("val", val_users, window), ("test", test_users, full)):
         reco = model.recommend(users=users, dataset=ds, k=50, filter_viewed=True, on_unsupported_targets="warn")
         reco[[Columns.User, Columns.Item, Columns.Rank]].to_csv(a.out / f"{name}_top.csv", index=False)
-    (a.out / "fit.json").write_text(json.dumps({"val_loss_curve": curve, "epoch": best_epoch,
+    (a.out / "fit.json").write_text(json.dumps({"val_ndcg_curve": curve, "epoch": best_epoch,
                                                 "epochs_run": curve[-1][0] if curve else 0, "fit_s": round(fit_s, 1)}))
 
 

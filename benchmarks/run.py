@@ -478,14 +478,14 @@ def render_sasrec_library(blob: dict) -> list[str]:
            f"recipe (benchmarks/sasrec_library.py); the library is `{r['library']}` in an environment of its own.", "",
            "| model | epoch kept | fit s | val NDCG@10 | test HR@10 | test NDCG@10 | test Recall@50 |", "|---|---|---|---|---|---|---|"]
     for name, x in (("sasrec (ours: random windows, sampled softmax, epoch on validation NDCG@10)", r["ours"]),
-                    ("sasrec (RecTools: last window, full softmax, epoch on its validation loss)", r["rectools"])):
+                    ("sasrec (RecTools: last window, full softmax, epoch on validation NDCG@10)", r["rectools"])):
         out.append(f"| {name} | {x['epoch']} | {x['fit_s']} | {ci(x['val'], 'NDCG@10')} | {ci(x['test'], 'HR@10')} | "
                    f"{ci(x['test'], 'NDCG@10')} | {ci(x['test'], 'Recall@50')} |")
     d = r["ours_minus_rectools_test"]
     out += ["", "Ours minus RecTools on test, same users (paired bootstrap 95% interval): " + "; ".join(
         f"{m} {d[m]['mean']:+.4f} [{d[m]['low']:+.4f}, {d[m]['high']:+.4f}]" for m in d) + ".",
-            "", f"Learning curves: ours (epoch, validation NDCG@10) {r['ours']['curve']}; RecTools (epoch, validation "
-            f"loss) {r['rectools']['val_loss_curve']}."]
+            "", f"Learning curves (epoch, validation NDCG@10): ours {r['ours']['curve']}; RecTools (its validation step: "
+            f"the window's items excluded, not the whole history) {r['rectools']['val_ndcg_curve']}."]
     return out
 
 
