@@ -7,10 +7,9 @@ held-out item, marked) and ``test_users.csv``. The model is RecTools' ``SASRecMo
 RecTools' sampled softmax draws 1,024 negatives per position, 1.7 GB of gathered vectors a batch), trained as the
 library is meant to be: RecTools' validation (the held-out items masked out of training, scored every 5
 epochs), the epoch chosen on validation NDCG@10 as ours is (early stopping after 6 checks without a gain, the best
-checkpoint restored). Output
-folder: ``val_top.csv`` (recommended from the training window) and ``test_top.csv`` (from the window plus the
-validation items), 50 items per user with already-seen items filtered, and ``fit.json`` (the loss curve, the
-epoch kept, the fit's seconds).
+checkpoint restored). Output folder: ``val_top.csv`` (recommended from the training window) and ``test_top.csv``
+(from the window plus the validation items), 50 items per user with already-seen items filtered, and ``fit.json``
+(the validation NDCG@10 curve, the epoch kept, the fit's seconds).
 """
 
 from __future__ import annotations

@@ -293,15 +293,15 @@ class ItemStatsAsOf:
         t = np.asarray(t, np.float64)
         q = items * self.span + np.clip(t - self.t0, 0.0, self.span - 1)
         j = np.searchsorted(self.keys, q, side="left") - 1
+        starts = self.starts[items]
         if len(self.ts):  # the combined key rounds (to ~10 ms at 100k items): settle the neighbours on exact times
             tt = np.broadcast_to(t, items.shape)
-            starts, ends = self.starts[items], self.starts[items + 1]
             back = (j >= starts) & (self.ts[np.clip(j, 0, None)] >= tt)  # taken but not strictly before
             j = np.where(back, j - 1, j)
             nxt = np.minimum(j + 1, len(self.ts) - 1)
-            ahead = (j + 1 >= starts) & (j + 1 < ends) & (self.ts[nxt] < tt)  # strictly before but left out
+            ahead = (j + 1 < self.starts[items + 1]) & (self.ts[nxt] < tt)  # strictly before but left out
             j = np.where(ahead, j + 1, j)
-        ok = j >= self.starts[items]
+        ok = j >= starts
         j = np.where(ok, j, 0)
         pa = np.where(ok, self.pop_all[j], 0)
         p30 = np.where(ok, self.pop_30d[j], 0)

@@ -353,7 +353,7 @@ class FeatureRepo:
         (features.inputs.TrainingRowsBuilder), the same values; joined per chunk, each chunk read the whole
         item-stats file (3.2M snapshots at 10M interactions, about 0.36 s a chunk)."""
         user_refs = [f"{p.name_to_use()}:{f.name}" for p in self.views.training.feature_view_projections
-                 if p.name != self.views.item_stats.name for f in p.features]
+                     if p.name != self.views.item_stats.name for f in p.features]
         labels = labels.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias("label_row"))
         chunks = [labels]
         if labels.height > chunk_labels:
