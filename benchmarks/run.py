@@ -466,6 +466,43 @@ def bench_sasrec_library(args) -> dict:
     return run(Path(args.workdir) / "sasrec-library")
 
 
+def bench_ranker(args) -> dict:
+    """The ranking stage (LightGBM LambdaRank over EASE, SASRec, item-kNN and popularity candidates) against the
+    best single source, on each user's last 5 interactions (benchmarks/ranker_bench.py)."""
+    from benchmarks.ranker_bench import run
+
+    return run(Path(args.workdir) / "ranker")
+
+
+def render_ranker(blob: dict) -> list[str]:
+    r = blob["results"]
+    sets = r["sets"]
+    out = [f"ml-latest-small, {r['protocol']}: {sets['test']['questions']:,} test and {sets['val']['questions']:,} "
+           f"validation questions from {r['users']} users, {sets['train']['questions']:,} ranker-training questions; "
+           "intervals resample users (benchmarks/ranker_bench.py). Candidates: each source's top 50, merged "
+           f"({r['candidate_recall']['slots']} slots); the target is among them for {r['candidate_recall']['val']:.1%} "
+           f"of validation and {r['candidate_recall']['test']:.1%} of test questions.", "",
+           "| model | val NDCG@10 | test NDCG@10 | test HR@10 | test Recall@50 |", "|---|---|---|---|---|"]
+    for name in r["test"]:
+        v, t = r["val"][name], r["test"][name]
+        label = f"**{name}** (served)" if name == r["served"] else name
+        out.append(f"| {label} | {_fmt(v['NDCG@10'])} | {_fmt(t['NDCG@10'])} | {_fmt(t['HR@10'])} | {_fmt(t['Recall@50'])} |")
+    best = r["best_single_on_val"]
+    out += ["", f"Best single source on validation: {best}; served on validation's choice: {r['served']}."]
+    d = r.get("served_minus_best_single_test")
+    if d:
+        ratio = d["NDCG@10"]["mean"] / r["test"][best]["NDCG@10"]["mean"]
+        out.append(f"Ranker minus {best} on test (paired over users, 95% interval): " + "; ".join(
+            f"{m} {x['mean']:+.4f} [{x['low']:+.4f}, {x['high']:+.4f}]" for m, x in d.items())
+            + f"; NDCG@10 {ratio:+.0%} relative.")
+    c = r["ranker_cost"]
+    out += [f"Ranker: {r['ranker']['trees']} trees (early stopping on validation NDCG@10); predicting "
+            f"{c['candidates']} candidates takes {c['median_ms']} ms median, {c['p99_ms']} ms p99 (features at hand). "
+            "Largest shares of the split gain: " + ", ".join(f"{k} {v:.0%}" for k, v in list(r["ranker"]["gain_share"].items())[:6]) + ".",
+            f"Source settings (validation and test): {r['settings']['validation_and_test']}."]
+    return out
+
+
 def render_sasrec_library(blob: dict) -> list[str]:
     r = blob["results"]
 
@@ -489,11 +526,11 @@ def render_sasrec_library(blob: dict) -> list[str]:
     return out
 
 
-BENCHES = {"sasrec-library": bench_sasrec_library, "scale": bench_scale, "traffic": bench_traffic, "negatives": bench_negatives, "learning-rate": bench_learning_rate, "part-search": bench_part_search, "part-search-dims": bench_part_search_dims, "towers": bench_towers, "newest-items": bench_newest_items, "id-lr": bench_id_lr, "cold-tower": bench_cold_tower, "cold-content": bench_cold_content, "cold-recipe": bench_cold_recipe, "content-match": bench_content_match, "content-match-loo": bench_content_match_loo, "demo": bench_demo, "demo-fused": bench_demo_fused, "demo-newest": bench_demo_newest, "demo-ids": bench_demo_ids, "loo-shift": bench_loo_shift, "features": bench_features, "embedder": bench_embedder, "training": bench_training,
+BENCHES = {"ranker": bench_ranker, "sasrec-library": bench_sasrec_library, "scale": bench_scale, "traffic": bench_traffic, "negatives": bench_negatives, "learning-rate": bench_learning_rate, "part-search": bench_part_search, "part-search-dims": bench_part_search_dims, "towers": bench_towers, "newest-items": bench_newest_items, "id-lr": bench_id_lr, "cold-tower": bench_cold_tower, "cold-content": bench_cold_content, "cold-recipe": bench_cold_recipe, "content-match": bench_content_match, "content-match-loo": bench_content_match_loo, "demo": bench_demo, "demo-fused": bench_demo_fused, "demo-newest": bench_demo_newest, "demo-ids": bench_demo_ids, "loo-shift": bench_loo_shift, "features": bench_features, "embedder": bench_embedder, "training": bench_training,
            "cold-prior": bench_cold_prior, "inputs": bench_inputs, "embedder-recipe": bench_embedder_recipe,
            "serving": bench_serving, "load": bench_load, "nightly": bench_nightly, "experiment": bench_experiment, "loop": bench_loop,
            "loop-redis": lambda args: bench_loop(argparse.Namespace(**{**vars(args), "loop_store": "redis"}))}
-ORDER = ["demo", "sasrec-library", "demo-fused", "demo-newest", "demo-ids", "loo-shift", "learning-rate", "negatives", "inputs", "inputs-weights", "towers", "newest-items", "id-lr", "cold-tower", "cold-content", "cold-recipe", "content-match", "content-match-loo", "part-search", "part-search-dims", "serving", "load", "loop", "loop-redis", "nightly", "experiment", "traffic", "scale", "features", "embedder", "embedder-recipe", "training", "cold-prior"]
+ORDER = ["demo", "ranker", "sasrec-library", "demo-fused", "demo-newest", "demo-ids", "loo-shift", "learning-rate", "negatives", "inputs", "inputs-weights", "towers", "newest-items", "id-lr", "cold-tower", "cold-content", "cold-recipe", "content-match", "content-match-loo", "part-search", "part-search-dims", "serving", "load", "loop", "loop-redis", "nightly", "experiment", "traffic", "scale", "features", "embedder", "embedder-recipe", "training", "cold-prior"]
 
 
 # Rendering --------------------------------------------------------------------------------------------
@@ -1108,6 +1145,8 @@ RENDER = {"demo": ("Demo: stage timings and metrics", render_demo),
           "experiment": ("A/B experiment, simulated on ml-latest-small (issue: experiments)", render_experiment),
           "traffic": ("Experiments on real service traffic: daily looks, the split check, coverage, a planted effect "
                       "(issue: experiments on real traffic)", _render_traffic),
+          "ranker": ("The ranking stage: LambdaRank over four candidate sources, on each user's last 5 interactions "
+                     "(issue: quality)", render_ranker),
           "sasrec-library": ("SASRec: ours against RecTools' on the same split (issue: quality)", render_sasrec_library),
           "scale": ("Scale: 100k, 1M and 10M interactions on one machine, time and peak memory per stage (issue: scale)",
                     render_scale),
@@ -1164,6 +1203,16 @@ def summary() -> list[str]:
                          f"ours in the same run {ci(lib['results']['ours']['test'], 'HR@10')}; ours minus RecTools "
                          f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]: "
                          + ("within noise" if d["low"] <= 0 <= d["high"] else "apart")))
+        rk = blob("ranker")
+        if rk:
+            r = rk["results"]
+            best, d = r["best_single_on_val"], r.get("served_minus_best_single_test")
+            rows.append((f"NDCG@10 on each user's last 5 interactions, served: {r['served']}",
+                         ci(r["test"][r["served"]], "NDCG@10"), src("ranker", rk),
+                         f"best single on validation {best} {ci(r['test'][best], 'NDCG@10')}"
+                         + (f"; ranker minus {best} {d['NDCG@10']['mean']:+.4f} [{d['NDCG@10']['low']:+.4f}, "
+                            f"{d['NDCG@10']['high']:+.4f}] ({d['NDCG@10']['mean'] / r['test'][best]['NDCG@10']['mean']:+.0%}); "
+                            "goal +10%, interval above 0; offline (not yet served)" if d else "")))
         cold = res.get(("cold", "two-tower"))
         cb = [r for (p, m), r in res.items() if p == "cold" and m != "two-tower" and "rerank" not in m]
         if cold:

@@ -128,8 +128,8 @@ class EASE(_MatrixModel):
 
     @classmethod
     def tuned(cls, index: dict[str, int], val: EvalSet, lambdas: list[float],
-              protocol: str) -> tuple["EASE", dict[float, float]]:
-        """Pick lambda by validation NDCG@10 (fit on ``val.history``); returns the best model and the score of
+              protocol: str, train: pl.DataFrame | None = None) -> tuple["EASE", dict[float, float]]:
+        """Pick lambda by validation NDCG@10 (fit on ``train``, default ``val.history``); returns the best model and the score of
         every lambda tried. Validation NDCG is unimodal in lambda, so a ternary search over the sorted grid
         finds its best value with about two thirds of the fits (each is a matrix inversion)."""
         grid = sorted(lambdas)
@@ -139,7 +139,7 @@ class EASE(_MatrixModel):
         def score(i: int) -> float:
             lam = grid[i]
             if lam not in scores:
-                models[lam] = cls(index, lam).fit(val.history)
+                models[lam] = cls(index, lam).fit(val.history if train is None else train)
                 scores[lam] = evaluate(models[lam], val, index, protocol, part="val", n_boot=1).estimates["NDCG@10"].mean
             return scores[lam]
 

@@ -137,11 +137,12 @@ class SASRec:
         negs = (states @ table[neg].T).masked_fill(neg[None, :] == targets[:, None], float("-inf"))  # accidental hits
         return F.cross_entropy(torch.cat([pos, negs], 1), torch.zeros(len(targets), dtype=torch.long))
 
-    def fit(self, val: EvalSet) -> "SASRec":
+    def fit(self, val: EvalSet, train: pl.DataFrame | None = None) -> "SASRec":
+        """Train on ``train`` (default: ``val.history``), keeping the epoch with the best NDCG@10 on ``val``."""
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed)
-        seqs, lengths = self._train_sequences(val.history)
+        seqs, lengths = self._train_sequences(val.history if train is None else train)
         if not len(seqs):
             raise ValueError("no user has two or more interactions to learn a sequence from")
         self.net = net = SASRecNet(self.n_items, cfg)

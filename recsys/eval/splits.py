@@ -207,3 +207,48 @@ def make_split(name: str, ds: Dataset, cfg: EvalConfig = EvalConfig()) -> Split:
     if name == "holdout":
         return holdout_split(ds, cfg)
     raise ValueError(f"unknown protocol {name!r} (expected loo, cold, temporal or holdout)")
+
+
+@dataclass
+class Rounds:
+    """Several questions per user (statistical power): each of a block of a user's interactions is asked once,
+    with the interactions before it as the history.
+
+    Each question is a pseudo-user ``"<user>#<position>"`` in ``questions`` (its history is that user's
+    interactions before the position, under the pseudo-user's id); ``owner`` names the real user of each question,
+    so that intervals resample users, not questions. Models learn from ``fit`` only: every user's interactions
+    before the block (the questions' earlier rounds are input, never training data)."""
+
+    fit: pl.DataFrame
+    questions: EvalSet
+    owner: list[str]
+
+    def describe(self) -> str:
+        return (f"{len(self.questions):,} questions from {len(set(self.owner)):,} users, models fitted on "
+                f"{self.fit.height:,} interactions before them")
+
+
+def rounds(ds: Dataset, last: int, first: int, cfg: EvalConfig = EvalConfig(), min_history: int = 2) -> Rounds:
+    """The block of each user's interactions from ``first`` to ``last`` positions before the end (``rounds(ds, 0,
+    5)``: the last five; ``rounds(ds, 5, 10)``: the five before those), in the same order as :func:`loo_split`
+    (same-second ties by a permutation seeded with ``cfg.seed``). A user joins when at least ``min_history`` of
+    their interactions lie before the block (their rounds then count from the first one that does)."""
+    if not 0 <= last < first:
+        raise ValueError(f"rounds: need 0 <= last < first, got last={last}, first={first}")
+    index = ds.catalog.index
+    f = ds.interactions.frame
+    tie = np.random.default_rng(cfg.seed).permutation(f.height)
+    f = f.with_columns(pl.Series("_tie", tie)).sort(["user_id", "timestamp", "_tie"]).drop("_tie").with_columns(
+        pl.int_range(pl.len()).over("user_id").alias("_pos"), pl.len().over("user_id").alias("_n"))
+    start = pl.col("_n") - first
+    f = f.filter(start >= min_history)
+    fit = f.filter(pl.col("_pos") < start).drop("_pos", "_n")
+    asked = f.filter((pl.col("_pos") >= start) & (pl.col("_pos") < pl.col("_n") - last)).select("user_id", "_pos", "item_id", "timestamp")
+    asked = asked.with_columns((pl.col("user_id") + "#" + pl.col("_pos").cast(pl.Utf8)).alias("_q")).sort("user_id", "_pos")
+    # each question's history: its user's interactions before its position, under the question's id
+    history = f.join(asked.select("user_id", pl.col("_pos").alias("_at"), "_q"), on="user_id") \
+        .filter(pl.col("_pos") < pl.col("_at")).sort("_q", "_pos") \
+        .drop("_pos", "_n", "_at", "user_id").rename({"_q": "user_id"}).select(f.drop("_pos", "_n").columns)
+    questions = EvalSet(asked["_q"].to_list(), [np.array([index[i]], dtype=np.int64) for i in asked["item_id"].to_list()],
+                        asked["timestamp"].to_list(), history=history)
+    return Rounds(fit, questions, asked["user_id"].to_list())

@@ -1,0 +1,228 @@
+"""The ranking stage over several candidate sources (the quality issue): candidates merged from EASE, SASRec,
+item-kNN and popularity, then a LightGBM LambdaRank model that orders them.
+
+Why several sources: each retriever sees the user differently (EASE the whole history as a set, SASRec its
+order, item-kNN co-occurrence, popularity the crowd); a ranker that reads every source's score and rank, with
+the item's popularity as of the question and its similarity to the user's latest items, can put the target
+higher than any one of them. It is trained on many questions from the training window (each user's rounds
+before the validation block, :func:`recsys.eval.splits.rounds`), with the sources fitted on the interactions
+before those rounds, so that the scores it learns from look like the ones it will be given.
+
+Offline only for now: the sources are the evaluation's baselines (recsys.eval.baselines, recsys.eval.sasrec);
+serving still ranks the two-tower's FAISS candidates (recsys.rerank).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+from recsys.eval.evaluate import EvalResult, history_matrix, score_topk
+from recsys.eval.metrics import bootstrap
+from recsys.eval.splits import EvalSet
+
+SOURCES = ("ease", "sasrec", "itemknn", "popularity")
+PER_SOURCE = ("score", "log_rank", "gap")  # each source's score, log(1 + rank), and its score minus the question's best
+CONTEXT = ("log_pop_before", "log_pop_year", "log_age_days", "user_log_n", "knn_last3_max", "knn_last10_mean")
+YEAR_S = 365 * 86400
+
+
+def feature_names(sources: tuple[str, ...] = SOURCES) -> list[str]:
+    return [f"{s}_{f}" for s in sources for f in PER_SOURCE] + list(CONTEXT)
+
+
+@dataclass
+class Sources:
+    """The fitted candidate sources (each a Scorer: ``score(eval_set, users) -> (len(users), n_items)``) and what
+    the context features read: the item-kNN similarity and the fit window's interactions by (item, time)."""
+
+    index: dict[str, int]
+    models: dict[str, object]
+    knn: np.ndarray  # (n_items, n_items) float32: item-kNN's similarities (recency features)
+    keys: np.ndarray  # sorted int64 item * 2^34 + unix seconds of the fit window's interactions (as-of counts)
+    settings: dict
+
+    @classmethod
+    def fit(cls, index: dict[str, int], fit: pl.DataFrame, val: EvalSet, lambdas: list[float],
+            protocol: str = "loo", sources: tuple[str, ...] = SOURCES) -> "Sources":
+        """Fit every source on ``fit``; EASE's lambda and SASRec's epoch are chosen on ``val`` (its questions read
+        their own histories)."""
+        from recsys.eval.baselines import EASE, ItemKNN, Popularity
+        from recsys.eval.sasrec import SASRec
+
+        models: dict[str, object] = {}
+        settings: dict = {}
+        knn = ItemKNN(index).fit(fit)
+        for name in sources:
+            if name == "ease":
+                models[name], _ = EASE.tuned(index, val, lambdas, protocol, train=fit)
+                settings["ease_lambda"] = models[name].lam
+            elif name == "sasrec":
+                models[name] = SASRec(index, protocol=protocol).fit(val, train=fit)
+                settings["sasrec"] = {"epochs": models[name].epochs, "curve": models[name].history}
+            elif name == "itemknn":
+                models[name] = knn
+            elif name == "popularity":
+                models[name] = Popularity(index).fit(fit)
+            else:
+                raise ValueError(f"unknown candidate source {name!r} (expected one of {SOURCES})")
+        items = np.array([index[i] for i in fit["item_id"].to_list()], dtype=np.int64)
+        keys = np.sort(items << 34 | fit["timestamp"].dt.epoch("s").to_numpy().astype(np.int64))
+        return cls(index, models, knn.S.numpy(), keys, settings)
+
+
+@dataclass
+class CandidateSet:
+    """Q questions, N candidate slots each: rows (Q, N) catalog rows (-1 = empty), x (Q, N, F) features,
+    y (Q, N) whether the slot holds one of the question's targets."""
+
+    rows: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+
+    @property
+    def recall(self) -> float:
+        """Share of questions with a target among their candidates (the ranker's ceiling)."""
+        return float(self.y.any(1).mean()) if len(self.y) else 0.0
+
+
+def candidates(src: Sources, questions: EvalSet, per_source: int = 50, batch: int = 256) -> CandidateSet:
+    """Each source's top ``per_source`` (seen items never), merged per question (first seen first: the sources in
+    order), with their features (:func:`feature_names`).
+
+    Returns a :class:`CandidateSet` whose N is the number of sources times ``per_source``; where the sources agree
+    a question fills fewer slots (the rest are -1 with zero features)."""
+    names = list(src.models)
+    n_items, Q, N = src.knn.shape[0], len(questions), len(names) * per_source
+    seen = history_matrix(questions.history, questions.users, src.index, n_items)
+    latest = dict(questions.history.group_by("user_id", maintain_order=True)
+                  .agg(pl.col("item_id").tail(10), pl.len().alias("n")).select("user_id", pl.struct("item_id", "n")).iter_rows())
+    at = pl.Series(questions.at).dt.epoch("s").to_numpy().astype(np.int64)
+    rows = np.full((Q, N), -1, np.int64)
+    x = np.zeros((Q, N, len(feature_names(tuple(names)))), np.float32)
+    for start in range(0, Q, batch):
+        users = np.arange(start, min(start + batch, Q))
+        b = users.size
+        ex = seen[users].nonzero()
+        scores, ranks, tops = {}, {}, []
+        for name in names:
+            s = np.array(src.models[name].score(questions, users), dtype=np.float32)
+            s[ex] = -np.inf
+            order = np.argsort(-s, axis=1, kind="stable")
+            rank = np.empty_like(order)
+            np.put_along_axis(rank, order, np.broadcast_to(np.arange(n_items), (b, n_items)), axis=1)
+            scores[name], ranks[name] = s, rank
+            tops.append(order[:, :per_source])
+        merged = np.concatenate(tops, 1)
+        for r in range(b):
+            _, first = np.unique(merged[r], return_index=True)
+            rows[start + r, : first.size] = merged[r][np.sort(first)]
+        cand = rows[users]
+        c = np.where(cand >= 0, cand, 0)
+        cols = []
+        for name in names:
+            sc = np.take_along_axis(scores[name], c, 1)
+            best = scores[name].max(1, keepdims=True)
+            cols += [sc, np.log1p(np.take_along_axis(ranks[name], c, 1)), sc - best]
+        cols += _context(src, questions, users, c, at[users], latest)
+        feats = np.stack(cols, -1)
+        feats[cand < 0] = 0
+        feats[~np.isfinite(feats)] = 0
+        x[users] = feats
+    y = np.stack([np.isin(rows[q], questions.targets[q]) & (rows[q] >= 0) for q in range(Q)]) if Q else np.zeros((0, N), bool)
+    return CandidateSet(rows, x, y)
+
+
+def _context(src: Sources, questions: EvalSet, users: np.ndarray, c: np.ndarray, at: np.ndarray,
+             latest: dict) -> list[np.ndarray]:
+    """The context features of candidates ``c`` (b, N) of questions ``users`` asked at ``at`` (b,) unix seconds:
+    the item's interactions in the fit window before the question (all, and in the year before), its age then,
+    the user's history length, and its item-kNN similarity to the user's latest items."""
+    base = c << 34
+    now = np.searchsorted(src.keys, base | at[:, None])
+    begin = np.searchsorted(src.keys, base)
+    year = np.searchsorted(src.keys, base | np.maximum(at - YEAR_S, 0)[:, None])
+    first = (src.keys[np.minimum(begin, src.keys.size - 1)] & ((1 << 34) - 1)) if src.keys.size else np.zeros_like(c)
+    n_before = now - begin
+    age = np.where(n_before > 0, np.log1p(np.maximum(at[:, None] - first, 0) / 86400), 0.0)
+    idx = src.index
+    last = np.full((users.size, 10), -1, np.int64)
+    n_hist = np.zeros(users.size)
+    for r, u in enumerate(users):
+        info = latest.get(questions.users[u])
+        if info:
+            items = [idx[i] for i in info["item_id"]]
+            last[r, 10 - len(items):] = items
+            n_hist[r] = info["n"]
+    sims = src.knn[np.where(last >= 0, last, 0)]  # (b, 10, n_items)
+    sims[last < 0] = np.nan
+    at_c = np.take_along_axis(sims, np.broadcast_to(c[:, None, :], (users.size, 10, c.shape[1])), 2)  # (b, 10, N)
+    with np.errstate(all="ignore"):
+        last3 = np.nan_to_num(np.nanmax(at_c[:, -3:], 1))
+        last10 = np.nan_to_num(np.nanmean(at_c, 1))
+    return [np.log1p(n_before), np.log1p(now - year), age, np.broadcast_to(np.log1p(n_hist)[:, None], c.shape),
+            last3, last10]
+
+
+class LambdaRanker:
+    """LightGBM LambdaRank over a :class:`CandidateSet` (one group per question that has a target among its
+    candidates); the number of trees is chosen by early stopping on a validation set's NDCG@10."""
+
+    def __init__(self, seed: int = 0, n_estimators: int = 2000, learning_rate: float = 0.03, num_leaves: int = 31,
+                 min_child_samples: int = 100, stopping: int = 100):
+        self.params = dict(objective="lambdarank", n_estimators=n_estimators, learning_rate=learning_rate,
+                           num_leaves=num_leaves, min_child_samples=min_child_samples, subsample=0.8, subsample_freq=1,
+                           colsample_bytree=0.8, reg_lambda=1.0, random_state=seed, verbose=-1)
+        self.stopping = stopping
+        self.model = None
+        self.curve: list[float] = []  # validation NDCG@10 (within candidates) per tree
+
+    @staticmethod
+    def _flat(cs: CandidateSet) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        keep = np.flatnonzero(cs.y.any(1))
+        valid = cs.rows[keep] >= 0
+        return cs.x[keep][valid], cs.y[keep][valid].astype(np.int32), valid.sum(1)
+
+    def fit(self, train: CandidateSet, val: CandidateSet) -> "LambdaRanker":
+        import lightgbm
+
+        X, y, g = self._flat(train)
+        if not len(g):
+            raise ValueError("no training question has its target among the candidates")
+        Xv, yv, gv = self._flat(val)
+        log: dict = {}
+        self.model = lightgbm.LGBMRanker(**self.params)
+        self.model.fit(X, y, group=g, eval_X=(Xv,), eval_y=(yv,), eval_group=[gv], eval_at=[10],
+                       callbacks=[lightgbm.early_stopping(self.stopping, verbose=False), lightgbm.record_evaluation(log)])
+        self.curve = [round(v, 5) for v in log["valid_0"]["ndcg@10"]]
+        return self
+
+    @property
+    def trees(self) -> int:
+        return int(self.model.best_iteration_ or self.params["n_estimators"])
+
+    def rank(self, cs: CandidateSet, k: int = 50) -> np.ndarray:
+        """(Q, k) catalog rows in the model's order (-1 where fewer candidates)."""
+        Q, N, F = cs.x.shape
+        p = self.model.predict(cs.x.reshape(Q * N, F), num_iteration=self.trees).reshape(Q, N)
+        p[cs.rows < 0] = -np.inf
+        order = np.argsort(-p, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(cs.rows, order, 1)
+
+
+def by_user(result: EvalResult, owner: list[str], n_boot: int = 1000, seed: int = 0) -> EvalResult:
+    """Per-question metrics averaged per real user, with the bootstrap over users (questions of one user are
+    not independent draws)."""
+    per_user = result.per_user.with_columns(pl.Series("user_id", owner)).group_by("user_id", maintain_order=True).mean()
+    estimates = {m: bootstrap(per_user[m].to_numpy(), n_boot=n_boot, seed=seed) for m in result.estimates}
+    return EvalResult(result.model, result.protocol, result.part, per_user, result.coverage10, estimates, result.topk)
+
+
+def score_ranking(name: str, rows: np.ndarray, questions: EvalSet, owner: list[str], n_items: int, part: str,
+                  n_boot: int = 1000) -> EvalResult:
+    """A ranking's metrics per user (``rows`` (Q, >=50) catalog rows, -1 = none)."""
+    if rows.shape[1] < 50:
+        rows = np.concatenate([rows, np.full((len(rows), 50 - rows.shape[1]), -1, rows.dtype)], 1)
+    return by_user(score_topk(name, rows, questions, n_items, "loo-rounds", part, n_boot=1), owner, n_boot)
