@@ -343,7 +343,8 @@ class ExperimentConfig(_Section):
 class EvalConfig(_Section):
     """The evaluation protocols of design.md."""
 
-    protocols: list[Literal["loo", "cold", "temporal"]] = ["loo", "cold"]
+    # TEMPORAL (a global time cut: the production-like question) beside LOO and COLD; `--protocols` picks fewer
+    protocols: list[Literal["loo", "cold", "temporal"]] = ["loo", "cold", "temporal"]
     ks: list[int] = [10, 50]
     bootstrap: int = 1000
     cold_fraction: float = 0.2

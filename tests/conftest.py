@@ -83,7 +83,7 @@ def small_config(workdir: Path, **sections) -> Config:
     """A quick configuration: few epochs, a small bootstrap."""
     base = {"workdir": str(workdir), "train": {"max_epochs": 2, "batch_size": 256, "mixed_negatives": 256, "newest_items": 0,
                        "id_embeddings": False},
-            "eval": {"bootstrap": 100}}
+            "eval": {"bootstrap": 100, "protocols": ["loo", "cold"]}}  # the default adds temporal: tests pin their own
     for k, v in sections.items():
         base.setdefault(k, {}).update(v) if isinstance(v, dict) else base.__setitem__(k, v)
     return Config.model_validate(base)

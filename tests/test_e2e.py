@@ -18,15 +18,20 @@ pytestmark = pytest.mark.slow  # every test here reads the demo fixture (the who
 def demo(tmp_path_factory):
     from recsys.flows.demo import run_demo
 
-    cfg = small_config(tmp_path_factory.mktemp("demo"), data={"max_users": 60}, eval={"protocols": ["loo", "cold"]})
+    cfg = small_config(tmp_path_factory.mktemp("demo"), data={"max_users": 60}, eval={"protocols": ["loo", "cold", "temporal"]})
     report = run_demo(cfg, sample_users=2)
     return cfg, report
 
 
 def test_demo_runs_every_stage_and_reports(demo):
     cfg, report = demo
-    assert set(report["timings_s"]) >= {"load data", "embed catalog", "train + evaluate: loo", "train + evaluate: cold"}
+    assert set(report["timings_s"]) >= {"load data", "embed catalog", "train + evaluate: loo", "train + evaluate: cold",
+                                        "train + evaluate: temporal"}
     models = {(r["protocol"], r["model"]) for r in report["results"]}
+    # TEMPORAL beside LOO and COLD, with its own users and intervals (3 test users on this 60-user slice)
+    temporal = {r["model"]: r for r in report["results"] if r["protocol"] == "temporal"}
+    assert {"two-tower", "popularity", "ease", "sasrec"} <= set(temporal) and "two-tower + rerank" not in temporal
+    assert temporal["two-tower"]["users"] >= 1 and "two_tower_minus" in temporal["two-tower"]["extra"]
     assert {("loo", "two-tower"), ("loo", "popularity"), ("loo", "ease"), ("loo", "sasrec"), ("cold", "two-tower"),
             ("loo", "two-tower + rerank"), ("loo", "content-knn (text)"), ("loo", "content-knn (fused)"),
             ("cold", "content-knn (text)"), ("cold", "content-knn (fused)")} <= models
