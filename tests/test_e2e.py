@@ -18,20 +18,15 @@ pytestmark = pytest.mark.slow  # every test here reads the demo fixture (the who
 def demo(tmp_path_factory):
     from recsys.flows.demo import run_demo
 
-    cfg = small_config(tmp_path_factory.mktemp("demo"), data={"max_users": 60}, eval={"protocols": ["loo", "cold", "temporal"]})
+    cfg = small_config(tmp_path_factory.mktemp("demo"), data={"max_users": 60}, eval={"protocols": ["loo", "cold"]})
     report = run_demo(cfg, sample_users=2)
     return cfg, report
 
 
 def test_demo_runs_every_stage_and_reports(demo):
     cfg, report = demo
-    assert set(report["timings_s"]) >= {"load data", "embed catalog", "train + evaluate: loo", "train + evaluate: cold",
-                                        "train + evaluate: temporal"}
+    assert set(report["timings_s"]) >= {"load data", "embed catalog", "train + evaluate: loo", "train + evaluate: cold"}
     models = {(r["protocol"], r["model"]) for r in report["results"]}
-    # TEMPORAL beside LOO and COLD, with its own users and intervals (3 test users on this 60-user slice)
-    temporal = {r["model"]: r for r in report["results"] if r["protocol"] == "temporal"}
-    assert {"two-tower", "popularity", "ease", "sasrec"} <= set(temporal) and "two-tower + rerank" not in temporal
-    assert temporal["two-tower"]["users"] >= 1 and "two_tower_minus" in temporal["two-tower"]["extra"]
     assert {("loo", "two-tower"), ("loo", "popularity"), ("loo", "ease"), ("loo", "sasrec"), ("cold", "two-tower"),
             ("loo", "two-tower + rerank"), ("loo", "content-knn (text)"), ("loo", "content-knn (fused)"),
             ("cold", "content-knn (text)"), ("cold", "content-knn (fused)")} <= models
@@ -55,6 +50,24 @@ def test_demo_runs_every_stage_and_reports(demo):
     assert saved["results"] == json.loads(json.dumps(report["results"], default=str))
     # everything it wrote is under the work directory
     assert (cfg.workdir / "mlflow.db").exists() and (cfg.workdir / "feast" / "serve" / "data" / "online_store.db").exists()
+
+
+def test_the_demo_runs_temporal_beside_loo_and_cold_by_default(tmp_path, synthetic_dir):
+    """The default protocols are all three (the 60-user MovieLens slice above has 3 users across any time cut, so
+    TEMPORAL runs here on the synthetic catalog): each is a stage with its own rows, users and intervals."""
+    from recsys.config import EvalConfig
+    from recsys.flows.demo import run_demo
+
+    assert EvalConfig().protocols == ["loo", "cold", "temporal"]
+    cfg = small_config(tmp_path, data={"source": "generic", "path": str(synthetic_dir)},
+                       eval={"protocols": EvalConfig().protocols})
+    report = run_demo(cfg, sample_users=1)
+    assert "train + evaluate: temporal" in report["timings_s"] and "train + evaluate: loo" in report["timings_s"]
+    temporal = {r["model"]: r for r in report["results"] if r["protocol"] == "temporal"}
+    assert {"two-tower", "popularity", "ease", "sasrec"} <= set(temporal) and "two-tower + rerank" not in temporal
+    tt = temporal["two-tower"]
+    assert tt["users"] >= 20 and tt["HR@10"]["low"] <= tt["HR@10"]["mean"] <= tt["HR@10"]["high"]
+    assert {"ease", "sasrec", "popularity"} <= set(tt["extra"]["two_tower_minus"])
 
 
 def test_registered_model_has_towers_vectors_and_alias(demo):
