@@ -1241,7 +1241,7 @@ def summary() -> list[str]:
         if rk:
             r = rk["results"]
             best, d = r["best_single_on_val"], r.get("served_minus_best_single_test")
-            rows.append((f"NDCG@10 on each user's last 5 interactions, served: {r['served']}",
+            rows.append((f"NDCG@10 on each user's last 5 interactions, chosen on validation: {r['served']}",
                          ci(r["test"][r["served"]], "NDCG@10"), src("ranker", rk),
                          f"best single on validation {best} {ci(r['test'][best], 'NDCG@10')}"
                          + (f"; ranker minus {best} {d['NDCG@10']['mean']:+.4f} [{d['NDCG@10']['low']:+.4f}, "
