@@ -114,11 +114,13 @@ def candidates(src: Sources, questions: EvalSet, per_source: int = 50, batch: in
             rank = np.empty_like(order)
             np.put_along_axis(rank, order, np.broadcast_to(np.arange(n_items), (b, n_items)), axis=1)
             scores[name], ranks[name] = s, rank
-            tops.append(order[:, :per_source])
+            top = order[:, :per_source]
+            tops.append(np.where(np.isfinite(np.take_along_axis(s, top, 1)), top, -1))  # never a seen item
         merged = np.concatenate(tops, 1)
         for r in range(b):
-            _, first = np.unique(merged[r], return_index=True)
-            rows[start + r, : first.size] = merged[r][np.sort(first)]
+            row = merged[r][merged[r] >= 0]
+            _, first = np.unique(row, return_index=True)
+            rows[start + r, : first.size] = row[np.sort(first)]
         cand = rows[users]
         c = np.where(cand >= 0, cand, 0)
         cols = []
