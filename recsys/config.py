@@ -245,6 +245,9 @@ class ServeConfig(_Section):
     k: int = 10
     max_k: int = Field(500, ge=1, le=10_000)  # the largest k a request may ask
     rerank: bool = True
+    # The multi-source ranking stage (recsys/ranking.py, fitted by `recsys ranker fit` into <workdir>/ranker):
+    # "auto" serves it where its fit chose it on validation over the best single source, "on" always, "off" never
+    ranker: Literal["auto", "on", "off"] = "auto"
     faiss_index: Literal["auto", "flat", "hnsw", "ivf"] = "auto"  # auto: exact up to exact_below items, else IVF
     exact_below: int = 50_000
     target_recall: float = 0.95  # recall@100 vs exact search that an approximate index is tuned to
@@ -357,6 +360,16 @@ class EvalConfig(_Section):
     seed: int = 0
 
 
+class RankerConfig(_Section):
+    """The multi-source ranking stage's fit (recsys/ranking.py): each user's last ``val_rounds`` interactions
+    are validation questions, the ``train_rounds`` before them train the ranker."""
+
+    val_rounds: int = Field(5, ge=1)
+    train_rounds: int = Field(10, ge=1)
+    per_source: int = Field(50, ge=1)  # candidates each source adds (4 sources: up to 200 slots)
+    ease_lambdas: list[float] = [2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 250.0, 500.0, 1000.0]
+
+
 class Config(_Section):
     """Everything a run needs. All files a run writes go under ``workdir``."""
 
@@ -369,6 +382,7 @@ class Config(_Section):
     serve: ServeConfig = Field(default_factory=ServeConfig)
     nightly: NightlyConfig = Field(default_factory=NightlyConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    ranker: RankerConfig = Field(default_factory=RankerConfig)
     experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
     mlflow_tracking_uri: str | None = None  # default: sqlite:///<workdir>/mlflow.db
     mlflow_experiment: str = "recsys"

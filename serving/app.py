@@ -60,6 +60,7 @@ class RecommendRequest(BaseModel):
     exclude: list[AnId] = Field(default_factory=list, max_length=10_000)
     modalities: list[Literal["text", "image", "audio", "video"]] = Field(default_factory=list)
     rerank: bool | None = None
+    ranker: bool | None = Field(None, description="the multi-source ranking stage for this request; default: serve.ranker")
     recent_item_ids: list[AnId] = Field(default_factory=list, max_length=200,
                                        description="newest first; used when the store does not know the user yet")
     at: datetime | None = Field(None, description="event time for the exposure log (replays); default: now")
@@ -85,6 +86,7 @@ class RecommendReply(BaseModel):
     items: list[Item]
     timings_ms: dict[str, float]
     reranked: bool
+    ranked_by: str = Field(description="two-tower (retrieval order), reranker, ranker (multi-source) or popularity")
 
 
 class ItemsReply(BaseModel):
@@ -323,7 +325,7 @@ def create_app(cfg: Config, recommender: Recommender | None = None) -> FastAPI:
                  for i, t, p in zip(r.items, s.teams, s.propensities)]
         return {"request_id": s.request_id, "experiment": s.experiment, "arm": s.arm, "user_id": r.user_id,
                 "known_user": r.known_user, "fallback": r.fallback, "model": r.model, "items": items,
-                "timings_ms": r.timings_ms, "reranked": r.reranked}
+                "timings_ms": r.timings_ms, "reranked": r.reranked, "ranked_by": r.ranked_by}
 
     def check_k(k: int) -> None:
         if k > cfg.serve.max_k:
@@ -340,6 +342,7 @@ def create_app(cfg: Config, recommender: Recommender | None = None) -> FastAPI:
                 "source": snap.bundle.source if snap else None, "items": snap.n_items if snap else 0,
                 "index": info.to_dict() if info else None, "gpu": bool(info and info.on_gpu),
                 "online_store": cfg.features.online_store, "reloads": rec.reloads,
+                "ranker": snap.ranker_note if snap else None,
                 "experiment": {"name": router.e.name, "mode": router.e.mode, "explore": router.e.explore,
                                "arms": {n: (r.snapshot.model if r.snapshot else None) for n, r in router.arms.items()}}
                 if router.e.name else None}
@@ -376,9 +379,12 @@ def create_app(cfg: Config, recommender: Recommender | None = None) -> FastAPI:
 
     @app.post("/recommend", response_model=RecommendReply, dependencies=[Depends(require_key)])
     async def recommend_post(req: RecommendRequest):
+        if req.ranker and rec.current().ranker is None:
+            raise HTTPException(409, f"no ranking stage is served: {rec.current().ranker_note}")
         return await serve_recommendation(RecommendQuery(req.user_id, req.k, exclude=req.exclude,
                                                          modalities=req.modalities or None, rerank=req.rerank,
-                                                         recent_item_ids=req.recent_item_ids or None), req.at)
+                                                         recent_item_ids=req.recent_item_ids or None,
+                                                         ranker=req.ranker), req.at)
 
     @app.get("/items/{item_id}/similar", response_model=ItemsReply, dependencies=[Depends(require_key)])
     def similar(item_id: str = PathParam(**ID), k: int = Query(10, ge=1, le=K_CAP),

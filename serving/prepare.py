@@ -66,7 +66,7 @@ def load(cfg: Config, folder: Path):
     repo = FeatureRepo(cfg, e["embedder"], e["embedder_version"], int(e["dim"]), name=cfg.serve.feature_repo)
     return Snapshot.assemble(bundle, repo, CandidateIndex.load(folder / "index", use_gpu=cfg.serve.use_gpu),
                              CandidateIndex.load(folder / "content", use_gpu=cfg.serve.use_gpu), a["item_stats"],
-                             a["modalities"], float(meta["loaded_at"]))
+                             a["modalities"], float(meta["loaded_at"])).with_ranker(cfg)
 
 
 def prepare_in_child(cfg: Config, alias: str | None, version: str | None, timeout_s: float = 1800):

@@ -1,5 +1,6 @@
 """The online path: request(user) -> Feast online (the user's features only) -> user tower -> FAISS top-N
-(seen items excluded inside FAISS) -> reranker -> top-k.
+(seen items excluded inside FAISS) -> reranker -> top-k; or, where the multi-source ranking stage serves
+(serve.ranker, recsys/ranking.py), request(user) -> Feast online -> its sources' candidates -> LambdaRank -> top-k.
 
 Everything that changes only daily is loaded once per model version into a Snapshot (serving/snapshot.py)
 and swapped atomically on reload: a request takes the current snapshot when it starts and finishes on it,
@@ -59,6 +60,7 @@ class Query:
     rerank: bool | None = None
     recent_item_ids: list[str] | None = None
     at: float | None = None  # unix seconds the request happens at (a replay's event time); None: now
+    ranker: bool | None = None  # the multi-source ranking stage for this request (None: serve.ranker decides)
 
 
 @dataclass
@@ -78,6 +80,7 @@ class RecommendResponse:
     timings_ms: dict[str, float] = field(default_factory=dict)
     reranked: bool = False  # whether the reranker ordered these (else: the retrieval order)
     fallback: str | None = None  # "popularity" (unknown user) or "request_history" (the request's recent items)
+    ranked_by: str = "two-tower"  # "two-tower" (retrieval order), "reranker", "ranker" (multi-source) or "popularity"
 
 
 class Recommender:
@@ -193,6 +196,11 @@ class Recommender:
             if q.modalities:
                 want = [MODALITY_NAMES.index(m) for m in q.modalities]
                 skip |= set(np.flatnonzero(~snap.modalities[:, want].all(1)).tolist())
+            if (known or recent_ids) and self._use_ranker(snap, q):
+                n = int(users.n_interactions[b]) if known else len(recent_ids)
+                out[b] = self._ranked(snap, q, recent_ids, chain(users.seen_item_ids[b], asked), n, now[b], skip,
+                                      model, {"features_user_ms": t_features}, t0, known)
+                continue
             if (not known and not recent_ids) or snap.bundle.user_tower is None:
                 out[b] = self._popular(snap, q, skip, model, {"features_user_ms": t_features}, t0, known)
                 continue
@@ -250,8 +258,38 @@ class Recommender:
             timings["total_ms"] = (time.perf_counter() - t0) * 1000
             known = bool(users.found[b])
             out[b] = RecommendResponse(q.user_id, items, known, model, timings, reranked=bool(use),
-                                       fallback=None if known else "request_history")
+                                       fallback=None if known else "request_history",
+                                       ranked_by="reranker" if use else "two-tower")
         return out
+
+    def _use_ranker(self, snap: Snapshot, q: Query) -> bool:
+        """The request's own choice, else serve.ranker: "on", or "auto" where validation chose the ranker."""
+        if snap.ranker is None:
+            return False
+        if q.ranker is not None:
+            return q.ranker
+        mode = self.cfg.serve.ranker
+        return mode == "on" or (mode == "auto" and snap.ranker.chosen)
+
+    def _ranked(self, snap: Snapshot, q: Query, recent_ids: list[str], seen_ids, n: int, at: float, skip: set[int],
+                model: str, timings: dict, t0: float, known: bool) -> RecommendResponse:
+        """The multi-source ranking stage (recsys/ranking.py) for one user: their recent items (newest first) as
+        the sequence, everything they had as the seen set, this request's exclusions blocked. Items the ranker was
+        not fitted on (newer than its fit) are not among its candidates."""
+        to_ranker = snap.ranker_of
+        seq = to_ranker[[snap.index_of[i] for i in reversed(recent_ids) if i in snap.index_of]]
+        seen = to_ranker[[snap.index_of[i] for i in chain(seen_ids, recent_ids) if i in snap.index_of]]
+        block = np.zeros(snap.ranker.n_items, bool)
+        if skip:
+            mapped = to_ranker[list(skip)]
+            block[mapped[mapped >= 0]] = True
+        rows, scores, spent = snap.ranker.rank(seq[seq >= 0], seen[seen >= 0], n, at, self._k(q), block)
+        rows = snap.ranker_rows[rows]
+        items = [Recommendation(snap.bundle.item_ids[r], snap.bundle.titles[r], float(p), float(p))
+                 for r, p in zip(rows, scores) if r >= 0]
+        timings = {**timings, **spent, "total_ms": (time.perf_counter() - t0) * 1000}
+        return RecommendResponse(q.user_id, items, known, model, timings, reranked=True,
+                                 fallback=None if known else "request_history", ranked_by="ranker")
 
     def _k(self, q: Query) -> int:
         return q.k or self.cfg.serve.k
@@ -266,7 +304,7 @@ class Recommender:
         out = [Recommendation(snap.bundle.item_ids[r], snap.bundle.titles[r], float(snap.item_stats[r, LAST_30D]),
                               float(snap.item_stats[r, LAST_30D])) for r in rows]
         return RecommendResponse(q.user_id, out, known, model, {**timings, "total_ms": (time.perf_counter() - t0) * 1000},
-                                 False, fallback="popularity")
+                                 False, fallback="popularity", ranked_by="popularity")
 
     def similar(self, item_id: str, k: int, space: str = "two-tower") -> tuple[list[Recommendation], Snapshot]:
         """Items nearest to ``item_id`` in the two-tower space (item-tower vectors) or the embedder's."""

@@ -22,6 +22,7 @@ from recsys import contract
 from recsys.config import Config
 from recsys.index import CandidateIndex, build_index
 from recsys.manifest import SnapshotError, check_vectors, read_published, verify
+from recsys.ranking import ServedRanker
 from recsys.registry import read_registered
 from recsys.rerank import Reranker
 
@@ -122,6 +123,10 @@ class Snapshot:
     known: np.ndarray  # (n + 1,)
     loaded_at: float
     recent: int
+    ranker: ServedRanker | None = None  # the multi-source ranking stage (recsys/ranking.py), where one is fitted
+    ranker_rows: np.ndarray | None = None  # (ranker's n_items,) this snapshot's row of each ranker row, -1: none
+    ranker_of: np.ndarray | None = None  # (n_items,) the ranker's row of each of this snapshot's rows, -1: none
+    ranker_note: str = "off"  # why there is no ranker, or what the one here is
 
     @property
     def n_items(self) -> int:
@@ -160,7 +165,34 @@ class Snapshot:
             problems.append(f"the user tower's width {bundle.queries.shape[1]} is not the index's {index.dim}")
         if problems:  # never swap in a snapshot that would answer wrongly
             raise SnapshotError(f"model v{bundle.version} ({bundle.source})", problems)
-        return cls.assemble(bundle, repo, index, content_index, item_stats, modalities, now)
+        return cls.assemble(bundle, repo, index, content_index, item_stats, modalities, now).with_ranker(cfg)
+
+    def with_ranker(self, cfg: Config) -> "Snapshot":
+        """This snapshot with the ranking stage fitted under <workdir>/ranker attached (serve.ranker not "off"):
+        a ranker that cannot be read is left out, with the reason in ``ranker_note`` (/healthz shows it), rather
+        than keeping the two-tower from serving."""
+        import dataclasses
+        import logging
+
+        from recsys.ranking import folder_of
+
+        if cfg.serve.ranker == "off":
+            return self
+        folder = folder_of(cfg)
+        try:
+            ranker = ServedRanker.load(folder)
+        except FileNotFoundError:
+            return dataclasses.replace(self, ranker_note=f"none fitted (recsys ranker fit writes {folder})")
+        except ValueError as exc:
+            logging.getLogger(__name__).warning("serving without the ranking stage: %s", exc)
+            return dataclasses.replace(self, ranker_note=f"refused: {exc}")
+        rows = np.array([self.index_of.get(i, -1) for i in ranker.item_ids], np.int64)
+        of = np.full(self.n_items, -1, np.int64)
+        of[rows[rows >= 0]] = np.flatnonzero(rows >= 0)
+        chosen = "chosen" if ranker.chosen else f"not chosen ({ranker.report.get('served')} won)"
+        note = (f"fitted {ranker.report.get('fitted_at', '?')} on {ranker.n_items} items, {chosen} on validation; "
+                f"serve.ranker={cfg.serve.ranker}")
+        return dataclasses.replace(self, ranker=ranker, ranker_rows=rows, ranker_of=of, ranker_note=note)
 
     @classmethod
     def assemble(cls, bundle: ModelBundle, repo: FeatureRepo, index: CandidateIndex, content_index: CandidateIndex,

@@ -8,6 +8,7 @@ import contextlib
 
 import io
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -727,3 +728,73 @@ def test_a_replayed_request_reads_user_statistics_as_of_its_own_time(trained, mo
     stats_now = user_stat_matrix([520], [1.0], [1_704_067_200.0], time.time())
     days = contract.user_stat("log_days_since_first")
     assert stats_then[0, days] < stats_now[0, days]  # fewer days since the first interaction: what the tower reads
+
+
+def test_the_ranking_stage_is_served_once_fitted_and_a_bad_bundle_leaves_the_two_tower_serving(trained, tmp_path):
+    """`recsys ranker fit` on the served catalog, then a real service with serve.ranker = "on": a known user's
+    reply is ordered by the multi-source ranker (as the in-process ranker orders that user's stored history),
+    never a seen or excluded item, under concurrent requests; a request may opt out; an unknown user's recent
+    items are its input. A corrupt bundle at the next reload is refused with its reason and the two-tower goes on
+    serving. Runs last in this module: it removes the ranker it wrote."""
+    from recsys.data import load_dataset
+    from recsys.ranking import ServedRanker, folder_of
+
+    cfg = trained
+    conf = tmp_path / "ranker.toml"
+    conf.write_text('[ranker]\nval_rounds = 3\ntrain_rounds = 6\nper_source = 20\n[serve]\nranker = "on"\n')
+    folder = folder_of(cfg)
+    try:
+        done = subprocess.run([sys.executable, "-m", "recsys.cli", "ranker", "fit", "--workdir", str(cfg.workdir),
+                               "--config", str(conf)], capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        assert "serve.ranker=auto serves:" in done.stdout and (folder / "report.json").exists()
+        port = free_port()
+        env = {**os.environ, "RECSYS_API_KEYS": KEY, "RECSYS_ADMIN_KEYS": ADMIN}
+        proc = subprocess.Popen([sys.executable, "-m", "recsys.cli", "serve", "--workdir", str(cfg.workdir), "--config",
+                                 str(conf), "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            wait_ready(base, proc)
+            client = httpx.Client(base_url=base, headers={"X-API-Key": KEY}, timeout=30)
+            assert "fitted" in client.get("/healthz").json()["ranker"]
+            frame = load_dataset(cfg).interactions.frame.sort("timestamp")
+            users = frame["user_id"].unique().sort().to_list()[:12]
+            r = client.post("/recommend", json={"user_id": users[0], "k": 10}).json()
+            assert r["ranked_by"] == "ranker" and r["reranked"] and len(r["items"]) == 10, r
+            assert {"ranker_sources_ms", "ranker_model_ms"} <= set(r["timings_ms"])
+            mine = frame.filter(pl.col("user_id") == users[0])["item_id"].to_list()
+            got = [i["item_id"] for i in r["items"]]
+            assert not set(got) & set(mine)
+            # the same ranker in this process, on the user's stored history (the last 20 in order, all as seen)
+            ranker = ServedRanker.load(folder)
+            idx = {i: k for k, i in enumerate(ranker.item_ids)}
+            seq = np.array([idx[i] for i in mine], np.int64)
+            rows, _, _ = ranker.rank(seq[-cfg.features.recent_items:], seq, len(seq), time.time(), 10)
+            assert got == [ranker.item_ids[k] for k in rows]
+            again = client.post("/recommend", json={"user_id": users[0], "k": 10, "exclude": got[:3]}).json()
+            assert not set(got[:3]) & {i["item_id"] for i in again["items"]} and len(again["items"]) == 10
+            assert client.post("/recommend", json={"user_id": users[0], "ranker": False}).json()["ranked_by"] == "two-tower"
+            new = client.post("/recommend", json={"user_id": "someone-new", "recent_item_ids": mine[-3:][::-1]}).json()
+            assert new["ranked_by"] == "ranker" and new["fallback"] == "request_history" and new["items"]
+            with ThreadPoolExecutor(8) as pool:
+                replies = list(pool.map(lambda u: client.post("/recommend", json={"user_id": u, "k": 10}), users * 4))
+            assert all(x.status_code == 200 and x.json()["ranked_by"] == "ranker" for x in replies)
+            # a corrupt bundle: the reload refuses the ranker, says why, and the two-tower serves
+            (folder / "ranker.joblib").write_bytes(b"truncated")
+            admin = {"X-API-Key": ADMIN}
+            before = client.get("/admin/status", headers=admin).json()["reloads"]
+            assert client.post("/admin/reload", headers=admin, json={"version": "1"}).status_code == 202
+            deadline = time.time() + 120
+            while client.get("/admin/status", headers=admin).json()["reloads"] == before and time.time() < deadline:
+                time.sleep(0.2)
+            assert "refused" in client.get("/healthz").json()["ranker"]
+            after = client.post("/recommend", json={"user_id": users[0], "k": 10}).json()
+            assert after["ranked_by"] == "two-tower" and len(after["items"]) == 10
+            asked = client.post("/recommend", json={"user_id": users[0], "ranker": True})
+            assert asked.status_code == 409 and "refused" in asked.json()["detail"]
+            client.close()
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

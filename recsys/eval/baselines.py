@@ -50,6 +50,10 @@ class Popularity(_MatrixModel):
     def score(self, eval_set: EvalSet, users: np.ndarray) -> np.ndarray:
         return np.broadcast_to(self.counts, (users.size, self.n_items))
 
+    def score_rows(self, rows: sparse.csr_matrix) -> np.ndarray:
+        """(b, n_items) binary histories -> (b, n_items) scores (serving's path: no eval set)."""
+        return np.broadcast_to(self.counts, (rows.shape[0], self.n_items))
+
 
 class ItemKNN(_MatrixModel):
     """Cosine item-item similarity over who interacted with what; a user's score sums over their items."""
@@ -73,8 +77,14 @@ class ItemKNN(_MatrixModel):
         return self
 
     def score(self, eval_set: EvalSet, users: np.ndarray) -> np.ndarray:
-        rows = torch.from_numpy(self.user_rows(eval_set, users).toarray())
-        return (rows @ self.S).numpy()
+        return self.score_rows(self.user_rows(eval_set, users))
+
+    def score_rows(self, rows: sparse.csr_matrix) -> np.ndarray:
+        """(b, n_items) binary histories -> (b, n_items) scores (serving's path: no eval set). ``S`` is dense
+        after ``fit``, sparse once saved for serving (recsys/ranking.py: at most ``neighbours`` per item)."""
+        if sparse.issparse(self.S):
+            return (rows @ self.S).toarray().astype(np.float32)
+        return (torch.from_numpy(rows.toarray()) @ self.S).numpy()
 
 
 class EASE(_MatrixModel):
@@ -115,8 +125,12 @@ class EASE(_MatrixModel):
         return self
 
     def score(self, eval_set: EvalSet, users: np.ndarray) -> np.ndarray:
-        rows = self.user_rows(eval_set, users)[:, self.active]
-        out = np.zeros((users.size, self.n_items), dtype=np.float32)
+        return self.score_rows(self.user_rows(eval_set, users))
+
+    def score_rows(self, rows: sparse.csr_matrix) -> np.ndarray:
+        """(b, n_items) binary histories -> (b, n_items) scores (serving's path: no eval set)."""
+        rows = rows[:, self.active]
+        out = np.zeros((rows.shape[0], self.n_items), dtype=np.float32)
         if self.dual is not None:
             Xt, KX, d = self.dual
             r = rows.astype(np.float64)

@@ -8,8 +8,9 @@ higher than any one of them. It is trained on many questions from the training w
 before the validation block, :func:`recsys.eval.splits.rounds`), with the sources fitted on the interactions
 before those rounds, so that the scores it learns from look like the ones it will be given.
 
-Offline only for now: the sources are the evaluation's baselines (recsys.eval.baselines, recsys.eval.sasrec);
-serving still ranks the two-tower's FAISS candidates (recsys.rerank).
+The sources are the evaluation's baselines (recsys.eval.baselines, recsys.eval.sasrec). :func:`rank_batch` is
+the one path from histories to candidates and features: the evaluation calls it batch by batch
+(:func:`candidates`), serving one request at a time (recsys/ranking.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
+from scipy import sparse
 
 from recsys.eval.evaluate import EvalResult, history_matrix, score_topk
 from recsys.eval.metrics import bootstrap
@@ -40,15 +42,21 @@ class Sources:
 
     index: dict[str, int]
     models: dict[str, object]
-    knn: np.ndarray  # (n_items, n_items) float32: item-kNN's similarities (recency features)
+    knn: np.ndarray | sparse.csr_matrix  # (n_items, n_items) float32: item-kNN's similarities (recency features)
     keys: np.ndarray  # sorted int64 item * 2^34 + unix seconds of the fit window's interactions (as-of counts)
     settings: dict
 
+    @property
+    def max_len(self) -> int:
+        """Positions of history the sequential source reads (1 without one)."""
+        m = self.models.get("sasrec")
+        return int(m.cfg.max_len) if m is not None else 1
+
     @classmethod
     def fit(cls, index: dict[str, int], fit: pl.DataFrame, val: EvalSet, lambdas: list[float],
-            protocol: str = "loo", sources: tuple[str, ...] = SOURCES) -> "Sources":
+            protocol: str = "loo", sources: tuple[str, ...] = SOURCES, sasrec=None) -> "Sources":
         """Fit every source on ``fit``; EASE's lambda and SASRec's epoch are chosen on ``val`` (its questions read
-        their own histories)."""
+        their own histories). ``sasrec``: a SASRecConfig (default: the reference recipe)."""
         from recsys.eval.baselines import EASE, ItemKNN, Popularity
         from recsys.eval.sasrec import SASRec
 
@@ -60,7 +68,7 @@ class Sources:
                 models[name], _ = EASE.tuned(index, val, lambdas, protocol, train=fit)
                 settings["ease_lambda"] = models[name].lam
             elif name == "sasrec":
-                models[name] = SASRec(index, protocol=protocol).fit(val, train=fit)
+                models[name] = (SASRec(index, sasrec, protocol) if sasrec else SASRec(index, protocol=protocol)).fit(val, train=fit)
                 settings["sasrec"] = {"epochs": models[name].epochs, "curve": models[name].history}
             elif name == "itemknn":
                 models[name] = knn
@@ -88,60 +96,139 @@ class CandidateSet:
         return float(self.y.any(1).mean()) if len(self.y) else 0.0
 
 
+@dataclass
+class Histories:
+    """b users' inputs as the sources read them.
+
+    seen: (b, n_items) binary CSR of what each user had (EASE, item-kNN; never a candidate); seq: (b, L) their
+    latest rows in time order, left-padded with n_items (SASRec); last: (b, 10) their 10 latest rows (-1 pad);
+    n: (b,) history lengths; at: (b,) unix seconds the questions are asked at."""
+
+    seen: sparse.csr_matrix
+    seq: np.ndarray
+    last: np.ndarray
+    n: np.ndarray
+    at: np.ndarray
+
+    @classmethod
+    def of(cls, questions: EvalSet, users: np.ndarray, index: dict[str, int], max_len: int,
+           seen: sparse.csr_matrix, latest: dict) -> "Histories":
+        """The batch ``users`` of an eval set (``seen`` and ``latest`` computed once for the whole set)."""
+        from recsys.eval.sasrec import sequences
+
+        n_items = len(index)
+        last = np.full((users.size, 10), -1, np.int64)
+        n_hist = np.zeros(users.size)
+        for r, u in enumerate(users):
+            info = latest.get(questions.users[u])
+            if info:
+                items = [index[i] for i in info["item_id"]]
+                last[r, 10 - len(items):] = items
+                n_hist[r] = info["n"]
+        seq = sequences(questions.history, [questions.users[u] for u in users], index, max_len, n_items)
+        at = pl.Series([questions.at[u] for u in users]).dt.epoch("s").to_numpy().astype(np.int64)
+        return cls(seen[users], seq, last, n_hist, at)
+
+    @classmethod
+    def one(cls, seq: np.ndarray, seen: np.ndarray, n: int, at: float, n_items: int, max_len: int) -> "Histories":
+        """One request: ``seq`` its user's latest rows in time order (any length), ``seen`` every row they had."""
+        rows = np.unique(np.concatenate([seen, seq]).astype(np.int64))
+        padded = np.full((1, max_len), n_items, np.int64)
+        tail = seq[-max_len:]
+        if tail.size:
+            padded[0, -tail.size:] = tail
+        last = np.full((1, 10), -1, np.int64)
+        if seq.size:
+            last[0, -min(10, seq.size):] = seq[-10:]
+        seen_m = sparse.csr_matrix((np.ones(rows.size, np.float32), (np.zeros(rows.size, np.int64), rows)), shape=(1, n_items))
+        return cls(seen_m, padded, last, np.array([float(n)]), np.array([int(at)], np.int64))
+
+
+def source_scores(src: Sources, h: Histories) -> dict[str, np.ndarray]:
+    """Each source's (b, n_items) float32 scores for these histories, seen items at -inf."""
+    out = {}
+    ex = h.seen.nonzero()
+    for name, m in src.models.items():
+        s = np.array(m.score_seqs(h.seq) if name == "sasrec" else m.score_rows(h.seen), dtype=np.float32)
+        s[ex] = -np.inf
+        out[name] = s
+    return out
+
+
+def rank_batch(src: Sources, h: Histories, per_source: int = 50,
+               block: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The merged candidates of b questions and their features: each source's top ``per_source`` (seen items
+    never; nor the ``block`` (b, n_items) bool items, a request's own exclusions, which leave every rank as it
+    is), first seen first in source order.
+
+    Returns:
+        rows (b, N) catalog rows (-1: an empty slot, where the sources agree), x (b, N, F) features
+        (:func:`feature_names`), N = sources x ``per_source``.
+    """
+    scores = source_scores(src, h)
+    names = list(scores)
+    b, n_items = h.seen.shape
+    N = len(names) * per_source
+    ranks, tops = {}, []
+    for name in names:
+        s = scores[name]
+        order = np.argsort(-s, axis=1, kind="stable")
+        rank = np.empty_like(order)
+        np.put_along_axis(rank, order, np.broadcast_to(np.arange(n_items), (b, n_items)), axis=1)
+        ranks[name] = rank
+        ok = np.isfinite(np.take_along_axis(s, order, 1))  # never a seen item
+        if block is not None:
+            ok &= ~np.take_along_axis(block, order, 1)
+        top = np.full((b, per_source), -1, np.int64)
+        for r in range(b):
+            keep = order[r][ok[r]][:per_source] if block is not None else order[r, :per_source][ok[r, :per_source]]
+            top[r, :keep.size] = keep
+        tops.append(top)
+    merged = np.concatenate(tops, 1)
+    rows = np.full((b, N), -1, np.int64)
+    for r in range(b):
+        row = merged[r][merged[r] >= 0]
+        _, first = np.unique(row, return_index=True)
+        rows[r, : first.size] = row[np.sort(first)]
+    c = np.where(rows >= 0, rows, 0)
+    cols = []
+    for name in names:
+        sc = np.take_along_axis(scores[name], c, 1)
+        best = scores[name].max(1, keepdims=True)
+        cols += [sc, np.log1p(np.take_along_axis(ranks[name], c, 1)), sc - best]
+    cols += _context(src, h, c)
+    x = np.stack(cols, -1).astype(np.float32)
+    x[rows < 0] = 0
+    x[~np.isfinite(x)] = 0
+    return rows, x
+
+
 def candidates(src: Sources, questions: EvalSet, per_source: int = 50, batch: int = 256) -> CandidateSet:
-    """Each source's top ``per_source`` (seen items never), merged per question (first seen first: the sources in
-    order), with their features (:func:`feature_names`).
+    """Each source's top ``per_source`` (seen items never), merged per question, with their features
+    (:func:`rank_batch`, batch by batch).
 
     Returns a :class:`CandidateSet` whose N is the number of sources times ``per_source``; where the sources agree
     a question fills fewer slots (the rest are -1 with zero features)."""
     names = list(src.models)
-    n_items, Q, N = src.knn.shape[0], len(questions), len(names) * per_source
+    n_items, Q, N = len(src.index), len(questions), len(names) * per_source
     seen = history_matrix(questions.history, questions.users, src.index, n_items)
     latest = dict(questions.history.group_by("user_id", maintain_order=True)
                   .agg(pl.col("item_id").tail(10), pl.len().alias("n")).select("user_id", pl.struct("item_id", "n")).iter_rows())
-    at = pl.Series(questions.at).dt.epoch("s").to_numpy().astype(np.int64)
     rows = np.full((Q, N), -1, np.int64)
     x = np.zeros((Q, N, len(feature_names(tuple(names)))), np.float32)
     for start in range(0, Q, batch):
         users = np.arange(start, min(start + batch, Q))
-        b = users.size
-        ex = seen[users].nonzero()
-        scores, ranks, tops = {}, {}, []
-        for name in names:
-            s = np.array(src.models[name].score(questions, users), dtype=np.float32)
-            s[ex] = -np.inf
-            order = np.argsort(-s, axis=1, kind="stable")
-            rank = np.empty_like(order)
-            np.put_along_axis(rank, order, np.broadcast_to(np.arange(n_items), (b, n_items)), axis=1)
-            scores[name], ranks[name] = s, rank
-            top = order[:, :per_source]
-            tops.append(np.where(np.isfinite(np.take_along_axis(s, top, 1)), top, -1))  # never a seen item
-        merged = np.concatenate(tops, 1)
-        for r in range(b):
-            row = merged[r][merged[r] >= 0]
-            _, first = np.unique(row, return_index=True)
-            rows[start + r, : first.size] = row[np.sort(first)]
-        cand = rows[users]
-        c = np.where(cand >= 0, cand, 0)
-        cols = []
-        for name in names:
-            sc = np.take_along_axis(scores[name], c, 1)
-            best = scores[name].max(1, keepdims=True)
-            cols += [sc, np.log1p(np.take_along_axis(ranks[name], c, 1)), sc - best]
-        cols += _context(src, questions, users, c, at[users], latest)
-        feats = np.stack(cols, -1)
-        feats[cand < 0] = 0
-        feats[~np.isfinite(feats)] = 0
-        x[users] = feats
+        h = Histories.of(questions, users, src.index, src.max_len, seen, latest)
+        rows[users], x[users] = rank_batch(src, h, per_source)
     y = np.stack([np.isin(rows[q], questions.targets[q]) & (rows[q] >= 0) for q in range(Q)]) if Q else np.zeros((0, N), bool)
     return CandidateSet(rows, x, y)
 
 
-def _context(src: Sources, questions: EvalSet, users: np.ndarray, c: np.ndarray, at: np.ndarray,
-             latest: dict) -> list[np.ndarray]:
-    """The context features of candidates ``c`` (b, N) of questions ``users`` asked at ``at`` (b,) unix seconds:
-    the item's interactions in the fit window before the question (all, and in the year before), its age then,
-    the user's history length, and its item-kNN similarity to the user's latest items."""
+def _context(src: Sources, h: Histories, c: np.ndarray) -> list[np.ndarray]:
+    """The context features of candidates ``c`` (b, N): the item's interactions in the fit window before the
+    question (all, and in the year before), its age then, the user's history length, and its item-kNN
+    similarity to the user's latest items."""
+    at, b = h.at, c.shape[0]
     base = c << 34
     now = np.searchsorted(src.keys, base | at[:, None])
     begin = np.searchsorted(src.keys, base)
@@ -149,22 +236,15 @@ def _context(src: Sources, questions: EvalSet, users: np.ndarray, c: np.ndarray,
     first = (src.keys[np.minimum(begin, src.keys.size - 1)] & ((1 << 34) - 1)) if src.keys.size else np.zeros_like(c)
     n_before = now - begin
     age = np.where(n_before > 0, np.log1p(np.maximum(at[:, None] - first, 0) / 86400), 0.0)
-    idx = src.index
-    last = np.full((users.size, 10), -1, np.int64)
-    n_hist = np.zeros(users.size)
-    for r, u in enumerate(users):
-        info = latest.get(questions.users[u])
-        if info:
-            items = [idx[i] for i in info["item_id"]]
-            last[r, 10 - len(items):] = items
-            n_hist[r] = info["n"]
-    sims = src.knn[np.where(last >= 0, last, 0)]  # (b, 10, n_items)
+    last = h.last
+    picked = src.knn[np.where(last >= 0, last, 0).ravel()]
+    sims = (picked.toarray() if sparse.issparse(picked) else np.asarray(picked)).reshape(b, 10, -1)
     sims[last < 0] = np.nan
-    at_c = np.take_along_axis(sims, np.broadcast_to(c[:, None, :], (users.size, 10, c.shape[1])), 2)  # (b, 10, N)
+    at_c = np.take_along_axis(sims, np.broadcast_to(c[:, None, :], (b, 10, c.shape[1])), 2)  # (b, 10, N)
     with np.errstate(all="ignore"):
         last3 = np.nan_to_num(np.nanmax(at_c[:, -3:], 1))
         last10 = np.nan_to_num(np.nanmean(at_c, 1))
-    return [np.log1p(n_before), np.log1p(now - year), age, np.broadcast_to(np.log1p(n_hist)[:, None], c.shape),
+    return [np.log1p(n_before), np.log1p(now - year), age, np.broadcast_to(np.log1p(h.n)[:, None], c.shape),
             last3, last10]
 
 

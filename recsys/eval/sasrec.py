@@ -178,7 +178,14 @@ class SASRec:
     def score(self, eval_set: EvalSet, users: np.ndarray) -> np.ndarray:
         assert self.net is not None, "fit first"
         self.net.eval()
-        seq = sequences(eval_set.history, [eval_set.users[u] for u in users], self.index, self.cfg.max_len, self.n_items)
+        return self.score_seqs(sequences(eval_set.history, [eval_set.users[u] for u in users], self.index,
+                                         self.cfg.max_len, self.n_items))
+
+    @torch.inference_mode()
+    def score_seqs(self, seq: np.ndarray) -> np.ndarray:
+        """(b, max_len) item rows, left-padded with ``n_items`` -> (b, n_items) scores (serving's path)."""
+        assert self.net is not None, "fit first"
+        self.net.eval()
         return self.net.logits(self.net(torch.from_numpy(seq))[:, -1]).numpy()
 
     @classmethod

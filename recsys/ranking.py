@@ -1,0 +1,182 @@
+"""The multi-source ranking stage as it is served: fitted on a catalog's interactions, chosen or not on
+validation, saved under ``<workdir>/ranker``, and asked one request at a time.
+
+The pieces are the offline ones (recsys/eval/ranker.py: the sources, their merged candidates and features, the
+LambdaRank model), so what serving computes for a request is what the ranker was trained and validated on:
+:meth:`ServedRanker.rank` builds one user's :class:`~recsys.eval.ranker.Histories` and calls the same
+:func:`~recsys.eval.ranker.rank_batch` as the evaluation (tests/test_ranking.py checks that both agree).
+
+The fit (:func:`fit`): each user's last ``ranker.val_rounds`` interactions are validation questions, the
+``ranker.train_rounds`` before them train the ranker with sources fitted on what came before those; the served
+sources are fitted on everything before the validation block (no refit: the house policy). The verdict
+(``report["served"]``) is the ranker when its validation NDCG@10 beats every single source's; ``serve.ranker =
+"auto"`` serves it only then.
+
+    recsys ranker fit      (writes <workdir>/ranker/ranker.joblib and report.json)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from recsys.config import Config
+from recsys.eval.ranker import SOURCES, Histories, LambdaRanker, Sources, rank_batch
+
+FOLDER = "ranker"
+BUNDLE = "ranker.joblib"
+REPORT = "report.json"
+
+
+@dataclass
+class ServedRanker:
+    """The fitted sources and LambdaRank model over the catalog rows of ``item_ids``, with the fit's report."""
+
+    item_ids: list[str]
+    sources: Sources
+    model: LambdaRanker
+    report: dict = field(default_factory=dict)
+    per_source: int = 50
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def chosen(self) -> bool:
+        """Whether validation chose the ranker over the best single source."""
+        return self.report.get("served") == "ranker"
+
+    def rank(self, seq: np.ndarray, seen: np.ndarray, n: int, at: float, k: int,
+             block: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+        """One request: the ``k`` best rows for a user whose latest rows in time order are ``seq`` and who had
+        every row of ``seen`` (never returned), with ``n`` interactions in all, asked at ``at`` (unix seconds).
+
+        Args:
+            block: (n_items,) bool, rows the request excludes besides the seen ones.
+        Returns:
+            rows (<= k,) best first, their ranker scores, and the stage timings in ms.
+        """
+        t0 = time.perf_counter()
+        h = Histories.one(np.asarray(seq, np.int64), np.asarray(seen, np.int64), n, at, self.n_items, self.sources.max_len)
+        rows, x = rank_batch(self.sources, h, self.per_source, None if block is None else block[None])
+        t1 = time.perf_counter()
+        valid = rows[0] >= 0
+        p = self.model.scores(x[0][valid], threads=1)
+        order = np.argsort(-p, kind="stable")[:k]
+        t2 = time.perf_counter()
+        return rows[0][valid][order], p[order], {"ranker_sources_ms": (t1 - t0) * 1000, "ranker_model_ms": (t2 - t1) * 1000,
+                                                 "ranker_candidates": float(valid.sum())}
+
+    def save(self, folder: Path) -> Path:
+        """Write the bundle (one joblib file, replaced atomically) and a readable report.json."""
+        import joblib
+        from scipy import sparse
+
+        folder.mkdir(parents=True, exist_ok=True)
+        knn = self.sources.models.get("itemknn")
+        S = sparse.csr_matrix(np.asarray(self.sources.knn, np.float32))  # <= 100 neighbours per item: sparse
+        self.sources.knn = S
+        if knn is not None:
+            knn.S = S
+        for m in self.sources.models.values():
+            if hasattr(m, "_rows"):
+                m._rows = None  # an eval set's cached matrix
+        tmp = folder / f".{BUNDLE}.{os.getpid()}.tmp"
+        joblib.dump({"item_ids": self.item_ids, "sources": self.sources, "model": self.model, "report": self.report,
+                     "per_source": self.per_source}, tmp)
+        os.replace(tmp, folder / BUNDLE)
+        (folder / REPORT).write_text(json.dumps(self.report, indent=1, default=str))
+        return folder / BUNDLE
+
+    @classmethod
+    def load(cls, folder: Path) -> "ServedRanker":
+        """Read a saved bundle; ValueError naming the file and the problem when it is not one."""
+        import joblib
+
+        path = folder / BUNDLE
+        try:
+            blob = joblib.load(path)
+            r = cls(list(blob["item_ids"]), blob["sources"], blob["model"], dict(blob["report"]), int(blob["per_source"]))
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # a truncated or foreign file: say which and why
+            raise ValueError(f"ranker bundle {path} cannot be read: {type(exc).__name__}: {exc}") from exc
+        if len(r.sources.index) != r.n_items or r.sources.knn.shape != (r.n_items, r.n_items):
+            raise ValueError(f"ranker bundle {path}: its sources cover {len(r.sources.index)} items, its catalog {r.n_items}")
+        return r
+
+
+def folder_of(cfg: Config) -> Path:
+    return cfg.workdir / FOLDER
+
+
+def fit(ds, cfg: Config, end: int = 0, sources: tuple[str, ...] = SOURCES, n_boot: int = 1000,
+        say=print, sasrec=None) -> tuple[ServedRanker, dict]:
+    """Fit the sources and the ranker on ``ds`` (a Dataset: catalog.index/ids, interactions.frame) and decide
+    on validation whether the ranker serves.
+
+    Args:
+        end: interactions per user left out at the end (a benchmark's test block); 0 for serving.
+        sasrec: a SASRecConfig for the sequential source (default: the reference recipe).
+    Returns:
+        the ranker (its ``report``: the sets, settings, candidate recall, validation figures and the verdict)
+        and the validation results per model (``recsys.eval.evaluate.EvalResult`` by name, intervals over users).
+    """
+    from recsys.eval.evaluate import evaluate
+    from recsys.eval.metrics import paired_bootstrap_diff
+    from recsys.eval.ranker import by_user, candidates, feature_names, score_ranking
+    from recsys.eval.splits import rounds
+
+    rc, idx = cfg.ranker, ds.catalog.index
+    val = rounds(ds, end, end + rc.val_rounds, cfg.eval)
+    train = rounds(ds, end + rc.val_rounds, end + rc.val_rounds + rc.train_rounds, cfg.eval)
+    if not len(train.questions) or not len(val.questions):
+        raise ValueError(f"too few interactions per user for the ranker's rounds ({rc.train_rounds} training and "
+                         f"{rc.val_rounds} validation interactions after at least 2 of history)")
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    say("ranker training questions: " + train.describe())
+    inner = Sources.fit(idx, train.fit, train.questions, rc.ease_lambdas, sources=sources, sasrec=sasrec)
+    c_train = candidates(inner, train.questions, rc.per_source)
+    times["training_sources_and_candidates_s"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    say("validation questions: " + val.describe())
+    outer = Sources.fit(idx, val.fit, val.questions, rc.ease_lambdas, sources=sources, sasrec=sasrec)
+    c_val = candidates(outer, val.questions, rc.per_source)
+    times["sources_and_candidates_s"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    model = LambdaRanker(seed=cfg.train.seed).fit(c_train, c_val)
+    times["ranker_fit_s"] = round(time.perf_counter() - t0, 1)
+    v = {name: by_user(evaluate(m, val.questions, idx, "loo-rounds", part="val", n_boot=1), val.owner, n_boot)
+         for name, m in outer.models.items()}
+    v["ranker"] = score_ranking("ranker", model.rank(c_val), val.questions, val.owner, len(idx), "val", n_boot)
+    best = max((s for s in v if s != "ranker"), key=lambda s: v[s].estimates["NDCG@10"].mean)
+    served = "ranker" if v["ranker"].estimates["NDCG@10"].mean > v[best].estimates["NDCG@10"].mean else best
+    j = v["ranker"].per_user.join(v[best].per_user, on="user_id", suffix="_b")
+    diff = {m: _est(paired_bootstrap_diff(j[m].to_numpy(), j[f"{m}_b"].to_numpy(), n_boot)) for m in ("NDCG@10", "HR@10", "Recall@50")}
+    names = feature_names(tuple(outer.models))
+    gain = dict(zip(names, model.model.booster_.feature_importance("gain").tolist()))
+    total = sum(gain.values()) or 1.0
+    report = {
+        "sets": {k: {"questions": len(r.questions), "users": len(set(r.owner)), "fit_interactions": r.fit.height}
+                 for k, r in (("train", train), ("val", val))},
+        "sources": list(outer.models), "settings": {"served_sources": outer.settings, "ranker_training": inner.settings},
+        "candidate_recall": {"train": round(c_train.recall, 4), "val": round(c_val.recall, 4), "slots": int(c_val.rows.shape[1])},
+        "ranker": {"trees": model.trees, "curve_every_10_trees": model.curve[::10], "params": model.params, "features": names,
+                   "gain_share": {k: round(g / total, 4) for k, g in sorted(gain.items(), key=lambda kv: -kv[1])}},
+        "val": {k: {m: _est(e) for m, e in r.estimates.items()} for k, r in v.items()},
+        "best_single_on_val": best, "served": served, "ranker_minus_best_single_val": diff, "times_s": times,
+        "fitted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    say("validation NDCG@10: " + ", ".join(f"{k} {r.estimates['NDCG@10']}" for k, r in v.items()) + f" -> serves: {served}")
+    return ServedRanker(list(ds.catalog.ids), outer, model, report, rc.per_source), v
+
+
+def _est(e) -> dict:
+    return {"mean": e.mean, "low": e.low, "high": e.high}

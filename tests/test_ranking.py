@@ -1,0 +1,73 @@
+"""The multi-source ranking stage as served (recsys.ranking): fitted with its verdict on validation, saved and
+loaded, and one request ranked the way the evaluation ranks a whole batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+from recsys.config import Config
+from recsys.eval.splits import rounds
+from tests.test_ranker import _newest_wins
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    from recsys.eval.sasrec import SASRecConfig
+    from recsys.ranking import ServedRanker, fit
+
+    ds = _newest_wins()
+    cfg = Config.model_validate({"workdir": str(tmp_path_factory.mktemp("ranking")), "eval": {"bootstrap": 50},
+                                 "ranker": {"val_rounds": 3, "train_rounds": 6, "per_source": 10,
+                                            "ease_lambdas": [10.0, 100.0]}})
+    small = SASRecConfig(dim=16, max_len=20, max_epochs=10, eval_every=5)
+    ranker, val = fit(ds, cfg, end=3, n_boot=50, say=lambda *_: None, sasrec=small)
+    folder = cfg.workdir / "ranker"
+    ranker.save(folder)
+    return ds, ranker, ServedRanker.load(folder), val
+
+
+def test_one_request_is_ranked_as_the_evaluation_ranks_the_batch(fitted):
+    """The served path (one user's rows, no eval set) and the evaluation's batch path give the same top 10 for
+    held-out questions, with the saved bundle's sparse item-kNN; seen and blocked items never come back."""
+    from recsys.eval.ranker import candidates
+
+    ds, _, served, _ = fitted
+    idx = ds.catalog.index
+    test = rounds(ds, 0, 3).questions
+    batch = served.model.rank(candidates(served.sources, test, served.per_source), k=10)
+    hist = dict(test.history.sort("timestamp").group_by("user_id", maintain_order=True)
+                .agg(pl.col("item_id")).iter_rows())
+    same, rng = 0, np.random.default_rng(0)
+    for q, user in enumerate(test.users):
+        seq = np.array([idx[i] for i in hist[user]], np.int64)
+        at = test.at[q].timestamp()
+        rows, scores, timings = served.rank(seq, seq, len(seq), at, k=10)
+        same += rows.tolist() == batch[q][batch[q] >= 0].tolist()
+        assert not set(rows.tolist()) & set(seq.tolist()) and np.all(np.diff(scores) <= 0)
+        assert timings["ranker_candidates"] > 10
+        block = np.zeros(served.n_items, bool)
+        block[rng.choice(rows, 3, replace=False)] = True
+        again, _, _ = served.rank(seq, seq, len(seq), at, k=10, block=block)
+        assert not block[again].any() and len(again) == 10
+    assert same >= 0.95 * len(test.users), (same, len(test.users))
+
+
+def test_the_fit_reports_its_verdict_on_validation_and_it_chose_the_ranker_here(fitted):
+    _, ranker, served, val = fitted
+    r = served.report
+    assert r == ranker.report and r["sources"] == ["ease", "sasrec", "itemknn", "popularity"]
+    best = r["best_single_on_val"]
+    assert val["ranker"].estimates["NDCG@10"].mean > val[best].estimates["NDCG@10"].mean
+    assert r["served"] == "ranker" and served.chosen
+    assert r["ranker_minus_best_single_val"]["NDCG@10"]["low"] > 0
+    assert r["sets"]["train"]["questions"] > r["sets"]["val"]["questions"] > 0
+
+
+def test_a_bad_bundle_is_refused_naming_the_file(tmp_path):
+    from recsys.ranking import BUNDLE, ServedRanker
+
+    (tmp_path / BUNDLE).write_bytes(b"not a bundle")
+    with pytest.raises(ValueError, match="ranker bundle .*ranker.joblib cannot be read"):
+        ServedRanker.load(tmp_path)
