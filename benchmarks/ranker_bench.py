@@ -41,76 +41,85 @@ def serving_cost(ranker, x: np.ndarray, n: int = 200, repeats: int = 300) -> dic
     return {"candidates": n, "median_ms": round(float(np.median(times)), 3), "p99_ms": round(float(np.percentile(times, 99)), 3)}
 
 
-def run(workdir: Path, n_boot: int = 1000, train_rounds: int = 10, sources: tuple[str, ...] | None = None) -> dict:
+def served_path(ranker, questions, recent: int, k: int = 50) -> tuple[np.ndarray, dict]:
+    """Every question through :meth:`recsys.ranking.ServedRanker.rank`, one request at a time on one thread, as
+    /recommend calls it (the latest ``recent`` items as the sequence, the whole history as seen): (Q, k) rows and
+    the stage costs (median and p99 ms over the questions)."""
+    import polars as pl
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a serving worker
+    idx = ranker.sources.index
+    hist = dict(questions.history.sort("timestamp").group_by("user_id", maintain_order=True).agg(pl.col("item_id")).iter_rows())
+    rows = np.full((len(questions), k), -1, np.int64)
+    spent: dict[str, list[float]] = {}
+    for q, user in enumerate(questions.users):
+        seq = np.array([idx[i] for i in hist.get(user, [])], np.int64)
+        t0 = time.perf_counter()
+        got, _, timings = ranker.rank(seq[-recent:], seq, len(seq), questions.at[q].timestamp(), k)
+        timings["total_ms"] = (time.perf_counter() - t0) * 1000
+        rows[q, :got.size] = got
+        for name, v in timings.items():
+            spent.setdefault(name, []).append(v)
+    torch.set_num_threads(threads)
+    cost = {name: {"median": round(float(np.median(v)), 3), "p99": round(float(np.percentile(v, 99)), 3)}
+            for name, v in spent.items()}
+    return rows, cost
+
+
+def run(workdir: Path, n_boot: int = 1000, train_rounds: int = 10, sources: tuple[str, ...] | None = None,
+        max_users: int | None = None) -> dict:
+    """The record (``max_users``: a quick slice, to try the benchmark)."""
+    from recsys import ranking
     from recsys.config import Config
     from recsys.data import load_dataset
     from recsys.eval.evaluate import evaluate
     from recsys.eval.metrics import paired_bootstrap_diff
-    from recsys.eval.ranker import SOURCES, LambdaRanker, Sources, by_user, candidates, feature_names, score_ranking
+    from recsys.eval.ranker import SOURCES, by_user, candidates, score_ranking
     from recsys.eval.splits import rounds
     from recsys.progress import console
     from recsys.quiet import silence
 
     silence()
-    cfg = Config.load(None, workdir=str(workdir))
+    cfg = Config.load(None, workdir=str(workdir), ranker={"train_rounds": train_rounds, "ease_lambdas": LAMBDAS},
+                      data={"max_users": max_users})
     ds = load_dataset(cfg)
-    idx, n_items = ds.catalog.index, len(ds.catalog)
-    test, val, train = rounds(ds, 0, 5, cfg.eval), rounds(ds, 5, 10, cfg.eval), rounds(ds, 10, 10 + train_rounds, cfg.eval)
-    out: dict = {"protocol": "each user's last 5 interactions (test), the 5 before (validation), the "
-                             f"{train_rounds} before those (ranker training)",
-                 "sets": {k: {"questions": len(r.questions), "users": len(set(r.owner)), "fit_interactions": r.fit.height}
-                          for k, r in (("train", train), ("val", val), ("test", test))}}
-    times = {}
+    idx, n_items, recent = ds.catalog.index, len(ds.catalog), cfg.features.recent_items
+    test = rounds(ds, 0, 5, cfg.eval)
+    ranker, v = ranking.fit(ds, cfg, end=5, sources=sources or SOURCES, n_boot=n_boot, say=console.print)
+    out = {"protocol": "each user's last 5 interactions (test), the 5 before (validation), the "
+                       f"{train_rounds} before those (ranker training)", **ranker.report}
+    out["sets"]["test"] = {"questions": len(test.questions), "users": len(set(test.owner)), "fit_interactions": test.fit.height}
+    folder = ranker.save(Path(workdir) / "bundle").parent
+    out["bundle_mb"] = round((folder / ranking.BUNDLE).stat().st_size / 2**20, 1)
+    ranker = ranking.ServedRanker.load(folder)  # what a service loads: item-kNN sparse, EASE's dual in float32
     t0 = time.perf_counter()
-    console.print("ranker training questions: " + train.describe())
-    inner = Sources.fit(idx, train.fit, train.questions, LAMBDAS, sources=sources or SOURCES)
-    c_train = candidates(inner, train.questions)
-    inner_settings = inner.settings
-    times["training_sources_and_candidates_s"] = round(time.perf_counter() - t0, 1)
-    t0 = time.perf_counter()
-    console.print("validation and test questions: " + val.describe() + "; " + test.describe())
-    outer = Sources.fit(idx, val.fit, val.questions, LAMBDAS, sources=sources or SOURCES)
-    c_val, c_test = candidates(outer, val.questions), candidates(outer, test.questions)
-    times["sources_and_candidates_s"] = round(time.perf_counter() - t0, 1)
-    t0 = time.perf_counter()
-    ranker = LambdaRanker(seed=cfg.train.seed).fit(c_train, c_val)
-    times["ranker_fit_s"] = round(time.perf_counter() - t0, 1)
-    c_train_recall = c_train.recall
-    del inner, c_train
+    c_test = candidates(ranker.sources, test.questions, ranker.per_source, recent=recent)
+    out["times_s"]["test_candidates_s"] = round(time.perf_counter() - t0, 1)
+    out["candidate_recall"]["test"] = round(c_test.recall, 4)
+    # test: read once, for the choice validation made
+    t = {name: by_user(evaluate(m, test.questions, idx, "loo-rounds", part="test", n_boot=1), test.owner, n_boot)
+         for name, m in ranker.sources.models.items()}
+    t["ranker"] = score_ranking("ranker", ranker.model.rank(c_test), test.questions, test.owner, n_items, "test", n_boot)
+    served_rows, cost = served_path(ranker, test.questions, recent)
+    t_served = score_ranking("ranker", served_rows, test.questions, test.owner, n_items, "test", n_boot)
+    batch_top = ranker.model.rank(c_test, k=10)
+    same = float(np.mean([(a[a >= 0].tolist() == b[b >= 0].tolist()) for a, b in zip(batch_top, served_rows[:, :10])]))
+    best, served = out["best_single_on_val"], out["served"]
+    singles = [s for s in t if s != "ranker"]
 
-    def results(r, cs, part):
-        rows = {name: by_user(evaluate(m, r.questions, idx, "loo-rounds", part=part, n_boot=1), r.owner, n_boot)
-                for name, m in outer.models.items()}
-        rows["ranker"] = score_ranking("ranker", ranker.rank(cs), r.questions, r.owner, n_items, part, n_boot)
-        return rows
-
-    v = results(val, c_val, "val")
-    singles = [s for s in v if s != "ranker"]
-    best = max(singles, key=lambda s: v[s].estimates["NDCG@10"].mean)
-    served = "ranker" if v["ranker"].estimates["NDCG@10"].mean > v[best].estimates["NDCG@10"].mean else best
-    console.print("validation NDCG@10: " + ", ".join(f"{k} {r.estimates['NDCG@10']}" for k, r in v.items())
-                  + f" -> served: {served}")
-    t = results(test, c_test, "test")  # read once, for the choice above
-
-    def minus(a, b, part_rows):
-        j = part_rows[a].per_user.join(part_rows[b].per_user, on="user_id", suffix="_b")
+    def minus(a, b):
+        j = t[a].per_user.join(t[b].per_user, on="user_id", suffix="_b")
         return {m: _est(paired_bootstrap_diff(j[m].to_numpy(), j[f"{m}_b"].to_numpy(), n_boot))
                 for m in ("NDCG@10", "HR@10", "Recall@50")}
 
-    importance = dict(zip(feature_names(tuple(outer.models)), ranker.model.booster_.feature_importance("gain").tolist()))
-    total = sum(importance.values()) or 1.0
     out.update({
-        "sources": list(outer.models), "settings": {"validation_and_test": outer.settings, "ranker_training": inner_settings},
-        "candidate_recall": {"train": round(c_train_recall, 4), "val": round(c_val.recall, 4), "test": round(c_test.recall, 4),
-                             "slots": int(c_val.rows.shape[1])},
-        "ranker": {"trees": ranker.trees, "curve_every_10_trees": ranker.curve[::10], "params": ranker.params,
-                   "features": feature_names(tuple(outer.models)),
-                   "gain_share": {k: round(g / total, 4) for k, g in sorted(importance.items(), key=lambda kv: -kv[1])}},
-        "val": {k: _block(r) for k, r in v.items()}, "best_single_on_val": best, "served": served,
         "test": {k: _block(r) for k, r in t.items()},
-        "served_minus_best_single_test": minus("ranker", best, t) if served == "ranker" else None,
-        "ranker_minus_each_test": {s: minus("ranker", s, t)["NDCG@10"] for s in singles},
-        "ranker_minus_best_single_val": minus("ranker", best, v),
-        "ranker_cost": serving_cost(ranker, c_test.x[0]), "times_s": times, "users": len(set(test.owner)),
+        "served_minus_best_single_test": minus("ranker", best) if served == "ranker" else None,
+        "ranker_minus_each_test": {s: minus("ranker", s)["NDCG@10"] for s in singles},
+        "served_path": {"test": _block(t_served), "same_top10_as_batch": round(same, 4), "cost_ms": cost,
+                        "sequence_items": recent},
+        "ranker_cost": serving_cost(ranker.model, c_test.x[0]), "users": len(set(test.owner)),
     })
     return out

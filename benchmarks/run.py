@@ -496,10 +496,20 @@ def render_ranker(blob: dict) -> list[str]:
             f"{m} {x['mean']:+.4f} [{x['low']:+.4f}, {x['high']:+.4f}]" for m, x in d.items())
             + f"; NDCG@10 {ratio:+.0%} relative.")
     c = r["ranker_cost"]
-    out += [f"Ranker: {r['ranker']['trees']} trees (early stopping on validation NDCG@10); predicting "
+    sp = r.get("served_path")
+    if sp:
+        st, cost = sp["test"], sp["cost_ms"]
+        out += ["", f"**Served path** (`ServedRanker.rank`, what /recommend calls: one request at a time on one thread, "
+                f"the sequential source reading the latest {sp['sequence_items']} items as the online store keeps them): "
+                f"test NDCG@10 {_fmt(st['NDCG@10'])}, HR@10 {_fmt(st['HR@10'])}; the same top 10 as the batch evaluation "
+                f"for {sp['same_top10_as_batch']:.1%} of questions. Cost per request (median / p99 ms): "
+                + ", ".join(f"{k.replace('ranker_', '').replace('_ms', '')} {v['median']} / {v['p99']}"
+                            for k, v in cost.items() if k.endswith("_ms")) + ". The sources score the whole catalog "
+                "(candidate generation); features and the model are the ranking stage proper."]
+    out += ["", f"Ranker: {r['ranker']['trees']} trees (early stopping on validation NDCG@10); predicting "
             f"{c['candidates']} candidates takes {c['median_ms']} ms median, {c['p99_ms']} ms p99 (features at hand). "
             "Largest shares of the split gain: " + ", ".join(f"{k} {v:.0%}" for k, v in list(r["ranker"]["gain_share"].items())[:6]) + ".",
-            f"Source settings (validation and test): {r['settings']['validation_and_test']}."]
+            f"Source settings (validation and test): {r['settings'].get('served_sources', r['settings'].get('validation_and_test'))}."]
     return out
 
 
@@ -1246,7 +1256,9 @@ def summary() -> list[str]:
                          f"best single on validation {best} {ci(r['test'][best], 'NDCG@10')}"
                          + (f"; ranker minus {best} {d['NDCG@10']['mean']:+.4f} [{d['NDCG@10']['low']:+.4f}, "
                             f"{d['NDCG@10']['high']:+.4f}] ({d['NDCG@10']['mean'] / r['test'][best]['NDCG@10']['mean']:+.0%}); "
-                            "goal +10%, interval above 0; offline (not yet served)" if d else "")))
+                            "goal +10%, interval above 0; " + (f"served path {ci(r['served_path']['test'], 'NDCG@10')}, "
+                            f"{r['served_path']['cost_ms']['total_ms']['median']} ms median per request"
+                            if r.get("served_path") else "offline (not yet served)") if d else "")))
         cold = res.get(("cold", "two-tower"))
         cb = [r for (p, m), r in res.items() if p == "cold" and m != "two-tower" and "rerank" not in m]
         if cold:

@@ -6,6 +6,9 @@ LambdaRank model), so what serving computes for a request is what the ranker was
 :meth:`ServedRanker.rank` builds one user's :class:`~recsys.eval.ranker.Histories` and calls the same
 :func:`~recsys.eval.ranker.rank_batch` as the evaluation (tests/test_ranking.py checks that both agree).
 
+The sequential source reads a user's latest ``features.recent_items`` items, as many as the online store keeps,
+in training, validation and serving alike.
+
 The fit (:func:`fit`): each user's last ``ranker.val_rounds`` interactions are validation questions, the
 ``ranker.train_rounds`` before them train the ranker with sources fitted on what came before those; the served
 sources are fitted on everything before the validation block (no refit: the house policy). The verdict
@@ -26,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from recsys.config import Config
-from recsys.eval.ranker import SOURCES, Histories, LambdaRanker, Sources, rank_batch
+from recsys.eval.ranker import SOURCES, Histories, LambdaRanker, Sources, rank_batch, source_scores
 
 FOLDER = "ranker"
 BUNDLE = "ranker.joblib"
@@ -64,14 +67,19 @@ class ServedRanker:
         """
         t0 = time.perf_counter()
         h = Histories.one(np.asarray(seq, np.int64), np.asarray(seen, np.int64), n, at, self.n_items, self.sources.max_len)
-        rows, x = rank_batch(self.sources, h, self.per_source, None if block is None else block[None])
+        scores = source_scores(self.sources, h)
         t1 = time.perf_counter()
+        rows, x = rank_batch(self.sources, h, self.per_source, None if block is None else block[None], scores)
+        t2 = time.perf_counter()
         valid = rows[0] >= 0
         p = self.model.scores(x[0][valid], threads=1)
         order = np.argsort(-p, kind="stable")[:k]
-        t2 = time.perf_counter()
-        return rows[0][valid][order], p[order], {"ranker_sources_ms": (t1 - t0) * 1000, "ranker_model_ms": (t2 - t1) * 1000,
-                                                 "ranker_candidates": float(valid.sum())}
+        t3 = time.perf_counter()
+        return rows[0][valid][order], p[order], {
+            "ranker_sources_ms": (t1 - t0) * 1000,  # every source scores the whole catalog (candidate generation)
+            "ranker_features_ms": (t2 - t1) * 1000,  # their top lists merged, the candidates' features
+            "ranker_model_ms": (t3 - t2) * 1000,  # LambdaRank on the candidates, one thread
+            "ranker_candidates": float(valid.sum())}
 
     def save(self, folder: Path) -> Path:
         """Write the bundle (one joblib file, replaced atomically) and a readable report.json."""
@@ -87,6 +95,9 @@ class ServedRanker:
         for m in self.sources.models.values():
             if hasattr(m, "_rows"):
                 m._rows = None  # an eval set's cached matrix
+            if getattr(m, "dual", None) is not None:  # EASE: float32 halves a request's (m, n) product
+                Xt, KX, d = m.dual
+                m.dual = (Xt.astype(np.float32), KX.astype(np.float32), d.astype(np.float32))
         tmp = folder / f".{BUNDLE}.{os.getpid()}.tmp"
         joblib.dump({"item_ids": self.item_ids, "sources": self.sources, "model": self.model, "report": self.report,
                      "per_source": self.per_source}, tmp)
@@ -143,12 +154,12 @@ def fit(ds, cfg: Config, end: int = 0, sources: tuple[str, ...] = SOURCES, n_boo
     t0 = time.perf_counter()
     say("ranker training questions: " + train.describe())
     inner = Sources.fit(idx, train.fit, train.questions, rc.ease_lambdas, sources=sources, sasrec=sasrec)
-    c_train = candidates(inner, train.questions, rc.per_source)
+    c_train = candidates(inner, train.questions, rc.per_source, recent=cfg.features.recent_items)
     times["training_sources_and_candidates_s"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
     say("validation questions: " + val.describe())
     outer = Sources.fit(idx, val.fit, val.questions, rc.ease_lambdas, sources=sources, sasrec=sasrec)
-    c_val = candidates(outer, val.questions, rc.per_source)
+    c_val = candidates(outer, val.questions, rc.per_source, recent=cfg.features.recent_items)
     times["sources_and_candidates_s"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
     model = LambdaRanker(seed=cfg.train.seed).fit(c_train, c_val)
@@ -166,7 +177,7 @@ def fit(ds, cfg: Config, end: int = 0, sources: tuple[str, ...] = SOURCES, n_boo
     report = {
         "sets": {k: {"questions": len(r.questions), "users": len(set(r.owner)), "fit_interactions": r.fit.height}
                  for k, r in (("train", train), ("val", val))},
-        "sources": list(outer.models), "settings": {"served_sources": outer.settings, "ranker_training": inner.settings},
+        "sources": list(outer.models), "sequence_items": cfg.features.recent_items, "settings": {"served_sources": outer.settings, "ranker_training": inner.settings},
         "candidate_recall": {"train": round(c_train.recall, 4), "val": round(c_val.recall, 4), "slots": int(c_val.rows.shape[1])},
         "ranker": {"trees": model.trees, "curve_every_10_trees": model.curve[::10], "params": model.params, "features": names,
                    "gain_share": {k: round(g / total, 4) for k, g in sorted(gain.items(), key=lambda kv: -kv[1])}},

@@ -30,26 +30,27 @@ def fitted(tmp_path_factory):
 
 def test_one_request_is_ranked_as_the_evaluation_ranks_the_batch(fitted):
     """The served path (one user's rows, no eval set) and the evaluation's batch path give the same top 10 for
-    held-out questions, with the saved bundle's sparse item-kNN; seen and blocked items never come back."""
+    held-out questions, with the saved bundle's sparse item-kNN and the sequence cut to the latest items as the
+    online store keeps them (5 here); seen and blocked items never come back."""
     from recsys.eval.ranker import candidates
 
     ds, _, served, _ = fitted
     idx = ds.catalog.index
     test = rounds(ds, 0, 3).questions
-    batch = served.model.rank(candidates(served.sources, test, served.per_source), k=10)
+    batch = served.model.rank(candidates(served.sources, test, served.per_source, recent=5), k=10)
     hist = dict(test.history.sort("timestamp").group_by("user_id", maintain_order=True)
                 .agg(pl.col("item_id")).iter_rows())
     same, rng = 0, np.random.default_rng(0)
     for q, user in enumerate(test.users):
         seq = np.array([idx[i] for i in hist[user]], np.int64)
         at = test.at[q].timestamp()
-        rows, scores, timings = served.rank(seq, seq, len(seq), at, k=10)
+        rows, scores, timings = served.rank(seq[-5:], seq, len(seq), at, k=10)
         same += rows.tolist() == batch[q][batch[q] >= 0].tolist()
         assert not set(rows.tolist()) & set(seq.tolist()) and np.all(np.diff(scores) <= 0)
         assert timings["ranker_candidates"] > 10
         block = np.zeros(served.n_items, bool)
         block[rng.choice(rows, 3, replace=False)] = True
-        again, _, _ = served.rank(seq, seq, len(seq), at, k=10, block=block)
+        again, _, _ = served.rank(seq[-5:], seq, len(seq), at, k=10, block=block)
         assert not block[again].any() and len(again) == 10
     assert same >= 0.95 * len(test.users), (same, len(test.users))
 

@@ -128,12 +128,14 @@ class EASE(_MatrixModel):
         return self.score_rows(self.user_rows(eval_set, users))
 
     def score_rows(self, rows: sparse.csr_matrix) -> np.ndarray:
-        """(b, n_items) binary histories -> (b, n_items) scores (serving's path: no eval set)."""
+        """(b, n_items) binary histories -> (b, n_items) scores (serving's path: no eval set). The dual's
+        arithmetic is float64 after ``fit``; a served copy may hold it in float32 (recsys/ranking.py: half the
+        time of the (m, n) product that dominates one request)."""
         rows = rows[:, self.active]
         out = np.zeros((rows.shape[0], self.n_items), dtype=np.float32)
         if self.dual is not None:
             Xt, KX, d = self.dual
-            r = rows.astype(np.float64)
+            r = rows.astype(KX.dtype)
             dense = r.toarray()
             out[:, self.active] = dense - (dense - (r @ Xt).toarray() @ KX) / d  # r - r P / diag(P), both scaled by lambda
             return out

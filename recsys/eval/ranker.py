@@ -112,8 +112,9 @@ class Histories:
 
     @classmethod
     def of(cls, questions: EvalSet, users: np.ndarray, index: dict[str, int], max_len: int,
-           seen: sparse.csr_matrix, latest: dict) -> "Histories":
-        """The batch ``users`` of an eval set (``seen`` and ``latest`` computed once for the whole set)."""
+           seen: sparse.csr_matrix, latest: dict, recent: int | None = None) -> "Histories":
+        """The batch ``users`` of an eval set (``seen`` and ``latest`` computed once for the whole set); ``recent``:
+        the sequence holds only that many latest items (what the online store keeps, features.recent_items)."""
         from recsys.eval.sasrec import sequences
 
         n_items = len(index)
@@ -122,10 +123,12 @@ class Histories:
         for r, u in enumerate(users):
             info = latest.get(questions.users[u])
             if info:
-                items = [index[i] for i in info["item_id"]]
+                items = [index[i] for i in info["item_id"]][-min(10, recent or 10):]  # online: from the recent ids
                 last[r, 10 - len(items):] = items
                 n_hist[r] = info["n"]
-        seq = sequences(questions.history, [questions.users[u] for u in users], index, max_len, n_items)
+        keep = min(max_len, recent or max_len)
+        seq = np.full((users.size, max_len), n_items, np.int64)
+        seq[:, -keep:] = sequences(questions.history, [questions.users[u] for u in users], index, keep, n_items)
         at = pl.Series([questions.at[u] for u in users]).dt.epoch("s").to_numpy().astype(np.int64)
         return cls(seen[users], seq, last, n_hist, at)
 
@@ -155,35 +158,30 @@ def source_scores(src: Sources, h: Histories) -> dict[str, np.ndarray]:
     return out
 
 
-def rank_batch(src: Sources, h: Histories, per_source: int = 50,
-               block: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def rank_batch(src: Sources, h: Histories, per_source: int = 50, block: np.ndarray | None = None,
+               scores: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The merged candidates of b questions and their features: each source's top ``per_source`` (seen items
     never; nor the ``block`` (b, n_items) bool items, a request's own exclusions, which leave every rank as it
-    is), first seen first in source order.
+    is), first seen first in source order. ``scores``: :func:`source_scores` of ``h``, where already computed.
 
     Returns:
         rows (b, N) catalog rows (-1: an empty slot, where the sources agree), x (b, N, F) features
         (:func:`feature_names`), N = sources x ``per_source``.
     """
-    scores = source_scores(src, h)
+    scores = source_scores(src, h) if scores is None else scores
     names = list(scores)
     b, n_items = h.seen.shape
     N = len(names) * per_source
+    K = min(per_source, n_items)
     ranks, tops = {}, []
     for name in names:
         s = scores[name]
-        order = np.argsort(-s, axis=1, kind="stable")
-        rank = np.empty_like(order)
-        np.put_along_axis(rank, order, np.broadcast_to(np.arange(n_items), (b, n_items)), axis=1)
-        ranks[name] = rank
-        ok = np.isfinite(np.take_along_axis(s, order, 1))  # never a seen item
-        if block is not None:
-            ok &= ~np.take_along_axis(block, order, 1)
-        top = np.full((b, per_source), -1, np.int64)
-        for r in range(b):
-            keep = order[r][ok[r]][:per_source] if block is not None else order[r, :per_source][ok[r, :per_source]]
-            top[r, :keep.size] = keep
-        tops.append(top)
+        ranks[name] = np.sort(s, axis=1)  # ascending: a candidate's rank is the number of items scored above it
+        pick = s if block is None else np.where(block, -np.inf, s)
+        part = np.argpartition(-pick, K - 1, axis=1)[:, :K] if K < n_items else np.broadcast_to(np.arange(n_items), (b, n_items))
+        ps = np.take_along_axis(pick, part, 1)
+        top = np.take_along_axis(part, np.lexsort((part, -ps), axis=1), 1)  # best first, ties by row
+        tops.append(np.where(np.isfinite(np.take_along_axis(pick, top, 1)), top, -1))  # never a seen or blocked item
     merged = np.concatenate(tops, 1)
     rows = np.full((b, N), -1, np.int64)
     for r in range(b):
@@ -195,7 +193,8 @@ def rank_batch(src: Sources, h: Histories, per_source: int = 50,
     for name in names:
         sc = np.take_along_axis(scores[name], c, 1)
         best = scores[name].max(1, keepdims=True)
-        cols += [sc, np.log1p(np.take_along_axis(ranks[name], c, 1)), sc - best]
+        above = n_items - np.stack([np.searchsorted(ranks[name][r], sc[r], side="right") for r in range(b)])
+        cols += [sc, np.log1p(above), sc - best]
     cols += _context(src, h, c)
     x = np.stack(cols, -1).astype(np.float32)
     x[rows < 0] = 0
@@ -203,9 +202,11 @@ def rank_batch(src: Sources, h: Histories, per_source: int = 50,
     return rows, x
 
 
-def candidates(src: Sources, questions: EvalSet, per_source: int = 50, batch: int = 256) -> CandidateSet:
+def candidates(src: Sources, questions: EvalSet, per_source: int = 50, batch: int = 256,
+               recent: int | None = None) -> CandidateSet:
     """Each source's top ``per_source`` (seen items never), merged per question, with their features
-    (:func:`rank_batch`, batch by batch).
+    (:func:`rank_batch`, batch by batch). ``recent``: the sequential source reads only that many latest items,
+    as it does online (:meth:`Histories.of`).
 
     Returns a :class:`CandidateSet` whose N is the number of sources times ``per_source``; where the sources agree
     a question fills fewer slots (the rest are -1 with zero features)."""
@@ -218,7 +219,7 @@ def candidates(src: Sources, questions: EvalSet, per_source: int = 50, batch: in
     x = np.zeros((Q, N, len(feature_names(tuple(names)))), np.float32)
     for start in range(0, Q, batch):
         users = np.arange(start, min(start + batch, Q))
-        h = Histories.of(questions, users, src.index, src.max_len, seen, latest)
+        h = Histories.of(questions, users, src.index, src.max_len, seen, latest, recent)
         rows[users], x[users] = rank_batch(src, h, per_source)
     y = np.stack([np.isin(rows[q], questions.targets[q]) & (rows[q] >= 0) for q in range(Q)]) if Q else np.zeros((0, N), bool)
     return CandidateSet(rows, x, y)
