@@ -148,7 +148,9 @@ def fit(ds, cfg: Config, end: int = 0, sources: tuple[str, ...] = SOURCES, n_boo
     val = rounds(ds, end, end + rc.val_rounds, cfg.eval)
     train = rounds(ds, end + rc.val_rounds, end + rc.val_rounds + rc.train_rounds, cfg.eval)
     if not len(train.questions) or not len(val.questions):
-        raise ValueError(f"too few interactions per user for the ranker's rounds ({rc.train_rounds} training and "
+        from recsys.errors import DataError
+
+        raise DataError(f"too few interactions per user for the ranker's rounds ({rc.train_rounds} training and "
                          f"{rc.val_rounds} validation interactions after at least 2 of history)")
     times: dict[str, float] = {}
     t0 = time.perf_counter()

@@ -72,3 +72,19 @@ def test_a_bad_bundle_is_refused_naming_the_file(tmp_path):
     (tmp_path / BUNDLE).write_bytes(b"not a bundle")
     with pytest.raises(ValueError, match="ranker bundle .*ranker.joblib cannot be read"):
         ServedRanker.load(tmp_path)
+
+
+def test_ranker_fit_on_too_little_history_says_so_in_one_line(tmp_path, capsys):
+    """A catalog whose users have too few interactions for the ranker's rounds: exit 2 with the reason, no traceback."""
+    from recsys.cli import main
+
+    with pytest.raises(SystemExit) as made:
+        main(["data", "example", str(tmp_path / "shop"), "--items", "40", "--users", "30"])
+    assert made.value.code == 0
+    (tmp_path / "ranker.toml").write_text("[ranker]\ntrain_rounds = 60\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["ranker", "fit", "--workdir", str(tmp_path / "work"), "--source", "generic", "--data",
+              str(tmp_path / "shop"), "--config", str(tmp_path / "ranker.toml")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "too few interactions per user for the ranker's rounds" in err
+    assert "Traceback" not in err
