@@ -471,7 +471,7 @@ def bench_ranker(args) -> dict:
     best single source, on each user's last 5 interactions (benchmarks/ranker_bench.py)."""
     from benchmarks.ranker_bench import run
 
-    return run(Path(args.workdir) / "ranker")
+    return run(Path(args.workdir) / "ranker", posters=args.posters)
 
 
 def render_ranker(blob: dict) -> list[str]:
