@@ -284,6 +284,7 @@ class Recommender:
             mapped = to_ranker[list(skip)]
             block[mapped[mapped >= 0]] = True
         rows, scores, spent = snap.ranker.rank(seq[seq >= 0], seen[seen >= 0], n, at, self._k(q), block)
+        spent.pop("ranker_candidates", None)  # a count, not a stage time (/metrics observes every *_ms)
         rows = snap.ranker_rows[rows]
         items = [Recommendation(snap.bundle.item_ids[r], snap.bundle.titles[r], float(p), float(p))
                  for r, p in zip(rows, scores) if r >= 0]
