@@ -37,6 +37,18 @@ REPORT = "report.json"
 
 
 @dataclass
+class RankRequest:
+    """One request's inputs (:meth:`ServedRanker.rank`)."""
+
+    seq: np.ndarray
+    seen: np.ndarray
+    n: int
+    at: float
+    k: int
+    block: np.ndarray | None = None
+
+
+@dataclass
 class ServedRanker:
     """The fitted sources and LambdaRank model over the catalog rows of ``item_ids``, with the fit's report."""
 
@@ -65,21 +77,35 @@ class ServedRanker:
         Returns:
             rows (<= k,) best first, their ranker scores, and the stage timings in ms.
         """
+        [(rows, scores)], timings = self.rank_many([RankRequest(seq, seen, n, at, k, block)])
+        return rows, scores, timings
+
+    def rank_many(self, requests: list["RankRequest"]) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict[str, float]]:
+        """Several requests in one pass (a serving batch): one scoring call per source for all of them, one
+        LambdaRank call for all their candidates. Returns each request's (rows, scores) and the batch's timings."""
         t0 = time.perf_counter()
-        h = Histories.one(np.asarray(seq, np.int64), np.asarray(seen, np.int64), n, at, self.n_items, self.sources.max_len)
+        h = Histories.stack([Histories.one(np.asarray(r.seq, np.int64), np.asarray(r.seen, np.int64), r.n, r.at,
+                                           self.n_items, self.sources.max_len) for r in requests])
         scores = source_scores(self.sources, h)
         t1 = time.perf_counter()
-        rows, x = rank_batch(self.sources, h, self.per_source, None if block is None else block[None], scores)
+        block = None
+        if any(r.block is not None for r in requests):
+            block = np.stack([r.block if r.block is not None else np.zeros(self.n_items, bool) for r in requests])
+        rows, x = rank_batch(self.sources, h, self.per_source, block, scores)
         t2 = time.perf_counter()
-        valid = rows[0] >= 0
-        p = self.model.scores(x[0][valid], threads=1)
-        order = np.argsort(-p, kind="stable")[:k]
+        valid = rows >= 0
+        p = np.full(rows.shape, -np.inf)
+        p[valid] = self.model.scores(x[valid], threads=1)
+        out = []
+        for r, req in enumerate(requests):
+            order = np.argsort(-p[r], kind="stable")[: min(req.k, int(valid[r].sum()))]
+            out.append((rows[r][order], p[r][order]))
         t3 = time.perf_counter()
-        return rows[0][valid][order], p[order], {
+        return out, {
             "ranker_sources_ms": (t1 - t0) * 1000,  # every source scores the whole catalog (candidate generation)
             "ranker_features_ms": (t2 - t1) * 1000,  # their top lists merged, the candidates' features
             "ranker_model_ms": (t3 - t2) * 1000,  # LambdaRank on the candidates, one thread
-            "ranker_candidates": float(valid.sum())}
+            "ranker_candidates": float(valid.sum() / len(requests))}
 
     def save(self, folder: Path) -> Path:
         """Write the bundle (one joblib file, replaced atomically) and a readable report.json."""

@@ -186,7 +186,7 @@ class Recommender:
         known_stats = user_stat_matrix(users.n_interactions, users.mean_value, users.first_seen, now)
         out: list[RecommendResponse | None] = [None] * len(queries)
         tower: list[int] = []  # queries the user tower serves
-        recents, histories, stats, skips = [], [], [], {}
+        recents, histories, stats, skips, ranked = [], [], [], {}, []
         for b, q in enumerate(queries):
             known = bool(users.found[b])
             asked = q.recent_item_ids or []
@@ -198,8 +198,7 @@ class Recommender:
                 skip |= set(np.flatnonzero(~snap.modalities[:, want].all(1)).tolist())
             if (known or recent_ids) and self._use_ranker(snap, q):
                 n = int(users.n_interactions[b]) if known else len(recent_ids)
-                out[b] = self._ranked(snap, q, recent_ids, chain(users.seen_item_ids[b], asked), n, now[b], skip,
-                                      model, {"features_user_ms": t_features}, t0, known)
+                ranked.append((b, recent_ids, list(chain(users.seen_item_ids[b], asked)), n, skip, known))
                 continue
             if (not known and not recent_ids) or snap.bundle.user_tower is None:
                 out[b] = self._popular(snap, q, skip, model, {"features_user_ms": t_features}, t0, known)
@@ -215,6 +214,8 @@ class Recommender:
             tower.append(b)
             recents.append(recent_ids)
             skips[b] = skip
+        if ranked:
+            self._ranked(snap, queries, ranked, now, model, {"features_user_ms": t_features}, t0, out)
         if not tower:
             return out
         rows, mask = recent_matrix(recents, snap.index_of, snap.recent, snap.n_items)
@@ -271,26 +272,35 @@ class Recommender:
         mode = self.cfg.serve.ranker
         return mode == "on" or (mode == "auto" and snap.ranker.chosen)
 
-    def _ranked(self, snap: Snapshot, q: Query, recent_ids: list[str], seen_ids, n: int, at: float, skip: set[int],
-                model: str, timings: dict, t0: float, known: bool) -> RecommendResponse:
-        """The multi-source ranking stage (recsys/ranking.py) for one user: their recent items (newest first) as
-        the sequence, everything they had as the seen set, this request's exclusions blocked. Items the ranker was
-        not fitted on (newer than its fit) are not among its candidates."""
-        to_ranker = snap.ranker_of
-        seq = to_ranker[[snap.index_of[i] for i in reversed(recent_ids) if i in snap.index_of]]
-        seen = to_ranker[[snap.index_of[i] for i in chain(seen_ids, recent_ids) if i in snap.index_of]]
-        block = np.zeros(snap.ranker.n_items, bool)
-        if skip:
-            mapped = to_ranker[list(skip)]
-            block[mapped[mapped >= 0]] = True
-        rows, scores, spent = snap.ranker.rank(seq[seq >= 0], seen[seen >= 0], n, at, self._k(q), block)
+    def _ranked(self, snap: Snapshot, queries: list[Query], ranked: list[tuple], now: np.ndarray, model: str,
+                timings: dict, t0: float, out: list) -> None:
+        """The multi-source ranking stage (recsys/ranking.py) for the batch's users it serves, in one pass: each
+        user's recent items (newest first) as the sequence, everything they had as the seen set, the request's
+        exclusions blocked. Items the ranker was not fitted on (newer than its fit) are not among its candidates.
+
+        Args:
+            ranked: (position in the batch, recent ids, seen ids, interactions, skipped snapshot rows, known).
+        """
+        from recsys.ranking import RankRequest
+
+        to_ranker, requests = snap.ranker_of, []
+        for b, recent_ids, seen_ids, n, skip, _ in ranked:
+            seq = to_ranker[[snap.index_of[i] for i in reversed(recent_ids) if i in snap.index_of]]
+            seen = to_ranker[[snap.index_of[i] for i in chain(seen_ids, recent_ids) if i in snap.index_of]]
+            block = np.zeros(snap.ranker.n_items, bool)
+            if skip:
+                mapped = to_ranker[list(skip)]
+                block[mapped[mapped >= 0]] = True
+            requests.append(RankRequest(seq[seq >= 0], seen[seen >= 0], n, float(now[b]), self._k(queries[b]), block))
+        answers, spent = snap.ranker.rank_many(requests)
         spent.pop("ranker_candidates", None)  # a count, not a stage time (/metrics observes every *_ms)
-        rows = snap.ranker_rows[rows]
-        items = [Recommendation(snap.bundle.item_ids[r], snap.bundle.titles[r], float(p), float(p))
-                 for r, p in zip(rows, scores) if r >= 0]
-        timings = {**timings, **spent, "total_ms": (time.perf_counter() - t0) * 1000}
-        return RecommendResponse(q.user_id, items, known, model, timings, reranked=True,
-                                 fallback=None if known else "request_history", ranked_by="ranker")
+        for (b, _, _, _, _, known), (rows, scores) in zip(ranked, answers):
+            rows = snap.ranker_rows[rows]
+            items = [Recommendation(snap.bundle.item_ids[r], snap.bundle.titles[r], float(p), float(p))
+                     for r, p in zip(rows, scores) if r >= 0]
+            out[b] = RecommendResponse(queries[b].user_id, items, known, model,
+                                       {**timings, **spent, "total_ms": (time.perf_counter() - t0) * 1000}, reranked=True,
+                                       fallback=None if known else "request_history", ranked_by="ranker")
 
     def _k(self, q: Query) -> int:
         return q.k or self.cfg.serve.k

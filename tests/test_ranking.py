@@ -88,3 +88,24 @@ def test_ranker_fit_on_too_little_history_says_so_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "too few interactions per user for the ranker's rounds" in err
     assert "Traceback" not in err
+
+
+def test_a_batch_of_requests_is_ranked_as_each_alone(fitted):
+    """`rank_many` (a serving batch: one scoring pass for all) gives each request what `rank` gives it alone."""
+    from recsys.ranking import RankRequest
+
+    ds, _, served, _ = fitted
+    idx = ds.catalog.index
+    test = rounds(ds, 0, 3).questions
+    hist = dict(test.history.sort("timestamp").group_by("user_id", maintain_order=True).agg(pl.col("item_id")).iter_rows())
+    reqs = []
+    for q, user in enumerate(test.users[:40]):
+        seq = np.array([idx[i] for i in hist[user]], np.int64)
+        block = np.zeros(served.n_items, bool)
+        block[seq[-1] + 1 if seq[-1] + 1 < served.n_items else 0] = q % 2 == 0  # some requests exclude an item
+        reqs.append(RankRequest(seq[-5:], seq, len(seq), test.at[q].timestamp(), 5 + q % 7, block if q % 3 else None))
+    together, timings = served.rank_many(reqs)
+    assert timings["ranker_candidates"] > 5
+    alone = [served.rank(r.seq, r.seen, r.n, r.at, r.k, r.block)[0] for r in reqs]
+    same = sum(a.tolist() == t.tolist() for a, (t, _) in zip(alone, together))
+    assert same >= 38 and all(len(t) == r.k for (t, _), r in zip(together, reqs)), (same, len(reqs))

@@ -146,6 +146,13 @@ class Histories:
         seen_m = sparse.csr_matrix((np.ones(rows.size, np.float32), (np.zeros(rows.size, np.int64), rows)), shape=(1, n_items))
         return cls(seen_m, padded, last, np.array([float(n)]), np.array([int(at)], np.int64))
 
+    @classmethod
+    def stack(cls, parts: list["Histories"]) -> "Histories":
+        """Several requests' histories as one batch (rows in order)."""
+        return cls(sparse.vstack([p.seen for p in parts], format="csr"), np.vstack([p.seq for p in parts]),
+                   np.vstack([p.last for p in parts]), np.concatenate([p.n for p in parts]),
+                   np.concatenate([p.at for p in parts]))
+
 
 def source_scores(src: Sources, h: Histories) -> dict[str, np.ndarray]:
     """Each source's (b, n_items) float32 scores for these histories, seen items at -inf."""
