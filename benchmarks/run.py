@@ -521,6 +521,35 @@ def bench_cold_draws(args) -> dict:
     return run(Path(args.workdir) / "cold-draws", args.posters)
 
 
+def bench_loo_draws(args) -> dict:
+    """The demo's LOO over 3 tie draws (``eval.seed`` 0-2; about 11 minutes each): every model's test figures
+    as mean and spread (benchmarks/loo_draws.py)."""
+    from benchmarks.loo_draws import run
+
+    return run(Path(args.workdir) / "loo-draws", args.posters, seeds=(0, 1, 2))
+
+
+def render_loo_draws(blob: dict) -> list[str]:
+    r = blob["results"]
+    draws = r["draws"]
+    out = [f"ml-latest-small, LOO as the demo runs it, once per tie-draw seed ({', '.join(map(str, r['seeds']))}); each "
+           f"draw holds out another of the same-second interactions for {draws[0]['ties']} users "
+           "(benchmarks/loo_draws.py). Test figures, read once per draw for the choices made on validation.", "",
+           "| model | HR@10 mean (sd; range) | NDCG@10 mean (sd) | Recall@50 mean (sd) |", "|---|---|---|---|"]
+    for model, t in r["test"].items():
+        h = t["HR@10"]
+        out.append(f"| {model} | {h['mean']:.4f} ({h['sd']:.4f}; {h['min']:.4f}-{h['max']:.4f}) | "
+                   f"{t['NDCG@10']['mean']:.4f} ({t['NDCG@10']['sd']:.4f}) | {t['Recall@50']['mean']:.4f} ({t['Recall@50']['sd']:.4f}) |")
+    out += ["", "| seed | two-tower chosen | " + " | ".join(f"{m} HR@10" for m in r["test"]) + " |",
+            "|---|---|" + "---|" * len(r["test"])]
+    for d in draws:
+        out.append(f"| {d['seed']} | {d['chosen']} | " + " | ".join(f"{d['test'][m]['HR@10']['mean']:.4f}" for m in r["test"]) + " |")
+    out += ["", "Two-tower minus each baseline, paired per draw, mean (sd) over draws: " + "; ".join(
+        f"{b} HR@10 {x['HR@10']['mean']:+.4f} ({x['HR@10']['sd']:.4f}), NDCG@10 {x['NDCG@10']['mean']:+.4f}"
+        for b, x in r["two_tower_minus"].items()) + "."]
+    return out
+
+
 def render_cold_draws(blob: dict) -> list[str]:
     r = blob["results"]
 
@@ -569,11 +598,11 @@ def render_sasrec_library(blob: dict) -> list[str]:
     return out
 
 
-BENCHES = {"ranker": bench_ranker, "cold-draws": bench_cold_draws, "sasrec-library": bench_sasrec_library, "scale": bench_scale, "traffic": bench_traffic, "negatives": bench_negatives, "learning-rate": bench_learning_rate, "part-search": bench_part_search, "part-search-dims": bench_part_search_dims, "towers": bench_towers, "newest-items": bench_newest_items, "id-lr": bench_id_lr, "cold-tower": bench_cold_tower, "cold-content": bench_cold_content, "cold-recipe": bench_cold_recipe, "content-match": bench_content_match, "content-match-loo": bench_content_match_loo, "demo": bench_demo, "demo-fused": bench_demo_fused, "demo-newest": bench_demo_newest, "demo-ids": bench_demo_ids, "loo-shift": bench_loo_shift, "features": bench_features, "embedder": bench_embedder, "training": bench_training,
+BENCHES = {"ranker": bench_ranker, "cold-draws": bench_cold_draws, "loo-draws": bench_loo_draws, "sasrec-library": bench_sasrec_library, "scale": bench_scale, "traffic": bench_traffic, "negatives": bench_negatives, "learning-rate": bench_learning_rate, "part-search": bench_part_search, "part-search-dims": bench_part_search_dims, "towers": bench_towers, "newest-items": bench_newest_items, "id-lr": bench_id_lr, "cold-tower": bench_cold_tower, "cold-content": bench_cold_content, "cold-recipe": bench_cold_recipe, "content-match": bench_content_match, "content-match-loo": bench_content_match_loo, "demo": bench_demo, "demo-fused": bench_demo_fused, "demo-newest": bench_demo_newest, "demo-ids": bench_demo_ids, "loo-shift": bench_loo_shift, "features": bench_features, "embedder": bench_embedder, "training": bench_training,
            "cold-prior": bench_cold_prior, "inputs": bench_inputs, "embedder-recipe": bench_embedder_recipe,
            "serving": bench_serving, "load": bench_load, "nightly": bench_nightly, "experiment": bench_experiment, "loop": bench_loop,
            "loop-redis": lambda args: bench_loop(argparse.Namespace(**{**vars(args), "loop_store": "redis"}))}
-ORDER = ["demo", "ranker", "cold-draws", "sasrec-library", "demo-fused", "demo-newest", "demo-ids", "loo-shift", "learning-rate", "negatives", "inputs", "inputs-weights", "towers", "newest-items", "id-lr", "cold-tower", "cold-content", "cold-recipe", "content-match", "content-match-loo", "part-search", "part-search-dims", "serving", "load", "loop", "loop-redis", "nightly", "experiment", "traffic", "scale", "features", "embedder", "embedder-recipe", "training", "cold-prior"]
+ORDER = ["demo", "ranker", "loo-draws", "cold-draws", "sasrec-library", "demo-fused", "demo-newest", "demo-ids", "loo-shift", "learning-rate", "negatives", "inputs", "inputs-weights", "towers", "newest-items", "id-lr", "cold-tower", "cold-content", "cold-recipe", "content-match", "content-match-loo", "part-search", "part-search-dims", "serving", "load", "loop", "loop-redis", "nightly", "experiment", "traffic", "scale", "features", "embedder", "embedder-recipe", "training", "cold-prior"]
 
 
 # Rendering --------------------------------------------------------------------------------------------
@@ -1191,6 +1220,7 @@ RENDER = {"demo": ("Demo: stage timings and metrics", render_demo),
           "ranker": ("The ranking stage: LambdaRank over four candidate sources, on each user's last 5 interactions "
                      "(issue: quality)", render_ranker),
           "cold-draws": ("COLD over 5 cold-item draws, choices on validation (issue: quality)", render_cold_draws),
+          "loo-draws": ("LOO over several tie draws (issue: quality)", render_loo_draws),
           "sasrec-library": ("SASRec: ours against RecTools' on the same split (issue: quality)", render_sasrec_library),
           "scale": ("Scale: 100k, 1M and 10M interactions on one machine, time and peak memory per stage (issue: scale)",
                     render_scale),
