@@ -1277,6 +1277,13 @@ def summary() -> list[str]:
                          f"ours in the same run {ci(lib['results']['ours']['test'], 'HR@10')}; ours minus RecTools "
                          f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]: "
                          + ("within noise" if d["low"] <= 0 <= d["high"] else "apart")))
+        ld = blob("loo-draws")
+        if ld:
+            t = ld["results"]["test"]
+            h = t["two-tower"]["HR@10"]
+            rows.append((f"LOO HR@10, two-tower, mean over {h['n']} tie draws", f"{h['mean']:.3f} (sd {h['sd']:.3f})",
+                         src("loo-draws", ld), "; ".join(f"{m} {t[m]['HR@10']['mean']:.3f} (sd {t[m]['HR@10']['sd']:.3f})"
+                                                         for m in ("ease", "sasrec", "popularity") if m in t)))
         rk = blob("ranker")
         if rk:
             r = rk["results"]
