@@ -495,6 +495,14 @@ def render_ranker(blob: dict) -> list[str]:
         out.append(f"Ranker minus {best} on test (paired over users, 95% interval): " + "; ".join(
             f"{m} {x['mean']:+.4f} [{x['low']:+.4f}, {x['high']:+.4f}]" for m, x in d.items())
             + f"; NDCG@10 {ratio:+.0%} relative.")
+    each = r.get("ranker_minus_each_test") or {}
+    if each:
+        out.append("Ranker minus each single model on test NDCG@10 (paired): " + "; ".join(
+            f"{m} {x['mean']:+.4f} [{x['low']:+.4f}, {x['high']:+.4f}]" for m, x in each.items()) + ".")
+    tt = r.get("two_tower")
+    if tt:
+        out.append(f"The two-tower alone (not a source): the demo's pipeline on these rounds, {tt['item_input']['variant']} "
+                   f"chosen on the validation questions, {tt['epochs']} epochs, {tt['seconds']:.0f} s.")
     c = r["ranker_cost"]
     sp = r.get("served_path")
     if sp:
