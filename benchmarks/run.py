@@ -530,11 +530,11 @@ def bench_cold_draws(args) -> dict:
 
 
 def bench_loo_draws(args) -> dict:
-    """The demo's LOO over 3 tie draws (``eval.seed`` 0-2; about 11 minutes each): every model's test figures
-    as mean and spread (benchmarks/loo_draws.py)."""
+    """The demo's LOO over ``--draws`` tie draws (``eval.seed`` 0, 1, ...; about 11 minutes each): every model's
+    test figures as mean and spread (benchmarks/loo_draws.py)."""
     from benchmarks.loo_draws import run
 
-    return run(Path(args.workdir) / "loo-draws", args.posters, seeds=(0, 1, 2))
+    return run(Path(args.workdir) / "loo-draws", args.posters, seeds=tuple(range(args.draws)))
 
 
 def render_loo_draws(blob: dict) -> list[str]:
@@ -1412,6 +1412,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fsdd", default=None, help="FSDD recordings folder (embedder benchmark)")
     p.add_argument("--rows", type=int, default=100_000, help="vectors per materialization (features)")
     p.add_argument("--render", action="store_true", help="only rebuild BENCHMARKS.md")
+    p.add_argument("--draws", type=int, default=3, help="loo-draws: tie-draw seeds 0..N-1 (about 11 minutes each)")
     p.add_argument("--sizes", default=None, help="serving: catalog sizes, comma-separated (default 10000,100000,1000000); scale: interaction counts (default 100000,1000000,10000000)")
     p.add_argument("--hold-s", dest="hold_s", type=float, default=180, help="serving: seconds to hold the best rate")
     p.add_argument("--parts", default=None, help="serving: latency,load,reload; load: steps,overload,reload,flood "
