@@ -474,7 +474,11 @@ def test_concurrent_pushes_on_two_workers_all_land(trained):
                 assert not got & set(items[k::4]), u
     finally:
         proc.terminate()
-        proc.wait(20)
+        try:  # two workers (each with a search process) shut down gracefully; on a loaded machine that took > 20 s
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
 
 
 def test_the_online_path_imports_nothing_from_training(trained):
@@ -578,7 +582,9 @@ def test_a_recording_over_the_limit_is_refused_before_decoding_and_searches_have
     t0 = time.perf_counter()
     r = client.post("/search", files={"files": ("3h.wav", long, "audio/wav")})
     assert r.status_code == 413 and "10800 s of audio" in r.json()["detail"], r.text
-    assert time.perf_counter() - t0 < 5
+    # refused from the header, not after decoding and embedding 3 hours (minutes): a loose bound, as the full
+    # suite on 2 loaded cores took 5.3 s here
+    assert time.perf_counter() - t0 < 30
     clip = _tone(150)
     with ThreadPoolExecutor(6) as pool:
         replies = list(pool.map(lambda i: client.post("/search", files={"files": (f"c{i}.wav", clip, "audio/wav")}), range(6)))
