@@ -18,10 +18,6 @@ from pathlib import Path
 import numpy as np
 
 
-def _est(e) -> dict:
-    return {"mean": e.mean, "low": e.low, "high": e.high}
-
-
 def spread(values: list[float]) -> dict:
     """Mean, sample standard deviation and range over the draws."""
     a = np.asarray(values, dtype=np.float64)
@@ -59,15 +55,15 @@ def run(workdir: Path, posters: str | None, seeds: tuple[int, ...] = (0, 1, 2, 3
         val = best.trained.evaluate(split, catalog, cfg, part="val", n_boot=n_boot)
         draw = {"seed": seed, "cold_items": int(split.cold_items.size), "test_users": len(split.test),
                 "chosen": best.label, "screen_val_ndcg10": {v.label: v.val_ndcg10 for v in search.variants.values()},
-                "chosen_val": {m: _est(e) for m, e in val.estimates.items()},
-                "chosen_test": {m: _est(e) for m, e in test.estimates.items()}, "inputs_val": {}}
+                "chosen_val": {m: e.to_dict() for m, e in val.estimates.items()},
+                "chosen_test": {m: e.to_dict() for m, e in test.estimates.items()}, "inputs_val": {}}
         search.screen = 0  # from here each variant trains fully (to train.max_epochs, the best epoch on validation)
         for mode in ("fused", "text"):
             if mode not in candidates:
                 continue
             v = search.fit(mode, best.newest_items, best.id_embeddings)
             r = v.trained.evaluate(split, search.inputs[mode].ds.catalog, cfg, part="val", n_boot=n_boot)
-            draw["inputs_val"][mode] = {m: _est(e) for m, e in r.estimates.items()} | {"epochs": v.trained.epochs}
+            draw["inputs_val"][mode] = {m: e.to_dict() for m, e in r.estimates.items()} | {"epochs": v.trained.epochs}
             v.trained.drop_training_data()
         draw["seconds"] = round(time.perf_counter() - t0, 1)
         console.print(f"draw {seed}: chose {best.label}; test Recall@50 {test.estimates['Recall@50']}; validation "

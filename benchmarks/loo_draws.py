@@ -39,7 +39,7 @@ def run(workdir: Path, posters: str | None, seeds: tuple[int, ...] = (0, 1, 2, 3
         iv, ds = embed_catalog(cfg, ds, cold=False)
         console.print(f"[bold]draw {seed}[/bold]")
         pr = run_protocol(cfg, ds, iv, "loo", candidates=item_input_candidates(cfg, ds, iv))
-        rows = {r.model: {m: {"mean": e.mean, "low": e.low, "high": e.high} for m, e in r.estimates.items()}
+        rows = {r.model: {m: e.to_dict() for m, e in r.estimates.items()}
                 for r in pr.results}
         draws.append({"seed": seed, "ties": pr.split.ties, "test_users": len(pr.split.test),
                       "chosen": pr.extra["item_input"]["variant"], "test": rows,

@@ -21,12 +21,8 @@ import numpy as np
 LAMBDAS = [2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 250.0, 500.0, 1000.0]  # the demo's grid ends at 20, which won here
 
 
-def _est(e) -> dict:
-    return {"mean": e.mean, "low": e.low, "high": e.high}
-
-
 def _block(res) -> dict:
-    return {m: _est(e) for m, e in res.estimates.items()}
+    return {m: e.to_dict() for m, e in res.estimates.items()}
 
 
 def serving_cost(ranker, x: np.ndarray, n: int = 200, repeats: int = 300) -> dict:
@@ -153,7 +149,7 @@ def run(workdir: Path, n_boot: int = 1000, train_rounds: int = 10, sources: tupl
 
     def minus(a, b):
         j = t[a].per_user.join(t[b].per_user, on="user_id", suffix="_b")
-        return {m: _est(paired_bootstrap_diff(j[m].to_numpy(), j[f"{m}_b"].to_numpy(), n_boot))
+        return {m: paired_bootstrap_diff(j[m].to_numpy(), j[f"{m}_b"].to_numpy(), n_boot).to_dict()
                 for m in ("NDCG@10", "HR@10", "Recall@50")}
 
     out.update({

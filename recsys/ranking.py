@@ -198,7 +198,7 @@ def fit(ds, cfg: Config, end: int = 0, sources: tuple[str, ...] = SOURCES, n_boo
     best = max((s for s in v if s != "ranker"), key=lambda s: v[s].estimates["NDCG@10"].mean)
     served = "ranker" if v["ranker"].estimates["NDCG@10"].mean > v[best].estimates["NDCG@10"].mean else best
     j = v["ranker"].per_user.join(v[best].per_user, on="user_id", suffix="_b")
-    diff = {m: _est(paired_bootstrap_diff(j[m].to_numpy(), j[f"{m}_b"].to_numpy(), n_boot)) for m in ("NDCG@10", "HR@10", "Recall@50")}
+    diff = {m: paired_bootstrap_diff(j[m].to_numpy(), j[f"{m}_b"].to_numpy(), n_boot).to_dict() for m in ("NDCG@10", "HR@10", "Recall@50")}
     names = feature_names(tuple(outer.models))
     gain = dict(zip(names, model.model.booster_.feature_importance("gain").tolist()))
     total = sum(gain.values()) or 1.0
@@ -209,13 +209,9 @@ def fit(ds, cfg: Config, end: int = 0, sources: tuple[str, ...] = SOURCES, n_boo
         "candidate_recall": {"train": round(c_train.recall, 4), "val": round(c_val.recall, 4), "slots": int(c_val.rows.shape[1])},
         "ranker": {"trees": model.trees, "curve_every_10_trees": model.curve[::10], "params": model.params, "features": names,
                    "gain_share": {k: round(g / total, 4) for k, g in sorted(gain.items(), key=lambda kv: -kv[1])}},
-        "val": {k: {m: _est(e) for m, e in r.estimates.items()} for k, r in v.items()},
+        "val": {k: {m: e.to_dict() for m, e in r.estimates.items()} for k, r in v.items()},
         "best_single_on_val": best, "served": served, "ranker_minus_best_single_val": diff, "times_s": times,
         "fitted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     say("validation NDCG@10: " + ", ".join(f"{k} {r.estimates['NDCG@10']}" for k, r in v.items()) + f" -> serves: {served}")
     return ServedRanker(list(ds.catalog.ids), outer, model, report, rc.per_source), v
-
-
-def _est(e) -> dict:
-    return {"mean": e.mean, "low": e.low, "high": e.high}

@@ -58,6 +58,10 @@ class Estimate:
     def __str__(self) -> str:
         return f"{self.mean:.3f} [{self.low:.3f}, {self.high:.3f}]"
 
+    def to_dict(self) -> dict:
+        """What records keep: {"mean", "low", "high"}."""
+        return {"mean": self.mean, "low": self.low, "high": self.high}
+
 
 def bootstrap(values: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> Estimate:
     """Mean of per-user values and its percentile bootstrap interval (users resampled with replacement)."""
