@@ -108,7 +108,9 @@ class ServedRanker:
             "ranker_candidates": float(valid.sum() / len(requests))}
 
     def save(self, folder: Path) -> Path:
-        """Write the bundle (one joblib file, replaced atomically) and a readable report.json."""
+        """Write the bundle (one joblib file, replaced atomically) and a readable report.json. The sources are
+        converted in place to their served form first (item-kNN sparse, EASE's dual in float32): this object then
+        scores as the loaded bundle does (a copy of the n x n similarities would double the peak memory)."""
         import joblib
         from scipy import sparse
 
