@@ -70,22 +70,10 @@ def two_tower_rounds(cfg, ds, val, test, n_boot: int) -> dict:
     interactions before the validation block (the other sources' fit window), read on test once.
 
     Returns {"val": EvalResult, "test": EvalResult (per user), "info": the search's record}."""
-    from dataclasses import dataclass
-
     from recsys.embed.catalog import embed_catalog, item_input_candidates
     from recsys.eval.ranker import by_user
-    from recsys.eval.splits import Split
+    from recsys.eval.splits import RoundsSplit
     from recsys.flows.protocol import VariantSearch
-
-    @dataclass
-    class RoundsSplit(Split):
-        """LOO-shaped, but the model learns from the rounds' fit window, not from the questions' histories."""
-
-        fit: object = None
-
-        @property
-        def train(self):
-            return self.fit
 
     iv, ds = embed_catalog(cfg, ds, cold=False)
     split = RoundsSplit("loo", val.questions, test.questions, fit=val.fit)

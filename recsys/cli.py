@@ -368,7 +368,8 @@ def ranker_fit(
     validation questions, the train_rounds before them train a LambdaRank model over the merged candidates of
     EASE, SASRec, item-kNN and popularity. Writes <workdir>/ranker (the bundle and report.json); a running
     service takes it at its next reload, and with serve.ranker = "auto" serves it only where validation chose it
-    over the best single source. About 26 minutes on ml-latest-small on 2 cores (two SASRec fits, each checked on thousands of validation questions)."""
+    over the best of those four sources and the two-tower kept in the work directory (scored on the same questions;
+    it learned from some of them, so the verdict leans towards keeping it). About 26 minutes on ml-latest-small on 2 cores (two SASRec fits, each checked on thousands of validation questions)."""
     from recsys import ranking
     from recsys.data import load_dataset
     from recsys.progress import console
@@ -376,7 +377,13 @@ def ranker_fit(
 
     silence()
     cfg = _config(config, workdir, None, data, source, max_users=max_users)
-    ranker, _ = ranking.fit(load_dataset(cfg), cfg, say=console.print)
+    from recsys.flows.saved import kept_two_tower_scorer
+
+    two_tower, ds = kept_two_tower_scorer(cfg, load_dataset(cfg))
+    if two_tower is None:
+        console.print(f"[yellow]no two-tower kept in {cfg.models_dir} (recsys demo or recsys train keeps one): the "
+                      "verdict compares the ranker with its sources only[/yellow]")
+    ranker, _ = ranking.fit(ds, cfg, say=console.print, rivals={"two-tower": two_tower} if two_tower else None)
     path = ranker.save(ranking.folder_of(cfg))
     r = ranker.report
     d = r["ranker_minus_best_single_val"]["NDCG@10"]

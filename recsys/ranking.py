@@ -13,7 +13,11 @@ The fit (:func:`fit`): each user's last ``ranker.val_rounds`` interactions are v
 ``ranker.train_rounds`` before them train the ranker with sources fitted on what came before those; the served
 sources are fitted on everything before the validation block (no refit: the house policy). The verdict
 (``report["served"]``) is the ranker when its validation NDCG@10 beats every single source's; ``serve.ranker =
-"auto"`` serves it only then.
+"auto"`` serves it only then. The two-tower is not among the sources; ``recsys ranker fit`` passes the two-tower kept
+in the work directory as a rival (recsys.flows.saved.kept_two_tower_scorer), so that the verdict compares the
+ranker with the model it would replace too. That two-tower learned from part of the validation block (its LOO
+training keeps all but each user's last 2 interactions), so its validation figure is optimistic: the verdict
+leans towards keeping it.
 
     recsys ranker fit      (writes <workdir>/ranker/ranker.joblib and report.json)
 """
@@ -64,7 +68,7 @@ class ServedRanker:
 
     @property
     def chosen(self) -> bool:
-        """Whether validation chose the ranker over the best single source."""
+        """Whether validation chose the ranker over the best single model (a source, or a rival such as the two-tower)."""
         return self.report.get("served") == "ranker"
 
     def rank(self, seq: np.ndarray, seen: np.ndarray, n: int, at: float, k: int,
@@ -156,13 +160,16 @@ def folder_of(cfg: Config) -> Path:
 
 
 def fit(ds, cfg: Config, end: int = 0, sources: tuple[str, ...] = SOURCES, n_boot: int = 1000,
-        say=print, sasrec=None) -> tuple[ServedRanker, dict]:
+        say=print, sasrec=None, rivals: dict | None = None) -> tuple[ServedRanker, dict]:
     """Fit the sources and the ranker on ``ds`` (a Dataset: catalog.index/ids, interactions.frame) and decide
     on validation whether the ranker serves.
 
     Args:
         end: interactions per user left out at the end (a benchmark's test block); 0 for serving.
         sasrec: a SASRecConfig for the sequential source (default: the reference recipe).
+        rivals: name -> a scorer of the validation :class:`~recsys.eval.splits.Rounds` (an EvalResult per
+            question, as ``TrainedTwoTower.evaluate`` gives): models outside the sources that the verdict also
+            compares the ranker with (the served two-tower).
     Returns:
         the ranker (its ``report``: the sets, settings, candidate recall, validation figures and the verdict)
         and the validation results per model (``recsys.eval.evaluate.EvalResult`` by name, intervals over users).
@@ -197,6 +204,9 @@ def fit(ds, cfg: Config, end: int = 0, sources: tuple[str, ...] = SOURCES, n_boo
     v = {name: by_user(evaluate(m, val.questions, idx, "loo-rounds", part="val", n_boot=1), val.owner, n_boot)
          for name, m in outer.models.items()}
     v["ranker"] = score_ranking("ranker", model.rank(c_val), val.questions, val.owner, len(idx), "val", n_boot)
+    for name, score in (rivals or {}).items():
+        say(f"{name} on the validation questions")
+        v[name] = by_user(score(val), val.owner, n_boot)
     best = max((s for s in v if s != "ranker"), key=lambda s: v[s].estimates["NDCG@10"].mean)
     served = "ranker" if v["ranker"].estimates["NDCG@10"].mean > v[best].estimates["NDCG@10"].mean else best
     j = v["ranker"].per_user.join(v[best].per_user, on="user_id", suffix="_b")
@@ -207,7 +217,7 @@ def fit(ds, cfg: Config, end: int = 0, sources: tuple[str, ...] = SOURCES, n_boo
     report = {
         "sets": {k: {"questions": len(r.questions), "users": len(set(r.owner)), "fit_interactions": r.fit.height}
                  for k, r in (("train", train), ("val", val))},
-        "sources": list(outer.models), "sequence_items": cfg.features.recent_items, "settings": {"served_sources": outer.settings, "ranker_training": inner.settings},
+        "sources": list(outer.models), "rivals": list(rivals or {}), "sequence_items": cfg.features.recent_items, "settings": {"served_sources": outer.settings, "ranker_training": inner.settings},
         "candidate_recall": {"train": round(c_train.recall, 4), "val": round(c_val.recall, 4), "slots": int(c_val.rows.shape[1])},
         "ranker": {"trees": model.trees, "curve_every_10_trees": model.curve[::10], "params": model.params, "features": names,
                    "gain_share": {k: round(g / total, 4) for k, g in sorted(gain.items(), key=lambda kv: -kv[1])}},

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 
 import io
+import json
 import os
 import shutil
 import socket
@@ -754,6 +755,13 @@ def test_the_ranking_stage_is_served_once_fitted_and_a_bad_bundle_leaves_the_two
                                "--config", str(conf)], capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
         assert "serve.ranker=auto serves:" in done.stdout and (folder / "report.json").exists()
+        # the verdict also weighs the two-tower the demo kept, scored on the same validation questions
+        report = json.loads((folder / "report.json").read_text())
+        assert report["rivals"] == ["two-tower"] and "no two-tower kept" not in done.stdout
+        tt = report["val"]["two-tower"]["NDCG@10"]
+        assert 0 < tt["mean"] <= 1 and tt["low"] <= tt["mean"] <= tt["high"]
+        assert report["served"] == ("ranker" if report["val"]["ranker"]["NDCG@10"]["mean"] > max(
+            r["NDCG@10"]["mean"] for k, r in report["val"].items() if k != "ranker") else report["best_single_on_val"])
         port = free_port()
         env = {**os.environ, "RECSYS_API_KEYS": KEY, "RECSYS_ADMIN_KEYS": ADMIN}
         proc = subprocess.Popen([sys.executable, "-m", "recsys.cli", "serve", "--workdir", str(cfg.workdir), "--config",

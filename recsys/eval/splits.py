@@ -228,6 +228,19 @@ class Rounds:
                 f"{self.fit.height:,} interactions before them")
 
 
+@dataclass
+class RoundsSplit(Split):
+    """Rounds as a LOO-shaped split, for a model that scores eval sets (the two-tower): ``val`` and ``test`` are
+    question sets, and what the model learns from (``train``) is the rounds' fit window, not the questions'
+    histories."""
+
+    fit: pl.DataFrame | None = None
+
+    @property
+    def train(self) -> pl.DataFrame:
+        return self.fit
+
+
 def rounds(ds: Dataset, last: int, first: int, cfg: EvalConfig = EvalConfig(), min_history: int = 2) -> Rounds:
     """The block of each user's interactions from ``first`` to ``last`` positions before the end (``rounds(ds, 0,
     5)``: the last five; ``rounds(ds, 5, 10)``: the five before those), in the same order as :func:`loo_split`

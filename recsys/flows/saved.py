@@ -48,6 +48,31 @@ def kept_two_tower(cfg: Config, ds: Dataset, iv: ItemVectors, split):
     return TrainedTwoTower("two-tower", TwoTowerModule.from_checkpoint(ckpt), tvec), mode, tiv
 
 
+def kept_two_tower_scorer(cfg: Config, ds: Dataset, protocol: str = "loo"):
+    """The two-tower kept for ``protocol`` (the one `recsys demo` / `recsys train` registers) as a rival in the
+    ranking stage's verdict (recsys.ranking.fit ``rivals``): it scores a :class:`~recsys.eval.splits.Rounds`
+    block's questions with each question's own history, as the evaluation scores any eval set.
+
+    Returns:
+        (scorer or None where no checkpoint was kept or the catalog has no saved vectors, ``ds`` with the rows the
+        vectors have: the ranker must fit on the same rows, or the questions' targets would not line up)."""
+    from recsys.eval.splits import RoundsSplit
+
+    ckpt = cfg.models_dir / f"two-tower-{protocol}" / "best.ckpt"
+    if not ckpt.exists() or not (cfg.workdir / "embeddings" / "manifest.json").exists():
+        return None, ds
+    iv = load_item_vectors(cfg)
+    ds = aligned(ds, iv)
+
+    def score(r):
+        split = RoundsSplit(protocol, r.questions, r.questions, fit=r.fit)
+        trained, _, _ = kept_two_tower(cfg, ds, iv, split)
+        pds, _ = tags_in_training_window(cfg, ds, iv, split)
+        return trained.evaluate(split, pds.catalog, cfg, part="val", n_boot=1)
+
+    return score, ds
+
+
 def evaluate_saved(cfg: Config, baselines: tuple[str, ...] = ("popularity", "ease")) -> list[ProtocolRun]:
     """Re-evaluate the two-tower checkpoints of a previous `recsys train` beside the baselines."""
     iv = load_item_vectors(cfg)
