@@ -15,9 +15,9 @@ sources are fitted on everything before the validation block (no refit: the hous
 (``report["served"]``) is the ranker when its validation NDCG@10 beats every single source's; ``serve.ranker =
 "auto"`` serves it only then. The two-tower is not among the sources; ``recsys ranker fit`` passes the two-tower kept
 in the work directory as a rival (recsys.flows.saved.kept_two_tower_scorer), so that the verdict compares the
-ranker with the model it would replace too. That two-tower learned from part of the validation block (its LOO
-training keeps all but each user's last 2 interactions), so its validation figure is optimistic: the verdict
-leans towards keeping it.
+ranker with the model it would replace too. That two-tower learned from most of the validation block (its LOO
+training keeps all but each user's last 2 interactions), so it is compared on those last 2 questions per user
+only (the first of them chose its epochs: slightly in its favour).
 
     recsys ranker fit      (writes <workdir>/ranker/ranker.joblib and report.json)
 """
@@ -159,6 +159,35 @@ def folder_of(cfg: Config) -> Path:
     return cfg.workdir / FOLDER
 
 
+def against_rival(name: str, score, val, ranked: np.ndarray, n_items: int, n_boot: int, say=print) -> dict:
+    """The ranker against a model outside its sources on the validation questions that model may be judged on.
+
+    Args:
+        score: ``score(val) -> (which, result)``: the indices of ``val``'s questions the rival did not learn from
+            and its per-question EvalResult on ``val.subset(which)``.
+        ranked: (Q, >=50) the ranker's rows for every validation question.
+    Returns:
+        the questions and users compared, both models' NDCG@10, HR@10 and Recall@50, and the ranker minus the
+        rival (paired over users)."""
+    from recsys.eval.metrics import paired_bootstrap_diff
+    from recsys.eval.ranker import by_user, score_ranking
+
+    say(f"{name} on the validation questions it did not learn from")
+    which, result = score(val)
+    sub = val.subset(which)
+    mine = score_ranking("ranker", ranked[which], sub.questions, sub.owner, n_items, "val", n_boot)
+    theirs = by_user(result, sub.owner, n_boot)
+    j = mine.per_user.join(theirs.per_user, on="user_id", suffix="_b")
+    metrics = ("NDCG@10", "HR@10", "Recall@50")
+    out = {"questions": len(which), "users": len(set(sub.owner)),
+           "ranker": {m: mine.estimates[m].to_dict() for m in metrics},
+           name: {m: theirs.estimates[m].to_dict() for m in metrics},
+           "ranker_minus": {m: paired_bootstrap_diff(j[m].to_numpy(), j[f"{m}_b"].to_numpy(), n_boot).to_dict()
+                            for m in metrics}}
+    say(f"NDCG@10 on those {len(which):,} questions: ranker {mine.estimates['NDCG@10']}, {name} {theirs.estimates['NDCG@10']}")
+    return out
+
+
 def fit(ds, cfg: Config, end: int = 0, sources: tuple[str, ...] = SOURCES, n_boot: int = 1000,
         say=print, sasrec=None, rivals: dict | None = None) -> tuple[ServedRanker, dict]:
     """Fit the sources and the ranker on ``ds`` (a Dataset: catalog.index/ids, interactions.frame) and decide
@@ -167,9 +196,9 @@ def fit(ds, cfg: Config, end: int = 0, sources: tuple[str, ...] = SOURCES, n_boo
     Args:
         end: interactions per user left out at the end (a benchmark's test block); 0 for serving.
         sasrec: a SASRecConfig for the sequential source (default: the reference recipe).
-        rivals: name -> a scorer of the validation :class:`~recsys.eval.splits.Rounds` (an EvalResult per
-            question, as ``TrainedTwoTower.evaluate`` gives): models outside the sources that the verdict also
-            compares the ranker with (the served two-tower).
+        rivals: name -> a scorer of the validation :class:`~recsys.eval.splits.Rounds` (:func:`against_rival`):
+            models outside the sources (the served two-tower) that the ranker must also beat to be chosen, each on
+            the questions it did not learn from.
     Returns:
         the ranker (its ``report``: the sets, settings, candidate recall, validation figures and the verdict)
         and the validation results per model (``recsys.eval.evaluate.EvalResult`` by name, intervals over users).
@@ -203,12 +232,14 @@ def fit(ds, cfg: Config, end: int = 0, sources: tuple[str, ...] = SOURCES, n_boo
     times["ranker_fit_s"] = round(time.perf_counter() - t0, 1)
     v = {name: by_user(evaluate(m, val.questions, idx, "loo-rounds", part="val", n_boot=1), val.owner, n_boot)
          for name, m in outer.models.items()}
-    v["ranker"] = score_ranking("ranker", model.rank(c_val), val.questions, val.owner, len(idx), "val", n_boot)
-    for name, score in (rivals or {}).items():
-        say(f"{name} on the validation questions")
-        v[name] = by_user(score(val), val.owner, n_boot)
+    ranked = model.rank(c_val)
+    v["ranker"] = score_ranking("ranker", ranked, val.questions, val.owner, len(idx), "val", n_boot)
     best = max((s for s in v if s != "ranker"), key=lambda s: v[s].estimates["NDCG@10"].mean)
     served = "ranker" if v["ranker"].estimates["NDCG@10"].mean > v[best].estimates["NDCG@10"].mean else best
+    against = {name: against_rival(name, score, val, ranked, len(idx), n_boot, say) for name, score in (rivals or {}).items()}
+    for name, r in against.items():  # the ranker serves only where it also beats each rival on the rival's questions
+        if served == "ranker" and not r["ranker_minus"]["NDCG@10"]["mean"] > 0:
+            served = name
     j = v["ranker"].per_user.join(v[best].per_user, on="user_id", suffix="_b")
     diff = {m: paired_bootstrap_diff(j[m].to_numpy(), j[f"{m}_b"].to_numpy(), n_boot).to_dict() for m in ("NDCG@10", "HR@10", "Recall@50")}
     names = feature_names(tuple(outer.models))
@@ -217,7 +248,7 @@ def fit(ds, cfg: Config, end: int = 0, sources: tuple[str, ...] = SOURCES, n_boo
     report = {
         "sets": {k: {"questions": len(r.questions), "users": len(set(r.owner)), "fit_interactions": r.fit.height}
                  for k, r in (("train", train), ("val", val))},
-        "sources": list(outer.models), "rivals": list(rivals or {}), "sequence_items": cfg.features.recent_items, "settings": {"served_sources": outer.settings, "ranker_training": inner.settings},
+        "sources": list(outer.models), "rivals": against, "sequence_items": cfg.features.recent_items, "settings": {"served_sources": outer.settings, "ranker_training": inner.settings},
         "candidate_recall": {"train": round(c_train.recall, 4), "val": round(c_val.recall, 4), "slots": int(c_val.rows.shape[1])},
         "ranker": {"trees": model.trees, "curve_every_10_trees": model.curve[::10], "params": model.params, "features": names,
                    "gain_share": {k: round(g / total, 4) for k, g in sorted(gain.items(), key=lambda kv: -kv[1])}},

@@ -223,6 +223,14 @@ class Rounds:
     questions: EvalSet
     owner: list[str]
 
+    def subset(self, which: np.ndarray) -> "Rounds":
+        """These rounds with only the questions at indices ``which`` (same fit window)."""
+        q = self.questions
+        keep = [q.users[i] for i in which]
+        es = EvalSet(keep, [q.targets[i] for i in which], [q.at[i] for i in which],
+                     q.history.filter(pl.col("user_id").is_in(keep)))
+        return Rounds(self.fit, es, [self.owner[i] for i in which])
+
     def describe(self) -> str:
         return (f"{len(self.questions):,} questions from {len(set(self.owner)):,} users, models fitted on "
                 f"{self.fit.height:,} interactions before them")

@@ -7,6 +7,9 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+import polars as pl
+
 from recsys.config import Config
 from recsys.data import Dataset, load_dataset
 from recsys.embed.catalog import ItemVectors, aligned, embed_catalog, item_input_candidates, load_item_vectors
@@ -48,10 +51,12 @@ def kept_two_tower(cfg: Config, ds: Dataset, iv: ItemVectors, split):
     return TrainedTwoTower("two-tower", TwoTowerModule.from_checkpoint(ckpt), tvec), mode, tiv
 
 
-def kept_two_tower_scorer(cfg: Config, ds: Dataset, protocol: str = "loo"):
+def kept_two_tower_scorer(cfg: Config, ds: Dataset, protocol: str = "loo", held_out: int = 2):
     """The two-tower kept for ``protocol`` (the one `recsys demo` / `recsys train` registers) as a rival in the
-    ranking stage's verdict (recsys.ranking.fit ``rivals``): it scores a :class:`~recsys.eval.splits.Rounds`
-    block's questions with each question's own history, as the evaluation scores any eval set.
+    ranking stage's verdict (recsys.ranking.fit ``rivals``, :func:`recsys.ranking.against_rival`). It learned
+    from all but each user's last ``held_out`` interactions (LOO: validation and test), so of a
+    :class:`~recsys.eval.splits.Rounds` block that ends at each user's last interaction (the fit for serving) it
+    is scored on those last questions only, each with its own history, as the evaluation scores any eval set.
 
     Returns:
         (scorer or None where no checkpoint was kept or the catalog has no saved vectors, ``ds`` with the rows the
@@ -65,10 +70,16 @@ def kept_two_tower_scorer(cfg: Config, ds: Dataset, protocol: str = "loo"):
     ds = aligned(ds, iv)
 
     def score(r):
-        split = RoundsSplit(protocol, r.questions, r.questions, fit=r.fit)
+        """(which, result): the questions at each user's last ``held_out`` positions (LOO trained on the rest),
+        and the two-tower's per-question result on them."""
+        pos = pl.DataFrame({"owner": r.owner, "pos": [int(q.rsplit("#", 1)[1]) for q in r.questions.users]})
+        which = np.flatnonzero(pos.select(pl.col("pos").rank("ordinal", descending=True).over("owner") <= held_out)
+                               .to_series().to_numpy())
+        sub = r.subset(which)
+        split = RoundsSplit(protocol, sub.questions, sub.questions, fit=r.fit)
         trained, _, _ = kept_two_tower(cfg, ds, iv, split)
         pds, _ = tags_in_training_window(cfg, ds, iv, split)
-        return trained.evaluate(split, pds.catalog, cfg, part="val", n_boot=1)
+        return which, trained.evaluate(split, pds.catalog, cfg, part="val", n_boot=1)
 
     return score, ds
 
