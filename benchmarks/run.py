@@ -548,10 +548,11 @@ def render_loo_draws(blob: dict) -> list[str]:
         h = t["HR@10"]
         out.append(f"| {model} | {h['mean']:.4f} ({h['sd']:.4f}; {h['min']:.4f}-{h['max']:.4f}) | "
                    f"{t['NDCG@10']['mean']:.4f} ({t['NDCG@10']['sd']:.4f}) | {t['Recall@50']['mean']:.4f} ({t['Recall@50']['sd']:.4f}) |")
-    out += ["", "| seed | two-tower chosen | " + " | ".join(f"{m} HR@10" for m in r["test"]) + " |",
-            "|---|---|" + "---|" * len(r["test"])]
+    out += ["", "| seed | test users (left out: the embedder trained on their target) | two-tower chosen | "
+            + " | ".join(f"{m} HR@10" for m in r["test"]) + " |", "|---|---|---|" + "---|" * len(r["test"])]
     for d in draws:
-        out.append(f"| {d['seed']} | {d['chosen']} | " + " | ".join(f"{d['test'][m]['HR@10']['mean']:.4f}" for m in r["test"]) + " |")
+        out.append(f"| {d['seed']} | {d['test_users']} ({d.get('test_users_left_out', 0)}) | {d['chosen']} | "
+                   + " | ".join(f"{d['test'][m]['HR@10']['mean']:.4f}" for m in r["test"]) + " |")
     out += ["", "Two-tower minus each baseline, paired per draw, mean (sd) over draws: " + "; ".join(
         f"{b} HR@10 {x['HR@10']['mean']:+.4f} ({x['HR@10']['sd']:.4f}), NDCG@10 {x['NDCG@10']['mean']:+.4f}"
         for b, x in r["two_tower_minus"].items()) + "."]

@@ -228,7 +228,7 @@ def test_ease_tuning_finds_the_exhaustive_grid_best_with_fewer_fits(synthetic, m
 
 
 def test_evaluation_refuses_embedder_weights_that_trained_on_its_test_split(movielens):
-    from recsys.embed.provenance import check_overlap, dataset_hash
+    from recsys.embed.provenance import check_overlap, dataset_hash, trained_test_interactions
     from recsys.errors import DataError
     from recsys.embed.tasks import training_provenance
 
@@ -241,8 +241,14 @@ def test_evaluation_refuses_embedder_weights_that_trained_on_its_test_split(movi
         check_overlap(record, movielens, make_split("cold", movielens, EvalConfig(seed=1)), digest)
     with pytest.raises(DataError, match="held-out"):
         check_overlap(record, movielens, make_split("cold", movielens, EvalConfig(cold_fraction=0.3)), digest)
+    loo1 = make_split("loo", movielens, EvalConfig(seed=1))
     with pytest.raises(DataError, match="LOO split's test interactions"):  # another tie-break seed
-        check_overlap(record, movielens, make_split("loo", movielens, EvalConfig(seed=1)), digest)
+        check_overlap(record, movielens, loo1, digest)
+    # a benchmark over tie draws leaves out the test users whose drawn target the weights trained on
+    seen = set(trained_test_interactions(record, movielens, loo1)["user_id"].to_list())
+    clean = loo1.without_test_users(seen)
+    assert 0 < len(seen) < 0.1 * len(loo1.test) and len(clean.test) == len(loo1.test) - len(seen)
+    assert "no test interaction" in check_overlap(record, movielens, clean, digest) and clean.val is loo1.val
     # weights trained on other data, or that record nothing, are not refused (and say so)
     assert "other data" in check_overlap({**record, "dataset_hash": "0" * 16}, movielens, make_split("cold", movielens), digest)
     assert "not checked" in check_overlap(None, movielens, make_split("cold", movielens))

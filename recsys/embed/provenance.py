@@ -31,6 +31,24 @@ def dataset_hash(ds: Dataset) -> str:
     return h.hexdigest()[:16]
 
 
+def trained_test_interactions(training_data: dict, ds: Dataset, split) -> pl.DataFrame:
+    """The (user_id, item_id) test interactions of a warm ``split`` (LOO, TEMPORAL) that weights trained on
+    ``training_data`` (a manifest's record, on this dataset) learned from: empty when the split's settings are
+    the ones the weights record."""
+    from recsys.eval.splits import shared_training_interactions
+
+    s = training_data.get("split", {})
+    rule = EvalConfig(seed=s.get("seed", 0), cold_fraction=s.get("cold_fraction", 0.2),
+                      cold_pool=s.get("cold_pool", "auto"), temporal_quantile=s.get("temporal_quantile", 0.9))
+    trained = shared_training_interactions(ds, rule)
+    ids = np.array(ds.catalog.ids)
+    targets = pl.DataFrame({"user_id": [u for u, t in zip(split.test.users, split.test.targets) for _ in t],
+                            "item_id": [ids[i] for t in split.test.targets for i in t],
+                            "at": [a for a, t in zip(split.test.at, split.test.targets) for _ in t]},
+                           schema_overrides={"at": trained.schema["timestamp"]})
+    return targets.join(trained, on=["user_id", "item_id"]).filter(pl.col("timestamp") >= pl.col("at"))
+
+
 def check_overlap(training_data: dict | None, ds: Dataset, split, dataset_digest: str | None = None) -> str:
     """Raise DataError when ``split`` (a recsys.eval.splits.Split) tests on items or interactions the weights
     trained on; otherwise return a one-line statement of what was checked.
@@ -39,8 +57,6 @@ def check_overlap(training_data: dict | None, ds: Dataset, split, dataset_digest
         training_data: the manifest's ``training_data`` (None: weights that do not record it; not checked).
         dataset_digest: ``dataset_hash(ds)`` when the caller has it already.
     """
-    from recsys.eval.splits import shared_training_interactions
-
     if not training_data:
         return "embedder weights do not record their training data: overlap not checked"
     digest = dataset_digest or dataset_hash(ds)
@@ -57,14 +73,7 @@ def check_overlap(training_data: dict | None, ds: Dataset, split, dataset_digest
                 f"({training_data.get('split')}); use those settings or retrain with `recsys train-embedder`")
         return f"COLD: none of the {split.cold_items.size} held-out items was in the embedder's training data"
     s = training_data.get("split", {})
-    rule = EvalConfig(seed=s.get("seed", 0), cold_fraction=s.get("cold_fraction", 0.2),
-                      cold_pool=s.get("cold_pool", "auto"), temporal_quantile=s.get("temporal_quantile", 0.9))
-    trained = shared_training_interactions(ds, rule)
-    targets = pl.DataFrame({"user_id": [u for u, t in zip(split.test.users, split.test.targets) for _ in t],
-                            "item_id": [ids[i] for t in split.test.targets for i in t],
-                            "at": [a for a, t in zip(split.test.at, split.test.targets) for _ in t]},
-                           schema_overrides={"at": trained.schema["timestamp"]})
-    overlap = targets.join(trained, on=["user_id", "item_id"]).filter(pl.col("timestamp") >= pl.col("at"))
+    overlap = trained_test_interactions(training_data, ds, split)
     if overlap.height:
         ex = overlap.select("user_id", "item_id").head(5).rows()
         raise DataError(

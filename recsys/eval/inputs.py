@@ -79,6 +79,23 @@ def protocol_vectors(cfg: Config, ds: Dataset, iv: ItemVectors, split) -> tuple[
     return pds, tiv, tiv.with_cold(split.cold_items)
 
 
+def embedder_trained_test_users(cfg: Config, ds: Dataset, iv: ItemVectors, split) -> set[str]:
+    """The test users of a warm ``split`` whose target the local embedder's weights trained on (a LOO tie draw
+    other than the one the weights were trained with holds out another of the same-second interactions): a
+    benchmark that varies the draw leaves them out (:meth:`recsys.eval.splits.Split.without_test_users`) rather
+    than let :func:`check_embedder_overlap` refuse the split. Empty for other embedders and other data."""
+    if iv.backend != "local" or split.name == "cold":
+        return set()
+    from recsys.embed.local import DEFAULT_WEIGHTS
+    from recsys.embed.provenance import dataset_hash, trained_test_interactions
+
+    manifest = json.loads(((cfg.embedder.local_weights or DEFAULT_WEIGHTS) / "manifest.json").read_text())
+    data = manifest.get("training_data")
+    if manifest.get("version") != iv.weights_version or not data or data.get("dataset_hash") != dataset_hash(ds):
+        return set()
+    return set(trained_test_interactions(data, ds, split)["user_id"].to_list())
+
+
 def check_embedder_overlap(cfg: Config, ds: Dataset, iv: ItemVectors, split) -> None:
     """Refuse (DataError) to evaluate ``split`` with local embedder weights that trained on its test items or
     interactions (recsys.embed.provenance); print what was checked."""

@@ -12,7 +12,7 @@ Every :class:`EvalSet` says who is asked, what they had seen (``history``), when
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 import numpy as np
@@ -52,6 +52,14 @@ class Split:
     def train(self) -> pl.DataFrame:
         """What a model learns from while it is tuned (the validation round's history)."""
         return self.val.history
+
+    def without_test_users(self, users: set[str]) -> "Split":
+        """This split with ``users`` left out of the test round (training and validation unchanged)."""
+        t = self.test
+        keep = [i for i, u in enumerate(t.users) if u not in users]
+        test = EvalSet([t.users[i] for i in keep], [t.targets[i] for i in keep], [t.at[i] for i in keep],
+                       t.history, t.candidates)
+        return replace(self, test=test)
 
     def describe(self) -> str:
         return (f"{self.name}: {self.train.height:,} training interactions, {len(self.val)} validation users, "

@@ -144,7 +144,8 @@ class VariantSearch:
 
 def run_protocol(cfg: Config, ds: Dataset, iv: ItemVectors, protocol: str, register: bool = False,
                  rerank: bool = False, baselines: tuple[str, ...] = BASELINES,
-                 alias: str | None = None, candidates: dict[str, ItemVectors] | None = None) -> ProtocolRun:
+                 alias: str | None = None, candidates: dict[str, ItemVectors] | None = None,
+                 split=None) -> ProtocolRun:
     """Train and evaluate the two-tower and the baselines on one protocol (same split, same run).
 
     Args:
@@ -153,9 +154,10 @@ def run_protocol(cfg: Config, ds: Dataset, iv: ItemVectors, protocol: str, regis
             alone); with several inputs, or several ``train.newest_items`` or ``train.id_embeddings`` values, the
             variants are screened (:class:`VariantSearch`); the best on validation is evaluated on test (and
             registered); ``extra["item_input"]`` reports the choice (:meth:`VariantSearch.record`).
+        split: the protocol's split when the caller made it (a benchmark's variant of it); default: make_split.
 
     The baselines: see recsys.eval.compare.baseline_results."""
-    split = make_split(protocol, ds, cfg.eval)
+    split = split or make_split(protocol, ds, cfg.eval)
     console.print(split.describe())
     check_embedder_overlap(cfg, ds, iv, split)
     search = VariantSearch(cfg, ds, split, candidates or {iv.item_input: iv})
