@@ -228,7 +228,7 @@ def test_ease_tuning_finds_the_exhaustive_grid_best_with_fewer_fits(synthetic, m
 
 
 def test_evaluation_refuses_embedder_weights_that_trained_on_its_test_split(movielens):
-    from recsys.embed.provenance import check_overlap, dataset_hash, trained_test_interactions
+    from recsys.embed.provenance import check_overlap, dataset_hash, trained_cold_items, trained_test_interactions
     from recsys.errors import DataError
     from recsys.embed.tasks import training_provenance
 
@@ -237,8 +237,11 @@ def test_evaluation_refuses_embedder_weights_that_trained_on_its_test_split(movi
     assert record["dataset_hash"] == digest and len(record["held_out_items"]) == 589 + 295
     for protocol in ("loo", "cold", "temporal"):  # the settings the weights were trained with: no overlap
         assert "no" in check_overlap(record, movielens, make_split(protocol, movielens), digest)
+    cold1 = make_split("cold", movielens, EvalConfig(seed=1))
     with pytest.raises(DataError, match="COLD split's"):  # another seed holds out items the embedder trained on
-        check_overlap(record, movielens, make_split("cold", movielens, EvalConfig(seed=1)), digest)
+        check_overlap(record, movielens, cold1, digest)
+    assert trained_cold_items(record, movielens, make_split("cold", movielens)) == []
+    assert 0.5 * cold1.cold_items.size < len(trained_cold_items(record, movielens, cold1)) < cold1.cold_items.size
     with pytest.raises(DataError, match="held-out"):
         check_overlap(record, movielens, make_split("cold", movielens, EvalConfig(cold_fraction=0.3)), digest)
     loo1 = make_split("loo", movielens, EvalConfig(seed=1))

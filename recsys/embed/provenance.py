@@ -31,6 +31,14 @@ def dataset_hash(ds: Dataset) -> str:
     return h.hexdigest()[:16]
 
 
+def trained_cold_items(training_data: dict, ds: Dataset, split) -> list[str]:
+    """The items a COLD ``split`` hides from training that weights trained on ``training_data`` (a manifest's
+    record, on this dataset) learned from: none when the split's settings are the ones the weights record, most
+    of them under another ``eval.seed`` (another draw of the cold items)."""
+    held = set(training_data.get("held_out_items", []))
+    return sorted(set(np.array(ds.catalog.ids)[split.cold_items].tolist()) - held)
+
+
 def trained_test_interactions(training_data: dict, ds: Dataset, split) -> pl.DataFrame:
     """The (user_id, item_id) test interactions of a warm ``split`` (LOO, TEMPORAL) that weights trained on
     ``training_data`` (a manifest's record, on this dataset) learned from: empty when the split's settings are
@@ -62,10 +70,8 @@ def check_overlap(training_data: dict | None, ds: Dataset, split, dataset_digest
     digest = dataset_digest or dataset_hash(ds)
     if training_data.get("dataset_hash") != digest:
         return f"embedder trained on other data ({training_data.get('dataset')}): no overlap with {ds.name}"
-    ids = np.array(ds.catalog.ids)
     if split.name == "cold":
-        held = set(training_data.get("held_out_items", []))
-        seen = sorted(set(ids[split.cold_items].tolist()) - held)
+        seen = trained_cold_items(training_data, ds, split)
         if seen:
             raise DataError(
                 f"the embedder's weights trained on {len(seen)} of this COLD split's {split.cold_items.size} held-out "

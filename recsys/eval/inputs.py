@@ -84,16 +84,37 @@ def embedder_trained_test_users(cfg: Config, ds: Dataset, iv: ItemVectors, split
     other than the one the weights were trained with holds out another of the same-second interactions): a
     benchmark that varies the draw leaves them out (:meth:`recsys.eval.splits.Split.without_test_users`) rather
     than let :func:`check_embedder_overlap` refuse the split. Empty for other embedders and other data."""
-    if iv.backend != "local" or split.name == "cold":
+    from recsys.embed.provenance import trained_test_interactions
+
+    data = _weights_training_data(cfg, ds, iv)
+    if data is None or split.name == "cold":
         return set()
+    return set(trained_test_interactions(data, ds, split)["user_id"].to_list())
+
+
+def embedder_trained_cold_items(cfg: Config, ds: Dataset, iv: ItemVectors, split) -> list[str]:
+    """The items a COLD ``split`` hides that the local embedder's weights trained on (another draw of the cold
+    items than the weights were trained with): a benchmark over draws records them, as such a draw's figures
+    are not comparable. Empty for other embedders and other data."""
+    from recsys.embed.provenance import trained_cold_items
+
+    data = _weights_training_data(cfg, ds, iv)
+    return [] if data is None or split.name != "cold" else trained_cold_items(data, ds, split)
+
+
+def _weights_training_data(cfg: Config, ds: Dataset, iv: ItemVectors) -> dict | None:
+    """The installed local weights' record of their training data, where ``iv`` comes from them and they trained
+    on ``ds``; None otherwise."""
+    if iv.backend != "local":
+        return None
     from recsys.embed.local import DEFAULT_WEIGHTS
-    from recsys.embed.provenance import dataset_hash, trained_test_interactions
+    from recsys.embed.provenance import dataset_hash
 
     manifest = json.loads(((cfg.embedder.local_weights or DEFAULT_WEIGHTS) / "manifest.json").read_text())
     data = manifest.get("training_data")
     if manifest.get("version") != iv.weights_version or not data or data.get("dataset_hash") != dataset_hash(ds):
-        return set()
-    return set(trained_test_interactions(data, ds, split)["user_id"].to_list())
+        return None
+    return data
 
 
 def check_embedder_overlap(cfg: Config, ds: Dataset, iv: ItemVectors, split) -> None:
