@@ -159,6 +159,20 @@ def folder_of(cfg: Config) -> Path:
     return cfg.workdir / FOLDER
 
 
+def verdict(ndcg: dict[str, float], against: dict[str, dict]) -> tuple[str, str]:
+    """What serves: the ranker where its validation NDCG@10 beats every source's (``ndcg``: name -> mean over
+    users, the ranker's included) and it beats each rival that could be scored on that rival's questions
+    (``against``: :func:`against_rival`'s results); otherwise the best source, or the first rival it lost to.
+
+    Returns:
+        (the best source on validation, what serves)."""
+    best = max((s for s in ndcg if s != "ranker"), key=lambda s: ndcg[s])
+    if not ndcg["ranker"] > ndcg[best]:
+        return best, best
+    lost = [name for name, r in against.items() if "error" not in r and not r["ranker_minus"]["NDCG@10"]["mean"] > 0]
+    return best, lost[0] if lost else "ranker"
+
+
 def against_rival(name: str, score, val, ranked: np.ndarray, n_items: int, n_boot: int, say=print) -> dict:
     """The ranker against a model outside its sources on the validation questions that model may be judged on.
 
@@ -168,12 +182,17 @@ def against_rival(name: str, score, val, ranked: np.ndarray, n_items: int, n_boo
         ranked: (Q, >=50) the ranker's rows for every validation question.
     Returns:
         the questions and users compared, both models' NDCG@10, HR@10 and Recall@50, and the ranker minus the
-        rival (paired over users)."""
+        rival (paired over users); ``{"error": ...}`` where the rival cannot score them (left out of the verdict,
+        with a line saying why)."""
     from recsys.eval.metrics import paired_bootstrap_diff
     from recsys.eval.ranker import by_user, score_ranking
 
     say(f"{name} on the validation questions it did not learn from")
-    which, result = score(val)
+    try:
+        which, result = score(val)
+    except Exception as exc:  # e.g. a kept model from an older catalog: say so, and the verdict goes without it
+        say(f"{name} could not be scored ({type(exc).__name__}: {exc}): the verdict leaves it out")
+        return {"error": f"{type(exc).__name__}: {exc}"}
     sub = val.subset(which)
     mine = score_ranking("ranker", ranked[which], sub.questions, sub.owner, n_items, "val", n_boot)
     theirs = by_user(result, sub.owner, n_boot)
@@ -234,12 +253,8 @@ def fit(ds, cfg: Config, end: int = 0, sources: tuple[str, ...] = SOURCES, n_boo
          for name, m in outer.models.items()}
     ranked = model.rank(c_val)
     v["ranker"] = score_ranking("ranker", ranked, val.questions, val.owner, len(idx), "val", n_boot)
-    best = max((s for s in v if s != "ranker"), key=lambda s: v[s].estimates["NDCG@10"].mean)
-    served = "ranker" if v["ranker"].estimates["NDCG@10"].mean > v[best].estimates["NDCG@10"].mean else best
     against = {name: against_rival(name, score, val, ranked, len(idx), n_boot, say) for name, score in (rivals or {}).items()}
-    for name, r in against.items():  # the ranker serves only where it also beats each rival on the rival's questions
-        if served == "ranker" and not r["ranker_minus"]["NDCG@10"]["mean"] > 0:
-            served = name
+    best, served = verdict({k: r.estimates["NDCG@10"].mean for k, r in v.items()}, against)
     j = v["ranker"].per_user.join(v[best].per_user, on="user_id", suffix="_b")
     diff = {m: paired_bootstrap_diff(j[m].to_numpy(), j[f"{m}_b"].to_numpy(), n_boot).to_dict() for m in ("NDCG@10", "HR@10", "Recall@50")}
     names = feature_names(tuple(outer.models))

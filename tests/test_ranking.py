@@ -109,3 +109,38 @@ def test_a_batch_of_requests_is_ranked_as_each_alone(fitted):
     alone = [served.rank(r.seq, r.seen, r.n, r.at, r.k, r.block)[0] for r in reqs]
     same = sum(a.tolist() == t.tolist() for a, (t, _) in zip(alone, together))
     assert same >= 38 and all(len(t) == r.k for (t, _), r in zip(together, reqs)), (same, len(reqs))
+
+
+def test_the_verdict_weighs_rivals_on_their_own_questions_and_leaves_out_one_that_cannot_score(fitted):
+    """A rival (the served two-tower, in `recsys ranker fit`) is scored on the questions it names, paired with the
+    ranker on the same questions; one that ranks every target first beats the ranker and takes the verdict, one
+    that fails is left out with its reason."""
+    from recsys.eval.evaluate import score_topk
+    from recsys.eval.ranker import candidates
+    from recsys.ranking import against_rival, verdict
+
+    ds, _, served, _ = fitted
+    val = rounds(ds, 3, 6)  # the fixture's validation block (end=3, val_rounds=3)
+    ranked = served.model.rank(candidates(served.sources, val.questions, served.per_source, recent=20))
+
+    def oracle(r):
+        which = np.arange(0, len(r.questions), 2)
+        sub = r.subset(which)
+        rows = np.full((len(which), 50), -1, np.int64)
+        rows[:, 0] = [t[0] for t in sub.questions.targets]
+        return which, score_topk("oracle", rows, sub.questions, served.n_items, "loo-rounds", "val", n_boot=1)
+
+    def broken(r):
+        raise ValueError("a checkpoint of another catalog")
+
+    said = []
+    won = against_rival("oracle", oracle, val, ranked, served.n_items, 50, said.append)
+    assert won["questions"] == (len(val.questions) + 1) // 2 and won["oracle"]["HR@10"]["mean"] == 1.0
+    assert won["ranker_minus"]["NDCG@10"]["high"] < 0 and any("oracle" in s for s in said)
+    failed = against_rival("broken", broken, val, ranked, served.n_items, 50, said.append)
+    assert "another catalog" in failed["error"] and "leaves it out" in said[-1]
+    ndcg = {"ranker": 0.10, "ease": 0.08, "sasrec": 0.07}
+    assert verdict(ndcg, {}) == ("ease", "ranker")
+    assert verdict(ndcg, {"broken": failed}) == ("ease", "ranker")
+    assert verdict(ndcg, {"broken": failed, "oracle": won}) == ("ease", "oracle")
+    assert verdict({**ndcg, "ranker": 0.05}, {"oracle": won}) == ("ease", "ease")
