@@ -369,7 +369,7 @@ def ranker_fit(
     EASE, SASRec, item-kNN and popularity. Writes <workdir>/ranker (the bundle and report.json); a running
     service takes it at its next reload, and with serve.ranker = "auto" serves it only where validation chose it
     over the best of those four sources and over the two-tower kept in the work directory (on each user's last 2
-    questions: the ones it did not learn from). About 26 minutes on ml-latest-small on 2 cores (two SASRec fits, each checked on thousands of validation questions)."""
+    questions: the ones it did not learn from). About 14 minutes on ml-latest-small on 2 idle cores, 26 on busy ones (two SASRec fits, each checked on thousands of validation questions)."""
     from recsys import ranking
     from recsys.data import load_dataset
     from recsys.progress import console
