@@ -184,7 +184,7 @@ def against_rival(name: str, score, val, ranked: np.ndarray, n_items: int, n_boo
         the questions and users compared, both models' NDCG@10, HR@10 and Recall@50, and the ranker minus the
         rival (paired over users); ``{"error": ...}`` where the rival cannot score them (left out of the verdict,
         with a line saying why)."""
-    from recsys.eval.metrics import paired_bootstrap_diff
+    from recsys.eval.evaluate import paired_differences
     from recsys.eval.ranker import by_user, score_ranking
 
     say(f"{name} on the validation questions it did not learn from")
@@ -196,13 +196,12 @@ def against_rival(name: str, score, val, ranked: np.ndarray, n_items: int, n_boo
     sub = val.subset(which)
     mine = score_ranking("ranker", ranked[which], sub.questions, sub.owner, n_items, "val", n_boot)
     theirs = by_user(result, sub.owner, n_boot)
-    j = mine.per_user.join(theirs.per_user, on="user_id", suffix="_b")
     metrics = ("NDCG@10", "HR@10", "Recall@50")
+    [diff] = paired_differences([mine, theirs], "ranker", metrics, n_boot).values()
     out = {"questions": len(which), "users": len(set(sub.owner)),
            "ranker": {m: mine.estimates[m].to_dict() for m in metrics},
            name: {m: theirs.estimates[m].to_dict() for m in metrics},
-           "ranker_minus": {m: paired_bootstrap_diff(j[m].to_numpy(), j[f"{m}_b"].to_numpy(), n_boot).to_dict()
-                            for m in metrics}}
+           "ranker_minus": {m: e.to_dict() for m, e in diff.items()}}
     say(f"NDCG@10 on those {len(which):,} questions: ranker {mine.estimates['NDCG@10']}, {name} {theirs.estimates['NDCG@10']}")
     return out
 
@@ -223,7 +222,7 @@ def fit(ds, cfg: Config, end: int = 0, sources: tuple[str, ...] = SOURCES, n_boo
         and the validation results per model (``recsys.eval.evaluate.EvalResult`` by name, intervals over users).
     """
     from recsys.eval.evaluate import evaluate
-    from recsys.eval.metrics import paired_bootstrap_diff
+    from recsys.eval.evaluate import paired_differences
     from recsys.eval.ranker import by_user, candidates, feature_names, score_ranking
     from recsys.eval.splits import rounds
 
@@ -255,8 +254,8 @@ def fit(ds, cfg: Config, end: int = 0, sources: tuple[str, ...] = SOURCES, n_boo
     v["ranker"] = score_ranking("ranker", ranked, val.questions, val.owner, len(idx), "val", n_boot)
     against = {name: against_rival(name, score, val, ranked, len(idx), n_boot, say) for name, score in (rivals or {}).items()}
     best, served = verdict({k: r.estimates["NDCG@10"].mean for k, r in v.items()}, against)
-    j = v["ranker"].per_user.join(v[best].per_user, on="user_id", suffix="_b")
-    diff = {m: paired_bootstrap_diff(j[m].to_numpy(), j[f"{m}_b"].to_numpy(), n_boot).to_dict() for m in ("NDCG@10", "HR@10", "Recall@50")}
+    [d] = paired_differences([v["ranker"], v[best]], "ranker", ("NDCG@10", "HR@10", "Recall@50"), n_boot).values()
+    diff = {m: e.to_dict() for m, e in d.items()}
     names = feature_names(tuple(outer.models))
     gain = dict(zip(names, model.model.booster_.feature_importance("gain").tolist()))
     total = sum(gain.values()) or 1.0

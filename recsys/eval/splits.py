@@ -35,6 +35,12 @@ class EvalSet:
     def __len__(self) -> int:
         return len(self.users)
 
+    def take(self, which) -> "EvalSet":
+        """The questions at indices ``which`` (their history only)."""
+        users = [self.users[i] for i in which]
+        return EvalSet(users, [self.targets[i] for i in which], [self.at[i] for i in which],
+                       self.history.filter(pl.col("user_id").is_in(users)), self.candidates)
+
 
 @dataclass
 class Split:
@@ -55,11 +61,7 @@ class Split:
 
     def without_test_users(self, users: set[str]) -> "Split":
         """This split with ``users`` left out of the test round (training and validation unchanged)."""
-        t = self.test
-        keep = [i for i, u in enumerate(t.users) if u not in users]
-        test = EvalSet([t.users[i] for i in keep], [t.targets[i] for i in keep], [t.at[i] for i in keep],
-                       t.history, t.candidates)
-        return replace(self, test=test)
+        return replace(self, test=self.test.take([i for i, u in enumerate(self.test.users) if u not in users]))
 
     def describe(self) -> str:
         return (f"{self.name}: {self.train.height:,} training interactions, {len(self.val)} validation users, "
@@ -233,11 +235,7 @@ class Rounds:
 
     def subset(self, which: np.ndarray) -> "Rounds":
         """These rounds with only the questions at indices ``which`` (same fit window)."""
-        q = self.questions
-        keep = [q.users[i] for i in which]
-        es = EvalSet(keep, [q.targets[i] for i in which], [q.at[i] for i in which],
-                     q.history.filter(pl.col("user_id").is_in(keep)))
-        return Rounds(self.fit, es, [self.owner[i] for i in which])
+        return Rounds(self.fit, self.questions.take(which), [self.owner[i] for i in which])
 
     def describe(self) -> str:
         return (f"{len(self.questions):,} questions from {len(set(self.owner)):,} users, models fitted on "

@@ -157,7 +157,7 @@ def run_protocol(cfg: Config, ds: Dataset, iv: ItemVectors, protocol: str, regis
         split: the protocol's split when the caller made it (a benchmark's variant of it); default: make_split.
 
     The baselines: see recsys.eval.compare.baseline_results."""
-    split = split or make_split(protocol, ds, cfg.eval)
+    split = make_split(protocol, ds, cfg.eval) if split is None else split
     console.print(split.describe())
     check_embedder_overlap(cfg, ds, iv, split)
     search = VariantSearch(cfg, ds, split, candidates or {iv.item_input: iv})
